@@ -1,0 +1,157 @@
+"""The Qwen2 decoder-only transformer (Qwen2.5 uses this architecture unchanged).
+
+Parameter names equal HF's (`model.layers.N.self_attn.q_proj.weight`, ...), so safetensors checkpoints load
+with no rename table. The module holds weights and RoPE frequencies only: the KV cache belongs to the caller
+and is passed in, positions are explicit (not assumed 0..T-1), and the attention function is swappable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from qwen25.config import ModelConfig
+from qwen25.model.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq, sdpa_attention
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
+
+
+class KVCache(Protocol):
+    """What the model needs from a cache (see `qwen25.engine.kv_cache` for implementations)."""
+
+    length: int  # tokens already cached (the same for every row of the batch)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, H_kv, T, D) at [length, length+T) and return all keys/values [0, length+T)."""
+        ...
+
+    def key_mask(self, new_tokens_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """Record which of the T new tokens are real (B, T) and return the (B, length+T) key mask, or None
+        when every cached key is real."""
+        ...
+
+    def commit(self, T: int) -> None:
+        """Advance `length` by T once every layer has written."""
+        ...
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None, attention_fn: AttentionFn) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attention_fn(q, k, v, mask, is_causal)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None, attention_fn: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, attention_fn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(query_positions: int, past: int, key_mask: torch.Tensor | None,
+                         device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(mask (B, 1, T, S) bool or None, is_causal) for T new queries after `past` cached keys.
+
+    A padded query row would have no visible key (softmax of all -inf gives NaN that leaks into the cache
+    through the next layer's k/v), so every query may always see its own position."""
+    T, S = query_positions, past + query_positions
+    if key_mask is None:
+        if past == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False
+    q_idx = torch.arange(past, S, device=device).unsqueeze(1)
+    k_idx = torch.arange(S, device=device).unsqueeze(0)
+    causal = k_idx <= q_idx  # (T, S)
+    if key_mask is None:
+        return causal.view(1, 1, T, S), False
+    mask = causal.unsqueeze(0) & key_mask[:, None, :].bool()  # (B, T, S)
+    mask = mask | (k_idx == q_idx).unsqueeze(0)
+    return mask.unsqueeze(1), False
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        inv_freq, self.rope_scale = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                padding_mask: torch.Tensor | None = None, attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+        """Hidden states (B, T, hidden) after the final norm.
+
+        input_ids (B, T); positions (B, T) RoPE positions (default: past..past+T-1); padding_mask (B, T) bool,
+        False for padding tokens (left padding of ragged batches)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype=x.dtype)
+        key_mask = cache.key_mask(padding_mask, T) if cache is not None else padding_mask
+        mask, is_causal = build_attention_mask(T, past, key_mask, input_ids.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, is_causal, cache, attention_fn)
+        if cache is not None:
+            cache.commit(T)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 with its LM head. `forward(input_ids) -> logits (B, T, V)`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tie_weights(self) -> None:
+        """Re-point lm_head at the embedding (needed after loading weights with `assign=True`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+        """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V)."""
+        hidden = self.model(input_ids, positions, cache, padding_mask, attention_fn)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden).float()
