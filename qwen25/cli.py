@@ -1,0 +1,243 @@
+"""The `qwen25` command: generate, chat, download, models.
+
+The only place that sets process-wide settings (thread counts, OpenMP wait policy). Every subcommand maps
+to a small function; errors a user can fix print one line and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+EPILOG = """examples:
+  qwen25 chat                                   chat with the default model (downloads it once)
+  qwen25 chat --prompt "Write a haiku"          answer one message and exit
+  echo "Explain GQA" | qwen25 chat              answer piped text and exit
+  qwen25 generate --prompt "def fib(n):" --temperature 0 --max-tokens 64
+  qwen25 models                                 list known models and what is cached
+  qwen25 download qwen2.5-coder-1.5b-instruct   fetch a model into the cache
+
+models: a known name (see `qwen25 models`), a .gguf file, an HF directory, or an HF repo id (needs network).
+cache: $QWEN25_HOME, else $XDG_CACHE_HOME/qwen25, else ~/.cache/qwen25."""
+
+
+def _configure_runtime(threads: int | None) -> None:
+    # Spin-waiting OpenMP workers stall for milliseconds whenever another process holds a core (2-core
+    # machines): passive waiting is measurably faster there. Must be set before torch starts its pool.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
+
+
+# --- argument groups -------------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from qwen25.weights.registry import DEFAULT_MODEL
+
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"model name, .gguf file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (float32 is fastest on CPUs without native bf16; default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 8)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's own generation settings)")
+    g.add_argument("--max-tokens", type=int, default=None, help="maximum new tokens (default: 512)")
+    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p * max prob")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    g.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+
+
+def _sampling_params(llm, args: argparse.Namespace):  # noqa: ANN001 - LLM imported lazily
+    from dataclasses import replace
+
+    params = llm.get_default_sampling_params()
+    overrides = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                         "presence_penalty", "frequency_penalty", "seed", "stop")
+                 if getattr(args, name) is not None}
+    overrides["max_tokens"] = args.max_tokens if args.max_tokens is not None else 512
+    return replace(params, **overrides)  # replace() re-runs validation
+
+
+def _validate_sampling_args(args: argparse.Namespace) -> None:
+    """Check sampling values before the (slow) model load, so a typo fails in milliseconds."""
+    from qwen25.sampling_params import SamplingParams
+
+    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                     "presence_penalty", "frequency_penalty", "max_tokens")
+             if getattr(args, name) is not None}
+    SamplingParams(**given)
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from qwen25.llm import LLM
+
+    _configure_runtime(args.threads)
+    return LLM(args.model, dtype=args.dtype)
+
+
+# --- subcommands -----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    _validate_sampling_args(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = _load(args)
+    params = _sampling_params(llm, args)
+    if args.chat:
+        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+    if args.echo:
+        sys.stdout.write(prompt)
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+CHAT_HELP = """commands: /reset (forget the conversation)  /system TEXT (set the system prompt and reset)
+          /exit (quit; Ctrl-D works too)  /help"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _validate_sampling_args(args)
+    once = args.prompt is not None or not sys.stdin.isatty()
+    first = args.prompt if args.prompt is not None else (sys.stdin.read() if once else None)
+    if once and not (first or "").strip():
+        print("qwen25: error: empty message (give --prompt TEXT or pipe text in)", file=sys.stderr)
+        return EXIT_USAGE
+    llm = _load(args)
+    params = _sampling_params(llm, args)
+    system = args.system
+    history: list[dict] = []
+
+    def reply(user_text: str) -> None:
+        history.append({"role": "user", "content": user_text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        parts: list[str] = []
+        for delta in llm.chat_stream(messages, params):
+            parts.append(delta.text)
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(parts)})
+
+    if once:
+        reply(first.strip())
+        return 0
+    print(f"qwen25 chat — {args.model}. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif text == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+        elif text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history.clear()
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)", file=sys.stderr)
+        elif text.startswith("/"):
+            print(f"unknown command {text.split()[0]}. {CHAT_HELP}", file=sys.stderr)
+        else:
+            try:
+                reply(text)
+            except KeyboardInterrupt:
+                print("\n(interrupted)", file=sys.stderr)
+                history.pop()
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from qwen25.weights.registry import resolve_model
+
+    path = resolve_model(args.name)
+    print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from qwen25.weights.registry import DEFAULT_MODEL, KNOWN_MODELS, cache_dir, cached_path, is_cached
+
+    print(f"{'name':32} {'size':>9}  {'cached':6}  description")
+    for name, m in KNOWN_MODELS.items():
+        mark = "yes" if is_cached(m) else "no"
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name:32} {m.size / 1e6:7.0f}MB  {mark:6}  {m.description}{default}")
+    print(f"\ncache: {cache_dir()}")
+    if args.paths:
+        for m in KNOWN_MODELS.values():
+            if is_cached(m):
+                print(f"  {cached_path(m)}")
+    return 0
+
+
+# --- entry point -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen25", description="Run Qwen2.5 models: chat, generate, manage models.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="qwen25 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("generate", cmd_generate, "complete a prompt (raw text, or a single user turn with --chat)")
+    p.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = add("chat", cmd_chat, "chat interactively (streams the reply); with --prompt or piped stdin answer once")
+    p.add_argument("--prompt", "-p", default=None, help="answer this one message and exit")
+    p.add_argument("--system", "-s", default=None, help="system prompt (default: the template's own)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = add("download", cmd_download, "fetch a known model (or resolve a path/repo id) into the cache")
+    p.add_argument("name", help="a known model name (see `qwen25 models`)")
+
+    p = add("models", cmd_models, "list known models, their sizes and whether they are cached")
+    p.add_argument("--paths", action="store_true", help="also print the paths of cached files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError, KeyError, OSError, NotImplementedError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"qwen25: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

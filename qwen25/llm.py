@@ -1,0 +1,256 @@
+"""`LLM`: the offline Python API (vLLM-shaped). Loads a checkpoint, renders chats, generates text.
+
+A thin face over the model, tokenizer, chat template and the generation loop: it owns the text-level parts
+of generation (incremental detokenizing, stop strings, outputs), not the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qwen25.config import IM_END_ID
+from qwen25.engine.generator import BatchGenerator, Sequence
+from qwen25.sampling_params import SamplingParams
+from qwen25.weights.loader import load_checkpoint
+from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
+
+# Qwen2.5-Instruct's shipped generation_config.json (SPEC §1.1), used for instruct checkpoints that carry
+# none (a GGUF file has no generation config).
+QWEN25_INSTRUCT_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+Message = dict[str, Any]
+
+
+class ContextLengthError(ValueError):
+    """A prompt does not fit the model's context window."""
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Streaming event: new text for request `request` / sample `index`; `finish_reason` set on the last one."""
+
+    request: int
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class LLM:
+    """Load a Qwen2.5 checkpoint and generate.
+
+    model: a known name (`qwen25 models`), a .gguf file, an HF model directory, or an HF repo id (online only).
+    dtype: "float32" (default; fastest on CPUs without native bf16) or "bfloat16"."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True) -> None:
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+        self.path = resolve_model(model, download=download)
+        checkpoint = load_checkpoint(self.path, torch_dtype)
+        self.model = checkpoint.model
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.generation_defaults = checkpoint.generation_defaults
+        self.name = str(model)
+
+    # --- settings ----------------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def is_instruct(self) -> bool:
+        # Instruct checkpoints end turns with <|im_end|>; base checkpoints with <|endoftext|> (SPEC §1.1).
+        return IM_END_ID in self.config.eos_token_ids
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation_config defaults; Qwen2.5-Instruct's for instruct GGUFs; else neutral."""
+        d = self.generation_defaults
+        if d is not None:
+            values = {k: getattr(d, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
+            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        return SamplingParams(**QWEN25_INSTRUCT_DEFAULTS) if self.is_instruct else SamplingParams()
+
+    def stop_token_ids(self) -> set[int]:
+        ids = set(self.tokenizer.stop_token_ids) | set(self.config.eos_token_ids)
+        if self.generation_defaults is not None:
+            ids |= set(self.generation_defaults.eos_token_ids)
+        return ids
+
+    # --- chat --------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[Message], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, **extra: Any) -> str:
+        from qwen25.chat import render_chat
+
+        return render_chat(self.tokenizer.chat_template, messages, tools=tools,
+                           add_generation_prompt=add_generation_prompt, **extra)
+
+    def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
+             tools: list[dict] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or to a list of conversations."""
+        conversations = _as_conversations(messages)
+        prompts = [self.apply_chat_template(c, tools=tools) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_stream(self, messages: list[Message], sampling_params: SamplingParams | None = None,
+                    tools: list[dict] | None = None) -> Iterator[TextDelta]:
+        return self.stream([self.apply_chat_template(messages, tools=tools)], sampling_params)
+
+    # --- generation --------------------------------------------------------------------------------
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete each prompt (text, or token ids). Returns one RequestOutput per prompt, in order."""
+        texts, id_lists = self._encode_prompts(prompts)
+        params = sampling_params or self.get_default_sampling_params()
+        outputs = [RequestOutput(t, ids, [CompletionOutput(k, "", [], None) for k in range(params.n)])
+                   for t, ids in zip(texts, id_lists)]
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(id_lists) * params.n, desc="generating", unit="seq")
+        sequences, owners = self._make_sequences(id_lists, params)
+        for delta in self._run(sequences, owners, params):
+            out = outputs[delta.request].outputs[delta.index]
+            out.text += delta.text
+            if delta.finish_reason is not None:
+                out.finish_reason = delta.finish_reason
+                if progress is not None:
+                    progress.update(1)
+        for seq, (r, k) in zip(sequences, owners):
+            out = outputs[r].outputs[k]
+            out.token_ids = list(seq.output_ids)
+            out.logprobs = seq.logprobs if params.logprobs is not None else None
+        if progress is not None:
+            progress.close()
+        return outputs
+
+    def stream(self, prompts: str | Seq[str] | Seq[Seq[int]],
+               sampling_params: SamplingParams | None = None) -> Iterator[TextDelta]:
+        """Yield text deltas as tokens are generated (never a broken UTF-8 character)."""
+        _, id_lists = self._encode_prompts(prompts)
+        params = sampling_params or self.get_default_sampling_params()
+        sequences, owners = self._make_sequences(id_lists, params)
+        return self._run(sequences, owners, params)
+
+    def _encode_prompts(self, prompts: str | Seq[str] | Seq[Seq[int]]) -> tuple[list[str | None], list[list[int]]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        texts: list[str | None] = []
+        id_lists: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                id_lists.append(self.tokenizer.encode(p))
+            else:
+                texts.append(None)
+                id_lists.append([int(t) for t in p])
+        for ids in id_lists:
+            if not ids:
+                raise ValueError("empty prompt: nothing to condition on")
+            if len(ids) >= self.max_context:
+                raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context window is "
+                                         f"{self.max_context} tokens (at least 1 must remain for the output)")
+        return texts, id_lists
+
+    def _make_sequences(self, id_lists: list[list[int]],
+                        params: SamplingParams) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """One Sequence per (prompt, sample); owners[i] = (request index, sample index)."""
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.stop_token_ids()))
+        sequences: list[Sequence] = []
+        owners: list[tuple[int, int]] = []
+        for r, ids in enumerate(id_lists):
+            budget = self.max_context - len(ids)
+            max_new = min(params.max_tokens or budget, budget)
+            for k in range(params.n):
+                seed = None if params.seed is None else params.seed + k
+                seq_params = params if seed == params.seed else _with_seed(params, seed)
+                sequences.append(Sequence(ids, seq_params, stop_ids, max_new))
+                owners.append((r, k))
+        return sequences, owners
+
+    def _run(self, sequences: list[Sequence], owners: list[tuple[int, int]],
+             params: SamplingParams) -> Iterator[TextDelta]:
+        from qwen25.tokenizer import StreamDecoder
+
+        decoders = [StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens) for _ in sequences]
+        matchers = [_StopMatcher(params.stop, params.include_stop_str_in_output) for _ in sequences]
+        generator = BatchGenerator(self.model, sequences)
+        for event in generator:
+            request, index = owners[event.index]
+            text = decoders[event.index].push(event.token_id) if event.token_id is not None else ""
+            reason = event.finish_reason
+            if reason is not None:
+                text += decoders[event.index].flush()
+            text, hit = matchers[event.index].feed(text, final=reason is not None)
+            if hit and reason is None:
+                generator.finish(event.index, "stop")
+                reason = "stop"
+            if text or reason is not None:
+                yield TextDelta(request, index, text, reason)
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+def _as_conversations(messages: list[Message] | list[list[Message]]) -> list[list[Message]]:
+    if not messages:
+        raise ValueError("messages is empty")
+    return [messages] if isinstance(messages[0], dict) else messages  # type: ignore[list-item]
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts the stream at the first match."""
+
+    def __init__(self, stops: list[str], include_stop: bool) -> None:
+        self.stops = stops
+        self.include_stop = include_stop
+        self.pending = ""
+        self.done = False
+
+    def feed(self, text: str, final: bool) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string matched)."""
+        if self.done:
+            return "", True
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            at, stop = min(hits)
+            self.done = True
+            out = self.pending[: at + (len(stop) if self.include_stop else 0)]
+            self.pending = ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out, False
