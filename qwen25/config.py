@@ -125,9 +125,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """HF-style dict (what transformers' `Qwen2Config(**d)` accepts)."""
-        d = dataclasses.asdict(self)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         d["head_dim"] = self.head_dim
-        d.pop("head_dim_override")
+        d.pop("head_dim_override", None)
         d["architectures"] = ["Qwen2ForCausalLM"]
         return d
 

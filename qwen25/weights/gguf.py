@@ -1,0 +1,338 @@
+"""GGUF v2/v3 reader: header, metadata and tensor table over one read-only memory map; the GGUF -> HF name table;
+`ModelConfig` and an HF-named state dict from a qwen2 GGUF.
+
+Owns the file format only. Bit layouts of the quantized types live in `quants.py`; the tokenizer reads its
+vocabulary from `GGUFFile.metadata`. Does not import the `gguf` package (that is a test-only reference).
+Format: ggml/docs/gguf.md — magic, version, counts, key/value pairs, tensor infos, then aligned tensor data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen25.config import ModelConfig
+from qwen25.weights.quants import BLOCK_SIZES, SUPPORTED_TYPES, GGMLType, UnsupportedQuantError, dequantize
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts; v2 and v3 share the little-endian layout read here
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read; the message starts with the file path."""
+
+
+class _VT(IntEnum):
+    """GGUF metadata value types."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_NUMPY: dict[_VT, np.dtype] = {
+    t: np.dtype(c) for t, c in [(_VT.UINT8, "<u1"), (_VT.INT8, "<i1"), (_VT.UINT16, "<u2"), (_VT.INT16, "<i2"),
+                                (_VT.UINT32, "<u4"), (_VT.INT32, "<i4"), (_VT.FLOAT32, "<f4"), (_VT.BOOL, "<u1"),
+                                (_VT.UINT64, "<u8"), (_VT.INT64, "<i8"), (_VT.FLOAT64, "<f8")]
+}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor of the file. `shape` is in torch order (ggml `ne` reversed), so a weight is (out, in)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class _Reader:
+    """Bounds-checked little-endian cursor over the mapped file; every overrun is a truncation error."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def need(self, n: int, what: str) -> int:
+        start = self.pos
+        if n < 0 or start + n > self.size:
+            raise GGUFError(f"{self.path}: truncated file: {what} needs bytes {start}..{start + n} "
+                            f"but the file has {self.size} bytes")
+        self.pos = start + n
+        return start
+
+    def u32(self, what: str) -> int:
+        return _U32.unpack_from(self.buf, self.need(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return _U64.unpack_from(self.buf, self.need(8, what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        start = self.need(n, what)
+        # GGUF strings are bytes; surrogateescape keeps any non-UTF-8 token byte-exact instead of failing
+        return str(self.buf[start:start + n], "utf-8", "surrogateescape")
+
+    def value(self, vt: int, what: str) -> Any:
+        if vt == _VT.STRING:
+            return self.string(what)
+        if vt == _VT.ARRAY:
+            return self.array(what)
+        if vt not in _NUMPY.keys():
+            raise GGUFError(f"{self.path}: {what} has unknown value type {vt}")
+        dt = _NUMPY[_VT(vt)]
+        x = np.frombuffer(self.buf, dtype=dt, count=1, offset=self.need(dt.itemsize, what))[0]
+        if vt == _VT.BOOL:
+            return bool(x)
+        if vt == _VT.FLOAT32:
+            return float(str(x))  # shortest decimal that round-trips: 1e-06, not 9.999999974752427e-07
+        return x.item()
+
+    def array(self, what: str) -> list[Any]:
+        vt, n = self.u32(what), self.u64(what)
+        if vt in _NUMPY.keys():
+            dt = _NUMPY[_VT(vt)]
+            values = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.need(n * dt.itemsize, what))
+            return (values != 0).tolist() if vt == _VT.BOOL else values.tolist()
+        if vt == _VT.STRING:
+            return self._strings(n, what)
+        if vt == _VT.ARRAY:
+            return [self.array(what) for _ in range(n)]
+        raise GGUFError(f"{self.path}: {what} has unknown array element type {vt}")
+
+    def _strings(self, n: int, what: str) -> list[str]:
+        # hot loop (150k tokens + 150k merges): locals and no per-item method calls
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(n):
+            if pos + 8 > size:
+                break
+            k = unpack(buf, pos)[0]
+            pos += 8
+            if pos + k > size:
+                break
+            append(str(buf[pos:pos + k], "utf-8", "surrogateescape"))
+            pos += k
+        self.pos = pos
+        if len(out) < n:
+            raise GGUFError(f"{self.path}: truncated file: {what} ends after {len(out)} of {n} strings "
+                            f"(file has {size} bytes)")
+        return out
+
+
+class GGUFFile:
+    """A GGUF file mapped read-only. Tensor bytes are never copied until dequantized.
+
+    `expect_arch="qwen2"` rejects other architectures at open; pass None to read any GGUF."""
+
+    def __init__(self, path: str | os.PathLike[str], expect_arch: str | None = "qwen2") -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GGUFError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        if size < 4:
+            raise GGUFError(f"{self.path}: not a GGUF file ({size} bytes, too short for the magic)")
+        self._data: np.ndarray | None = np.memmap(self.path, dtype=np.uint8, mode="r")
+        r = _Reader(memoryview(self._data), self.path)
+        magic = bytes(r.buf[r.need(4, "magic"):4])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        self.version = r.u32("version")
+        if self.version not in SUPPORTED_VERSIONS:
+            hint = " (a big-endian file?)" if self.version > 0xFFFF else ""
+            raise GGUFError(f"{self.path}: unsupported GGUF version {self.version}{hint}; "
+                            f"qwen25 reads versions {SUPPORTED_VERSIONS}")
+        n_tensors, n_kv = r.u64("tensor count"), r.u64("metadata count")
+        self.metadata: dict[str, Any] = {}
+        for i in range(n_kv):
+            key = r.string(f"metadata key #{i}")
+            self.metadata[key] = r.value(r.u32(f"type of metadata {key!r}"), f"metadata {key!r}")
+        if expect_arch is not None and self.architecture != expect_arch:
+            raise GGUFError(f"{self.path}: unknown architecture {self.architecture!r} (general.architecture); "
+                            f"qwen25 runs {expect_arch!r} models (Qwen2/Qwen2.5)")
+        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            raise GGUFError(f"{self.path}: general.alignment={self.alignment} is not a power of two")
+        infos = [self._tensor_info(r, i) for i in range(n_tensors)]
+        self.data_offset = -(-r.pos // self.alignment) * self.alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, ggml_type, rel, nbytes in infos:
+            if name in self.tensors:
+                raise GGUFError(f"{self.path}: tensor {name!r} appears twice")
+            if rel % self.alignment:
+                raise GGUFError(f"{self.path}: tensor {name!r} offset {rel} is not {self.alignment}-byte aligned")
+            offset = self.data_offset + rel
+            if offset + nbytes > size:
+                raise GGUFError(f"{self.path}: truncated file: tensor {name!r} data ends at byte {offset + nbytes} "
+                                f"past the end of the file ({size} bytes)")
+            self.tensors[name] = TensorInfo(name, shape, ggml_type, offset, nbytes)
+
+    def _tensor_info(self, r: _Reader, i: int) -> tuple[str, tuple[int, ...], GGMLType, int, int]:
+        name = r.string(f"tensor info #{i}")
+        n_dims = r.u32(f"tensor {name!r} info")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+        ne = [r.u64(f"tensor {name!r} info") for _ in range(n_dims)]
+        type_id = r.u32(f"tensor {name!r} info")
+        rel = r.u64(f"tensor {name!r} info")
+        try:
+            ggml_type = GGMLType(type_id)
+        except ValueError:
+            raise GGUFError(f"{self.path}: tensor {name!r} has unsupported ggml type id {type_id} "
+                            f"(unknown to qwen25)") from None
+        block, type_size = BLOCK_SIZES[ggml_type]
+        if ne[0] % block:
+            raise GGUFError(f"{self.path}: tensor {name!r} row length {ne[0]} is not a multiple of the "
+                            f"{ggml_type.name} block size {block}")
+        n = math.prod(ne)
+        return name, tuple(reversed(ne)), ggml_type, rel, n // block * type_size
+
+    # --- access --------------------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view of the mapping (no copy)."""
+        if self._data is None:
+            raise ValueError(f"{self.path}: file is closed")
+        t = self.info(name)
+        return self._data[t.offset:t.offset + t.nbytes].view(np.ndarray)
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 array of its torch shape."""
+        t = self.info(name)
+        try:
+            return dequantize(self.raw(name), t.ggml_type, t.shape)
+        except UnsupportedQuantError:
+            supported = ", ".join(sorted(x.name for x in SUPPORTED_TYPES))
+            raise GGUFError(f"{self.path}: tensor {name!r} has unsupported quant type {t.ggml_type.name}; "
+                            f"qwen25 can dequantize {supported}") from None
+
+    def close(self) -> None:
+        """Drop the mapping; arrays already returned by `raw` keep it alive until they are freed."""
+        self._data = None
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({str(self.path)!r}, v{self.version}, arch={self.architecture!r}, {len(self.tensors)} tensors)"
+
+
+# --- qwen2 specifics --------------------------------------------------------------------------------------------
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_HAS_BIAS = {"attn_q", "attn_k", "attn_v"}  # Qwen2: bias on q/k/v only
+_NAME_RE = re.compile(r"(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|bias)")
+
+
+def hf_tensor_name(gguf_name: str, path: str | os.PathLike[str] | None = None) -> str:
+    """Map a qwen2 GGUF tensor name to its HF name, e.g. blk.3.attn_q.bias -> model.layers.3.self_attn.q_proj.bias."""
+    m = _NAME_RE.fullmatch(gguf_name)
+    if m:
+        layer, base, suffix = m.groups()
+        if layer is None and base in _GLOBAL_NAMES and suffix == "weight":
+            return f"{_GLOBAL_NAMES[base]}.{suffix}"
+        if layer is not None and base in _BLOCK_NAMES and (suffix == "weight" or base in _HAS_BIAS):
+            return f"model.layers.{int(layer)}.{_BLOCK_NAMES[base]}.{suffix}"
+    where = f"{path}: " if path is not None else ""
+    raise GGUFError(f"{where}unknown tensor {gguf_name!r}: not part of a qwen2 model")
+
+
+def _require_qwen2(g: GGUFFile) -> None:
+    if g.architecture != "qwen2":
+        raise GGUFError(f"{g.path}: unknown architecture {g.architecture!r} (general.architecture); "
+                        f"qwen25 runs 'qwen2' models (Qwen2/Qwen2.5)")
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    """`ModelConfig` from the `qwen2.*` metadata; vocab size and tying come from the tensor table."""
+    _require_qwen2(g)
+    md = g.metadata
+
+    def get(key: str, default: Any = None) -> Any:
+        value = md.get(f"qwen2.{key}", default)
+        if value is None:
+            raise GGUFError(f"{g.path}: missing metadata key 'qwen2.{key}'")
+        return value
+
+    if "token_embd.weight" not in g.tensors:
+        raise GGUFError(f"{g.path}: missing tensor 'token_embd.weight'")
+    vocab, hidden = g.tensors["token_embd.weight"].shape
+    heads = get("attention.head_count")
+    d: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=get("embedding_length"),
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        max_position_embeddings=get("context_length"),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+        rope_theta=float(get("rope.freq_base", 10_000.0)),  # llama.cpp's default when the key is absent
+        tie_word_embeddings="output.weight" not in g.tensors,
+        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+    )
+    if hidden != d["hidden_size"]:
+        raise GGUFError(f"{g.path}: token_embd has width {hidden} but qwen2.embedding_length is {d['hidden_size']}")
+    key_length = md.get("qwen2.attention.key_length")
+    if key_length is not None and key_length * heads != d["hidden_size"]:
+        d["head_dim"] = key_length
+    scaling = md.get("qwen2.rope.scaling.type")
+    if scaling not in (None, "none"):
+        rope: dict[str, Any] = {"type": scaling, "factor": float(get("rope.scaling.factor"))}
+        if "qwen2.rope.scaling.original_context_length" in md:
+            rope["original_max_position_embeddings"] = md["qwen2.rope.scaling.original_context_length"]
+        d["rope_scaling"] = rope
+    try:
+        return ModelConfig.from_dict(d)
+    except ValueError as e:
+        raise GGUFError(f"{g.path}: inconsistent qwen2 metadata: {e}") from None
+
+
+def load_gguf_state_dict(g: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized, under its HF name. No q/k row permutation: qwen2 GGUFs keep HF's NEOX
+    (rotate_half) layout, unlike llama GGUFs (the converter permutes only LlamaModel-derived archs)."""
+    _require_qwen2(g)
+    names = {name: hf_tensor_name(name, g.path) for name in g.tensors}  # fail on a bad name before any work
+    return {hf: torch.from_numpy(g.dequantize(name)).to(dtype) for name, hf in names.items()}
