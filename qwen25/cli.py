@@ -43,6 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"model name, .gguf file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (float32 is fastest on CPUs without native bf16; default: float32)")
+    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "q8", "none"],
+                   help="weights in memory: q8 = int8 (fast CPU path), none = dequantized --dtype (reference); "
+                        "auto = q8 for GGUF files, none for HF directories (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 8)")
 
 
@@ -85,7 +88,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from qwen25.llm import LLM
 
     _configure_runtime(args.threads)
-    return LLM(args.model, dtype=args.dtype)
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization)
 
 
 # --- subcommands -----------------------------------------------------------------------------------
@@ -190,6 +193,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from qwen25.server.app import create_app_from_llm
+    except ImportError as e:
+        print(f"qwen25: error: serving needs the [serve] extra ({e.name} is missing): pip install 'qwen25[serve]'",
+              file=sys.stderr)
+        return EXIT_ERROR
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        print("qwen25: error: --max-concurrency must be >= 1 and --max-queue >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    llm = _load(args)
+    app = create_app_from_llm(llm, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
+                              max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+    print(f"qwen25 serve: {args.served_model_name or args.model} on http://{args.host}:{args.port} "
+          f"(chat page at /, OpenAI API at /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen25", description="Run Qwen2.5 models: chat, generate, manage models.",
@@ -215,11 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
 
+    p = add("serve", cmd_serve, "serve the model over an OpenAI-compatible HTTP API, with a chat page at /")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("QWEN25_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN25_API_KEY; none = open)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait beyond that; more get HTTP 429 (default: 64)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
     p = add("download", cmd_download, "fetch a known model (or resolve a path/repo id) into the cache")
     p.add_argument("name", help="a known model name (see `qwen25 models`)")
 
     p = add("models", cmd_models, "list known models, their sizes and whether they are cached")
     p.add_argument("--paths", action="store_true", help="also print the paths of cached files")
+
+    from qwen25.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

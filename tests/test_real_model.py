@@ -40,7 +40,7 @@ LONG_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours(real_gguf):
-    return LLM(str(real_gguf), dtype="float32")
+    return LLM(str(real_gguf), dtype="float32", quantization="none")
 
 
 @pytest.fixture(scope="module")

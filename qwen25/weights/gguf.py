@@ -240,6 +240,18 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {name!r} has unsupported quant type {t.ggml_type.name}; "
                             f"qwen25 can dequantize {supported}") from None
 
+    def dequantize_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor as float32: quantized rows are whole blocks, so a row range is a
+        contiguous byte range (lets loaders stream big tensors without a full fp32 copy)."""
+        t = self.info(name)
+        rows, cols = t.shape
+        row_bytes = t.nbytes // rows
+        raw = self.raw(name)[start * row_bytes: stop * row_bytes]
+        try:
+            return dequantize(raw, t.ggml_type, (stop - start, cols))
+        except UnsupportedQuantError:
+            return self.dequantize(name)[start:stop]  # raises the named GGUFError
+
     def close(self) -> None:
         """Drop the mapping; arrays already returned by `raw` keep it alive until they are freed."""
         self._data = None

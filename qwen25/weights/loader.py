@@ -61,12 +61,16 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tenso
     return model.eval().requires_grad_(False)
 
 
-def load_hf_directory(path: Path, dtype: torch.dtype) -> Checkpoint:
+def load_hf_directory(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
     from qwen25.tokenizer import Tokenizer
 
     config = ModelConfig.from_json_file(path / "config.json")
     state_dict = load_safetensors(path, dtype=dtype)
     model = model_from_state_dict(config, state_dict, str(path))
+    if quantization == "q8":
+        from qwen25.weights.quantized import quantize_loaded_model
+
+        model = quantize_loaded_model(model)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json")
     tokenizer = Tokenizer.from_pretrained_dir(path)
@@ -75,27 +79,40 @@ def load_hf_directory(path: Path, dtype: torch.dtype) -> Checkpoint:
     return Checkpoint(config, model, tokenizer, defaults, path, "hf")
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
     from qwen25.tokenizer import Tokenizer
     from qwen25.weights.gguf import GGUFFile, config_from_gguf, load_gguf_state_dict
 
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf)
-    state_dict = load_gguf_state_dict(gguf, dtype=dtype)
-    model = model_from_state_dict(config, state_dict, str(path))
+    if quantization == "q8":
+        from qwen25.weights.quantized import load_gguf_q8
+
+        model = load_gguf_q8(gguf, config)
+    else:
+        model = model_from_state_dict(config, load_gguf_state_dict(gguf, dtype=dtype), str(path))
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     return Checkpoint(config, model, tokenizer, None, path, "gguf")
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a .gguf file or an HF directory (config.json + safetensors + tokenizer files)."""
+QUANTIZATIONS = ("none", "q8")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None) -> Checkpoint:
+    """Load a .gguf file or an HF directory (config.json + safetensors + tokenizer files).
+
+    quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "q8" builds the
+    fast int8 model with fused projections (GGUF: streamed and cached, see `weights.quantized`)."""
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    quantization = None if quantization == "none" else quantization
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
-        return load_hf_directory(path, dtype)
+        return load_hf_directory(path, dtype, quantization)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, quantization)
     raise CheckpointError(f"{path}: neither a GGUF file nor an HF model directory")

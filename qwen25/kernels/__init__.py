@@ -1,0 +1,65 @@
+"""Native CPU kernels: C sources compiled on first use with the system C compiler, cached, loaded via ctypes.
+
+A kernel library is built once per source version into the qwen25 cache (`<cache>/kernels/`), so a fresh clone
+needs only gcc (or cc) with AVX2 support. When no compiler or no AVX2 is available, `load_q8_kernels()` returns
+None and callers use their pure-torch fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("q8_matmul.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _build(source: Path) -> Path | None:
+    from qwen25.weights.registry import cache_dir
+
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None
+    digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        os.replace(out, target)  # atomic: concurrent builders never see a half-written library
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def load_q8_kernels() -> ctypes.CDLL | None:
+    """The int8 weight-only matmul library, or None when it cannot be built here."""
+    if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
+        return None
+    path = _build(_SOURCE)
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    ptr, i = ctypes.c_void_p, ctypes.c_int
+    lib.q8_matmul.argtypes = [ptr, ptr, ptr, i, ptr, ptr, i, i, i]
+    lib.q8_matmul.restype = None
+    lib.q8_dequantize.argtypes = [ptr, ptr, i, ptr, i, i]
+    lib.q8_dequantize.restype = None
+    return lib

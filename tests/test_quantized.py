@@ -1,0 +1,54 @@
+"""The fast q8 path: the native kernel against the dequantized reference, and the real model's quality
+(perplexity) against the dequantized fp32 reference on a fixed text."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwen25.kernels import load_q8_kernels
+from qwen25.model.quant import Q8Linear, dequantize_q8, quantize_q8
+
+
+@pytest.mark.parametrize("group", [32, 128, 0])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 23, 64])
+def test_q8_linear_matches_dequantized_reference(group, rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(896, 1152, bias=True)
+    q8 = Q8Linear.from_linear(linear, group)
+    x = torch.randn(rows, 896)
+    ref = torch.nn.functional.linear(x, dequantize_q8(q8.weight_q, q8.scales), q8.bias)
+    torch.testing.assert_close(q8(x), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_native_kernel_is_built_here():
+    assert load_q8_kernels() is not None, "gcc with AVX2 is expected on this machine kind"
+
+
+def test_quantizer_error_is_bounded_by_half_a_step():
+    w = torch.randn(64, 256)
+    q, s = quantize_q8(w, 32)
+    err = (dequantize_q8(q, s) - w).abs().reshape(64, 8, 32)
+    assert bool((err <= s.unsqueeze(-1) / 2 + 1e-7).all())
+
+
+@pytest.mark.real_model
+def test_q8_perplexity_within_one_percent_of_fp32_reference(real_gguf):
+    from qwen25 import LLM
+
+    text = (torch.nn.modules.conv.__doc__ or "") + open(torch.nn.modules.conv.__file__).read()[:9000]
+    reference = LLM(str(real_gguf), quantization="none")
+    ids = torch.tensor([reference.tokenizer.encode(text)[:1024]])
+
+    def ppl(model) -> float:  # noqa: ANN001
+        with torch.no_grad():
+            logits = model(ids)
+        return math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+
+    base = ppl(reference.model)
+    del reference
+    fast = LLM(str(real_gguf), quantization="q8")
+    assert fast.quantization == "q8"
+    assert abs(ppl(fast.model) / base - 1) < 0.01
