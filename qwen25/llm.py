@@ -7,23 +7,28 @@ of generation (incremental detokenizing, stop strings, outputs), not the math.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence as Seq
+from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import count
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qwen25.config import IM_END_ID
-from qwen25.engine.generator import BatchGenerator, Sequence
-from qwen25.engine.stop import StopMatcher as _StopMatcher  # the old name stays importable
+from qwen25.engine.stop import StopMatcher as _StopMatcher  # noqa: F401 (the old name stays importable)
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.loader import load_checkpoint
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
+
+if TYPE_CHECKING:
+    from qwen25.engine.engine import LLMEngine, StepOutput
 
 # Qwen2.5-Instruct's shipped generation_config.json (SPEC §1.1), used for instruct checkpoints that carry
 # none (a GGUF file has no generation config).
 QWEN25_INSTRUCT_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 
 Message = dict[str, Any]
+_calls = count()  # request-id namespace per generate/stream call
 
 
 class ContextLengthError(ValueError):
@@ -125,30 +130,40 @@ class LLM:
         return self.stream([self.apply_chat_template(messages, tools=tools)], sampling_params)
 
     # --- generation --------------------------------------------------------------------------------
+    @property
+    def engine(self) -> LLMEngine:
+        """The continuous-batching engine that generate/stream run on (created on first use; its prefix cache
+        persists across calls, so a chat's history is not recomputed every turn)."""
+        engine = self.__dict__.get("_engine")
+        if engine is None:
+            from qwen25.engine.engine import LLMEngine
+
+            engine = self.__dict__["_engine"] = LLMEngine.from_llm(self)
+        return engine
+
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete each prompt (text, or token ids). Returns one RequestOutput per prompt, in order."""
         texts, id_lists = self._encode_prompts(prompts)
         params = sampling_params or self.get_default_sampling_params()
-        outputs = [RequestOutput(t, ids, [CompletionOutput(k, "", [], None) for k in range(params.n)])
-                   for t, ids in zip(texts, id_lists)]
+        logprobs = [] if params.logprobs is not None else None
+        outputs = [RequestOutput(t, ids, [CompletionOutput(k, "", [], None, None if logprobs is None else [])
+                                          for k in range(params.n)]) for t, ids in zip(texts, id_lists)]
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
             progress = tqdm(total=len(id_lists) * params.n, desc="generating", unit="seq")
-        sequences, owners = self._make_sequences(id_lists, params)
-        for delta in self._run(sequences, owners, params):
-            out = outputs[delta.request].outputs[delta.index]
-            out.text += delta.text
-            if delta.finish_reason is not None:
-                out.finish_reason = delta.finish_reason
+        for (r, k), step in self._run(id_lists, params):
+            out = outputs[r].outputs[k]
+            out.text += step.new_text
+            out.token_ids += step.new_token_ids
+            if step.logprobs and out.logprobs is not None:
+                out.logprobs += step.logprobs
+            if step.finish_reason is not None:
+                out.finish_reason = step.finish_reason
                 if progress is not None:
                     progress.update(1)
-        for seq, (r, k) in zip(sequences, owners):
-            out = outputs[r].outputs[k]
-            out.token_ids = list(seq.output_ids)
-            out.logprobs = seq.logprobs if params.logprobs is not None else None
         if progress is not None:
             progress.close()
         return outputs
@@ -158,8 +173,14 @@ class LLM:
         """Yield text deltas as tokens are generated (never a broken UTF-8 character)."""
         _, id_lists = self._encode_prompts(prompts)
         params = sampling_params or self.get_default_sampling_params()
-        sequences, owners = self._make_sequences(id_lists, params)
-        return self._run(sequences, owners, params)
+        return self._deltas(self._run(id_lists, params))
+
+    @staticmethod
+    def _deltas(steps: Iterator[tuple[tuple[int, int], StepOutput]]) -> Iterator[TextDelta]:
+        with closing(steps):  # closing the stream early aborts its requests
+            for (r, k), step in steps:
+                if step.new_text or step.finish_reason is not None:
+                    yield TextDelta(r, k, step.new_text, step.finish_reason)
 
     def _encode_prompts(self, prompts: str | Seq[str] | Seq[Seq[int]]) -> tuple[list[str | None], list[list[int]]]:
         if isinstance(prompts, str):
@@ -183,41 +204,41 @@ class LLM:
                                          f"{self.max_context} tokens (at least 1 must remain for the output)")
         return texts, id_lists
 
-    def _make_sequences(self, id_lists: list[list[int]],
-                        params: SamplingParams) -> tuple[list[Sequence], list[tuple[int, int]]]:
-        """One Sequence per (prompt, sample); owners[i] = (request index, sample index)."""
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.stop_token_ids()))
-        sequences: list[Sequence] = []
-        owners: list[tuple[int, int]] = []
-        for r, ids in enumerate(id_lists):
-            budget = self.max_context - len(ids)
-            max_new = min(params.max_tokens or budget, budget)
-            for k in range(params.n):
-                seed = None if params.seed is None else params.seed + k
-                seq_params = params if seed == params.seed else _with_seed(params, seed)
-                sequences.append(Sequence(ids, seq_params, stop_ids, max_new))
-                owners.append((r, k))
-        return sequences, owners
-
-    def _run(self, sequences: list[Sequence], owners: list[tuple[int, int]],
-             params: SamplingParams) -> Iterator[TextDelta]:
-        from qwen25.tokenizer import StreamDecoder
-
-        decoders = [StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens) for _ in sequences]
-        matchers = [_StopMatcher(params.stop, params.include_stop_str_in_output) for _ in sequences]
-        generator = BatchGenerator(self.model, sequences)
-        for event in generator:
-            request, index = owners[event.index]
-            text = decoders[event.index].push(event.token_id) if event.token_id is not None else ""
-            reason = event.finish_reason
-            if reason is not None:
-                text += decoders[event.index].flush()
-            text, hit = matchers[event.index].feed(text, final=reason is not None)
-            if hit and reason is None:
-                generator.finish(event.index, "stop")
-                reason = "stop"
-            if text or reason is not None:
-                yield TextDelta(request, index, text, reason)
+    def _run(self, id_lists: list[list[int]], params: SamplingParams) -> Iterator[tuple[tuple[int, int], StepOutput]]:
+        """Submit one engine request per (prompt, sample k, seeded seed+k) and yield ((prompt, k), output) as the
+        engine produces them. Closing the iterator early aborts what is left. Several iterators may be live at
+        once: each routes the others' outputs to them through `_inbox`."""
+        engine = self.engine
+        inbox: dict[str, list[StepOutput]] = self.__dict__.setdefault("_inbox", {})
+        call = next(_calls)
+        owners: dict[str, tuple[int, int]] = {}
+        try:
+            for r, ids in enumerate(id_lists):
+                for k in range(params.n):
+                    seed = None if params.seed is None else params.seed + k
+                    request_id = f"llm-{call}-{r}-{k}"
+                    engine.add_request(request_id, ids, params if seed == params.seed else _with_seed(params, seed))
+                    owners[request_id] = (r, k)
+                    inbox[request_id] = []
+            live = list(owners)
+            while live:
+                mine = [out for rid in live for out in inbox[rid]]
+                if not mine:
+                    for out in engine.step():
+                        if out.request_id in inbox:  # outputs of abandoned requests are dropped
+                            inbox[out.request_id].append(out)
+                    continue
+                for rid in live:
+                    inbox[rid] = []
+                for out in mine:
+                    if out.finish_reason is not None:
+                        del inbox[out.request_id]
+                    yield owners[out.request_id], out
+                live = [rid for rid in live if rid in inbox]
+        finally:
+            for request_id in owners:
+                if inbox.pop(request_id, None) is not None:
+                    engine.abort_request(request_id)
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+# f(output token ids so far, raw fp32 logits (V,)) -> logits: grammar masks, logit_bias. Applied before penalties.
+LogitsProcessor = Callable[[list[int], Any], Any]
 
 
 @dataclass
@@ -30,6 +35,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # return the top-N logprobs per generated token
+    logits_processors: list[LogitsProcessor] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,0 +1,140 @@
+"""`Scheduler`: decides which sequences compute how many tokens each step (continuous batching).
+
+Pure Python. Every step: each running decode computes its one token (so a long prompt never stalls them), running
+prefills continue in chunks, and waiting requests are admitted (first come, first served) while there is room
+in `max_num_seqs`, the `max_num_batched_tokens` budget and the KV cache; a prompt longer than the remaining
+budget is prefilled in chunks over several steps. When a decode needs a block and none is free, the most
+recently admitted sequence is preempted by recompute: its blocks are released and it returns to the front of
+the waiting queue with its prompt and outputs, to be prefilled again (prefix caching often still has them).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from qwen25.engine.block_manager import BlockManager
+from qwen25.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """What the runner computes this step: seqs[i] computes its next num_new_tokens[i] tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"need 1 <= max_num_seqs <= max_num_batched_tokens (every running decode computes a "
+                             f"token each step), got {max_num_seqs} and {max_num_batched_tokens}")
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the tail is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        bm = self.block_manager
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):  # decodes first
+            if seq.status is not SequenceStatus.RUNNING or seq.is_prefill:
+                continue
+            while not bm.can_append(seq):
+                victim = next(s for s in reversed(self.running) if s not in batch.seqs)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                bm.may_append(seq)
+                batch.add(seq, 1)
+                budget -= 1
+        for seq in self.running:  # then running prefills, chunked to the budget (their blocks are allocated)
+            if budget == 0:
+                break
+            if seq.is_prefill:
+                n = min(seq.num_uncomputed_tokens, budget)
+                batch.add(seq, n)
+                budget -= n
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[tuple[Sequence, int | None]]:
+        """Advance the sequences after the runner computed `batch`. sampled[i] is the token drawn from seqs[i]'s
+        last logits (None for a prefill chunk that is not the last). Returns (seq, appended token or None if it
+        stopped on a stop token) for each sequence that sampled; finished sequences release their blocks."""
+        events: list[tuple[Sequence, int | None]] = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += n
+            self.block_manager.cache_blocks(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue
+            assert token is not None, f"{seq} finished computing but nothing was sampled"
+            if token in seq.stop_token_ids:
+                self.finish(seq, "stop")
+                events.append((seq, None))
+                continue
+            seq.append_token(token)
+            if seq.num_output_tokens >= seq.max_tokens:
+                self.finish(seq, "length")
+            events.append((seq, token))
+        return events
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` (stop, length, abort) wherever it is and release its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, seq: Sequence) -> None:
+        self.finish(seq, "abort")
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,242 @@
+"""`AsyncEngine`: drives a synchronous `LLMEngine` from asyncio.
+
+One background thread owns the engine: it applies queued adds and aborts between steps, calls `engine.step()`
+while there is work, and routes each `StepOutput` to its request's asyncio queue with
+`loop.call_soon_threadsafe`. Nothing else touches the engine, so it needs no locking of its own. A request whose
+consumer goes away (client disconnect, cancelled task) is aborted, which frees its KV cache. If `step()` raises,
+every in-flight request fails with that error and the thread carries on: the server never dies from a request.
+Admission is bounded: at most `max_pending` requests in flight (running plus waiting); more is `Overloaded` (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("qwen25.server")
+
+
+class Overloaded(RuntimeError):
+    """Too many requests in flight; the client should retry later (HTTP 429)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread is not running (HTTP 503)."""
+
+
+_ABORTED = object()
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    accepted: asyncio.Future | None = None
+    finished: bool = False
+    first_output_at: float | None = None
+
+
+class RequestStream:
+    """Outputs of one engine request; iterate with `async for`. Leaving the loop early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, stream: _Stream) -> None:
+        self._engine = engine
+        self._stream = stream
+        self.request_id = stream.request_id
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        s = self._stream
+        try:
+            while True:
+                item = await s.queue.get()
+                if item is _ABORTED:
+                    return
+                if isinstance(item, BaseException):
+                    s.finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    s.finished = True
+                yield item
+                if s.finished:
+                    return
+        finally:
+            if not s.finished:
+                self._engine.abort(self.request_id)
+
+    def abort(self) -> None:
+        """Stop generating (e.g. the client went away); a consumer waiting in `async for` returns."""
+        if not self._stream.finished:
+            self._stream.finished = True
+            self._engine.abort(self.request_id)
+            self._stream.queue.put_nowait(_ABORTED)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Any, max_pending: int = 64) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._cond = threading.Condition()
+        self._adds: list[tuple[_Stream, list[int], Any]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.step_errors = 0
+        self.last_step_seconds = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="qwen25-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._cond:
+            return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted but without their first output yet (queued, or in prefill)."""
+        with self._cond:
+            return sum(1 for s in self._streams.values() if s.first_output_at is None)
+
+    # --- requests (event-loop side) ------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> RequestStream:
+        """Queue a request; returns once the engine accepted it (its errors, e.g. ValueError, raise here)."""
+        if not self.is_alive:
+            raise EngineDead("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(request_id, loop, accepted=loop.create_future())
+        with self._cond:
+            if len(self._streams) >= self.max_pending:
+                raise Overloaded(f"server is at capacity ({self.max_pending} requests in flight); retry later")
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self._streams[request_id] = stream
+            self._adds.append((stream, prompt_token_ids, params))
+            self._cond.notify_all()
+        try:
+            await asyncio.shield(stream.accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return RequestStream(self, stream)
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.finished = True
+            self._aborts.append(request_id)
+            self._cond.notify_all()
+
+    # --- engine thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._adds or self._aborts or self._has_work()):
+                    self._cond.wait()
+                if self._stopping:
+                    self._fail_all(EngineDead("server is shutting down"))
+                    return
+                adds, self._adds = self._adds, []
+                aborts, self._aborts = self._aborts, []
+            for request_id in aborts:
+                self._call_quietly(self.engine.abort_request, request_id)
+            for stream, prompt_ids, params in adds:
+                if stream.finished:  # aborted before it reached the engine
+                    self._resolve(stream, None)
+                    continue
+                try:
+                    self.engine.add_request(stream.request_id, prompt_ids, params)
+                except Exception as e:  # noqa: BLE001 - reported to the request, never fatal to the thread
+                    with self._cond:
+                        self._streams.pop(stream.request_id, None)
+                    self._resolve(stream, e)
+                else:
+                    self._resolve(stream, None)
+            if self._has_work():
+                self._step()
+
+    def _has_work(self) -> bool:
+        try:
+            return bool(self.engine.has_unfinished_requests())
+        except Exception:  # noqa: BLE001
+            log.exception("engine.has_unfinished_requests() failed")
+            return False
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - a broken batch fails its requests, not the server
+            self.step_errors += 1
+            log.exception("engine.step() failed; failing the in-flight requests")
+            with self._cond:
+                streams = list(self._streams.values())
+            for s in streams:
+                self._call_quietly(self.engine.abort_request, s.request_id)
+            self._fail_all(RuntimeError(f"engine error: {type(e).__name__}: {e}"))
+            return
+        self.steps += 1
+        self.last_step_seconds = time.perf_counter() - start
+        now = time.monotonic()
+        for out in outputs:
+            with self._cond:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue  # aborted meanwhile
+                if stream.first_output_at is None:
+                    stream.first_output_at = now
+                if out.finish_reason is not None:
+                    del self._streams[out.request_id]
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            streams, self._streams = list(self._streams.values()), {}
+        for s in streams:
+            self._resolve(s, error)
+            s.loop.call_soon_threadsafe(s.queue.put_nowait, error)
+
+    @staticmethod
+    def _resolve(stream: _Stream, error: BaseException | None) -> None:
+        def settle() -> None:
+            fut = stream.accepted
+            if fut is not None and not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(None)
+
+        try:
+            stream.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed (shutdown)
+            pass
+
+    @staticmethod
+    def _call_quietly(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - e.g. aborting a request the engine already finished
+            pass
+
+
+__all__ = ["AsyncEngine", "EngineDead", "Overloaded", "RequestStream"]
