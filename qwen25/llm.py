@@ -68,10 +68,13 @@ class LLM:
     dtype: "float32" (default; fastest on CPUs without native bf16) or "bfloat16".
     quantization: "auto" (default: "q8" for GGUF files, whose weights are quantized already, else "none"),
     "q8" (int8 weights with fp32 activations: the fast CPU path, perplexity within 0.2% of fp32 on Qwen2.5),
-    or "none" (dequantized `dtype` weights: the bit-faithful reference path)."""
+    or "none" (dequantized `dtype` weights: the bit-faithful reference path).
+    engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
+    enable_prefix_caching, kv_cache_memory, ...)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
-                 quantization: str = "auto") -> None:
+                 quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None) -> None:
+        self.engine_kwargs = dict(engine_kwargs or {})
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
@@ -138,7 +141,7 @@ class LLM:
         if engine is None:
             from qwen25.engine.engine import LLMEngine
 
-            engine = self.__dict__["_engine"] = LLMEngine.from_llm(self)
+            engine = self.__dict__["_engine"] = LLMEngine.from_llm(self, **self.engine_kwargs)
         return engine
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,

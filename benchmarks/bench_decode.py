@@ -1,0 +1,305 @@
+"""Single-stream CPU speed of qwen25 next to llama.cpp and transformers on the same GGUF, in one run.
+
+For each engine, in its own process and one at a time: load time, prefill tok/s (512-token prompt from an
+empty cache), decode tok/s (128 greedy single-token steps, EOS ignored, after a 49-token ChatML prompt), RSS
+after load and peak RSS, and the decode's weight-read bandwidth against the machine's 22.6 GB/s ceiling
+(see /work/shared/BASELINE.md for the methodology and BENCHMARKS.md for results). Prompt ids are tokenized
+once here and shared by every engine. Engines: qwen25 (`LLM` defaults: q8 weights from the GGUF), qwen25-ref
+(`quantization="none"`: dequantized fp32), llama.cpp (llama-cpp-python), transformers (fp32, dequantized).
+Two ways to drive an engine:
+  generate: its public generate API. prefill = time(generate 1 token); decode = 128 / (time(generate 129)
+            - time(generate 1)), i.e. 128 decode steps including the API's per-token overhead.
+  forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each.
+
+    python benchmarks/bench_decode.py [--model NAME|PATH.gguf] [--engines qwen25,qwen25-ref,llamacpp,transformers]
+                                      [--skip transformers] [--reps 3] [--procs 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from _bench_common import (MB, child_env, cpu_flags, cpu_model, gguf_weight_bytes, load_average, log, min_median,
+                           peak_rss_mb, pool, rss_mb, run_child, setup_torch, torch_weight_bytes)
+
+ENGINES = ("qwen25", "qwen25-ref", "llamacpp", "transformers")  # qwen25: the default q8 path; -ref: dequantized fp32
+MODE_LABELS = {("qwen25", "generate"): "LLM.generate", ("qwen25-ref", "generate"): "LLM.generate",
+               ("llamacpp", "forward"): "eval() loop",
+               ("transformers", "generate"): "generate()"}  # others: "forward loop"
+CEILING_GBPS = 22.6  # torch `sum` over a 2 GiB buffer, 2 threads, median (BASELINE.md)
+PREFILL_TOKENS, DECODE_STEPS = 512, 128
+CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number, computed iteratively, and explain it."
+REF_PYTHON = Path.home() / ".cache/qwen25-ref/bin/python"
+
+Stepper = tuple[Callable[[list[int]], int], Callable[[int], int]]  # (prefill from empty cache, one step) -> argmax
+Generate = Callable[[list[int], int], list[int]]  # (prompt ids, new tokens) -> greedy token ids
+
+
+# --- children: one engine per process -------------------------------------------------------------------------
+def time_stepper(stepper: Stepper, spec: dict) -> tuple[float, float, list[int]]:
+    """(prefill tok/s over the long prompt, decode tok/s over DECODE_STEPS steps, the greedy tokens)."""
+    start, step = stepper
+    t0 = perf_counter()
+    start(spec["prefill_ids"])
+    prefill = PREFILL_TOKENS / (perf_counter() - t0)
+    tokens = [start(spec["decode_ids"])]
+    t0 = perf_counter()
+    for _ in range(DECODE_STEPS):
+        tokens.append(step(tokens[-1]))
+    return prefill, DECODE_STEPS / (perf_counter() - t0), tokens
+
+
+def time_generate(generate: Generate, spec: dict) -> tuple[float, float, list[int]]:
+    t0 = perf_counter()
+    generate(spec["prefill_ids"], 1)
+    prefill = PREFILL_TOKENS / (perf_counter() - t0)
+    t0 = perf_counter()
+    generate(spec["decode_ids"], 1)
+    t1 = perf_counter()
+    tokens = generate(spec["decode_ids"], DECODE_STEPS + 1)
+    return prefill, DECODE_STEPS / ((perf_counter() - t1) - (t1 - t0)), tokens
+
+
+def measure(engine: str, modes: dict[str, Stepper | Generate], spec: dict) -> dict[str, dict]:
+    """Warm each mode up once (16-token prompt), then `reps` rounds with the modes interleaved."""
+    short = spec["decode_ids"][:16]
+    for name, driver in modes.items():
+        if name == "generate":
+            driver(short, 2)
+        else:
+            driver[1](driver[0](short))
+    results: dict[str, dict] = {name: {"prefill": [], "decode": [], "tokens": []} for name in modes}
+    for rep in range(spec["reps"]):
+        for name, driver in modes.items():
+            timer = time_generate if name == "generate" else time_stepper
+            prefill, decode, tokens = timer(driver, spec)
+            results[name]["prefill"].append(prefill)
+            results[name]["decode"].append(decode)
+            results[name]["tokens"] = tokens
+            log(engine, f"rep {rep + 1}/{spec['reps']} {name}: prefill {prefill:.1f} tok/s, decode {decode:.2f} tok/s")
+    return results
+
+
+def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -> dict:
+    torch = setup_torch(spec["threads"])
+    import qwen25
+    from qwen25 import LLM, SamplingParams
+    from qwen25.engine.kv_cache import ContiguousKVCache
+
+    t0 = perf_counter()
+    # No prefix caching: every repetition must prefill from an empty cache, as llama.cpp's eval loop does.
+    llm = LLM(spec["model_path"], dtype="float32", quantization=quantization,
+              engine_kwargs={"enable_prefix_caching": False})
+    out = {"load_s": perf_counter() - t0, "rss_load_mb": rss_mb(), "version": f"qwen25 {qwen25.__version__}, "
+           f"torch {torch.__version__}", "bytes_per_token": torch_weight_bytes(llm.model)}
+    state: dict[str, Any] = {}
+
+    @torch.inference_mode()
+    def forward(ids: list[int]) -> int:
+        return int(llm.model(torch.tensor([ids]), cache=state["cache"], logits_to_keep=1)[0, -1].argmax())
+
+    def start(ids: list[int]) -> int:
+        state["cache"] = ContiguousKVCache(llm.config, 1, len(ids) + DECODE_STEPS + 1)
+        return forward(ids)
+
+    def generate(ids: list[int], n: int) -> list[int]:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        return llm.generate([ids], params)[0].outputs[0].token_ids
+
+    out["modes"] = measure(name, {"generate": generate, "forward": (start, lambda t: forward([t]))}, spec)
+    return out
+
+
+def child_llamacpp(spec: dict) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    t0 = perf_counter()
+    llm = llama_cpp.Llama(spec["model_path"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          n_ctx=2048, verbose=False)
+    out = {"load_s": perf_counter() - t0, "rss_load_mb": rss_mb(),
+           "version": f"llama-cpp-python {llama_cpp.__version__}"}
+    n_vocab = llm.n_vocab()
+
+    def step(token: int) -> int:  # eval() keeps only the last position's logits; read them through ctypes
+        llm.eval([token])
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    def start(ids: list[int]) -> int:
+        llm.reset()  # n_tokens = 0: the next eval() drops the whole KV cache
+        llm.eval(ids)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    out["modes"] = measure("llamacpp", {"forward": (start, step)}, spec)
+    return out
+
+
+def child_transformers(spec: dict) -> dict:
+    torch = setup_torch(spec["threads"])
+    import transformers
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = Path(spec["model_path"])
+    t0 = perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    out = {"load_s": perf_counter() - t0, "rss_load_mb": rss_mb(), "bytes_per_token": torch_weight_bytes(model),
+           "version": f"transformers {transformers.__version__}, torch {torch.__version__}"}
+    state: dict[str, Any] = {}
+
+    @torch.inference_mode()
+    def forward(ids: list[int]) -> int:
+        logits = model(input_ids=torch.tensor([ids]), past_key_values=state["cache"], use_cache=True,
+                       logits_to_keep=1).logits
+        return int(logits[0, -1].argmax())
+
+    def start(ids: list[int]) -> int:
+        state["cache"] = DynamicCache(config=model.config)
+        return forward(ids)
+
+    @torch.inference_mode()
+    def generate(ids: list[int], n: int) -> list[int]:
+        x = torch.tensor([ids])
+        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, temperature=None, top_p=None, top_k=None)
+        return y[0, len(ids):].tolist()
+
+    out["modes"] = measure("transformers", {"generate": generate, "forward": (start, lambda t: forward([t]))}, spec)
+    return out
+
+
+def child_main(engine: str, spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    children = {"qwen25": child_qwen25, "qwen25-ref": lambda s: child_qwen25(s, "none", "qwen25-ref"),
+                "llamacpp": child_llamacpp, "transformers": child_transformers}
+    result = children[engine](spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(out_path).write_text(json.dumps(result))
+
+
+# --- parent: prompts, children in sequence, table -------------------------------------------------------------
+def make_prompts(model_path: Path) -> tuple[list[int], list[int]]:
+    """(512-token code prompt, short ChatML prompt) tokenized by qwen25's tokenizer from the GGUF."""
+    from qwen25.chat import render_chat
+    from qwen25.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(model_path)
+    code = "".join(f'def scale_{i}(values, factor={i}):\n    """Multiply each value by {i}, add {i * 7 % 13}."""\n'
+                   f"    return [v * factor + {i * 7 % 13} for v in values]\n\n" for i in range(64))
+    long_ids = tok.encode(code)[:PREFILL_TOKENS]
+    if len(long_ids) < PREFILL_TOKENS:
+        raise SystemExit(f"long prompt has only {len(long_ids)} tokens")
+    chat = render_chat(tok.chat_template, [{"role": "user", "content": CHAT_PROMPT}])
+    return long_ids, tok.encode(chat)
+
+
+def thread_setup(engine: str, threads: int) -> tuple[dict[str, str], str]:
+    """(environment for the child, one-line description)."""
+    if engine == "llamacpp":
+        env = child_env({}, ["OMP_WAIT_POLICY", "OMP_NUM_THREADS"])
+        return env, f"n_threads={threads}, n_threads_batch={threads}, OMP env unset (llama.cpp defaults)"
+    policy = {"OMP_WAIT_POLICY": "PASSIVE"} if engine.startswith("qwen25") else {}
+    quiet = {"TQDM_DISABLE": "1"} if engine == "transformers" else {}  # its GGUF conversion bar floods the log
+    env = child_env({"OMP_NUM_THREADS": str(threads), **policy, **quiet}, ["OMP_WAIT_POLICY"])
+    desc = f"torch threads {threads}, interop 1, OMP_NUM_THREADS={threads}"
+    return env, desc + (", OMP_WAIT_POLICY=PASSIVE" if policy else ", OMP_WAIT_POLICY unset")
+
+
+def fmt(pair: tuple[float, float], digits: int) -> str:
+    return f"{pair[0]:.{digits}f} / **{pair[1]:.{digits}f}**"
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    """Markdown rows, one per (engine, mode); ratios are medians over llama.cpp's medians. Load: min / median over
+    processes; RSS and busy cores: the maximum over processes; n = processes x repetitions per process."""
+    ref = results.get("llamacpp", {}).get("modes", {}).get("forward")
+    ref_prefill, ref_decode = (min_median(ref["prefill"])[1], min_median(ref["decode"])[1]) if ref else (None, None)
+    ref_tokens = ref["tokens"] if ref else None
+    lines = ["| engine | mode | load s | RSS after load MB | peak RSS MB | prefill 512 tok/s min / med "
+             "| decode 128 tok/s min / med | prefill / llama.cpp | decode / llama.cpp | weights/token MB "
+             "| decode GB/s | % of 22.6 GB/s | greedy = llama.cpp | busy cores: others / steal | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for engine, r in results.items():
+        for mode, m in r["modes"].items():
+            prefill, decode = min_median(m["prefill"]), min_median(m["decode"])
+            gbps = r["bytes_per_token"] * decode[1] / 1e9
+            same = next((i for i, (a, b) in enumerate(zip(m["tokens"], ref_tokens)) if a != b), len(m["tokens"])) \
+                if ref_tokens else None
+            cells = [engine, MODE_LABELS.get((engine, mode), "forward loop"), fmt(min_median(r["load_s"]), 2),
+                     f"{max(r['rss_load_mb']):.0f}", f"{max(r['peak_rss_mb']):.0f}",
+                     fmt(prefill, 1), fmt(decode, 2),
+                     f"{prefill[1] / ref_prefill:.2f}x" if ref_prefill else "-",
+                     f"{decode[1] / ref_decode:.2f}x" if ref_decode else "-",
+                     f"{r['bytes_per_token'] / MB:.1f}", f"{gbps:.2f}", f"{100 * gbps / CEILING_GBPS:.0f}%",
+                     f"{same}/{len(m['tokens'])}" if same is not None else "-",
+                     f"{max(r['other_cpu_cores']):.2f} / {max(r['steal_cores']):.2f}",
+                     f"{len(r['load_s'])}x{len(m['decode']) // len(r['load_s'])}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="known model name or a .gguf path")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    p.add_argument("--skip", default="", help="comma-separated engines to leave out (e.g. transformers)")
+    p.add_argument("--reps", type=int, default=3, help="in-process repetitions of prefill and decode")
+    p.add_argument("--procs", type=int, default=1, help="processes per engine, run round-robin; measurements pooled")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llamacpp-python", default=str(REF_PYTHON) if REF_PYTHON.exists() else None,
+                   help="interpreter with llama-cpp-python (default ~/.cache/qwen25-ref/bin/python)")
+    p.add_argument("--json", help="also write all measurements to this file")
+    p.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.spec, args.out)
+    from qwen25.weights.registry import resolve_model
+
+    engines = [e for e in args.engines.split(",") if e and e not in args.skip.split(",")]
+    if unknown := set(engines) - set(ENGINES):
+        raise SystemExit(f"unknown engines {sorted(unknown)}; choose from {ENGINES}")
+    model_path = resolve_model(args.model)
+    if model_path.suffix != ".gguf":
+        raise SystemExit(f"{model_path}: this benchmark compares engines on a .gguf file")
+    if "llamacpp" in engines and not (args.llamacpp_python and Path(args.llamacpp_python).exists()):
+        print("llama.cpp skipped: no interpreter with llama-cpp-python (pass --llamacpp-python)", file=sys.stderr)
+        engines.remove("llamacpp")
+    long_ids, chat_ids = make_prompts(model_path)
+    spec = {"model_path": str(model_path), "prefill_ids": long_ids, "decode_ids": chat_ids, "reps": args.reps,
+            "threads": args.threads}
+    header = [f"model: {model_path.name} ({model_path.stat().st_size / MB:.1f} MB)",
+              f"machine: {cpu_model()}, {cpu_flags()}; prompts: prefill {len(long_ids)} tokens, decode "
+              f"{DECODE_STEPS} steps after a {len(chat_ids)}-token ChatML prompt; {args.reps} reps per process"]
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for proc in range(args.procs):  # round-robin, so slow drift of the (shared, virtual) machine hits all engines
+        for engine in engines:
+            env, threads = thread_setup(engine, args.threads)
+            python = args.llamacpp_python if engine == "llamacpp" else sys.executable
+            log(engine, f"process {proc + 1}/{args.procs} starting ({threads}; load average {load_average()})")
+            result = run_child(python, Path(__file__).resolve(), engine, spec, env)
+            if result is not None:
+                runs[engine].append({"bytes_per_token": gguf_weight_bytes(model_path), **result, "threads": threads})
+    results = {engine: pool(rs) for engine, rs in runs.items() if rs}
+    for engine in engines:
+        r = results.get(engine)
+        header.append(f"{engine}: FAILED" if r is None else f"{engine}: {r['version']}; {r['threads']}")
+    print("\n".join(header + [""] + table(results)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "spec": spec, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
