@@ -1,27 +1,56 @@
-"""Server benchmarks: grammar-mask cost per token, and end-to-end serving under concurrent streaming clients.
+"""Server benchmarks: qwen25 vs llama-cpp-python under concurrent streaming clients; grammar-mask cost per token.
 
+  python benchmarks/bench_server.py [compare] [--concurrency 1,4,8 --rounds 3 --max-tokens 64 --json out.json]
   python benchmarks/bench_server.py mask                 # llguidance mask cost with the real Qwen2.5 tokenizer
-  python benchmarks/bench_server.py load --clients 8     # starts `qwen25 serve` on 127.0.0.1, N streaming clients
-  python benchmarks/bench_server.py load --url http://127.0.0.1:8000   # an already running server
+  python benchmarks/bench_server.py load --clients 8     # qwen25 only (or --url an already running server)
 
-`mask` needs no model weights beyond the tokenizer: it walks each schema's reference JSON token by token through
+`compare` (the default) serves the same GGUF with `qwen25 serve` (OMP_WAIT_POLICY=PASSIVE, --max-concurrency = the
+highest level), then with llama-cpp-python's OpenAI server from the reference venv (--n_threads 2 --n_ctx 4096
+--interrupt_requests False); never both at once. After one unmeasured warm-up request, each level c runs `rounds`
+batches of c simultaneous streaming chat requests (distinct fixed prompts, temperature 0, max_tokens). Reported:
+TTFT p50/p95 over all requests of a level (request sent -> first content delta) and aggregate output tok/s (batch
+tokens / batch wall time, median over rounds). Output tokens: the usage chunk (stream_options.include_usage) when
+sent (qwen25); llama-cpp-python 0.3.36 sends none, so there max_tokens if finish_reason is "length", else the
+number of content deltas (one per token, except where it holds back text that could start a stop string).
+
+llama-cpp-python's server runs ONE request at a time (an asyncio lock around its single Llama object). With its
+default --interrupt_requests True, a request arriving while another streams ends that stream early (clients see
+the connection closed mid-body), so we pass False: requests queue FIFO and run to completion one after another.
+Between requests it reuses the KV cache of the longest common prompt prefix (the chat-template head).
+
+`mask` needs no weights beyond the tokenizer: it walks each schema's reference JSON token by token through
 `GrammarLogitsProcessor` on random logits, timing the processor call (bitmask + applying it to 151,936 logits).
-`load` reports aggregate generated tokens/s, time to first token and per-client tokens/s. All traffic stays on
-127.0.0.1 and every loop is bounded.
+All traffic stays on 127.0.0.1; every loop and wait is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
+from pathlib import Path
+from typing import Any
+
+REF_PYTHON = Path.home() / ".cache/qwen25-ref/bin/python"
+ENGINES = ("qwen25", "llamacpp")
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a SQL query that returns the five most recent orders.",
+    "Explain what a race condition is in one paragraph.",
+    "Write a bash one-liner that counts the lines of all .py files.",
+    "How do I read a JSON file in JavaScript with Node.js?",
+    "Write a C function that computes the GCD of two integers.",
+    "What does the `yield` keyword do in Python?",
+]
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -83,85 +112,237 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stream_chat(url: str, model: str, prompt: str, max_tokens: int, result: dict) -> None:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
-                       "max_tokens": max_tokens, "temperature": 0,
-                       "stream_options": {"include_usage": True}}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+def _start(engine: str, model: str, port: int, max_concurrency: int, llama_args: str) -> subprocess.Popen:
+    """Start one server on 127.0.0.1:port; its output goes to /tmp/bench_server_ENGINE_PORT.log."""
+    from qwen25.weights.registry import resolve_model
+
+    path = str(resolve_model(model))
+    env = dict(os.environ)
+    if engine == "qwen25":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        cmd = [sys.executable, "-m", "qwen25.cli", "serve", "--model", path, "--host", "127.0.0.1", "--port",
+               str(port), "--max-concurrency", str(max_concurrency), "--log-level", "warning"]
+    else:
+        env.pop("OMP_WAIT_POLICY", None)  # llama.cpp runs with its own defaults
+        cmd = [str(REF_PYTHON), "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port",
+               str(port), "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "4096",
+               "--interrupt_requests", "False", "--verbose", "False", *shlex.split(llama_args)]
+    log = f"/tmp/bench_server_{engine}_{port}.log"
+    print(f"[{engine}] {shlex.join(cmd)}  (log: {log})", file=sys.stderr, flush=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _wait_ready(url: str, probe: str, proc: subprocess.Popen | None, timeout: float = 600) -> str:
+    """Poll `probe` (qwen25: /health) until the server answers 200; return the served model id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + probe, timeout=5):
+                pass
+            with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+                return json.load(r)["data"][0]["id"]
+        except OSError:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise RuntimeError(f"server at {url} did not come up") from None
+            time.sleep(0.5)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_model() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown CPU")
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (user, nice, system, irq, softirq)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in open("/proc/stat").readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
+
+
+async def _stream_chat(client: Any, url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = None
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                result["tokens"] = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    result.update(ttft=(first or end) - start, seconds=end - start)
+    first, usage, finish, text = None, None, None, []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                usage = (chunk.get("usage") or {}).get("completion_tokens", usage)
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        first = first or time.perf_counter()
+                        text.append(choice["delta"]["content"])
+                    finish = choice.get("finish_reason") or finish
+    source = "usage" if usage is not None else "finish=length" if finish == "length" else "deltas"
+    tokens = {"usage": usage, "finish=length": max_tokens, "deltas": len(text)}[source]
+    return {"ttft": (first or time.perf_counter()) - start, "tokens": tokens, "source": source, "finish": finish,
+            "deltas": len(text), "text": "".join(text)}
 
 
-def bench_load(url: str | None, model: str, clients: int, max_tokens: int) -> dict:
+async def _batch(url: str, model: str, prompts: list[str], max_tokens: int) -> tuple[float, list[dict[str, Any]]]:
+    """All prompts at once, one streaming request each; (wall seconds, per-request results)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(prompts) + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(_stream_chat(client, url, model, p, max_tokens) for p in prompts))
+    return time.perf_counter() - start, list(results)
+
+
+def _pct(values: list[float], q: float) -> float:
+    """Percentile with linear interpolation, q in [0, 100]."""
+    v, k = sorted(values), (len(values) - 1) * q / 100
+    return v[int(k)] + (v[min(int(k) + 1, len(v) - 1)] - v[int(k)]) * (k - int(k))
+
+
+def run_levels(url: str, model: str, levels: list[int], rounds: int, max_tokens: int,
+               server_pid: int | None) -> list[dict[str, Any]]:
+    cpu = (lambda: _proc_cpu_s(server_pid)) if server_pid else (lambda: 0.0)
+    out = []
+    for c in levels:
+        reqs, rates, server_cores, other = [], [], [], []
+        for r in range(rounds):
+            prompts = [PROMPTS[(r * c + i) % len(PROMPTS)] for i in range(c)]
+            busy, own, srv = _busy_cpu_seconds(), sum(os.times()[:2]), cpu()
+            wall, results = asyncio.run(_batch(url, model, prompts, max_tokens))
+            srv = cpu() - srv
+            other.append(max(_busy_cpu_seconds() - busy - srv - (sum(os.times()[:2]) - own), 0.0) / wall)
+            server_cores.append(srv / wall)
+            rates.append(sum(x["tokens"] for x in results) / wall)
+            reqs += [{**x, "round": r, "prompt": p} for x, p in zip(results, prompts)]
+        ttfts = [x["ttft"] for x in reqs]
+        row = {"concurrency": c, "rounds": rounds, "requests": len(reqs), "tokens": sum(x["tokens"] for x in reqs),
+               "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p95_s": round(_pct(ttfts, 95), 3),
+               "agg_tok_s": round(statistics.median(rates), 2), "agg_tok_s_rounds": [round(x, 2) for x in rates],
+               "token_count": sorted({x["source"] for x in reqs}),
+               "server_cores": round(statistics.median(server_cores), 2), "other_cores_max": round(max(other), 2),
+               "requests_detail": reqs}
+        print(f"  c={c}: TTFT p50 {row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, {row['agg_tok_s']} tok/s "
+              f"({row['tokens']} tokens), server {row['server_cores']} cores, others <= {row['other_cores_max']}",
+              file=sys.stderr, flush=True)
+        out.append(row)
+    return out
+
+
+def bench_engine(engine: str, model: str, levels: list[int], rounds: int, max_tokens: int,
+                 llama_args: str = "", url: str | None = None) -> dict[str, Any]:
+    """Start `engine`'s server (unless `url` is given), warm it up, run every level, stop it."""
     proc = None
     if url is None:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "qwen25.cli", "serve", "--model", model, "--port", str(port),
-                                 "--max-concurrency", str(clients), "--log-level", "warning"])
+        proc = _start(engine, model, port, max(levels), llama_args)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                    raise RuntimeError("server did not come up") from None
-                time.sleep(0.5)
-        with urllib.request.urlopen(url + "/v1/models") as r:
-            served = json.load(r)["data"][0]["id"]
-        prompts = [f"Write a short note about the number {i}." for i in range(clients)]
-        results = [{} for _ in prompts]
-        threads = [threading.Thread(target=_stream_chat, args=(url, served, p, max_tokens, res))
-                   for p, res in zip(prompts, results)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        tokens = sum(r.get("tokens", 0) for r in results)
-        return {"clients": clients, "max_tokens": max_tokens, "wall_s": round(wall, 2), "tokens": tokens,
-                "aggregate_tok_s": round(tokens / wall, 2),
-                "ttft_s_median": round(statistics.median(r["ttft"] for r in results), 2),
-                "per_client_tok_s_median": round(statistics.median(r.get("tokens", 0) / r["seconds"]
-                                                                    for r in results), 2)}
+        t0 = time.perf_counter()
+        served = _wait_ready(url, "/health" if engine == "qwen25" else "/v1/models", proc)
+        ready_s = time.perf_counter() - t0
+        asyncio.run(_batch(url, served, [PROMPTS[0]], 8))  # warm-up, not measured
+        time.sleep(2)  # let background start-up work (qwen25's llguidance tokenizer) finish
+        load = load_average()
+        print(f"[{engine}] ready in {ready_s:.1f}s; load average {load}", file=sys.stderr, flush=True)
+        rows = run_levels(url, served, levels, rounds, max_tokens, proc.pid if proc else None)
+        return {"engine": engine, "url": url, "ready_s": round(ready_s, 1), "load_before": load, "levels": rows}
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            _stop(proc)
+
+
+def wait_idle(max_wait_s: float, quiet_s: float = 60, threshold: float = 0.5) -> str:
+    """Wait until the 1-minute load average stays below `threshold` for `quiet_s` (give up after `max_wait_s`)."""
+    deadline, quiet_since = time.monotonic() + max_wait_s, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+        time.sleep(5)
+        quiet_since = quiet_since if os.getloadavg()[0] < threshold else time.monotonic()
+    idle = max_wait_s > 0 and time.monotonic() - quiet_since >= quiet_s
+    state = "idle" if idle else f"NOT idle after {max_wait_s:.0f} s of waiting" if max_wait_s else "no idle wait"
+    return f"{state} (load average {load_average()})"
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    levels = [int(x) for x in args.concurrency.split(",")]
+    machine = wait_idle(args.wait_idle)
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cpus; {machine}", file=sys.stderr, flush=True)
+    results = {}
+    for e in args.engines.split(","):
+        try:
+            results[e] = bench_engine(e, args.model, levels, args.rounds, args.max_tokens, args.llama_args)
+        except Exception as exc:  # noqa: BLE001 - keep the other engine's results
+            print(f"[{e}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            results[e] = {"engine": e, "error": f"{type(exc).__name__}: {exc}", "levels": []}
+    report = {"model": args.model, "max_tokens": args.max_tokens, "rounds": args.rounds, "machine": machine,
+              "load_after": load_average(), "engines": results}
+    print_table(report)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    engines = report["engines"]
+    rows = {(e, r["concurrency"]): r for e, res in engines.items() for r in res["levels"]}
+    print(f"\nmodel {report['model']}, max_tokens {report['max_tokens']}, {report['rounds']} rounds per level; "
+          f"{report['machine']}; after: {report['load_after']}")
+    print("| engine | clients | TTFT p50 s | TTFT p95 s | aggregate tok/s | tokens | qwen25/llama.cpp: tok/s, "
+          "TTFT p50 |")
+    print("|---|---|---|---|---|---|---|")
+    for (e, c), r in sorted(rows.items(), key=lambda kv: (kv[0][1], ENGINES.index(kv[0][0]))):
+        ref = rows.get(("llamacpp", c))
+        ratio = (f"{r['agg_tok_s'] / ref['agg_tok_s']:.2f}x, {r['ttft_p50_s'] / ref['ttft_p50_s']:.2f}x"
+                 if e == "qwen25" and ref and ref["agg_tok_s"] and ref["ttft_p50_s"] else "")
+        name = "qwen25" if e == "qwen25" else "llama-cpp-python"
+        print(f"| {name} | {c} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['agg_tok_s']:.1f} | "
+              f"{r['tokens']} | {ratio} |")
+    for e, res in engines.items():
+        if "error" in res:
+            print(f"{e}: FAILED ({res['error']})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["mask", "load"])
+    p.add_argument("what", nargs="?", default="compare", choices=["compare", "mask", "load"])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--url", default=None)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--concurrency", default="1,4,8", help="compare: comma-separated client counts")
+    p.add_argument("--rounds", type=int, default=3, help="compare: batches per concurrency level")
+    p.add_argument("--engines", default="qwen25,llamacpp", help="compare: which servers, in this order")
+    p.add_argument("--llama-args", default="", help="compare: extra llama_cpp.server arguments")
+    p.add_argument("--wait-idle", type=float, default=0, help="compare: wait up to this many s for an idle machine")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--repeats", type=int, default=3, help="mask: passes over each schema")
+    p.add_argument("--url", default=None, help="load: an already running server")
+    p.add_argument("--clients", type=int, default=8, help="load: concurrent clients")
+    p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args()
-    import torch
+    if args.what == "compare":
+        out = compare(args)
+    elif args.what == "mask":
+        import torch
 
-    torch.set_num_threads(args.threads or min(os.cpu_count() or 1, 8))
-    if args.what == "mask":
-        print(json.dumps(bench_mask(args.model, args.repeats), indent=2))
+        torch.set_num_threads(min(os.cpu_count() or 1, 8))
+        out = bench_mask(args.model, args.repeats)
     else:
-        print(json.dumps(bench_load(args.url, args.model, args.clients, args.max_tokens), indent=2))
+        out = bench_engine("qwen25", args.model, [args.clients], 1, args.max_tokens, url=args.url)
+    if args.what != "compare":
+        print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

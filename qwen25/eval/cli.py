@@ -43,7 +43,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         t.add_argument("--backend", default="qwen25", choices=["qwen25", "llamacpp"],
                        help="qwen25 (default) or llamacpp (llama-cpp-python on the same GGUF, a reference)")
         t.add_argument("--limit", type=int, default=None,
-                       help="evaluate only the first N samples (mmlu: per subject; perplexity: windows)")
+                       help="evaluate only the first N samples (mmlu: per subject; humaneval-fim: problems; "
+                            "perplexity: windows)")
         t.add_argument("--output", "-o", default=None,
                        help="results JSONL (default: eval-results/<task>-<model>-<backend>.jsonl)")
         t.add_argument("--resume", action="store_true", help="continue --output, skipping finished samples")
@@ -191,6 +192,8 @@ def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tu
     for field, label in (("completion", "identical completions"), ("passed", "same pass/fail"),
                          ("exact_match", "same exact-match"), ("prediction", "same prediction"),
                          ("answer", "same extracted answer"), ("correct", "same correctness")):
+        if field == "answer" and "gold" not in pairs[0][0]:
+            continue  # mmlu's "answer" is the gold letter, not an output
         if field in pairs[0][0] and field in pairs[0][1]:
             same = sum(1 for x, y in pairs if x[field] == y[field])
             rows.append((label, percent(same, n)))
