@@ -190,7 +190,8 @@ def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tu
         return rows
     n = len(pairs)
     for field, label in (("completion", "identical completions"), ("passed", "same pass/fail"),
-                         ("exact_match", "same exact-match"), ("prediction", "same prediction"),
+                         ("exact_match", "same exact-match"), ("exact_match_first_line", "same 1st-line exact-match"),
+                         ("passed_first_line", "same 1st-line pass/fail"), ("prediction", "same prediction"),
                          ("answer", "same extracted answer"), ("correct", "same correctness")):
         if field == "answer" and "gold" not in pairs[0][0]:
             continue  # mmlu's "answer" is the gold letter, not an output
