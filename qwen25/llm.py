@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qwen25.config import IM_END_ID
-from qwen25.engine.stop import StopMatcher as _StopMatcher  # noqa: F401 (the old name stays importable)
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.loader import load_checkpoint
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model

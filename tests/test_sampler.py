@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import generation as hfgen  # noqa: E402
 
 from qwen25.engine.sampler import apply_penalties, filter_logits, sample_next  # noqa: E402
-from qwen25.llm import _StopMatcher  # noqa: E402
+from qwen25.engine.stop import StopMatcher  # noqa: E402
 from qwen25.sampling_params import SamplingParams  # noqa: E402
 
 V = 500
@@ -87,13 +87,13 @@ def test_invalid_sampling_params_are_rejected(kwargs):
 
 
 def test_stop_matcher_holds_back_partial_matches_and_cuts():
-    m = _StopMatcher(["\n```", "END"], include_stop=False)
+    m = StopMatcher(["\n```", "END"], include_stop=False)
     pieces = [m.feed(t, final=False) for t in ["def f():\n", "    return 1\n`", "``\nmore"]]
     assert "".join(p[0] for p in pieces) == "def f():\n    return 1"
     assert pieces[-1][1] is True
-    m = _StopMatcher(["END"], include_stop=True)
+    m = StopMatcher(["END"], include_stop=True)
     assert m.feed("abcEN", False) == ("abc", False)
     assert m.feed("D tail", False) == ("END", True)
-    m = _StopMatcher(["END"], include_stop=False)
+    m = StopMatcher(["END"], include_stop=False)
     assert m.feed("abcEN", False) == ("abc", False)
     assert m.feed("", True) == ("EN", False)  # the end of the stream releases held-back text
