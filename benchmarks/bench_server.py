@@ -165,10 +165,10 @@ def cpu_model() -> str:
     return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown CPU")
 
 
-def _busy_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy since boot (user, nice, system, irq, softirq)."""
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in open("/proc/stat").readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+def _busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds this machine spent busy since boot: user+nice+system+irq+softirq, seconds stolen by the host)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, open("/proc/stat").readline().split()[1:9])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), steal / os.sysconf("SC_CLK_TCK")
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -220,13 +220,15 @@ def run_levels(url: str, model: str, levels: list[int], rounds: int, max_tokens:
     cpu = (lambda: _proc_cpu_s(server_pid)) if server_pid else (lambda: 0.0)
     out = []
     for c in levels:
-        reqs, rates, server_cores, other = [], [], [], []
+        reqs, rates, server_cores, other, steal = [], [], [], [], []
         for r in range(rounds):
             prompts = [PROMPTS[(r * c + i) % len(PROMPTS)] for i in range(c)]
             busy, own, srv = _busy_cpu_seconds(), sum(os.times()[:2]), cpu()
             wall, results = asyncio.run(_batch(url, model, prompts, max_tokens))
             srv = cpu() - srv
-            other.append(max(_busy_cpu_seconds() - busy - srv - (sum(os.times()[:2]) - own), 0.0) / wall)
+            busy2 = _busy_cpu_seconds()
+            other.append(max(busy2[0] - busy[0] - srv - (sum(os.times()[:2]) - own), 0.0) / wall)
+            steal.append((busy2[1] - busy[1]) / wall)
             server_cores.append(srv / wall)
             rates.append(sum(x["tokens"] for x in results) / wall)
             reqs += [{**x, "round": r, "prompt": p} for x, p in zip(results, prompts)]
@@ -236,9 +238,11 @@ def run_levels(url: str, model: str, levels: list[int], rounds: int, max_tokens:
                "agg_tok_s": round(statistics.median(rates), 2), "agg_tok_s_rounds": [round(x, 2) for x in rates],
                "token_count": sorted({x["source"] for x in reqs}),
                "server_cores": round(statistics.median(server_cores), 2), "other_cores_max": round(max(other), 2),
+               "steal_cores_max": round(max(steal), 2),
                "requests_detail": reqs}
         print(f"  c={c}: TTFT p50 {row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, {row['agg_tok_s']} tok/s "
-              f"({row['tokens']} tokens), server {row['server_cores']} cores, others <= {row['other_cores_max']}",
+              f"({row['tokens']} tokens), server {row['server_cores']} cores, others <= {row['other_cores_max']}, "
+              f"steal <= {row['steal_cores_max']}",
               file=sys.stderr, flush=True)
         out.append(row)
     return out
