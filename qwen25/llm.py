@@ -21,6 +21,7 @@ from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
 if TYPE_CHECKING:
     from qwen25.engine.engine import LLMEngine, StepOutput
+    from qwen25.engine.speculative import SpeculativeConfig
 
 # Qwen2.5-Instruct's shipped generation_config.json (SPEC §1.1), used for instruct checkpoints that carry
 # none (a GGUF file has no generation config).
@@ -69,10 +70,16 @@ class LLM:
     "q8" (int8 weights with fp32 activations: the fast CPU path, perplexity within 0.2% of fp32 on Qwen2.5),
     or "none" (dequantized `dtype` weights: the bit-faithful reference path).
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
-    enable_prefix_caching, kv_cache_memory, ...)."""
+    enable_prefix_caching, kv_cache_memory, ...).
+    speculative_config: speculative decoding for plain greedy requests (temperature 0, n=1, no penalties,
+    logprobs or logits processors), vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 3, "prompt_lookup_min": 1} or {"model": DRAFT, "num_speculative_tokens": 4} (a draft
+    checkpoint with the same tokenizer, e.g. the 0.5B for the 1.5B). Output is identical to plain greedy
+    decoding; other requests run on the engine as usual. `speculative_stats` holds the last call's counters."""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
-                 quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None) -> None:
+                 quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
+                 speculative_config: dict[str, Any] | None = None) -> None:
         self.engine_kwargs = dict(engine_kwargs or {})
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
@@ -87,6 +94,25 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer
         self.generation_defaults = checkpoint.generation_defaults
         self.name = str(model)
+        self.speculative, self._draft_model = self._load_speculation(speculative_config, torch_dtype, download)
+        self.speculative_stats = None
+
+    def _load_speculation(self, settings: dict[str, Any] | None, dtype: torch.dtype,
+                          download: bool) -> tuple[SpeculativeConfig | None, torch.nn.Module | None]:
+        if settings is None:
+            return None, None
+        from qwen25.engine.speculative import SpeculativeConfig
+
+        spec = SpeculativeConfig.from_dict(dict(settings))
+        if spec.method != "draft_model":
+            return spec, None
+        path = resolve_model(spec.model, download=download)
+        draft = load_checkpoint(path, dtype, self.quantization if path.is_file() == self.path.is_file() else
+                                ("q8" if path.is_file() else "none"))
+        if draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(f"the draft model {spec.model} has a different tokenizer ({draft.tokenizer.vocab_size} "
+                             f"tokens) from the target's ({self.tokenizer.vocab_size})")
+        return spec, draft.model
 
     # --- settings ----------------------------------------------------------------------------------
     @property
@@ -210,6 +236,9 @@ class LLM:
         """Submit one engine request per (prompt, sample k, seeded seed+k) and yield ((prompt, k), output) as the
         engine produces them. Closing the iterator early aborts what is left. Several iterators may be live at
         once: each routes the others' outputs to them through `_inbox`."""
+        if self.speculative is not None and _speculation_applies(params):
+            yield from self._run_speculative(id_lists, params)
+            return
         engine = self.engine
         inbox: dict[str, list[StepOutput]] = self.__dict__.setdefault("_inbox", {})
         call = next(_calls)
@@ -241,6 +270,51 @@ class LLM:
             for request_id in owners:
                 if inbox.pop(request_id, None) is not None:
                     engine.abort_request(request_id)
+
+
+    def _run_speculative(self, id_lists: list[list[int]],
+                         params: SamplingParams) -> Iterator[tuple[tuple[int, int], StepOutput]]:
+        """Greedy generation with speculative decoding, one prompt after another; the same outputs (token ids,
+        text, stop strings, finish reasons) as the engine gives."""
+        from qwen25.engine.engine import StepOutput
+        from qwen25.engine.speculative import DraftModelProposer, NgramProposer, SpeculativeStats, speculative_greedy
+        from qwen25.engine.stop import StopMatcher
+        from qwen25.tokenizer.stream import StreamDecoder
+
+        spec = self.speculative
+        assert spec is not None
+        stats = self.speculative_stats = SpeculativeStats()
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids())
+        for r, ids in enumerate(id_lists):
+            budget = self.max_context - len(ids)
+            proposer = (DraftModelProposer(self._draft_model) if self._draft_model is not None else
+                        NgramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min))
+            decoder = StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            matcher = StopMatcher(params.stop, params.include_stop_str_in_output)
+            produced = 0
+            events = speculative_greedy(self.model, ids, min(params.max_tokens or budget, budget), stop_ids,
+                                        proposer, spec.num_speculative_tokens, stats)
+            with closing(events):
+                for event in events:
+                    token, reason = event.token_id, event.finish_reason
+                    produced += token is not None
+                    text = decoder.push(token) if token is not None else ""
+                    if reason is not None:
+                        text += decoder.flush()
+                    text, hit = matcher.feed(text, final=reason is not None)
+                    if hit and reason is None:
+                        reason = "stop"
+                    yield (r, 0), StepOutput(f"spec-{r}", [token] if token is not None else [], text, reason, None,
+                                             len(ids), produced)
+                    if reason is not None:
+                        break
+
+
+def _speculation_applies(params: SamplingParams) -> bool:
+    """Speculation reproduces plain greedy decoding of the raw logits: no sampling, penalties or processors."""
+    return (params.is_greedy and params.n == 1 and params.logprobs is None and not params.logits_processors
+            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0)
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

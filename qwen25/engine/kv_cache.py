@@ -46,6 +46,13 @@ class ContiguousKVCache:
     def commit(self, T: int) -> None:
         self.length += T
 
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` positions (rejected speculative tokens); later updates
+        overwrite them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (drop finished sequences from a batch)."""
         self.keys = self.keys[:, rows]

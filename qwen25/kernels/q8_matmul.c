@@ -22,25 +22,9 @@ static inline __m256 load8_i8_as_f32(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* One activation row (decode): four independent partial sums keep the FMA chains short, which matters when a
- * group spans a whole row (the chain would otherwise be latency-bound). */
-static float row_dot1(const int8_t *w, const float *s, int group, const float *x, int K) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < K / group; g++) {
-        __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps(), p2 = _mm256_setzero_ps(), p3 = _mm256_setzero_ps();
-        for (int k = g * group; k < (g + 1) * group; k += 32) {
-            p0 = _mm256_fmadd_ps(load8_i8_as_f32(w + k), _mm256_loadu_ps(x + k), p0);
-            p1 = _mm256_fmadd_ps(load8_i8_as_f32(w + k + 8), _mm256_loadu_ps(x + k + 8), p1);
-            p2 = _mm256_fmadd_ps(load8_i8_as_f32(w + k + 16), _mm256_loadu_ps(x + k + 16), p2);
-            p3 = _mm256_fmadd_ps(load8_i8_as_f32(w + k + 24), _mm256_loadu_ps(x + k + 24), p3);
-        }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)),
-                              _mm256_broadcast_ss(s + g), acc);
-    }
-    return hsum256(acc);
-}
-
-/* Up to 4 activation rows at a time (small batches): the weights are converted once per 32 and reused. */
+/* Up to 4 activation rows at a time: the weights are converted once per 32 and reused. Each output row is
+ * computed by the same instruction sequence whatever M is, so a row's result does not depend on which other
+ * rows share the call: decoding alone, batched, or verifying speculative tokens gives bit-identical logits. */
 static void row_dot(const int8_t *w, const float *s, int group, const float *x, int ldx, int M, int K,
                     float *out, int ldo) {
     for (int m0 = 0; m0 < M; m0 += 4) {
@@ -71,8 +55,7 @@ void q8_matmul(const float *x, const int8_t *w, const float *scales, int group, 
     int groups = K / group;
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        if (M == 1) y[n] = row_dot1(w + (long)n * K, scales + (long)n * groups, group, x, K);
-        else row_dot(w + (long)n * K, scales + (long)n * groups, group, x, K, M, K, y + n, N);
+        row_dot(w + (long)n * K, scales + (long)n * groups, group, x, K, M, K, y + n, N);
         if (bias) for (int m = 0; m < M; m++) y[(long)m * N + n] += bias[n];
     }
 }
