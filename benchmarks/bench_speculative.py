@@ -1,0 +1,106 @@
+"""Speculative decoding vs plain greedy decoding on the real Qwen2.5-Coder GGUFs, in one run.
+
+  python benchmarks/bench_speculative.py                                   # 0.5B: plain vs prompt lookup
+  python benchmarks/bench_speculative.py --model qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct
+
+For each prompt (chat-formatted coding requests, two of which quote code the answer repeats) and each mode
+(plain greedy on the engine; n-gram prompt lookup; a draft model if --draft is given), generate --max-tokens
+greedy tokens and report tokens/s, the acceptance rate (accepted / drafted), tokens per target pass, and
+whether the tokens equal plain greedy decoding (they must). One process, modes run one after another;
+OMP_WAIT_POLICY=PASSIVE, --threads torch threads. The machine is noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+CODE = '''def merge_sorted(a, b):
+    result = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            result.append(a[i])
+            i += 1
+        else:
+            result.append(b[j])
+            j += 1
+    result.extend(a[i:])
+    result.extend(b[j:])
+    return result
+'''
+PROMPTS = {
+    "add type hints": "Add type hints and a docstring to this function:\n\n" + CODE,
+    "rename a variable": "Rename the variable result to merged in this code and show the whole function:\n\n" + CODE,
+    "write from scratch": "Write a Python function that checks whether a number is prime.",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="target model (name or path)")
+    p.add_argument("--draft", default=None, help="draft model for the draft-model mode (same tokenizer)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens (default 4)")
+    p.add_argument("--lookup-max", type=int, default=3, help="prompt_lookup_max (default 3)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from qwen25 import LLM, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    modes: dict[str, dict | None] = {"plain": None,
+                                     "ngram": {"method": "ngram", "num_speculative_tokens": args.k,
+                                               "prompt_lookup_max": args.lookup_max}}
+    if args.draft:
+        modes["draft"] = {"model": args.draft, "num_speculative_tokens": args.k}
+    results: dict[str, dict] = {}
+    reference: dict[str, list[int]] = {}
+    for mode, config in modes.items():
+        llm = LLM(args.model, speculative_config=config)
+        llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        for name, text in PROMPTS.items():
+            start = time.perf_counter()
+            out = llm.chat([{"role": "user", "content": text}], params)[0].outputs[0]
+            seconds = time.perf_counter() - start
+            stats = llm.speculative_stats if config is not None else None
+            reference.setdefault(name, out.token_ids)
+            row = {"tokens": len(out.token_ids), "seconds": round(seconds, 2),
+                   "tok_s": round(len(out.token_ids) / seconds, 2), "identical": out.token_ids == reference[name]}
+            if stats is not None:
+                row.update(acceptance=round(stats.acceptance_rate, 3), tokens_per_pass=round(stats.tokens_per_pass, 2))
+            results.setdefault(name, {})[mode] = row
+            print(f"[{mode}] {name}: {row}", file=sys.stderr, flush=True)
+        del llm
+    print(f"\nmodel {args.model}, draft {args.draft or '-'}, k={args.k}, {args.max_tokens} tokens, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}")
+    head = "| prompt | " + " | ".join(f"{m} tok/s" for m in modes) + " | " + " | ".join(
+        f"{m} speed-up / accept / tok per pass" for m in modes if m != "plain") + " | identical |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, row in results.items():
+        plain = row["plain"]["tok_s"]
+        cells = [f"{row[m]['tok_s']:.1f}" for m in modes]
+        cells += [f"{row[m]['tok_s'] / plain:.2f}x / {row[m]['acceptance']:.2f} / {row[m]['tokens_per_pass']:.2f}"
+                  for m in modes if m != "plain"]
+        same = all(row[m]["identical"] for m in modes)
+        print(f"| {name} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
