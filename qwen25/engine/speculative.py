@@ -167,8 +167,6 @@ def speculative_greedy(target: Qwen2ForCausalLM, prompt_ids: list[int], max_new_
     k = num_speculative_tokens
     cache = ContiguousKVCache(target.config, 1, len(prompt_ids) + max_new_tokens + k + 1,
                               dtype=activation_dtype(target))
-    if isinstance(proposer, DraftModelProposer):
-        proposer.reset(len(prompt_ids) + max_new_tokens + k + 1)
     tokens = list(prompt_ids)
     produced = 0
     with torch.inference_mode():
