@@ -4,15 +4,17 @@ For each engine, in its own process and one at a time: load time, prefill tok/s 
 empty cache), decode tok/s (128 greedy single-token steps, EOS ignored, after a 49-token ChatML prompt), RSS
 after load and peak RSS, and the decode's weight-read bandwidth against the machine's 22.6 GB/s ceiling
 (see /work/shared/BASELINE.md for the methodology and BENCHMARKS.md for results). Prompt ids are tokenized
-once here and shared by every engine. Engines: qwen25 (`LLM` defaults: q8 weights from the GGUF), qwen25-ref
-(`quantization="none"`: dequantized fp32), llama.cpp (llama-cpp-python), transformers (fp32, dequantized).
+once here and shared by every engine. Engines: qwen25 (`LLM` defaults: q8 weights from the GGUF), qwen25-q4
+(`quantization="q4"`: int4 layers, int8 table), qwen25-ref (`quantization="none"`: dequantized fp32), llama.cpp
+(llama-cpp-python), transformers (fp32, dequantized). The qwen25 paths load from the repack cache: run
+`qwen25 quantize MODEL --bits 4` (or one q4 load) first, or the first load time includes building it.
 Two ways to drive an engine:
   generate: its public generate API. prefill = time(generate 1 token); decode = 128 / (time(generate 129)
             - time(generate 1)), i.e. 128 decode steps including the API's per-token overhead.
   forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each.
 
-    python benchmarks/bench_decode.py [--model NAME|PATH.gguf] [--engines qwen25,qwen25-ref,llamacpp,transformers]
-                                      [--skip transformers] [--reps 3] [--procs 1] [--json out.json]
+    python benchmarks/bench_decode.py [--model NAME|PATH.gguf] [--skip transformers] [--reps 3] [--procs 1]
+                                      [--engines qwen25,qwen25-q4,qwen25-ref,llamacpp,transformers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 from _bench_common import (MB, child_env, cpu_flags, cpu_model, gguf_weight_bytes, load_average, log, min_median,
                            peak_rss_mb, pool, rss_mb, run_child, setup_torch, torch_weight_bytes)
 
-ENGINES = ("qwen25", "qwen25-ref", "llamacpp", "transformers")  # qwen25: the default q8 path; -ref: dequantized fp32
-MODE_LABELS = {("qwen25", "generate"): "LLM.generate", ("qwen25-ref", "generate"): "LLM.generate",
+ENGINES = ("qwen25", "qwen25-q4", "qwen25-ref", "llamacpp", "transformers")  # qwen25: the default q8 path; -ref: fp32
+MODE_LABELS = {("qwen25", "generate"): "LLM.generate", ("qwen25-q4", "generate"): "LLM.generate",
+               ("qwen25-ref", "generate"): "LLM.generate",
                ("llamacpp", "forward"): "eval() loop",
                ("transformers", "generate"): "generate()"}  # others: "forward loop"
 CEILING_GBPS = 22.6  # torch `sum` over a 2 GiB buffer, 2 threads, median (BASELINE.md)
@@ -177,7 +180,8 @@ def child_transformers(spec: dict) -> dict:
 
 def child_main(engine: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    children = {"qwen25": child_qwen25, "qwen25-ref": lambda s: child_qwen25(s, "none", "qwen25-ref"),
+    children = {"qwen25": child_qwen25, "qwen25-q4": lambda s: child_qwen25(s, "q4", "qwen25-q4"),
+                "qwen25-ref": lambda s: child_qwen25(s, "none", "qwen25-ref"),
                 "llamacpp": child_llamacpp, "transformers": child_transformers}
     result = children[engine](spec)
     result["peak_rss_mb"] = peak_rss_mb()

@@ -1,8 +1,8 @@
 """Native CPU kernels: C sources compiled on first use with the system C compiler, cached, loaded via ctypes.
 
 A kernel library is built once per source version into the qwen25 cache (`<cache>/kernels/`), so a fresh clone
-needs only gcc (or cc) with AVX2 support. When no compiler or no AVX2 is available, `load_q8_kernels()` returns
-None and callers use their pure-torch fallback.
+needs only gcc (or cc) with AVX2 support. When no compiler or no AVX2 is available, `load_q8_kernels()` /
+`load_q4_kernels()` return None and callers use their pure-torch fallback.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("q8_matmul.c")
+_HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 
 
@@ -48,18 +48,36 @@ def _build(source: Path) -> Path | None:
     return target
 
 
+def _load(source: Path) -> ctypes.CDLL | None:
+    if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
+        return None
+    path = _build(source)
+    return None if path is None else ctypes.CDLL(str(path))
+
+
 @functools.lru_cache(maxsize=1)
 def load_q8_kernels() -> ctypes.CDLL | None:
     """The int8 weight-only matmul library, or None when it cannot be built here."""
-    if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
+    lib = _load(_HERE / "q8_matmul.c")
+    if lib is None:
         return None
-    path = _build(_SOURCE)
-    if path is None:
-        return None
-    lib = ctypes.CDLL(str(path))
     ptr, i = ctypes.c_void_p, ctypes.c_int
     lib.q8_matmul.argtypes = [ptr, ptr, ptr, i, ptr, ptr, i, i, i]
     lib.q8_matmul.restype = None
     lib.q8_dequantize.argtypes = [ptr, ptr, i, ptr, i, i]
     lib.q8_dequantize.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def load_q4_kernels() -> ctypes.CDLL | None:
+    """The int4 weight-only matmul library, or None when it cannot be built here."""
+    lib = _load(_HERE / "q4_matmul.c")
+    if lib is None:
+        return None
+    ptr, i = ctypes.c_void_p, ctypes.c_int
+    lib.q4_matmul.argtypes = [ptr, ptr, ptr, ptr, i, ptr, ptr, i, i, i]
+    lib.q4_matmul.restype = i
+    lib.q4_dequantize.argtypes = [ptr, ptr, ptr, i, ptr, i, i]
+    lib.q4_dequantize.restype = None
     return lib

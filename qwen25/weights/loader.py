@@ -34,6 +34,7 @@ class Checkpoint:
     generation_defaults: GenerationDefaults | None
     source: Path
     format: str  # "gguf" or "hf"
+    quantization: str | None = None  # "q8" / "q4" when the model holds quantized weights
 
 
 def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str = "") -> Qwen2ForCausalLM:
@@ -61,22 +62,29 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tenso
     return model.eval().requires_grad_(False)
 
 
-def load_hf_directory(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
+def _hf_parts(path: Path) -> tuple[ModelConfig, "Tokenizer", GenerationDefaults | None]:
+    """An HF directory's config, tokenizer and generation defaults (no weights)."""
     from qwen25.tokenizer import Tokenizer
 
-    config = ModelConfig.from_json_file(path / "config.json")
-    state_dict = load_safetensors(path, dtype=dtype)
-    model = model_from_state_dict(config, state_dict, str(path))
-    if quantization == "q8":
-        from qwen25.weights.quantized import quantize_loaded_model
-
-        model = quantize_loaded_model(model)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json")
-    tokenizer = Tokenizer.from_pretrained_dir(path)
+    config = ModelConfig.from_json_file(path / "config.json")
     gen_path = path / "generation_config.json"
     defaults = GenerationDefaults.from_dict(json.loads(gen_path.read_text())) if gen_path.is_file() else None
-    return Checkpoint(config, model, tokenizer, defaults, path, "hf")
+    return config, Tokenizer.from_pretrained_dir(path), defaults
+
+
+def load_hf_directory(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
+    config, tokenizer, defaults = _hf_parts(path)
+    if quantization in ("q8", "q4"):
+        from qwen25.weights.quantized import load_quantized
+
+        model = load_quantized(path, config, bits=int(quantization[1]))  # streamed from the mapped shards
+    else:
+        model = model_from_state_dict(config, load_safetensors(path, dtype=dtype), str(path))
+    return Checkpoint(config, model, tokenizer, defaults, path, "hf", quantization)
 
 
 def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
@@ -85,24 +93,52 @@ def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None) -
 
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf)
-    if quantization == "q8":
-        from qwen25.weights.quantized import load_gguf_q8
+    if quantization in ("q8", "q4"):
+        from qwen25.weights.quantized import load_quantized
 
-        model = load_gguf_q8(gguf, config)
+        model = load_quantized(path, config, bits=int(quantization[1]), gguf=gguf)
     else:
         model = model_from_state_dict(config, load_gguf_state_dict(gguf, dtype=dtype), str(path))
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    return Checkpoint(config, model, tokenizer, None, path, "gguf")
+    return Checkpoint(config, model, tokenizer, None, path, "gguf", quantization)
 
 
-QUANTIZATIONS = ("none", "q8")
+def load_quantized_file(path: Path, quantization: str | None) -> Checkpoint:
+    """A file written by `qwen25 quantize --output`: weights from it; config, tokenizer and generation defaults
+    from the checkpoint it was made from (named in its metadata), which must still exist."""
+    from qwen25.weights.quantized import model_from_quantized_state_dict, read_quantized_metadata
+
+    meta = read_quantized_metadata(path)
+    kind = f"q{meta['bits']}"
+    if quantization is None:
+        raise ValueError(f"{path}: holds {kind} weights and cannot be loaded unquantized; use quantization "
+                         f"'{kind}' or 'auto'")
+    source = Path(meta["source"])
+    if not source.exists():
+        raise CheckpointError(f"{path}: made from {source}, which no longer exists (the config and tokenizer "
+                              "are read from there)")
+    if source.is_dir():
+        config, tokenizer, defaults = _hf_parts(source)
+    else:
+        from qwen25.tokenizer import Tokenizer
+        from qwen25.weights.gguf import GGUFFile, config_from_gguf
+
+        gguf = GGUFFile(source)
+        config, tokenizer, defaults = config_from_gguf(gguf), Tokenizer.from_gguf_metadata(gguf.metadata), None
+    model = model_from_quantized_state_dict(config, load_safetensors(path))
+    return Checkpoint(config, model, tokenizer, defaults, path, "hf" if source.is_dir() else "gguf", kind)
+
+
+QUANTIZATIONS = ("none", "q8", "q4")
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None) -> Checkpoint:
     """Load a .gguf file or an HF directory (config.json + safetensors + tokenizer files).
 
-    quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "q8" builds the
-    fast int8 model with fused projections (GGUF: streamed and cached, see `weights.quantized`)."""
+    quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "q8" / "q4" give
+    the fast int8 / int4 model with fused projections, memory-mapped from the repack cache when `qwen25 quantize`
+    (or an earlier load) wrote it, else streamed from the checkpoint and cached (see `weights.quantized`).
+    A .safetensors file written by `qwen25 quantize --output` loads as the format it holds."""
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     quantization = None if quantization == "none" else quantization
@@ -115,4 +151,6 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quanti
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix == ".gguf":
         return load_gguf(path, dtype, quantization)
-    raise CheckpointError(f"{path}: neither a GGUF file nor an HF model directory")
+    if path.suffix == ".safetensors":
+        return load_quantized_file(path, quantization)
+    raise CheckpointError(f"{path}: neither a GGUF file, an HF model directory nor a `qwen25 quantize` output")
