@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("q8_matmul.c")
@@ -43,23 +44,36 @@ def _build(source: Path) -> Path | None:
         out = Path(tmp) / target.name
         result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
         if result.returncode != 0:
+            warnings.warn(f"building {source.name} failed; using the slower PyTorch path:\n{result.stderr[-2000:]}",
+                          RuntimeWarning, stacklevel=3)
             return None
         os.replace(out, target)  # atomic: concurrent builders never see a half-written library
     return target
 
 
+def _load(source: Path) -> ctypes.CDLL | None:
+    if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
+        return None
+    path = _build(source)
+    return None if path is None else ctypes.CDLL(str(path))
+
+
 @functools.lru_cache(maxsize=1)
 def load_q8_kernels() -> ctypes.CDLL | None:
     """The int8 weight-only matmul library, or None when it cannot be built here."""
-    if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
+    lib = _load(_SOURCE)
+    if lib is None:
         return None
-    path = _build(_SOURCE)
-    if path is None:
-        return None
-    lib = ctypes.CDLL(str(path))
     ptr, i = ctypes.c_void_p, ctypes.c_int
     lib.q8_matmul.argtypes = [ptr, ptr, ptr, i, ptr, ptr, i, i, i]
     lib.q8_matmul.restype = None
     lib.q8_dequantize.argtypes = [ptr, ptr, i, ptr, i, i]
     lib.q8_dequantize.restype = None
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def load_forward_kernel() -> ctypes.CDLL | None:
+    """The fused whole-model q8 forward (`forward.c`) for few-row passes, or None when it cannot be built here.
+    Argument types are declared by its caller, `qwen25.model.native`, next to the mirrored structs."""
+    return _load(_SOURCE.with_name("forward.c"))
