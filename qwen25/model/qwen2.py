@@ -86,6 +86,15 @@ class Qwen2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with its N(0, 1) init, skipped on the meta device (loaders build skeletons there): PyTorch's
+    meta `normal_` imports its Python reference ops on first use, which was 1.2 s of every model load."""
+    weight = torch.empty(num_embeddings, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
 def build_attention_mask(query_positions: int, past: int, key_mask: torch.Tensor | None,
                          device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """(mask (B, 1, T, S) bool or None, is_causal) for T new queries after `past` cached keys.
@@ -112,7 +121,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         inv_freq, self.rope_scale = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
