@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from qwen25.engine.kv_cache import ContiguousKVCache
 from qwen25.kernels import load_q8_kernels
 from qwen25.model.quant import Q8Linear, dequantize_q8, quantize_q8
 
@@ -47,8 +48,19 @@ def test_q8_perplexity_within_one_percent_of_fp32_reference(real_gguf):
             logits = model(ids)
         return math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
 
+    def ppl_cached(model, chunk: int) -> float:  # noqa: ANN001 - through a KV cache: the native forward
+        cache = ContiguousKVCache(model.config, 1, ids.shape[1])
+        with torch.no_grad():
+            logits = torch.cat([model(part, cache=cache, logits_to_keep=part.shape[1])
+                                for part in ids.split(chunk, dim=1)], dim=1)
+        return math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+
     base = ppl(reference.model)
     del reference
     fast = LLM(str(real_gguf), quantization="q8")
     assert fast.quantization == "q8"
-    assert abs(ppl(fast.model) / base - 1) < 0.01
+    assert abs(ppl(fast.model) / base - 1) < 0.01  # PyTorch path (no cache): fp32 activations
+    assert fast.model.native is not None
+    native = ppl_cached(fast.model, 256)  # native fused forward: int16 activations, prompt in chunks
+    assert abs(native / base - 1) < 0.01
+    assert ppl_cached(fast.model, 100) == pytest.approx(native, rel=1e-6)  # chunking does not change results

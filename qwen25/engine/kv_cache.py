@@ -7,6 +7,8 @@ implements the same `KVCache` protocol (see `qwen25.model.qwen2`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qwen25.config import ModelConfig
@@ -42,6 +44,13 @@ class ContiguousKVCache:
             self._mask[:, self.length:end] = new_tokens_mask
             self._has_padding = self._has_padding or not bool(new_tokens_mask.all())
         return self._mask[:, :end] if self._has_padding else None
+
+    def native_view(self) -> Any:
+        """The cache as the native forward's `KVView` (row b of the batch is sequence b), or None when a key mask
+        is in use (the native forward has none)."""
+        from qwen25.model.native import KVView
+
+        return None if self._has_padding or not self.keys.is_contiguous() else KVView(self.keys, self.values)
 
     def commit(self, T: int) -> None:
         self.length += T

@@ -3,11 +3,14 @@
 A step's rows are split into a few forward passes of similar new-token counts (decodes together, prefill chunks
 together) so that a 1-token decode is not left-padded to a 512-token chunk: each extra pass costs one more
 read of the weights, padding costs compute per padded token, and a tiny DP over the sorted counts picks the
-cheaper split. Each row samples with `sample_next` and its own `torch.Generator` (seeded from params.seed),
+cheaper split. A q8 model runs the whole step as one unpadded pass of the fused native forward
+(`qwen25.model.native`), which reads and writes the paged cache in place. Each row samples with `sample_next` and its own `torch.Generator` (seeded from params.seed),
 only when all its tokens are computed (a prefill chunk that is not the last samples nothing).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -15,6 +18,7 @@ from qwen25.engine.paged_cache import PagedKVCache, PagedStep
 from qwen25.engine.sampler import sample_next, top_logprobs
 from qwen25.engine.scheduler import ScheduledBatch
 from qwen25.engine.sequence import Sequence
+from qwen25.model.native import KVView
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 Logprob = tuple[float, list[tuple[int, float]]]
@@ -58,7 +62,12 @@ class ModelRunner:
         logprobs (if requested) per row."""
         tokens: list[int | None] = [None] * len(batch)
         logprobs: list[Logprob | None] = [None] * len(batch)
-        for rows in split_by_length(batch.num_new_tokens, self.pass_cost):
+        counts = batch.num_new_tokens
+        if self.model.native is not None:  # rows are not padded natively: one pass for everything
+            passes = [list(range(len(batch)))]
+        else:
+            passes = split_by_length(counts, self.pass_cost)
+        for rows in passes:
             seqs = [batch.seqs[i] for i in rows]
             counts = [batch.num_new_tokens[i] for i in rows]
             logits = self.forward(seqs, counts)
@@ -71,6 +80,9 @@ class ModelRunner:
 
     def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
         """Last-position logits (B, V) after computing counts[r] new tokens of each seqs[r]."""
+        native = self.model.native
+        if native is not None:
+            return self._forward_native(native, seqs, counts)
         B, T, bs = len(seqs), max(counts), self.block_size
         starts = [s.num_computed_tokens for s in seqs]
         P = max(starts)
@@ -101,6 +113,26 @@ class ModelRunner:
         logits = self.model(torch.tensor(ids), positions=torch.tensor(pos), cache=step, padding_mask=new_mask,
                             logits_to_keep=1)
         return logits[:, -1]
+
+    def _forward_native(self, native: Any, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+        """The same pass through the fused native forward: rows (token, position, sequence) with no padding,
+        keys/values read and written in place through the block tables."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_of_row: list[int] = []
+        out_rows: list[int] = []
+        for r, (seq, n) in enumerate(zip(seqs, counts)):
+            start = seq.num_computed_tokens
+            tokens += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            seq_of_row += [r] * n
+            out_rows.append(len(tokens) - 1)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        view = KVView(self.cache.keys, self.cache.values, tables)
+        i32 = torch.int32
+        return native(torch.tensor(tokens), torch.tensor(positions, dtype=i32), torch.tensor(seq_of_row, dtype=i32),
+                      view, torch.tensor(out_rows, dtype=i32))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         g = self._generators.get(seq.seq_id)

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 _HERE = Path(__file__).parent
@@ -43,6 +44,8 @@ def _build(source: Path) -> Path | None:
         out = Path(tmp) / target.name
         result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
         if result.returncode != 0:
+            warnings.warn(f"building {source.name} failed; using the slower PyTorch path:\n{result.stderr[-2000:]}",
+                          RuntimeWarning, stacklevel=3)
             return None
         os.replace(out, target)  # atomic: concurrent builders never see a half-written library
     return target
@@ -81,3 +84,10 @@ def load_q4_kernels() -> ctypes.CDLL | None:
     lib.q4_dequantize.argtypes = [ptr, ptr, ptr, i, ptr, i, i]
     lib.q4_dequantize.restype = None
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def load_forward_kernel() -> ctypes.CDLL | None:
+    """The fused whole-model forward (`forward.c`), or None when it cannot be built here. Argument types are
+    declared by its caller, `qwen25.model.native`, next to the mirrored structs."""
+    return _load(_HERE / "forward.c")

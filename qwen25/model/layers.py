@@ -54,7 +54,9 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | No
     rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
     if rope_type not in ("default", None):
         raise NotImplementedError(f"rope_scaling type {rope_type!r} is not implemented yet (long-context roadmap)")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # Always on the CPU, also inside a `torch.device("meta")` skeleton build: meta arithmetic goes through
+    # PyTorch's Python reference ops, whose first use imports torch._dynamo (~1 s of every model load).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     return 1.0 / (theta ** exponents), 1.0
 
 

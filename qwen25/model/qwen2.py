@@ -8,7 +8,7 @@ and is passed in, positions are explicit (not assumed 0..T-1), and the attention
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -86,6 +86,15 @@ class Qwen2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with its N(0, 1) init, skipped on the meta device (loaders build skeletons there): PyTorch's
+    meta `normal_` imports its Python reference ops on first use, which was 1.2 s of every model load."""
+    weight = torch.empty(num_embeddings, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
 def build_attention_mask(query_positions: int, past: int, key_mask: torch.Tensor | None,
                          device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """(mask (B, 1, T, S) bool or None, is_causal) for T new queries after `past` cached keys.
@@ -112,7 +121,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         inv_freq, self.rope_scale = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -149,6 +158,9 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Optional fused native forward for passes on a cache that offers `native_view()` (set by the q8 loader,
+        # see qwen25.model.native); None: every pass runs the modules below.
+        self.native: Any = None
 
     def tie_weights(self) -> None:
         """Re-point lm_head at the embedding (needed after loading weights with `assign=True`)."""
@@ -159,6 +171,10 @@ class Qwen2ForCausalLM(nn.Module):
                 padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
                 attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
         """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V)."""
+        if self.native is not None and cache is not None and positions is None and padding_mask is None:
+            view = getattr(cache, "native_view", lambda: None)()
+            if view is not None:
+                return self.native.forward_cache(input_ids, cache, view, logits_to_keep)
         hidden = self.model(input_ids, positions, cache, padding_mask, attention_fn)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -35,6 +35,7 @@ from torch import nn
 
 from qwen25.config import ModelConfig
 from qwen25.model.layers import rope_inv_freq
+from qwen25.model.native import NativeForward
 from qwen25.model.quant import Q4_GROUP, ConcatLinear, Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
@@ -184,6 +185,7 @@ def model_from_quantized_state_dict(config: ModelConfig, state: dict[str, torch.
         model.model.embed_tokens.weight_q = model.lm_head.weight_q
         model.model.embed_tokens.scales = model.lm_head.scales
     model.model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)[0]
+    model.native = NativeForward.for_model(model)
     return model.eval().requires_grad_(False)
 
 

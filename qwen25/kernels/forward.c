@@ -1,0 +1,420 @@
+/* The whole Qwen2 forward pass for a few token rows in one native call, on q8 weights.
+ *
+ * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
+ * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
+ * one OpenMP parallel region runs every layer: each thread keeps its own copy of the residual stream (cheap,
+ * identical on every thread), the matmuls split their output rows between threads, and five barriers per
+ * layer separate the phases. Rows are (token, position, sequence): a row attends to positions 0..pos of its
+ * sequence in the KV cache, after every row's key/value has been written, so several rows of one sequence
+ * (a prompt chunk, draft tokens) are causal without a mask. The cache is either contiguous per sequence or
+ * paged through a block table (see KVView).
+ *
+ * Matmul inputs are quantized to int16 with one scale per row (absmax / 32767: about fp32's precision for
+ * all but tiny entries of a row), and the int8 weights are multiplied with AVX2 `madd_epi16` into exact int32
+ * sums, scaled once per weight group. That costs ~8 instructions per 32 weights where converting the weights
+ * to fp32 costs ~18 (which kept the fp32-activation kernel below memory bandwidth), and tiles of 4 activation
+ * rows x 2 weight rows make long chunks compute-efficient too. Everything else is fp32 and follows
+ * qwen25.model: RMSNorm, half-split RoPE with cos/sin given by the caller, softmax, SiLU(gate) * up. Each
+ * row's result does not depend on the other rows in the call.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <omp.h>
+#include <string.h>
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
+
+typedef struct {
+    const int8_t *w;     /* (N, K) int8 */
+    const float *s;      /* (N, K / group) scales */
+    const float *bias;   /* (N,) or NULL */
+    int group, N, K;
+} QMat;
+
+typedef struct {
+    const float *input_norm, *post_norm;
+    QMat qkv;      /* rows: q (H*D), k (Hkv*D), v (Hkv*D) */
+    QMat o;
+    QMat gate_up;  /* rows: gate (I), up (I) */
+    QMat down;
+} QLayer;
+
+typedef struct {
+    int n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
+    float eps;
+    const QLayer *layers;
+    QMat embed;
+    const float *final_norm;
+    QMat lm_head;
+} QModel;
+
+typedef struct {
+    float *k, *v;                                     /* cache bases (fp32) */
+    long layer_stride, seq_stride, head_stride;       /* in floats; a position's vector is head_dim floats */
+    const int32_t *tables;                            /* (n_seqs, table_width) block ids, or NULL: slot = position */
+    int table_width, block_size;
+} KVView;
+
+static inline long slot_of(const KVView *kv, int seq, int pos) {
+    if (!kv->tables) return pos;
+    return (long)kv->tables[(long)seq * kv->table_width + pos / kv->block_size] * kv->block_size + pos % kv->block_size;
+}
+
+static inline float *kv_vec(const KVView *kv, float *base, int layer, int seq, int head, int pos, int D) {
+    return base + layer * kv->layer_stride + seq * kv->seq_stride + head * kv->head_stride + slot_of(kv, seq, pos) * D;
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int n, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) { __m256 v = _mm256_loadu_ps(x + i); acc = _mm256_fmadd_ps(v, v, acc); }
+    float ss = hsum256(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / n + eps);
+    for (i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *x, const float *cos, const float *sin, int D) {
+    int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* e^x for 8 lanes, x clamped to +-88.38 (softmax, SiLU): Cephes' expf range reduction and polynomial. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+/* Lane j = horizontal sum of a[j]. */
+static inline __m256 reduce8(const __m256 *a) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Attention of the G query heads q (G, D) that share one key/value head, over P cached positions whose key and
+ * value vectors are keys + slot[t] * D and values + slot[t] * D; out (G, D). scores: G * P scratch. Each key and
+ * value vector is loaded once per 8 keys or position for all G heads' work (it stays in L1). */
+static void attend(const float *q, int G, int D, float scale, const float *keys, const float *values,
+                   const long *slot, int P, float *scores, float *out) {
+    for (int t0 = 0; t0 < P; t0 += 8) {
+        const float *k8[8];
+        for (int j = 0; j < 8; j++) k8[j] = keys + slot[t0 + j < P ? t0 + j : t0] * D;
+        for (int g = 0; g < G; g++) {
+            __m256 a[8];
+            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) {
+                __m256 qv = _mm256_loadu_ps(q + g * D + d);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[j] + d), a[j]);
+            }
+            float s8[8];
+            _mm256_storeu_ps(s8, _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale)));
+            for (int j = 0; j < 8 && t0 + j < P; j++) scores[(size_t)g * P + t0 + j] = s8[j];
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = scores + (size_t)g * P, mx = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < P; t++) mx = sg[t] > mx ? sg[t] : mx;
+        int t = 0;
+        __m256 vsum = _mm256_setzero_ps();
+        for (; t + 8 <= P; t += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sg + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum256(vsum);
+        for (; t < P; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+        float inv = 1.0f / sum;
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
+            __m256 acc[8];
+            for (int c = 0; c < nv; c++) acc[c] = _mm256_setzero_ps();
+            for (t = 0; t < P; t++) {
+                __m256 p = _mm256_broadcast_ss(sg + t);
+                const float *v = values + slot[t] * D + d0;
+                for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+            }
+            for (int c = 0; c < nv; c++) _mm256_storeu_ps(out + g * D + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+        }
+    }
+}
+
+/* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
+static inline void share(int N, int tid, int nt, int *n0, int *n1) {
+    *n0 = (int)((long)N * tid / nt);
+    *n1 = (int)((long)N * (tid + 1) / nt);
+}
+
+/* Activation rows as int16 with one fp32 scale per row (absmax / 32767): (R, K) values, (R,) scales. */
+typedef struct { int16_t *q; float *s; int K; } QAct;
+
+static void quantize_rows(const float *x, int R, int K, QAct *a) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    a->K = K;
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + (size_t)r * K;
+        int16_t *qr = a->q + (size_t)r * K;
+        __m256 mx = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xr + k), abs_mask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        a->s[r] = amax / 32767.0f;
+        __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+        for (int k = 0; k < K; k += 16) {
+            __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), inv));
+            __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), inv));
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);  /* undo the lane interleave */
+            _mm256_storeu_si256((__m256i *)(qr + k), p);
+        }
+    }
+}
+
+/* int32 partial sums stay exact for up to 256 weights (|w| <= 127, |x| <= 32767: 32 products per lane), so
+ * they are converted and scaled every `sub` weights: the largest multiple of 16 up to 256 dividing the group. */
+static int sub_for(int group) {
+    for (int d = 256; d >= 16; d -= 16) if (group % d == 0) return d;
+    return 16;
+}
+
+#ifndef MT
+#define MT 4  /* activation rows per tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
+#endif
+
+/* out[j][i * ldo[j]] = x[m0 + i] . W-row j for MX activation rows and NW (1 or 2) weight rows given by pointer.
+ * Integer sums are exact and each (row, weight row) pair then takes the same float steps whatever the tile,
+ * so a row's result does not depend on the other rows of the call. */
+static inline __attribute__((always_inline)) void tile(const int8_t *const *w, const float *const *ws, int group,
+                                                       int sub, const QAct *x, int m0, int MX, int NW,
+                                                       float *const *out, const long *ldo) {
+    const int K = x->K;
+    __m256 facc[MT][2];
+    for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
+    for (int c0 = 0; c0 < K; c0 += sub) {
+        __m256i iacc[MT][2];
+        for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_setzero_si256();
+        for (int k = c0; k < c0 + sub; k += 16) {
+            __m256i wv[2];
+            for (int j = 0; j < NW; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + k)));
+            for (int i = 0; i < MX; i++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + (size_t)(m0 + i) * K + k));
+                for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_add_epi32(iacc[i][j], _mm256_madd_epi16(wv[j], xv));
+            }
+        }
+        for (int j = 0; j < NW; j++) {
+            __m256 sc = _mm256_broadcast_ss(ws[j] + c0 / group);
+            for (int i = 0; i < MX; i++) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), sc, facc[i][j]);
+        }
+    }
+    for (int i = 0; i < MX; i++)
+        for (int j = 0; j < NW; j++) out[j][i * ldo[j]] = hsum256(facc[i][j]) * x->s[m0 + i];
+}
+
+/* Two weight rows (any two: gate n and up n, or rows n and n+1) against all R activation rows, 4 at a time;
+ * weight row j's results go to out[j] with row stride ldo[j]. */
+static void rows_dot(const int8_t *const *w, const float *const *ws, int NW, int group, int sub, const QAct *x,
+                     int R, float *const *out, const long *ldo) {
+    int m0 = 0;
+    for (; m0 + MT <= R; m0 += MT) {
+        float *o[2] = {out[0] + m0 * ldo[0], out[1] + m0 * ldo[1]};
+        if (NW == 2) tile(w, ws, group, sub, x, m0, MT, 2, o, ldo); else tile(w, ws, group, sub, x, m0, MT, 1, o, ldo);
+    }
+    for (; m0 < R; m0++) {
+        float *o[2] = {out[0] + m0 * ldo[0], out[1] + m0 * ldo[1]};
+        if (NW == 2) tile(w, ws, group, sub, x, m0, 1, 2, o, ldo); else tile(w, ws, group, sub, x, m0, 1, 1, o, ldo);
+    }
+}
+
+/* Weight rows per cache block: a block of W stays in L2 while every 4-row tile of x goes past it. */
+#define NBLOCK 32
+
+/* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's rows n. */
+static void matmul_share(const QMat *W, const QAct *x, int R, float *y, int ldy, int tid, int nt) {
+    int n0, n1;
+    share(W->N / 2, tid, nt, &n0, &n1);  /* in pairs of rows */
+    n0 *= 2;
+    n1 = tid == nt - 1 ? W->N : 2 * n1;
+    const int groups = W->K / W->group, sub = sub_for(W->group);
+    for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
+        int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
+        for (int m0 = 0; m0 < R; m0 += 64) {  /* 64-row slices of x keep the x tile traffic in L2 */
+            int mr = R - m0 < 64 ? R - m0 : 64;
+            for (int n = b0; n < b1; n += 2) {
+                int nw = b1 - n >= 2 ? 2 : 1;
+                const int8_t *w[2] = {W->w + (long)n * W->K, W->w + (long)(n + nw - 1) * W->K};
+                const float *ws[2] = {W->s + (long)n * groups, W->s + (long)(n + nw - 1) * groups};
+                QAct xs = {x->q + (size_t)m0 * x->K, x->s + m0, x->K};
+                float *out[2] = {y + (long)m0 * ldy + n, y + (long)m0 * ldy + n + 1};
+                const long ldo[2] = {ldy, ldy};
+                rows_dot(w, ws, nw, W->group, sub, &xs, mr, out, ldo);
+            }
+        }
+        if (W->bias)
+            for (int r = 0; r < R; r++) for (int n = b0; n < b1; n++) y[(long)r * ldy + n] += W->bias[n];
+    }
+}
+
+static int max_input(const QModel *m) {
+    int k = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    return k > m->n_heads * m->head_dim ? k : m->n_heads * m->head_dim;
+}
+
+static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
+
+/* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq; } Layout;
+
+static Layout layout(const QModel *m, int R, int max_positions) {
+    const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
+    const size_t G = m->n_heads / m->n_kv_heads;
+    Layout o;
+    o.attn = up16(R * (QW + 2 * KVW));
+    o.tmp = o.attn + up16(R * QW);
+    o.act = o.tmp + up16(R * h);
+    o.priv0 = o.act + up16((size_t)R * m->intermediate);
+    o.xn = up16(R * h);                                   /* private: x at 0 */
+    o.scores = o.xn + up16(R * h);
+    o.slots = o.scores + up16(G * max_positions);
+    o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
+    o.xs = o.gu + 64 * NBLOCK;
+    o.xq = o.xs + up16(R);
+    o.private_ = o.xq + up16((size_t)R * max_input(m) / 2);  /* int16 */
+    return o;
+}
+
+size_t qwen2_q8_work_floats(const QModel *m, int R, int max_positions, int nthreads) {
+    Layout o = layout(m, R, max_positions);
+    return o.priv0 + (size_t)nthreads * o.private_;
+}
+
+/* Compute R rows; write the logits of rows out_rows[0..n_out) to logits (n_out, vocab).
+ * positions[r]: the row's position in its sequence seq_of_row[r]; cos/sin (R, head_dim); work: a buffer of
+ * qwen2_q8_work_floats(m, R, max_positions, nthreads) floats, max_positions > every position. */
+void qwen2_q8_forward(const QModel *m, const KVView *kv, int R, const int64_t *tokens, const int32_t *positions,
+                      const int32_t *seq_of_row, const float *cos, const float *sin, int n_out,
+                      const int32_t *out_rows, float *logits, float *work, int max_positions, int nthreads) {
+    const int h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads, I = m->intermediate;
+    const int QW = Hq * D, KVW = Hkv * D, QKVW = QW + 2 * KVW, per_kv = Hq / Hkv;
+    const float scale = 1.0f / sqrtf((float)D);
+    const Layout o = layout(m, R, max_positions);
+    float *qkv = work, *attn = work + o.attn, *tmp = work + o.tmp, *act = work + o.act;
+
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
+        long *slots = (long *)(x + o.slots);
+        QAct xa = {(int16_t *)(x + o.xq), x + o.xs, 0};  /* gu: (64, NBLOCK) up-projection results */
+
+        for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
+            const QMat *E = &m->embed;
+            int groups = E->K / E->group;
+            const int8_t *wr = E->w + tokens[r] * (long)E->K;
+            const float *sr = E->s + tokens[r] * (long)groups;
+            for (int k = 0; k < h; k++) x[(size_t)r * h + k] = wr[k] * sr[k / E->group];
+        }
+
+        for (int l = 0; l < m->n_layers; l++) {
+            const QLayer *L = &m->layers[l];
+            for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->input_norm, m->eps, h, xn + (size_t)r * h);
+            quantize_rows(xn, R, h, &xa);
+            matmul_share(&L->qkv, &xa, R, qkv, QKVW, tid, nt);
+            #pragma omp barrier
+
+            /* RoPE on q heads and k heads, k/v into the cache. */
+            #pragma omp for schedule(static)
+            for (int item = 0; item < R * (Hq + Hkv); item++) {
+                int r = item / (Hq + Hkv), head = item % (Hq + Hkv);
+                float *row = qkv + (size_t)r * QKVW;
+                const float *c = cos + (size_t)r * D, *s = sin + (size_t)r * D;
+                if (head < Hq) {
+                    rope(row + head * D, c, s, D);
+                } else {
+                    int gk = head - Hq;
+                    float *k = row + QW + gk * D, *v = row + QW + KVW + gk * D;
+                    rope(k, c, s, D);
+                    memcpy(kv_vec(kv, kv->k, l, seq_of_row[r], gk, positions[r], D), k, D * sizeof(float));
+                    memcpy(kv_vec(kv, kv->v, l, seq_of_row[r], gk, positions[r], D), v, D * sizeof(float));
+                }
+            }  /* implicit barrier: every row's k/v is cached before any row attends */
+
+            #pragma omp for schedule(static, 1)
+            for (int item = 0; item < R * Hkv; item++) {
+                int r = item / Hkv, gk = item % Hkv, seq = seq_of_row[r], P = positions[r] + 1;
+                for (int t = 0; t < P; t++) slots[t] = slot_of(kv, seq, t);
+                long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
+                attend(qkv + (size_t)r * QKVW + gk * per_kv * D, per_kv, D, scale, kv->k + base, kv->v + base, slots,
+                       P, scores, attn + (size_t)r * QW + gk * per_kv * D);
+            }  /* implicit barrier */
+
+            quantize_rows(attn, R, QW, &xa);
+            matmul_share(&L->o, &xa, R, tmp, h, tid, nt);
+            #pragma omp barrier
+            for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
+            for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
+            quantize_rows(xn, R, h, &xa);
+
+            {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
+                const QMat *W = &L->gate_up;
+                int n0, n1, groups = W->K / W->group, sub = sub_for(W->group);
+                share(I, tid, nt, &n0, &n1);
+                for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
+                    int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
+                    for (int m0 = 0; m0 < R; m0 += 64) {
+                        int mr = R - m0 < 64 ? R - m0 : 64;
+                        QAct xs = {xa.q + (size_t)m0 * h, xa.s + m0, h};
+                        float *gate = act + (size_t)m0 * I;  /* gate into act, up into gu (64, NBLOCK) */
+                        for (int n = b0; n < b1; n++) {
+                            const int8_t *w[2] = {W->w + (long)n * W->K, W->w + (long)(n + I) * W->K};
+                            const float *ws[2] = {W->s + (long)n * groups, W->s + (long)(n + I) * groups};
+                            float *out[2] = {gate + n, gu + (n - b0)};
+                            const long ldo[2] = {I, NBLOCK};
+                            rows_dot(w, ws, 2, W->group, sub, &xs, mr, out, ldo);
+                        }
+                        for (int r = 0; r < mr; r++) {  /* act = silu(gate) * up */
+                            float *a = gate + (size_t)r * I + b0, *u = gu + r * NBLOCK;
+                            int n = 0;
+                            for (; n + 8 <= b1 - b0; n += 8) {
+                                __m256 g8 = _mm256_loadu_ps(a + n);
+                                __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g8)));
+                                _mm256_storeu_ps(a + n, _mm256_mul_ps(_mm256_div_ps(g8, den), _mm256_loadu_ps(u + n)));
+                            }
+                            for (; n < b1 - b0; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
+                        }
+                    }
+                }
+            }
+            #pragma omp barrier
+            quantize_rows(act, R, I, &xa);
+            matmul_share(&L->down, &xa, R, tmp, h, tid, nt);
+            #pragma omp barrier
+            for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
+        }
+
+        for (int j = 0; j < n_out; j++)
+            rms_norm(x + (size_t)out_rows[j] * h, m->final_norm, m->eps, h, xn + (size_t)j * h);
+        quantize_rows(xn, n_out, h, &xa);
+        matmul_share(&m->lm_head, &xa, n_out, logits, m->vocab, tid, nt);
+    }
+}

@@ -1,0 +1,147 @@
+"""The fused native q8 forward (`qwen25/kernels/forward.c`) against the PyTorch path on the same q8 weights:
+logits and cached keys/values for contiguous and paged caches, several rows of one sequence (causal), several
+sequences in one call, and row results independent of the other rows in the call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen25.config import ModelConfig
+from qwen25.engine.kv_cache import ContiguousKVCache
+from qwen25.model.native import KVView, NativeForward
+from qwen25.model.qwen2 import Qwen2ForCausalLM
+from qwen25.weights.quantized import quantize_loaded_model
+
+VOCAB = 384
+
+
+def tiny_q8_model(seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: int = 32) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=192,
+                         num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, tie_word_embeddings=seed % 2 == 0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    return quantize_loaded_model(model, group=32)
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen2ForCausalLM:
+    return tiny_q8_model()
+
+
+@pytest.fixture(scope="module")
+def native(model) -> NativeForward:  # noqa: ANN001
+    fwd = NativeForward.for_model(model)
+    if fwd is None:
+        pytest.skip("the native forward kernel did not build here (no AVX2 or no compiler)")
+    return fwd
+
+
+def torch_logits(model: Qwen2ForCausalLM, chunks: list[list[int]], cache: ContiguousKVCache) -> torch.Tensor:
+    """All-position logits of the concatenated chunks, fed chunk by chunk through the PyTorch path."""
+    out = []
+    with torch.inference_mode():
+        for chunk in chunks:
+            out.append(model(torch.tensor([chunk]), cache=cache, logits_to_keep=len(chunk))[0])
+    return torch.cat(out)
+
+
+def native_contiguous(native: NativeForward, chunks: list[list[int]], cache: ContiguousKVCache) -> torch.Tensor:
+    out = []
+    view = KVView(cache.keys, cache.values)
+    for chunk in chunks:
+        start = cache.length
+        R = len(chunk)
+        out.append(native(torch.tensor(chunk), torch.arange(start, start + R, dtype=torch.int32),
+                          torch.zeros(R, dtype=torch.int32), view, torch.arange(R, dtype=torch.int32)))
+        cache.commit(R)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("chunks", [[[5, 17, 300, 2, 9, 44, 7]] + [[t] for t in (11, 250, 3, 99)],
+                                    [[1, 2, 3], [4, 5, 6, 7, 8], [9]], [[42] * 40]])
+def test_matches_torch_path_on_contiguous_cache(model, native, chunks) -> None:  # noqa: ANN001
+    total = sum(len(c) for c in chunks)
+    ref_cache = ContiguousKVCache(model.config, 1, total + 4)
+    ref = torch_logits(model, chunks, ref_cache)
+    cache = ContiguousKVCache(model.config, 1, total + 4)
+    got = native_contiguous(native, chunks, cache)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(cache.keys[:, :, :, :total], ref_cache.keys[:, :, :, :total], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.values[:, :, :, :total], ref_cache.values[:, :, :, :total], atol=1e-4,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (6, 2, 64), (8, 1, 32)])
+def test_head_layouts(heads, kv_heads, head_dim) -> None:  # noqa: ANN001
+    model = tiny_q8_model(1, heads, kv_heads, head_dim)
+    native = NativeForward.for_model(model)
+    if native is None:
+        pytest.skip("no native kernel")
+    chunks = [[7, 8, 9, 10, 200], [31], [32]]
+    ref = torch_logits(model, chunks, ContiguousKVCache(model.config, 1, 16))
+    torch.testing.assert_close(native_contiguous(native, chunks, ContiguousKVCache(model.config, 1, 16)), ref,
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_paged_cache_several_sequences(model, native) -> None:  # noqa: ANN001
+    """Three sequences with scattered blocks, one call per step with one row each, equal to each alone."""
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [100, 101], [250, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
+    bs, cfg = 4, model.config
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, 32, bs, cfg.head_dim)
+    keys, values = torch.zeros(shape), torch.zeros(shape)
+    tables = torch.tensor([[5, 0, 9, 2, 30], [7, 12, 1, 3, 4], [31, 6, 8, 10, 11]], dtype=torch.int32)
+    view = KVView(keys, values, tables)
+    refs = [torch_logits(model, [p] + [[t] for t in (60, 61, 62)], ContiguousKVCache(cfg, 1, 20)) for p in prompts]
+    # prefill every prompt in one call (rows of three sequences), then three one-row-per-sequence steps
+    rows = [(t, i, s) for s, p in enumerate(prompts) for i, t in enumerate(p)]
+    last = torch.tensor([sum(len(p) for p in prompts[:s + 1]) - 1 for s in range(3)], dtype=torch.int32)
+    got = native(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.int32),
+                 torch.tensor([r[2] for r in rows], dtype=torch.int32), view, last)
+    for s in range(3):
+        torch.testing.assert_close(got[s], refs[s][len(prompts[s]) - 1], atol=2e-4, rtol=2e-4)
+    for step, token in enumerate((60, 61, 62)):
+        pos = torch.tensor([len(p) + step for p in prompts], dtype=torch.int32)
+        got = native(torch.tensor([token] * 3), pos, torch.arange(3, dtype=torch.int32), view,
+                     torch.arange(3, dtype=torch.int32))
+        for s in range(3):
+            torch.testing.assert_close(got[s], refs[s][len(prompts[s]) + step], atol=2e-4, rtol=2e-4)
+
+
+def test_row_results_do_not_depend_on_the_batch(model, native) -> None:  # noqa: ANN001
+    """A row computed alone or alongside others (any count, any order) gives bit-identical logits."""
+    cfg = model.config
+    prompt = [9, 8, 7, 6, 5]
+    cache = ContiguousKVCache(cfg, 4, 16)
+    view = KVView(cache.keys, cache.values)
+    for s in range(4):  # the same prompt in four sequences of the cache
+        native(torch.tensor(prompt), torch.arange(5, dtype=torch.int32), torch.full((5,), s, dtype=torch.int32),
+               view, torch.tensor([4], dtype=torch.int32))
+    alone = native(torch.tensor([77]), torch.tensor([5], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                   view, torch.tensor([0], dtype=torch.int32))
+    for n in (2, 3, 4):
+        got = native(torch.tensor([77] * n), torch.full((n,), 5, dtype=torch.int32),
+                     torch.arange(n, dtype=torch.int32).flip(0), view, torch.arange(n, dtype=torch.int32))
+        for r in range(n):
+            assert torch.equal(got[r], alone[0])
+
+
+def test_native_forward_is_built_here() -> None:
+    from qwen25.kernels import load_forward_kernel
+
+    assert load_forward_kernel() is not None, "gcc with AVX2 is expected on this machine kind"
+
+
+def test_not_available_for_unquantized_models() -> None:
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    assert NativeForward.for_model(Qwen2ForCausalLM(config)) is None
