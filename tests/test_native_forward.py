@@ -16,7 +16,8 @@ from qwen25.weights.quantized import quantize_loaded_model
 VOCAB = 384
 
 
-def tiny_q8_model(seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: int = 32) -> Qwen2ForCausalLM:
+def tiny_q8_model(seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
+                  bits: int = 8) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=192,
                          num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -30,12 +31,14 @@ def tiny_q8_model(seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: in
                 p.normal_(0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
             else:
                 p.uniform_(0.5, 1.5)
-    return quantize_loaded_model(model, group=32)
+    return quantize_loaded_model(model, bits, group=32)
 
 
-@pytest.fixture(scope="module")
-def model() -> Qwen2ForCausalLM:
-    return tiny_q8_model()
+@pytest.fixture(scope="module", params=[8, 4], ids=["q8", "q4"])
+def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
+    """q8, and q4 (q/k/o/gate/up/down in int4 but v in int8, so qkv has two row blocks of different formats;
+    the last layer all int8)."""
+    return tiny_q8_model(bits=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -303,6 +303,20 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:  # noqa: ANN001
     return math.exp(nll / sum(ids.shape[1] - 1 for ids in windows))
 
 
+def perplexity_cached(model, windows: list[torch.Tensor], chunk: int = 256) -> float:  # noqa: ANN001
+    """Perplexity with each window fed through a KV cache in chunks: the path generation takes (native)."""
+    from qwen25.engine.kv_cache import ContiguousKVCache
+
+    nll = 0.0
+    with torch.no_grad():
+        for ids in windows:
+            cache = ContiguousKVCache(model.config, 1, ids.shape[1])
+            out = torch.cat([model(part, cache=cache, logits_to_keep=part.shape[1])
+                             for part in ids.split(chunk, dim=1)], dim=1)
+            nll += torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum").item()
+    return math.exp(nll / sum(ids.shape[1] - 1 for ids in windows))
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_q4_perplexity_against_fp32_reference(real_gguf, tmp_path, monkeypatch):
@@ -319,3 +333,6 @@ def test_q4_perplexity_against_fp32_reference(real_gguf, tmp_path, monkeypatch):
     q4 = LLM(str(real_gguf), quantization="q4")
     ratio = perplexity(q4.model, windows) / base
     assert ratio < 1.006, f"q4 perplexity is {ratio:.4f}x fp32's"
+    assert q4.model.native is not None  # the fused native forward runs q4 passes on a KV cache
+    native = perplexity_cached(q4.model, windows) / base
+    assert native < 1.01, f"q4 perplexity through the native forward is {native:.4f}x fp32's"

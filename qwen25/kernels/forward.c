@@ -1,4 +1,4 @@
-/* The whole Qwen2 forward pass for a few token rows in one native call, on q8 weights.
+/* The whole Qwen2 forward pass in one native call, on q8 or q4 weights.
  *
  * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
  * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
@@ -30,16 +30,21 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
 }
 
+/* A weight matrix (N, K) in one of two formats, with `group` consecutive weights of a row per scale:
+ *   bits 8: w int8 (N, K), s fp32 (N, K / group); w = s * q
+ *   bits 4: w uint8 (N, K / 2), byte j of a row holding codes 2j (low nibble) and 2j + 1 (high nibble);
+ *           s and mins fp16 (N, K / group); w = s * code + min */
 typedef struct {
-    const int8_t *w;     /* (N, K) int8 */
-    const float *s;      /* (N, K / group) scales */
+    int bits;
+    const void *w, *s;
+    const uint16_t *mins;
     const float *bias;   /* (N,) or NULL */
     int group, N, K;
 } QMat;
 
 typedef struct {
     const float *input_norm, *post_norm;
-    QMat qkv;      /* rows: q (H*D), k (Hkv*D), v (Hkv*D) */
+    QMat qkv[2];   /* row blocks (the second may be empty, N = 0): q (H*D), k (Hkv*D), v (Hkv*D) */
     QMat o;
     QMat gate_up;  /* rows: gate (I), up (I) */
     QMat down;
@@ -166,12 +171,17 @@ static inline void share(int N, int tid, int nt, int *n0, int *n1) {
     *n1 = (int)((long)N * (tid + 1) / nt);
 }
 
-/* Activation rows as int16 with one fp32 scale per row (absmax / 32767): (R, K) values, (R,) scales. */
-typedef struct { int16_t *q; float *s; int K; } QAct;
+/* Activation rows as int16 with one fp32 scale per row (absmax / 32767): q (R, K) values, s (R,) scales.
+ * For 4-bit weights also qp: each block of 32 values reordered as its 16 even-index then 16 odd-index values
+ * (the order of the low and high nibbles), and bsum: each weight group's sum of values, row r's at
+ * bsum + r * K / 32 (has_q4 = the group size they were made for; 0: not made yet). */
+typedef struct { int16_t *q, *qp; float *s, *bsum; int K, R, has_q4; } QAct;
 
 static void quantize_rows(const float *x, int R, int K, QAct *a) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     a->K = K;
+    a->R = R;
+    a->has_q4 = 0;
     for (int r = 0; r < R; r++) {
         const float *xr = x + (size_t)r * K;
         int16_t *qr = a->q + (size_t)r * K;
@@ -191,6 +201,33 @@ static void quantize_rows(const float *x, int R, int K, QAct *a) {
     }
 }
 
+static void prepare_q4(QAct *a, int group) {
+    if (a->has_q4 == group) return;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (long b = 0; b < (long)a->R * a->K / 32; b++) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(a->q + b * 32));
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(a->q + b * 32 + 16));
+        __m256i e = _mm256_packs_epi32(_mm256_srai_epi32(_mm256_slli_epi32(v0, 16), 16),
+                                       _mm256_srai_epi32(_mm256_slli_epi32(v1, 16), 16));
+        __m256i o = _mm256_packs_epi32(_mm256_srai_epi32(v0, 16), _mm256_srai_epi32(v1, 16));
+        _mm256_storeu_si256((__m256i *)(a->qp + b * 32), _mm256_permute4x64_epi64(e, 0xD8));
+        _mm256_storeu_si256((__m256i *)(a->qp + b * 32 + 16), _mm256_permute4x64_epi64(o, 0xD8));
+        __m256i s = _mm256_add_epi32(_mm256_madd_epi16(v0, ones), _mm256_madd_epi16(v1, ones));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        a->bsum[b] = (float)_mm_cvtsi128_si32(s4);
+    }
+    const int per = group / 32, blocks = a->K / 32;  /* fold block sums into group sums, in place */
+    for (int r = 0; r < a->R; r++)
+        for (int g = 0; g < blocks / per; g++) {
+            float sum = 0.0f;
+            for (int b = 0; b < per; b++) sum += a->bsum[(size_t)r * blocks + g * per + b];
+            a->bsum[(size_t)r * blocks + g] = sum;
+        }
+    a->has_q4 = group;
+}
+
 /* int32 partial sums stay exact for up to 256 weights (|w| <= 127, |x| <= 32767: 32 products per lane), so
  * they are converted and scaled every `sub` weights: the largest multiple of 16 up to 256 dividing the group. */
 static int sub_for(int group) {
@@ -205,9 +242,9 @@ static int sub_for(int group) {
 /* out[j][i * ldo[j]] = x[m0 + i] . W-row j for MX activation rows and NW (1 or 2) weight rows given by pointer.
  * Integer sums are exact and each (row, weight row) pair then takes the same float steps whatever the tile,
  * so a row's result does not depend on the other rows of the call. */
-static inline __attribute__((always_inline)) void tile(const int8_t *const *w, const float *const *ws, int group,
-                                                       int sub, const QAct *x, int m0, int MX, int NW,
-                                                       float *const *out, const long *ldo) {
+static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, const float *const *ws, int group,
+                                                        int sub, const QAct *x, int m0, int MX, int NW,
+                                                        float *const *out, const long *ldo) {
     const int K = x->K;
     __m256 facc[MT][2];
     for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
@@ -231,18 +268,87 @@ static inline __attribute__((always_inline)) void tile(const int8_t *const *w, c
         for (int j = 0; j < NW; j++) out[j][i * ldo[j]] = hsum256(facc[i][j]) * x->s[m0 + i];
 }
 
-/* Two weight rows (any two: gate n and up n, or rows n and n+1) against all R activation rows, 4 at a time;
- * weight row j's results go to out[j] with row stride ldo[j]. */
-static void rows_dot(const int8_t *const *w, const float *const *ws, int NW, int group, int sub, const QAct *x,
-                     int R, float *const *out, const long *ldo) {
-    int m0 = 0;
-    for (; m0 + MT <= R; m0 += MT) {
-        float *o[2] = {out[0] + m0 * ldo[0], out[1] + m0 * ldo[1]};
-        if (NW == 2) tile(w, ws, group, sub, x, m0, MT, 2, o, ldo); else tile(w, ws, group, sub, x, m0, MT, 1, o, ldo);
+/* The same for 4-bit weights (x prepared by prepare_q4): the codes of a 32-block are the low nibbles (even
+ * positions) and high nibbles (odd positions) of 16 bytes, multiplied with the matching halves of qp. The min
+ * term, sum over groups of min * (sum of the group's x), is a dot product of the row's mins with x's group sums.
+ * Codes <= 15 keep int32 sums exact for any group up to 2^16 weights. */
+static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w, const uint16_t *const *ws,
+                                                        const uint16_t *const *wm, int group, const QAct *x, int m0,
+                                                        int MX, int NW, float *const *out, const long *ldo) {
+    const int K = x->K, per = group / 32, G = K / group;
+    const __m256i nib = _mm256_set1_epi16(0x0F);
+    __m256 facc[MT][2];
+    for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
+    for (int g8 = 0; g8 < G; g8 += 8) {
+        __m256 sc8[2];  /* 8 groups' scales at a time */
+        for (int j = 0; j < NW; j++) {
+            if (G - g8 >= 8) sc8[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws[j] + g8)));
+            else { uint16_t tmp[8] = {0}; for (int t = 0; t < G - g8; t++) tmp[t] = ws[j][g8 + t];
+                   sc8[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp)); }
+        }
+        for (int g = g8; g < G && g < g8 + 8; g++) {
+            __m256i iacc[MT][2];
+            for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_setzero_si256();
+            for (int b = g * per; b < (g + 1) * per; b++) {
+                __m256i lo[2], hi[2];
+                for (int j = 0; j < NW; j++) {
+                    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + (long)b * 16)));
+                    lo[j] = _mm256_and_si256(v, nib);
+                    hi[j] = _mm256_srli_epi16(v, 4);
+                }
+                for (int i = 0; i < MX; i++) {
+                    const int16_t *xp = x->qp + (size_t)(m0 + i) * K + (size_t)b * 32;
+                    __m256i xe = _mm256_loadu_si256((const __m256i *)xp);
+                    __m256i xo = _mm256_loadu_si256((const __m256i *)(xp + 16));
+                    for (int j = 0; j < NW; j++)
+                        iacc[i][j] = _mm256_add_epi32(iacc[i][j], _mm256_add_epi32(_mm256_madd_epi16(lo[j], xe),
+                                                                                    _mm256_madd_epi16(hi[j], xo)));
+                }
+            }
+            const __m256i lane = _mm256_set1_epi32(g - g8);
+            for (int j = 0; j < NW; j++) {
+                __m256 sc = _mm256_permutevar8x32_ps(sc8[j], lane);
+                for (int i = 0; i < MX; i++) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), sc, facc[i][j]);
+            }
+        }
     }
-    for (; m0 < R; m0++) {
-        float *o[2] = {out[0] + m0 * ldo[0], out[1] + m0 * ldo[1]};
-        if (NW == 2) tile(w, ws, group, sub, x, m0, 1, 2, o, ldo); else tile(w, ws, group, sub, x, m0, 1, 1, o, ldo);
+    for (int i = 0; i < MX; i++) {
+        const float *gs = x->bsum + (size_t)(m0 + i) * (K / 32);  /* group sums (see prepare_q4) */
+        for (int j = 0; j < NW; j++) {
+            __m256 macc = _mm256_setzero_ps();
+            int g = 0;
+            for (; g + 8 <= G; g += 8)
+                macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[j] + g))),
+                                       _mm256_loadu_ps(gs + g), macc);
+            float mterm = hsum256(macc);
+            for (; g < G; g++) mterm += _cvtsh_ss(wm[j][g]) * gs[g];
+            out[j][i * ldo[j]] = (hsum256(facc[i][j]) + mterm) * x->s[m0 + i];
+        }
+    }
+}
+
+/* Weight rows na and nb (nb == na: one row) of W against activation rows [m_lo, m_hi), 4 at a time; row na's
+ * results go to out[0] and nb's to out[1] (row stride ldo[j]), from activation row m_lo on. */
+static void rows_dot(const QMat *W, int na, int nb, int sub, const QAct *x, int m_lo, int m_hi, float *const *out,
+                     const long *ldo) {
+    const int NW = nb == na ? 1 : 2, groups = W->K / W->group;
+    const int8_t *w8[2] = {(const int8_t *)W->w + (long)na * W->K, (const int8_t *)W->w + (long)nb * W->K};
+    const float *s8[2] = {(const float *)W->s + (long)na * groups, (const float *)W->s + (long)nb * groups};
+    const uint8_t *w4[2] = {(const uint8_t *)W->w + (long)na * W->K / 2, (const uint8_t *)W->w + (long)nb * W->K / 2};
+    const uint16_t *s4[2] = {(const uint16_t *)W->s + (long)na * groups, (const uint16_t *)W->s + (long)nb * groups};
+    const uint16_t *m4[2] = {W->mins + (long)na * groups, W->mins + (long)nb * groups};
+    int m0 = m_lo;
+    for (; m0 < m_hi; ) {
+        int mx = m_hi - m0 >= MT ? MT : 1;
+        float *o[2] = {out[0] + (m0 - m_lo) * ldo[0], out[1] + (m0 - m_lo) * ldo[1]};
+        if (W->bits == 4) {
+            if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, W->group, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, W->group, x, m0, MT, 1, o, ldo); }
+            else { if (NW == 2) tile4(w4, s4, m4, W->group, x, m0, 1, 2, o, ldo); else tile4(w4, s4, m4, W->group, x, m0, 1, 1, o, ldo); }
+        } else {
+            if (mx == MT) { if (NW == 2) tile8(w8, s8, W->group, sub, x, m0, MT, 2, o, ldo); else tile8(w8, s8, W->group, sub, x, m0, MT, 1, o, ldo); }
+            else { if (NW == 2) tile8(w8, s8, W->group, sub, x, m0, 1, 2, o, ldo); else tile8(w8, s8, W->group, sub, x, m0, 1, 1, o, ldo); }
+        }
+        m0 += mx;
     }
 }
 
@@ -250,24 +356,23 @@ static void rows_dot(const int8_t *const *w, const float *const *ws, int NW, int
 #define NBLOCK 32
 
 /* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's rows n. */
-static void matmul_share(const QMat *W, const QAct *x, int R, float *y, int ldy, int tid, int nt) {
+static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
+    if (W->N == 0) return;
+    if (W->bits == 4) prepare_q4(x, W->group);
     int n0, n1;
     share(W->N / 2, tid, nt, &n0, &n1);  /* in pairs of rows */
     n0 *= 2;
     n1 = tid == nt - 1 ? W->N : 2 * n1;
-    const int groups = W->K / W->group, sub = sub_for(W->group);
+    const int sub = sub_for(W->group);
     for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
         int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
         for (int m0 = 0; m0 < R; m0 += 64) {  /* 64-row slices of x keep the x tile traffic in L2 */
-            int mr = R - m0 < 64 ? R - m0 : 64;
+            int m1 = R - m0 < 64 ? R : m0 + 64;
             for (int n = b0; n < b1; n += 2) {
-                int nw = b1 - n >= 2 ? 2 : 1;
-                const int8_t *w[2] = {W->w + (long)n * W->K, W->w + (long)(n + nw - 1) * W->K};
-                const float *ws[2] = {W->s + (long)n * groups, W->s + (long)(n + nw - 1) * groups};
-                QAct xs = {x->q + (size_t)m0 * x->K, x->s + m0, x->K};
-                float *out[2] = {y + (long)m0 * ldy + n, y + (long)m0 * ldy + n + 1};
+                int nb = b1 - n >= 2 ? n + 1 : n;
+                float *out[2] = {y + (long)m0 * ldy + n, y + (long)m0 * ldy + nb};
                 const long ldo[2] = {ldy, ldy};
-                rows_dot(w, ws, nw, W->group, sub, &xs, mr, out, ldo);
+                rows_dot(W, n, nb, sub, x, m0, m1, out, ldo);
             }
         }
         if (W->bias)
@@ -283,7 +388,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq; } Layout;
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -299,19 +404,21 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
     o.xs = o.gu + 64 * NBLOCK;
     o.xq = o.xs + up16(R);
-    o.private_ = o.xq + up16((size_t)R * max_input(m) / 2);  /* int16 */
+    o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
+    o.bsum = o.xp + up16((size_t)R * max_input(m) / 2);
+    o.private_ = o.bsum + up16((size_t)R * max_input(m) / 32);
     return o;
 }
 
-size_t qwen2_q8_work_floats(const QModel *m, int R, int max_positions, int nthreads) {
+size_t qwen2_work_floats(const QModel *m, int R, int max_positions, int nthreads) {
     Layout o = layout(m, R, max_positions);
     return o.priv0 + (size_t)nthreads * o.private_;
 }
 
 /* Compute R rows; write the logits of rows out_rows[0..n_out) to logits (n_out, vocab).
  * positions[r]: the row's position in its sequence seq_of_row[r]; cos/sin (R, head_dim); work: a buffer of
- * qwen2_q8_work_floats(m, R, max_positions, nthreads) floats, max_positions > every position. */
-void qwen2_q8_forward(const QModel *m, const KVView *kv, int R, const int64_t *tokens, const int32_t *positions,
+ * qwen2_work_floats(m, R, max_positions, nthreads) floats, max_positions > every position. */
+void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *tokens, const int32_t *positions,
                       const int32_t *seq_of_row, const float *cos, const float *sin, int n_out,
                       const int32_t *out_rows, float *logits, float *work, int max_positions, int nthreads) {
     const int h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads, I = m->intermediate;
@@ -325,13 +432,13 @@ void qwen2_q8_forward(const QModel *m, const KVView *kv, int R, const int64_t *t
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
         long *slots = (long *)(x + o.slots);
-        QAct xa = {(int16_t *)(x + o.xq), x + o.xs, 0};  /* gu: (64, NBLOCK) up-projection results */
+        QAct xa = {(int16_t *)(x + o.xq), (int16_t *)(x + o.xp), x + o.xs, x + o.bsum, 0, 0, 0};
 
         for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
             const QMat *E = &m->embed;
             int groups = E->K / E->group;
-            const int8_t *wr = E->w + tokens[r] * (long)E->K;
-            const float *sr = E->s + tokens[r] * (long)groups;
+            const int8_t *wr = (const int8_t *)E->w + tokens[r] * (long)E->K;
+            const float *sr = (const float *)E->s + tokens[r] * (long)groups;
             for (int k = 0; k < h; k++) x[(size_t)r * h + k] = wr[k] * sr[k / E->group];
         }
 
@@ -339,7 +446,8 @@ void qwen2_q8_forward(const QModel *m, const KVView *kv, int R, const int64_t *t
             const QLayer *L = &m->layers[l];
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->input_norm, m->eps, h, xn + (size_t)r * h);
             quantize_rows(xn, R, h, &xa);
-            matmul_share(&L->qkv, &xa, R, qkv, QKVW, tid, nt);
+            matmul_share(&L->qkv[0], &xa, R, qkv, QKVW, tid, nt);
+            matmul_share(&L->qkv[1], &xa, R, qkv + L->qkv[0].N, QKVW, tid, nt);
             #pragma omp barrier
 
             /* RoPE on q heads and k heads, k/v into the cache. */
@@ -377,20 +485,18 @@ void qwen2_q8_forward(const QModel *m, const KVView *kv, int R, const int64_t *t
 
             {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
                 const QMat *W = &L->gate_up;
-                int n0, n1, groups = W->K / W->group, sub = sub_for(W->group);
+                int n0, n1, sub = sub_for(W->group);
+                if (W->bits == 4) prepare_q4(&xa, W->group);
                 share(I, tid, nt, &n0, &n1);
                 for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
                     int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
                     for (int m0 = 0; m0 < R; m0 += 64) {
                         int mr = R - m0 < 64 ? R - m0 : 64;
-                        QAct xs = {xa.q + (size_t)m0 * h, xa.s + m0, h};
                         float *gate = act + (size_t)m0 * I;  /* gate into act, up into gu (64, NBLOCK) */
                         for (int n = b0; n < b1; n++) {
-                            const int8_t *w[2] = {W->w + (long)n * W->K, W->w + (long)(n + I) * W->K};
-                            const float *ws[2] = {W->s + (long)n * groups, W->s + (long)(n + I) * groups};
                             float *out[2] = {gate + n, gu + (n - b0)};
                             const long ldo[2] = {I, NBLOCK};
-                            rows_dot(w, ws, 2, W->group, sub, &xs, mr, out, ldo);
+                            rows_dot(W, n, n + I, sub, &xa, m0, m0 + mr, out, ldo);
                         }
                         for (int r = 0; r < mr; r++) {  /* act = silu(gate) * up */
                             float *a = gate + (size_t)r * I + b0, *u = gu + r * NBLOCK;

@@ -8,8 +8,9 @@ per sequence, or paged through block tables). A row's result depends only on its
 keys/values, never on the other rows of the pass: outputs are identical whether a sequence runs alone or
 batched, with its prompt in one chunk or several, with or without prefix-cache hits.
 
-Available for models loaded with q8 weights (fused qkv / gate_up `Q8Linear`s, `Q8Embedding`) when the kernel
-builds; `NativeForward.for_model` returns None otherwise and callers keep the PyTorch path.
+Available for models loaded with q8 or q4 weights (fused qkv / gate_up `Q8Linear` / `Q4Linear` projections, qkv
+possibly a `ConcatLinear` of two formats, `Q8Embedding`) when the kernel builds; `NativeForward.for_model`
+returns None otherwise and callers keep the PyTorch path.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from qwen25.kernels import load_forward_kernel
 from qwen25.model.layers import RMSNorm, rope_cos_sin
-from qwen25.model.quant import Q8Embedding, Q8Linear
+from qwen25.model.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 PASS_ROWS = 512  # rows per native call: bounds the work buffer (activations) of long prompts
@@ -31,11 +33,12 @@ _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
 
 class _QMat(ctypes.Structure):
-    _fields_ = [("w", _ptr), ("s", _ptr), ("bias", _ptr), ("group", _int), ("N", _int), ("K", _int)]
+    _fields_ = [("bits", _int), ("w", _ptr), ("s", _ptr), ("mins", _ptr), ("bias", _ptr), ("group", _int),
+                ("N", _int), ("K", _int)]
 
 
 class _QLayer(ctypes.Structure):
-    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _QMat), ("o", _QMat), ("gate_up", _QMat),
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _QMat * 2), ("o", _QMat), ("gate_up", _QMat),
                 ("down", _QMat)]
 
 
@@ -73,14 +76,31 @@ class KVView:
                        tables.shape[1], bs)
 
 
-def _qmat(module: Q8Linear | Q8Embedding, bias: torch.Tensor | None = None) -> _QMat:
-    w, s = module.weight_q, module.scales
-    N, K = w.shape
-    return _QMat(w.data_ptr(), s.data_ptr(), None if bias is None else bias.data_ptr(), K // s.shape[-1], N, K)
+def _qmat(module: nn.Module) -> _QMat:
+    """The C view of a Q8Linear, Q4Linear or Q8Embedding."""
+    bias = getattr(module, "bias", None)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if isinstance(module, Q4Linear):
+        N, K = module.out_features, module.in_features
+        return _QMat(4, module.weight_p.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr,
+                     module.group, N, K)
+    N, K = module.weight_q.shape
+    return _QMat(8, module.weight_q.data_ptr(), module.scales.data_ptr(), None, bias_ptr,
+                 K // module.scales.shape[-1], N, K)
+
+
+def _parts(module: nn.Module) -> list[nn.Module]:
+    """The row blocks of a projection: a ConcatLinear's parts, or the module itself."""
+    return list(module.parts) if isinstance(module, ConcatLinear) else [module]
+
+
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, (Q8Linear, Q4Linear)) and all(
+        t.is_contiguous() for t in module.buffers() if t is not None)
 
 
 class NativeForward:
-    """Runs `qwen2_q8_forward` for a q8 `Qwen2ForCausalLM`; holds the mirrored weight-pointer structs, so the
+    """Runs `qwen2_forward` for a q8 `Qwen2ForCausalLM`; holds the mirrored weight-pointer structs, so the
     model must outlive it (and its weights must not be replaced)."""
 
     def __init__(self, model: Qwen2ForCausalLM, lib: ctypes.CDLL) -> None:
@@ -90,20 +110,21 @@ class NativeForward:
         layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            qkv = [_qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat()]  # N = 0: no second block
             layers.append(_QLayer(layer.input_layernorm.weight.data_ptr(),
                                   layer.post_attention_layernorm.weight.data_ptr(),
-                                  _qmat(attn.qkv_proj, attn.qkv_proj.bias), _qmat(attn.o_proj),
+                                  (_QMat * 2)(qkv[0], qkv[1]), _qmat(attn.o_proj),
                                   _qmat(mlp.gate_up_proj), _qmat(mlp.down_proj)))
         self._layers = (_QLayer * len(layers))(*layers)
         self._struct = _QModel(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
                                config.vocab_size, config.rms_norm_eps, self._layers, _qmat(inner.embed_tokens),
                                inner.norm.weight.data_ptr(), _qmat(model.lm_head))
-        lib.qwen2_q8_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
-        lib.qwen2_q8_work_floats.restype = ctypes.c_size_t
-        lib.qwen2_q8_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr, _ptr,
+        lib.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
+        lib.qwen2_work_floats.restype = ctypes.c_size_t
+        lib.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr, _ptr,
                                          _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
-        lib.qwen2_q8_forward.restype = None
+        lib.qwen2_forward.restype = None
         self._work = torch.empty(0)
 
     @classmethod
@@ -116,8 +137,8 @@ class NativeForward:
             return None
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if not (isinstance(attn.qkv_proj, Q8Linear) and isinstance(attn.o_proj, Q8Linear)
-                    and isinstance(mlp.gate_up_proj, Q8Linear) and isinstance(mlp.down_proj, Q8Linear)):
+            qkv = _parts(attn.qkv_proj) if attn.qkv_proj is not None else []
+            if not (1 <= len(qkv) <= 2 and all(map(_supported, qkv + [attn.o_proj, mlp.gate_up_proj, mlp.down_proj]))):
                 return None
         config = model.config
         if config.num_attention_heads % config.num_key_value_heads:
@@ -172,14 +193,14 @@ class NativeForward:
         cos, sin = (t.contiguous() for t in rope_cos_sin(positions.long(), inner.inv_freq, inner.rope_scale))
         max_positions = int(positions.max()) + 1
         threads = torch.get_num_threads()
-        need = self.lib.qwen2_q8_work_floats(ctypes.byref(self._struct), R, max_positions, threads)
+        need = self.lib.qwen2_work_floats(ctypes.byref(self._struct), R, max_positions, threads)
         if self._work.numel() < need:
             self._work = torch.empty(need)
         logits = torch.empty(n_out, self.config.vocab_size)
         kv_struct = kv.as_struct()
         tokens, positions = tokens.long().contiguous(), positions.to(torch.int32).contiguous()
         seq_of_row, out_rows = seq_of_row.to(torch.int32).contiguous(), out_rows.to(torch.int32).contiguous()
-        self.lib.qwen2_q8_forward(ctypes.byref(self._struct), ctypes.byref(kv_struct), R, tokens.data_ptr(),
+        self.lib.qwen2_forward(ctypes.byref(self._struct), ctypes.byref(kv_struct), R, tokens.data_ptr(),
                                   positions.data_ptr(), seq_of_row.data_ptr(), cos.data_ptr(), sin.data_ptr(), n_out,
                                   out_rows.data_ptr(), logits.data_ptr(), self._work.data_ptr(), max_positions,
                                   threads)

@@ -189,6 +189,19 @@ def model_from_quantized_state_dict(config: ModelConfig, state: dict[str, torch.
     return model.eval().requires_grad_(False)
 
 
+def quantize_loaded_model(model: Qwen2ForCausalLM, bits: int = 8, group: int | None = None) -> Qwen2ForCausalLM:
+    """The fast model from an already loaded float model (tests, tools): nothing is cached."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def get(name: str) -> torch.Tensor:
+        return params[name].detach().float()
+
+    def get_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        return params[name].detach()[start:stop].float()
+
+    return model_from_quantized_state_dict(model.config, quantized_state_dict(model.config, get, get_rows, bits, group))
+
+
 # --- sources: GGUF file or HF directory ---------------------------------------------------------------------------
 def gguf_tensors(gguf) -> tuple[GetTensor, GetRows]:  # noqa: ANN001 - GGUFFile
     """Dequantizing getters over a GGUF file, by HF tensor name."""
