@@ -26,7 +26,7 @@ def _cpu_has_avx2() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags  # the q4 kernels convert fp16 scales
 
 
 def _build(source: Path) -> Path | None:

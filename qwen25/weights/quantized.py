@@ -62,7 +62,11 @@ def _group_for(K: int, group: int) -> int:
     """The requested group if it divides K, else the largest multiple of 32 that does."""
     if group > 0 and K % group == 0:
         return group
-    return max(g for g in range(32, min(group, K) + 1, 32) if K % g == 0)
+    fits = [g for g in range(32, min(group, K) + 1, 32) if K % g == 0]
+    if not fits:
+        raise ValueError(f"cannot quantize rows of {K} weights: group sizes must be multiples of 32 dividing the "
+                         "row length")
+    return max(fits)
 
 
 def check_settings(bits: int, group: int | None) -> int:
