@@ -19,6 +19,8 @@ from qwen25.llm import ContextLengthError
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 
+from tiny_models import unit_scale_
+
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
@@ -41,14 +43,7 @@ def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
     config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config).eval()
-    # Unit-scale weights: greedy continuations vary (a tied head with a small init just repeats the last token).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif p.dim() == 2:
-                p.normal_(0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
+    model = unit_scale_(Qwen2ForCausalLM(config).eval())
     if request.param == "q8-native":
         from qwen25.weights.quantized import quantize_loaded_model
 

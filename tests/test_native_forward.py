@@ -13,6 +13,8 @@ from qwen25.model.native import KVView, NativeForward
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.weights.quantized import quantize_loaded_model
 
+from tiny_models import unit_scale_
+
 VOCAB = 384
 
 
@@ -22,16 +24,7 @@ def tiny_q8_model(seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: in
     config = ModelConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=192,
                          num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, tie_word_embeddings=seed % 2 == 0)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif p.dim() == 2:
-                p.normal_(0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-            else:
-                p.uniform_(0.5, 1.5)
-    return quantize_loaded_model(model, bits, group=32)
+    return quantize_loaded_model(unit_scale_(Qwen2ForCausalLM(config).eval(), norms=True), bits, group=32)
 
 
 @pytest.fixture(scope="module", params=[8, 4], ids=["q8", "q4"])

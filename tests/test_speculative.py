@@ -16,6 +16,8 @@ from qwen25.engine.speculative import (DraftModelProposer, NgramProposer, Specul
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 
+from tiny_models import unit_scale_
+
 VOCAB = 512
 
 
@@ -24,14 +26,7 @@ def tiny_model(seed: int) -> Qwen2ForCausalLM:
     config = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # unit-scale weights: varied greedy continuations
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif p.dim() == 2:
-                p.normal_(0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-    return model
+    return unit_scale_(Qwen2ForCausalLM(config).eval())
 
 
 @pytest.fixture(scope="module")
