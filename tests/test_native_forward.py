@@ -19,19 +19,20 @@ VOCAB = 384
 
 
 def tiny_q8_model(seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
-                  bits: int = 8) -> Qwen2ForCausalLM:
+                  bits: int = 8, group: int = 32) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=192,
                          num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, tie_word_embeddings=seed % 2 == 0)
-    return quantize_loaded_model(unit_scale_(Qwen2ForCausalLM(config).eval(), norms=True), bits, group=32)
+    return quantize_loaded_model(unit_scale_(Qwen2ForCausalLM(config).eval(), norms=True), bits, group=group)
 
 
-@pytest.fixture(scope="module", params=[8, 4], ids=["q8", "q4"])
+@pytest.fixture(scope="module", params=[(8, 32), (4, 32), (4, 64)], ids=["q8", "q4", "q4-group64"])
 def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
     """q8, and q4 (q/k/o/gate/up/down in int4 but v in int8, so qkv has two row blocks of different formats;
-    the last layer all int8)."""
-    return tiny_q8_model(bits=request.param)
+    the last layer all int8) with the default 32-weight groups (the kernel's unrolled case) and with 64."""
+    bits, group = request.param
+    return tiny_q8_model(bits=bits, group=group)
 
 
 @pytest.fixture(scope="module")

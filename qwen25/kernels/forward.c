@@ -273,9 +273,9 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
  * term, sum over groups of min * (sum of the group's x), is a dot product of the row's mins with x's group sums.
  * Codes <= 15 keep int32 sums exact for any group up to 2^16 weights. */
 static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w, const uint16_t *const *ws,
-                                                        const uint16_t *const *wm, int group, const QAct *x, int m0,
+                                                        const uint16_t *const *wm, int per, const QAct *x, int m0,
                                                         int MX, int NW, float *const *out, const long *ldo) {
-    const int K = x->K, per = group / 32, G = K / group;
+    const int K = x->K, group = 32 * per, G = K / group;
     const __m256i nib = _mm256_set1_epi16(0x0F);
     __m256 facc[MT][2];
     for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
@@ -341,9 +341,13 @@ static void rows_dot(const QMat *W, int na, int nb, int sub, const QAct *x, int 
     for (; m0 < m_hi; ) {
         int mx = m_hi - m0 >= MT ? MT : 1;
         float *o[2] = {out[0] + (m0 - m_lo) * ldo[0], out[1] + (m0 - m_lo) * ldo[1]};
-        if (W->bits == 4) {
-            if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, W->group, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, W->group, x, m0, MT, 1, o, ldo); }
-            else { if (NW == 2) tile4(w4, s4, m4, W->group, x, m0, 1, 2, o, ldo); else tile4(w4, s4, m4, W->group, x, m0, 1, 1, o, ldo); }
+        if (W->bits == 4 && W->group == 32) {  /* the default q4 group: a constant, so the block loop unrolls */
+            if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, 1, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, 1, x, m0, MT, 1, o, ldo); }
+            else { if (NW == 2) tile4(w4, s4, m4, 1, x, m0, 1, 2, o, ldo); else tile4(w4, s4, m4, 1, x, m0, 1, 1, o, ldo); }
+        } else if (W->bits == 4) {
+            const int per = W->group / 32;
+            if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, per, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, per, x, m0, MT, 1, o, ldo); }
+            else { if (NW == 2) tile4(w4, s4, m4, per, x, m0, 1, 2, o, ldo); else tile4(w4, s4, m4, per, x, m0, 1, 1, o, ldo); }
         } else {
             if (mx == MT) { if (NW == 2) tile8(w8, s8, W->group, sub, x, m0, MT, 2, o, ldo); else tile8(w8, s8, W->group, sub, x, m0, MT, 1, o, ldo); }
             else { if (NW == 2) tile8(w8, s8, W->group, sub, x, m0, 1, 2, o, ldo); else tile8(w8, s8, W->group, sub, x, m0, 1, 1, o, ldo); }
