@@ -46,11 +46,13 @@ class ContiguousKVCache:
         return self._mask[:, :end] if self._has_padding else None
 
     def native_view(self) -> Any:
-        """The cache as the native forward's `KVView` (row b of the batch is sequence b), or None when a key mask
-        is in use (the native forward has none)."""
+        """The cache as the native forward's `KVView` (row b of the batch is sequence b), or None when the native
+        forward cannot use it: a key mask is in use (it has none), or the cache is not contiguous fp32."""
         from qwen25.model.native import KVView
 
-        return None if self._has_padding or not self.keys.is_contiguous() else KVView(self.keys, self.values)
+        usable = (not self._has_padding and self.keys.dtype == torch.float32 and self.keys.is_contiguous()
+                  and self.values.is_contiguous())
+        return KVView(self.keys, self.values) if usable else None
 
     def commit(self, T: int) -> None:
         self.length += T
