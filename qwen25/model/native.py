@@ -1,8 +1,8 @@
-"""`NativeForward`: the whole q8 model forward in one native call, for passes of a few token rows.
+"""`NativeForward`: the whole q8 / q4 model forward in one native call.
 
-Every pass of a q8 model on a KV cache (decode steps, speculative verification, prompt chunks) runs through
-`qwen25/kernels/forward.c` instead of ~45 PyTorch ops per layer: 1.7x faster decode, 1.2x faster 512-token
-prefill than dequantize + sgemm (measured, BENCHMARKS.md). A pass is a list of rows (token, position, sequence);
+Every pass of a quantized model on a KV cache (decode steps, speculative verification, prompt chunks) runs
+through `qwen25/kernels/forward.c` instead of ~45 PyTorch ops per layer: ~1.9x faster decode and ~1.2x faster
+512-token prefill than the PyTorch path on the same weights (measured, BENCHMARKS.md). A pass is a list of rows (token, position, sequence);
 each row attends to its sequence's positions 0..position in the KV cache, which `KVView` describes (contiguous
 per sequence, or paged through block tables). A row's result depends only on its own token and the cached
 keys/values, never on the other rows of the pass: outputs are identical whether a sequence runs alone or
@@ -71,6 +71,8 @@ class KVView:
             L, B, H, S, D = k.shape
             return _KVView(k.data_ptr(), self.values.data_ptr(), B * H * S * D, H * S * D, S * D, None, 0, 0)
         L, H, N, bs, D = k.shape
+        if self.tables.dtype != torch.int32 or not self.tables.is_contiguous():
+            self.tables = self.tables.to(torch.int32).contiguous()  # kept on self: C reads it during the call
         tables = self.tables
         return _KVView(k.data_ptr(), self.values.data_ptr(), H * N * bs * D, 0, N * bs * D, tables.data_ptr(),
                        tables.shape[1], bs)
