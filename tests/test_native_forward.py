@@ -132,6 +132,20 @@ def test_row_results_do_not_depend_on_the_batch(model, native) -> None:  # noqa:
             assert torch.equal(got[r], alone[0])
 
 
+def test_bad_rows_are_refused(model, native) -> None:  # noqa: ANN001
+    cache = ContiguousKVCache(model.config, 1, 8)
+    view, i32 = KVView(cache.keys, cache.values), torch.int32
+    rows = (torch.arange(2, dtype=i32), torch.zeros(2, dtype=i32))
+    with pytest.raises(IndexError):
+        native(torch.tensor([1, VOCAB]), *rows, view, torch.tensor([1], dtype=i32))
+    with pytest.raises(ValueError):
+        native(torch.tensor([1, 2]), *rows, view, torch.tensor([2], dtype=i32))
+    with pytest.raises(ValueError):
+        native(torch.tensor([1, 2]), *rows, view, torch.tensor([1, 1], dtype=i32))
+    with torch.inference_mode():  # more logits asked than new tokens: all of them, as on the PyTorch path
+        assert model(torch.tensor([[5, 6]]), cache=cache, logits_to_keep=3).shape == (1, 2, VOCAB)
+
+
 def test_native_forward_is_built_here() -> None:
     from qwen25.kernels import load_forward_kernel
 

@@ -64,7 +64,7 @@ class ModelRunner:
         tokens: list[int | None] = [None] * len(batch)
         logprobs: list[Logprob | None] = [None] * len(batch)
         counts = batch.num_new_tokens
-        if self.model.native is not None:  # rows are not padded natively: one pass for everything
+        if self._native() is not None:  # rows are not padded natively: one pass for everything
             passes = [list(range(len(batch)))]
         else:
             passes = split_by_length(counts, self.pass_cost)
@@ -81,7 +81,7 @@ class ModelRunner:
 
     def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
         """Last-position logits (B, V) after computing counts[r] new tokens of each seqs[r]."""
-        native = self.model.native
+        native = self._native()
         if native is not None:
             return self._forward_native(native, seqs, counts)
         B, T, bs = len(seqs), max(counts), self.block_size
@@ -114,6 +114,10 @@ class ModelRunner:
         logits = self.model(torch.tensor(ids), positions=torch.tensor(pos), cache=step, padding_mask=new_mask,
                             logits_to_keep=1)
         return logits[:, -1]
+
+    def _native(self) -> Any:
+        """The model's native forward if it can use this runner's cache (fp32), else None."""
+        return self.model.native if self.cache.keys.dtype == torch.float32 else None
 
     def _forward_native(self, native: Any, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
         """The same pass through the fused native forward: rows (token, position, sequence) with no padding,

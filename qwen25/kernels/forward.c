@@ -271,7 +271,8 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
 /* The same for 4-bit weights (x prepared by prepare_q4): the codes of a 32-block are the low nibbles (even
  * positions) and high nibbles (odd positions) of 16 bytes, multiplied with the matching halves of qp. The min
  * term, sum over groups of min * (sum of the group's x), is a dot product of the row's mins with x's group sums.
- * Codes <= 15 keep int32 sums exact for any group up to 2^16 weights. */
+ * Codes <= 15 keep the int32 sums exact for groups of up to ~34,000 weights (4 products of at most 15 * 32767 per
+ * lane and 32-block); the largest group in use is a whole row (K <= 29,568 for Qwen2.5). */
 static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w, const uint16_t *const *ws,
                                                         const uint16_t *const *wm, int per, const QAct *x, int m0,
                                                         int MX, int NW, float *const *out, const long *ldo) {

@@ -65,7 +65,8 @@ class KVView:
 
     def as_struct(self) -> _KVView:
         k = self.keys
-        if k.dtype != torch.float32 or not (k.is_contiguous() and self.values.is_contiguous()):
+        v = self.values
+        if k.dtype != torch.float32 or v.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
             raise ValueError("the native forward needs contiguous fp32 key/value caches")
         if self.tables is None:
             L, B, H, S, D = k.shape
@@ -131,9 +132,11 @@ class NativeForward:
 
     @classmethod
     def for_model(cls, model: Qwen2ForCausalLM) -> NativeForward | None:
-        """A native forward for this model, or None if its layout is not the fused q8 one (or no kernel)."""
-        inner = model.model
+        """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel)."""
+        inner, config = model.model, model.config
         if not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding):
+            return None
+        if model.lm_head.out_features != config.vocab_size or inner.embed_tokens.num_embeddings != config.vocab_size:
             return None
         if not isinstance(inner.norm, RMSNorm) or inner.norm.weight.dtype != torch.float32:
             return None
@@ -142,7 +145,9 @@ class NativeForward:
             qkv = _parts(attn.qkv_proj) if attn.qkv_proj is not None else []
             if not (1 <= len(qkv) <= 2 and all(map(_supported, qkv + [attn.o_proj, mlp.gate_up_proj, mlp.down_proj]))):
                 return None
-        config = model.config
+            if sum(part.out_features for part in qkv) != (config.num_attention_heads + 2 * config.num_key_value_heads) \
+                    * config.head_dim or mlp.gate_up_proj.bias is not None:
+                return None  # the kernel writes q, k, v side by side and applies no gate/up bias
         if config.num_attention_heads % config.num_key_value_heads:
             return None
         if any(k % 16 for k in (config.hidden_size, config.intermediate_size,
@@ -160,7 +165,7 @@ class NativeForward:
         past = cache.length
         if past + T > view.keys.shape[3]:
             raise ValueError(f"KV cache overflow: {past + T} tokens > capacity {view.keys.shape[3]}")
-        keep = logits_to_keep or T
+        keep = min(logits_to_keep or T, T)
         positions = torch.arange(past, past + T, dtype=torch.int32).repeat(B)
         seq_of_row = torch.arange(B, dtype=torch.int32).repeat_interleave(T)
         out_rows = (torch.arange(B, dtype=torch.int32).unsqueeze(1) * T + torch.arange(T - keep, T, dtype=torch.int32))
@@ -178,7 +183,12 @@ class NativeForward:
         R = tokens.shape[0]
         if R == 0:
             raise ValueError("a native forward needs at least one row")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
+            raise IndexError(f"token ids must be in [0, {self.config.vocab_size})")
         out_rows = out_rows.long()
+        if out_rows.numel() and (int(out_rows.min()) < 0 or int(out_rows.max()) >= R
+                                 or out_rows.unique().numel() != out_rows.numel()):
+            raise ValueError(f"out_rows must be distinct row indices in [0, {R})")
         logits = torch.empty(out_rows.shape[0], self.config.vocab_size)
         for start in range(0, R, PASS_ROWS):
             stop = min(start + PASS_ROWS, R)

@@ -171,7 +171,8 @@ class Qwen2ForCausalLM(nn.Module):
                 padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
                 attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
         """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V)."""
-        if self.native is not None and cache is not None and positions is None and padding_mask is None:
+        if (self.native is not None and cache is not None and positions is None and padding_mask is None
+                and attention_fn is sdpa_attention):
             view = getattr(cache, "native_view", lambda: None)()
             if view is not None:
                 return self.native.forward_cache(input_ids, cache, view, logits_to_keep)
