@@ -64,18 +64,17 @@ class KVView:
     tables: torch.Tensor | None = None
 
     def as_struct(self) -> _KVView:
-        k = self.keys
-        v = self.values
+        k, v = self.keys, self.values
         if k.dtype != torch.float32 or v.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
             raise ValueError("the native forward needs contiguous fp32 key/value caches")
         if self.tables is None:
             L, B, H, S, D = k.shape
-            return _KVView(k.data_ptr(), self.values.data_ptr(), B * H * S * D, H * S * D, S * D, None, 0, 0)
+            return _KVView(k.data_ptr(), v.data_ptr(), B * H * S * D, H * S * D, S * D, None, 0, 0)
         L, H, N, bs, D = k.shape
         if self.tables.dtype != torch.int32 or not self.tables.is_contiguous():
             self.tables = self.tables.to(torch.int32).contiguous()  # kept on self: C reads it during the call
         tables = self.tables
-        return _KVView(k.data_ptr(), self.values.data_ptr(), H * N * bs * D, 0, N * bs * D, tables.data_ptr(),
+        return _KVView(k.data_ptr(), v.data_ptr(), H * N * bs * D, 0, N * bs * D, tables.data_ptr(),
                        tables.shape[1], bs)
 
 
@@ -98,12 +97,11 @@ def _parts(module: nn.Module) -> list[nn.Module]:
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, (Q8Linear, Q4Linear)) and all(
-        t.is_contiguous() for t in module.buffers() if t is not None)
+    return isinstance(module, (Q8Linear, Q4Linear)) and all(t.is_contiguous() for t in module.buffers())
 
 
 class NativeForward:
-    """Runs `qwen2_forward` for a q8 `Qwen2ForCausalLM`; holds the mirrored weight-pointer structs, so the
+    """Runs `qwen2_forward` for a q8 / q4 `Qwen2ForCausalLM`; holds the mirrored weight-pointer structs, so the
     model must outlive it (and its weights must not be replaced)."""
 
     def __init__(self, model: Qwen2ForCausalLM, lib: ctypes.CDLL) -> None:
@@ -126,7 +124,7 @@ class NativeForward:
         lib.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
         lib.qwen2_work_floats.restype = ctypes.c_size_t
         lib.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr, _ptr,
-                                         _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
+                                      _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
         lib.qwen2_forward.restype = None
         self._work = torch.empty(0)
 
