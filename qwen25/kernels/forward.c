@@ -201,17 +201,29 @@ static void quantize_rows(const float *x, int R, int K, QAct *a) {
     }
 }
 
+/* qp's order for 4-bit weights: 64 values (two 32-blocks) at a time as 4 vectors of 16, vector k holding values
+ * 4p + k (p = 0..7) of the first block, then of the second: the order of the nibbles in 16-bit weight lanes. */
+static inline void reorder64(const int16_t *src, int16_t *dst) {
+    const __m128i pairs = _mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+    for (int h = 0; h < 2; h++) {
+        __m128i l[4];
+        for (int c = 0; c < 4; c++) l[c] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + h * 32 + c * 8)), pairs);
+        __m128i t0 = _mm_unpacklo_epi32(l[0], l[1]), t1 = _mm_unpacklo_epi32(l[2], l[3]);
+        __m128i t2 = _mm_unpackhi_epi32(l[0], l[1]), t3 = _mm_unpackhi_epi32(l[2], l[3]);
+        _mm_storeu_si128((__m128i *)(dst + 0 * 16 + h * 8), _mm_unpacklo_epi64(t0, t1));
+        _mm_storeu_si128((__m128i *)(dst + 1 * 16 + h * 8), _mm_unpackhi_epi64(t0, t1));
+        _mm_storeu_si128((__m128i *)(dst + 2 * 16 + h * 8), _mm_unpacklo_epi64(t2, t3));
+        _mm_storeu_si128((__m128i *)(dst + 3 * 16 + h * 8), _mm_unpackhi_epi64(t2, t3));
+    }
+}
+
 static void prepare_q4(QAct *a, int group) {
     if (a->has_q4 == group) return;
     const __m256i ones = _mm256_set1_epi16(1);
     for (long b = 0; b < (long)a->R * a->K / 32; b++) {
+        if (b % 2 == 0) reorder64(a->q + b * 32, a->qp + b * 32);
         __m256i v0 = _mm256_loadu_si256((const __m256i *)(a->q + b * 32));
         __m256i v1 = _mm256_loadu_si256((const __m256i *)(a->q + b * 32 + 16));
-        __m256i e = _mm256_packs_epi32(_mm256_srai_epi32(_mm256_slli_epi32(v0, 16), 16),
-                                       _mm256_srai_epi32(_mm256_slli_epi32(v1, 16), 16));
-        __m256i o = _mm256_packs_epi32(_mm256_srai_epi32(v0, 16), _mm256_srai_epi32(v1, 16));
-        _mm256_storeu_si256((__m256i *)(a->qp + b * 32), _mm256_permute4x64_epi64(e, 0xD8));
-        _mm256_storeu_si256((__m256i *)(a->qp + b * 32 + 16), _mm256_permute4x64_epi64(o, 0xD8));
         __m256i s = _mm256_add_epi32(_mm256_madd_epi16(v0, ones), _mm256_madd_epi16(v1, ones));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
@@ -268,48 +280,45 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
         for (int j = 0; j < NW; j++) out[j][i * ldo[j]] = hsum256(facc[i][j]) * x->s[m0 + i];
 }
 
-/* The same for 4-bit weights (x prepared by prepare_q4): the codes of a 32-block are the low nibbles (even
- * positions) and high nibbles (odd positions) of 16 bytes, multiplied with the matching halves of qp. The min
- * term, sum over groups of min * (sum of the group's x), is a dot product of the row's mins with x's group sums.
- * Codes <= 15 keep the int32 sums exact for groups of up to ~34,000 weights (4 products of at most 15 * 32767 per
- * lane and 32-block); the largest group in use is a whole row (K <= 29,568 for Qwen2.5). */
+/* The same for 4-bit weights (x prepared by prepare_q4), 64 weights (two 32-blocks, 32 bytes) of a row at a
+ * time: the 16-bit lane p of a block holds codes 4p .. 4p + 3 in its four nibbles, taken out by masks as
+ * code, 16 * code, 256 * code and (shifted) code, multiplied with qp's matching vectors; the 16x and 256x sums
+ * are exact multiples and shift back exactly. Lanes 0-3 of a step's int32 sums belong to the first block, 4-7
+ * to the second, each scaled by its group's scale. The min term, sum over groups of min * (sum of the group's
+ * x), is a dot product of the row's mins with x's group sums. */
 static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w, const uint16_t *const *ws,
                                                         const uint16_t *const *wm, int per, const QAct *x, int m0,
                                                         int MX, int NW, float *const *out, const long *ldo) {
-    const int K = x->K, group = 32 * per, G = K / group;
-    const __m256i nib = _mm256_set1_epi16(0x0F);
+    const int K = x->K, group = 32 * per, G = K / group, B = K / 32;
+    const __m256i mask0 = _mm256_set1_epi16(0x000F), mask1 = _mm256_set1_epi16(0x00F0), mask2 = _mm256_set1_epi16(0x0F00);
     __m256 facc[MT][2];
     for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
-    for (int g8 = 0; g8 < G; g8 += 8) {
-        __m256 sc8[2];  /* 8 groups' scales at a time */
+    const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int b = 0; b < B; b += 2) {
+        __m256 sc[2];  /* lanes 0-3: block b's group scale, 4-7: block b + 1's */
         for (int j = 0; j < NW; j++) {
-            if (G - g8 >= 8) sc8[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws[j] + g8)));
-            else { uint16_t tmp[8] = {0}; for (int t = 0; t < G - g8; t++) tmp[t] = ws[j][g8 + t];
-                   sc8[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp)); }
+            __m128i h2;
+            if (per == 1) h2 = _mm_cvtsi32_si128(*(const int32_t *)(ws[j] + b));
+            else h2 = _mm_insert_epi16(_mm_cvtsi32_si128(ws[j][b / per]), ws[j][(b + 1) / per], 1);
+            sc[j] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h2)), pair);
         }
-        for (int g = g8; g < G && g < g8 + 8; g++) {
-            __m256i iacc[MT][2];
-            for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_setzero_si256();
-            for (int b = g * per; b < (g + 1) * per; b++) {
-                __m256i lo[2], hi[2];
-                for (int j = 0; j < NW; j++) {
-                    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + (long)b * 16)));
-                    lo[j] = _mm256_and_si256(v, nib);
-                    hi[j] = _mm256_srli_epi16(v, 4);
-                }
-                for (int i = 0; i < MX; i++) {
-                    const int16_t *xp = x->qp + (size_t)(m0 + i) * K + (size_t)b * 32;
-                    __m256i xe = _mm256_loadu_si256((const __m256i *)xp);
-                    __m256i xo = _mm256_loadu_si256((const __m256i *)(xp + 16));
-                    for (int j = 0; j < NW; j++)
-                        iacc[i][j] = _mm256_add_epi32(iacc[i][j], _mm256_add_epi32(_mm256_madd_epi16(lo[j], xe),
-                                                                                    _mm256_madd_epi16(hi[j], xo)));
-                }
-            }
-            const __m256i lane = _mm256_set1_epi32(g - g8);
+        __m256i c0[2], c1[2], c2[2], c3[2];
+        for (int j = 0; j < NW; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[j] + (long)b * 16));
+            c0[j] = _mm256_and_si256(v, mask0);
+            c1[j] = _mm256_and_si256(v, mask1);
+            c2[j] = _mm256_and_si256(v, mask2);
+            c3[j] = _mm256_srli_epi16(v, 12);
+        }
+        for (int i = 0; i < MX; i++) {
+            const int16_t *xp = x->qp + (size_t)(m0 + i) * K + (size_t)b * 32;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)xp), x1 = _mm256_loadu_si256((const __m256i *)(xp + 16));
+            __m256i x2 = _mm256_loadu_si256((const __m256i *)(xp + 32)), x3 = _mm256_loadu_si256((const __m256i *)(xp + 48));
             for (int j = 0; j < NW; j++) {
-                __m256 sc = _mm256_permutevar8x32_ps(sc8[j], lane);
-                for (int i = 0; i < MX; i++) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), sc, facc[i][j]);
+                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(c0[j], x0), _mm256_madd_epi16(c3[j], x3));
+                s = _mm256_add_epi32(s, _mm256_srai_epi32(_mm256_madd_epi16(c1[j], x1), 4));
+                s = _mm256_add_epi32(s, _mm256_srai_epi32(_mm256_madd_epi16(c2[j], x2), 8));
+                facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc[j], facc[i][j]);
             }
         }
     }

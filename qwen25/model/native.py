@@ -97,6 +97,8 @@ def _parts(module: nn.Module) -> list[nn.Module]:
 
 
 def _supported(module: nn.Module) -> bool:
+    if isinstance(module, Q4Linear) and module.in_features % 64:
+        return False  # the q4 tiles take 64 weights (two 32-blocks) of a row at a time
     return isinstance(module, (Q8Linear, Q4Linear)) and all(t.is_contiguous() for t in module.buffers())
 
 
