@@ -324,15 +324,25 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
     }
     for (int i = 0; i < MX; i++) {
         const float *gs = x->bsum + (size_t)(m0 + i) * (K / 32);  /* group sums (see prepare_q4) */
-        for (int j = 0; j < NW; j++) {
-            __m256 macc = _mm256_setzero_ps();
+        for (int j = 0; j < NW; j++) {  /* two accumulators: the mins dot product is not one long chain */
+            __m256 ma = _mm256_setzero_ps(), mb = _mm256_setzero_ps();
             int g = 0;
-            for (; g + 8 <= G; g += 8)
-                macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[j] + g))),
-                                       _mm256_loadu_ps(gs + g), macc);
-            float mterm = hsum256(macc);
-            for (; g < G; g++) mterm += _cvtsh_ss(wm[j][g]) * gs[g];
-            out[j][i * ldo[j]] = (hsum256(facc[i][j]) + mterm) * x->s[m0 + i];
+            for (; g + 16 <= G; g += 16) {
+                ma = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[j] + g))), _mm256_loadu_ps(gs + g), ma);
+                mb = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[j] + g + 8))), _mm256_loadu_ps(gs + g + 8), mb);
+            }
+            if (g + 8 <= G) {
+                ma = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[j] + g))), _mm256_loadu_ps(gs + g), ma);
+                g += 8;
+            }
+            if (g + 4 <= G) {
+                __m128 m4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wm[j] + g)));
+                mb = _mm256_add_ps(mb, _mm256_castps128_ps256(_mm_mul_ps(m4, _mm_loadu_ps(gs + g))));
+                g += 4;
+            }
+            float total = hsum256(_mm256_add_ps(facc[i][j], _mm256_add_ps(ma, mb)));
+            for (; g < G; g++) total += _cvtsh_ss(wm[j][g]) * gs[g];
+            out[j][i * ldo[j]] = total * x->s[m0 + i];
         }
     }
 }
