@@ -257,24 +257,29 @@ static int sub_for(int group) {
 static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, const float *const *ws, int group,
                                                         int sub, const QAct *x, int m0, int MX, int NW,
                                                         float *const *out, const long *ldo) {
-    const int K = x->K;
+    const int K = x->K, subs_per_group = group / sub;
     __m256 facc[MT][2];
     for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
+    const int16_t *xr[MT];
+    for (int i = 0; i < MX; i++) xr[i] = x->q + (size_t)(m0 + i) * K;
+    int gi = 0, left = subs_per_group;
     for (int c0 = 0; c0 < K; c0 += sub) {
         __m256i iacc[MT][2];
         for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 2")  /* without it GCC copies every accumulator once per step (~13% slower) */
         for (int k = c0; k < c0 + sub; k += 16) {
             __m256i wv[2];
             for (int j = 0; j < NW; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + k)));
             for (int i = 0; i < MX; i++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + (size_t)(m0 + i) * K + k));
-                for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_add_epi32(iacc[i][j], _mm256_madd_epi16(wv[j], xv));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + k));
+                for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_add_epi32(_mm256_madd_epi16(wv[j], xv), iacc[i][j]);
             }
         }
         for (int j = 0; j < NW; j++) {
-            __m256 sc = _mm256_broadcast_ss(ws[j] + c0 / group);
+            __m256 sc = _mm256_broadcast_ss(ws[j] + gi);
             for (int i = 0; i < MX; i++) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), sc, facc[i][j]);
         }
+        if (--left == 0) { left = subs_per_group; gi++; }
     }
     for (int i = 0; i < MX; i++)
         for (int j = 0; j < NW; j++) out[j][i * ldo[j]] = hsum256(facc[i][j]) * x->s[m0 + i];
