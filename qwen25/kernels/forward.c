@@ -247,6 +247,11 @@ static int sub_for(int group) {
     return 16;
 }
 
+/* Weight bytes each stream prefetches ahead, one cache line at a time: with the hardware prefetcher alone a
+ * one-row decode streams q8 rows at ~13-14 GB/s, with this at ~17-20 (and q4 at ~20 -> ~23), measured on this
+ * 2-core Zen 3 with a stand-alone harness. */
+#define PREFETCH_AHEAD 1024
+
 #ifndef MT
 #define MT 4  /* activation rows per tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
 #endif
@@ -269,7 +274,10 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
         _Pragma("GCC unroll 2")  /* without it GCC copies every accumulator once per step (~13% slower) */
         for (int k = c0; k < c0 + sub; k += 16) {
             __m256i wv[2];
-            for (int j = 0; j < NW; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + k)));
+            for (int j = 0; j < NW; j++) {
+                if (k % 64 == 0) _mm_prefetch((const char *)(w[j] + k + PREFETCH_AHEAD), _MM_HINT_T0);
+                wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + k)));
+            }
             for (int i = 0; i < MX; i++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + k));
                 for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_add_epi32(_mm256_madd_epi16(wv[j], xv), iacc[i][j]);
@@ -309,6 +317,7 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
         }
         __m256i c0[2], c1[2], c2[2], c3[2];
         for (int j = 0; j < NW; j++) {
+            if (b % 4 == 0) _mm_prefetch((const char *)(w[j] + (long)b * 16 + PREFETCH_AHEAD), _MM_HINT_T0);
             __m256i v = _mm256_loadu_si256((const __m256i *)(w[j] + (long)b * 16));
             c0[j] = _mm256_and_si256(v, mask0);
             c1[j] = _mm256_and_si256(v, mask1);
