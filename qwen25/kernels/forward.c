@@ -247,10 +247,12 @@ static int sub_for(int group) {
     return 16;
 }
 
-/* Weight bytes each stream prefetches ahead, one cache line at a time: with the hardware prefetcher alone a
- * one-row decode streams q8 rows at ~13-14 GB/s, with this at ~17-20 (and q4 at ~20 -> ~23), measured on this
- * 2-core Zen 3 with a stand-alone harness. */
-#define PREFETCH_AHEAD 1024
+/* Weight bytes each stream prefetches ahead, one cache line at a time. With the hardware prefetcher alone a
+ * one-token decode of the 0.5B ran at 27 (q8) / 37 (q4) tok/s; with 1 KB ahead at 31 / 44, 2 KB 33 / 45, 4 KB
+ * 33 / 45 (interleaved runs in one process, medians of 4). */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2048
+#endif
 
 #ifndef MT
 #define MT 4  /* activation rows per tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
