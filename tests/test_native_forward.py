@@ -132,6 +132,24 @@ def test_row_results_do_not_depend_on_the_batch(model, native) -> None:  # noqa:
             assert torch.equal(got[r], alone[0])
 
 
+def test_prefetching_build_gives_the_same_rows(model, native) -> None:  # noqa: ANN001
+    """Passes of up to STREAMING_ROWS rows run forward.c's prefetching build, longer ones the plain build: a
+    prompt in one 24-row pass and in three 8-row passes gives bit-identical logits."""
+    from qwen25.model.native import STREAMING_ROWS
+
+    assert native.streaming_lib is not native.lib, "the prefetching build should exist next to the plain one"
+    prompt = [(7 * i + 3) % VOCAB for i in range(24)]
+    assert len(prompt) > STREAMING_ROWS >= 8
+    i32 = torch.int32
+    one_cache = ContiguousKVCache(model.config, 1, 24)
+    one = native(torch.tensor(prompt), torch.arange(24, dtype=i32), torch.zeros(24, dtype=i32),
+                 KVView(one_cache.keys, one_cache.values), torch.arange(24, dtype=i32))
+    cache = ContiguousKVCache(model.config, 1, 24)
+    parts = [native(torch.tensor(prompt[s:s + 8]), torch.arange(s, s + 8, dtype=i32), torch.zeros(8, dtype=i32),
+                    KVView(cache.keys, cache.values), torch.arange(8, dtype=i32)) for s in (0, 8, 16)]
+    assert torch.equal(torch.cat(parts), one)
+
+
 def test_bad_rows_are_refused(model, native) -> None:  # noqa: ANN001
     cache = ContiguousKVCache(model.config, 1, 8)
     view, i32 = KVView(cache.keys, cache.values), torch.int32

@@ -29,20 +29,21 @@ def _cpu_has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags and " f16c" in flags  # the q4 kernels convert fp16 scales
 
 
-def _build(source: Path) -> Path | None:
+def _build(source: Path, defines: tuple[str, ...] = ()) -> Path | None:
     from qwen25.weights.registry import cache_dir
 
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True)
         if result.returncode != 0:
             warnings.warn(f"building {source.name} failed; using the slower PyTorch path:\n{result.stderr[-2000:]}",
                           RuntimeWarning, stacklevel=3)
@@ -51,10 +52,10 @@ def _build(source: Path) -> Path | None:
     return target
 
 
-def _load(source: Path) -> ctypes.CDLL | None:
+def _load(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
         return None
-    path = _build(source)
+    path = _build(source, defines)
     return None if path is None else ctypes.CDLL(str(path))
 
 
@@ -86,8 +87,9 @@ def load_q4_kernels() -> ctypes.CDLL | None:
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def load_forward_kernel() -> ctypes.CDLL | None:
-    """The fused whole-model forward (`forward.c`), or None when it cannot be built here. Argument types are
-    declared by its caller, `qwen25.model.native`, next to the mirrored structs."""
-    return _load(_HERE / "forward.c")
+@functools.lru_cache(maxsize=2)
+def load_forward_kernel(streaming: bool = False) -> ctypes.CDLL | None:
+    """The fused whole-model forward (`forward.c`), or None when it cannot be built here. `streaming`: the build
+    for decode-sized passes, whose tiles prefetch the weight rows ahead (see QWEN25_PREFETCH in forward.c).
+    Argument types are declared by its caller, `qwen25.model.native`, next to the mirrored structs."""
+    return _load(_HERE / "forward.c", ("QWEN25_PREFETCH=1",) if streaming else ())

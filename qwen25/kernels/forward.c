@@ -247,12 +247,15 @@ static int sub_for(int group) {
     return 16;
 }
 
-/* Weight bytes each stream prefetches ahead, one cache line at a time. With the hardware prefetcher alone a
- * one-token decode of the 0.5B ran at 27 (q8) / 37 (q4) tok/s; with 1 KB ahead at 31 / 44, 2 KB 33 / 45, 4 KB
- * 33 / 45 (interleaved runs in one process, medians of 4). */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 2048
+/* Decode-sized passes stream each weight row from memory once; they run faster when every stream prefetches its
+ * next bytes: one-token decode of the 0.5B went from 27 to 33 tok/s (q8) and from 37 to 45 (q4) with 2 KB ahead
+ * (1 KB: 31 / 44; 4 KB: 33 / 45; interleaved runs in one process). The same instructions in the prefill build
+ * changed GCC's code for the multi-row tiles and cost prefill 5-20%, so they are compiled only into a second
+ * build (QWEN25_PREFETCH=1) that qwen25.model.native uses for passes of up to 16 rows. Results are identical. */
+#ifndef QWEN25_PREFETCH
+#define QWEN25_PREFETCH 0
 #endif
+#define PREFETCH_AHEAD 2048
 
 #ifndef MT
 #define MT 4  /* activation rows per tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
@@ -273,8 +276,10 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
     for (int c0 = 0; c0 < K; c0 += sub) {
         __m256i iacc[MT][2];
         for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_setzero_si256();
-        for (int j = 0; j < NW; j++)  /* outside the step loop: a branch in it costs prefill ~20% */
+#if QWEN25_PREFETCH
+        for (int j = 0; j < NW; j++)
             for (int off = 0; off < sub; off += 64) _mm_prefetch((const char *)(w[j] + c0 + off + PREFETCH_AHEAD), _MM_HINT_T0);
+#endif
         _Pragma("GCC unroll 2")  /* without it GCC copies every accumulator once per step (~13% slower) */
         for (int k = c0; k < c0 + sub; k += 16) {
             __m256i wv[2];
@@ -318,7 +323,9 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
         }
         __m256i c0[2], c1[2], c2[2], c3[2];
         for (int j = 0; j < NW; j++) {
-            if (MX == 1 && b % 4 == 0) _mm_prefetch((const char *)(w[j] + (long)b * 16 + PREFETCH_AHEAD), _MM_HINT_T0);
+#if QWEN25_PREFETCH
+            if (b % 4 == 0) _mm_prefetch((const char *)(w[j] + (long)b * 16 + PREFETCH_AHEAD), _MM_HINT_T0);
+#endif
             __m256i v = _mm256_loadu_si256((const __m256i *)(w[j] + (long)b * 16));
             c0[j] = _mm256_and_si256(v, mask0);
             c1[j] = _mm256_and_si256(v, mask1);

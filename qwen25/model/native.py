@@ -28,6 +28,7 @@ from qwen25.model.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 PASS_ROWS = 512  # rows per native call: bounds the work buffer (activations) of long prompts
+STREAMING_ROWS = 16  # passes up to this many rows (decode steps, verification) run the prefetching build
 
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
@@ -106,9 +107,12 @@ class NativeForward:
     """Runs `qwen2_forward` for a q8 / q4 `Qwen2ForCausalLM`; holds the mirrored weight-pointer structs, so the
     model must outlive it (and its weights must not be replaced)."""
 
-    def __init__(self, model: Qwen2ForCausalLM, lib: ctypes.CDLL) -> None:
+    def __init__(self, model: Qwen2ForCausalLM, lib: ctypes.CDLL, streaming_lib: ctypes.CDLL | None = None) -> None:
+        """lib: a build of forward.c; streaming_lib: its prefetching build, used for passes of up to STREAMING_ROWS
+        rows (default: lib)."""
         config = model.config
         self.model, self.config, self.lib = model, config, lib
+        self.streaming_lib = streaming_lib or lib
         inner = model.model
         layers = []
         for layer in inner.layers:
@@ -123,11 +127,12 @@ class NativeForward:
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
                                config.vocab_size, config.rms_norm_eps, self._layers, _qmat(inner.embed_tokens),
                                inner.norm.weight.data_ptr(), _qmat(model.lm_head))
-        lib.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
-        lib.qwen2_work_floats.restype = ctypes.c_size_t
-        lib.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr, _ptr,
-                                      _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
-        lib.qwen2_forward.restype = None
+        for build in {id(lib): lib, id(self.streaming_lib): self.streaming_lib}.values():
+            build.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
+            build.qwen2_work_floats.restype = ctypes.c_size_t
+            build.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr,
+                                            _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
+            build.qwen2_forward.restype = None
         self._work = torch.empty(0)
 
     @classmethod
@@ -156,7 +161,7 @@ class NativeForward:
         if config.head_dim % 8:
             return None
         lib = load_forward_kernel()
-        return None if lib is None else cls(model, lib)
+        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True))
 
     def forward_cache(self, input_ids: torch.Tensor, cache: Any, view: KVView, logits_to_keep: int) -> torch.Tensor:
         """`Qwen2ForCausalLM.forward` for a lock-step batch on a contiguous cache: (B, T) ids after
@@ -212,8 +217,8 @@ class NativeForward:
         kv_struct = kv.as_struct()
         tokens, positions = tokens.long().contiguous(), positions.to(torch.int32).contiguous()
         seq_of_row, out_rows = seq_of_row.to(torch.int32).contiguous(), out_rows.to(torch.int32).contiguous()
-        self.lib.qwen2_forward(ctypes.byref(self._struct), ctypes.byref(kv_struct), R, tokens.data_ptr(),
-                                  positions.data_ptr(), seq_of_row.data_ptr(), cos.data_ptr(), sin.data_ptr(), n_out,
-                                  out_rows.data_ptr(), logits.data_ptr(), self._work.data_ptr(), max_positions,
-                                  threads)
+        lib = self.streaming_lib if R <= STREAMING_ROWS else self.lib
+        lib.qwen2_forward(ctypes.byref(self._struct), ctypes.byref(kv_struct), R, tokens.data_ptr(),
+                          positions.data_ptr(), seq_of_row.data_ptr(), cos.data_ptr(), sin.data_ptr(), n_out,
+                          out_rows.data_ptr(), logits.data_ptr(), self._work.data_ptr(), max_positions, threads)
         return logits
