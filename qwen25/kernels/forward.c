@@ -119,8 +119,9 @@ static inline __m256 reduce8(const __m256 *a) {
 }
 
 /* Attention of the G query heads q (G, D) that share one key/value head, over P cached positions whose key and
- * value vectors are keys + slot[t] * D and values + slot[t] * D; out (G, D). scores: G * P scratch. Each key and
- * value vector is loaded once per 8 keys or position for all G heads' work (it stays in L1). */
+ * value vectors are keys + slot[t] * D and values + slot[t] * D; out (G, D). scores: G * P scratch. Each key
+ * vector is loaded once per 8 keys for all G heads' scores, and each block of value vectors once for all G heads
+ * (it stays in L1), so a long cache is read from memory once per key/value head. */
 static void attend(const float *q, int G, int D, float scale, const float *keys, const float *values,
                    const long *slot, int P, float *scores, float *out) {
     for (int t0 = 0; t0 < P; t0 += 8) {
@@ -138,6 +139,7 @@ static void attend(const float *q, int G, int D, float scale, const float *keys,
             for (int j = 0; j < 8 && t0 + j < P; j++) scores[(size_t)g * P + t0 + j] = s8[j];
         }
     }
+    float inv[G];  /* softmax of every head's scores, then the value sums */
     for (int g = 0; g < G; g++) {
         float *sg = scores + (size_t)g * P, mx = -INFINITY, sum = 0.0f;
         for (int t = 0; t < P; t++) mx = sg[t] > mx ? sg[t] : mx;
@@ -150,19 +152,33 @@ static void attend(const float *q, int G, int D, float scale, const float *keys,
         }
         sum = hsum256(vsum);
         for (; t < P; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-        float inv = 1.0f / sum;
-        for (int d0 = 0; d0 < D; d0 += 64) {
-            int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-            __m256 acc[8];
-            for (int c = 0; c < nv; c++) acc[c] = _mm256_setzero_ps();
-            for (t = 0; t < P; t++) {
-                __m256 p = _mm256_broadcast_ss(sg + t);
-                const float *v = values + slot[t] * D + d0;
-                for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        inv[g] = 1.0f / sum;
+    }
+    /* Positions in blocks of ~16 KB of values, each block used by all G heads while it is in L1 (the sums wait in
+     * out between blocks; the same additions in the same order as one pass over all positions). */
+    const int TB = D >= 4096 ? 1 : 4096 / D;
+    memset(out, 0, sizeof(float) * G * D);
+    for (int t0 = 0; t0 < P; t0 += TB) {
+        const int t1 = P - t0 < TB ? P : t0 + TB;
+        for (int g = 0; g < G; g++) {
+            const float *sg = scores + (size_t)g * P;
+            for (int d0 = 0; d0 < D; d0 += 64) {
+                int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
+                float *o = out + g * D + d0;
+                __m256 acc[8];
+                for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+                for (int t = t0; t < t1; t++) {
+                    __m256 p = _mm256_broadcast_ss(sg + t);
+                    const float *v = values + slot[t] * D + d0;
+                    for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+                }
+                for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
             }
-            for (int c = 0; c < nv; c++) _mm256_storeu_ps(out + g * D + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
         }
     }
+    for (int g = 0; g < G; g++)
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), _mm256_set1_ps(inv[g])));
 }
 
 /* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
