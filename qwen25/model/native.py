@@ -9,8 +9,10 @@ keys/values, never on the other rows of the pass: outputs are identical whether 
 batched, with its prompt in one chunk or several, with or without prefix-cache hits.
 
 Available for models loaded with q8 or q4 weights (fused qkv / gate_up `Q8Linear` / `Q4Linear` projections, qkv
-possibly a `ConcatLinear` of two formats, `Q8Embedding`) when the kernel builds; `NativeForward.for_model`
-returns None otherwise and callers keep the PyTorch path.
+possibly a `ConcatLinear` of two formats, `Q8Embedding`; q4 rows a multiple of 64 weights) when the kernel builds;
+`NativeForward.for_model` returns None otherwise and callers keep the PyTorch path. Two builds of forward.c are
+used: passes of up to STREAMING_ROWS rows run the one whose tiles prefetch the weight streams (decode), longer
+passes the plain one (prefill); their rows are bit-identical.
 """
 
 from __future__ import annotations
