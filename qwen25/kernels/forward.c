@@ -318,7 +318,8 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
 /* The same for 4-bit weights (x prepared by prepare_q4), 64 weights (two 32-blocks, 32 bytes) of a row at a
  * time: the 16-bit lane p of a block holds codes 4p .. 4p + 3 in its four nibbles, taken out by masks as
  * code, 16 * code, 256 * code and (shifted) code, multiplied with qp's matching vectors; the 16x and 256x sums
- * are exact multiples and shift back exactly. Lanes 0-3 of a step's int32 sums belong to the first block, 4-7
+ * are exact multiples and shift back exactly (|256 * 15 * 32767 * 2| < 2^31, and a step's sum < 2^24 converts to
+ * float exactly). Lanes 0-3 of a step's int32 sums belong to the first block, 4-7
  * to the second, each scaled by its group's scale. The min term, sum over groups of min * (sum of the group's
  * x), is a dot product of the row's mins with x's group sums. */
 static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w, const uint16_t *const *ws,
@@ -333,7 +334,7 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
         __m256 sc[2];  /* lanes 0-3: block b's group scale, 4-7: block b + 1's */
         for (int j = 0; j < NW; j++) {
             __m128i h2;
-            if (per == 1) h2 = _mm_cvtsi32_si128(*(const int32_t *)(ws[j] + b));
+            if (per == 1) h2 = _mm_loadu_si32(ws[j] + b);  /* the two consecutive fp16 scales */
             else h2 = _mm_insert_epi16(_mm_cvtsi32_si128(ws[j][b / per]), ws[j][(b + 1) / per], 1);
             sc[j] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h2)), pair);
         }
@@ -375,7 +376,7 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
             }
             if (g + 4 <= G) {
                 __m128 m4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wm[j] + g)));
-                mb = _mm256_add_ps(mb, _mm256_castps128_ps256(_mm_mul_ps(m4, _mm_loadu_ps(gs + g))));
+                mb = _mm256_add_ps(mb, _mm256_set_m128(_mm_setzero_ps(), _mm_mul_ps(m4, _mm_loadu_ps(gs + g))));
                 g += 4;
             }
             float total = hsum256(_mm256_add_ps(facc[i][j], _mm256_add_ps(ma, mb)));
