@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
@@ -59,32 +60,31 @@ def _load(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     return None if path is None else ctypes.CDLL(str(path))
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def _load_declared(source: Path, functions: dict[str, tuple[list, Any]]) -> ctypes.CDLL | None:
+    """_load(source) with each function's (argtypes, restype) declared."""
+    lib = _load(source)
+    if lib is None:
+        return None
+    for name, (argtypes, restype) in functions.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
+    return lib
+
+
 @functools.lru_cache(maxsize=1)
 def load_q8_kernels() -> ctypes.CDLL | None:
     """The int8 weight-only matmul library, or None when it cannot be built here."""
-    lib = _load(_HERE / "q8_matmul.c")
-    if lib is None:
-        return None
-    ptr, i = ctypes.c_void_p, ctypes.c_int
-    lib.q8_matmul.argtypes = [ptr, ptr, ptr, i, ptr, ptr, i, i, i]
-    lib.q8_matmul.restype = None
-    lib.q8_dequantize.argtypes = [ptr, ptr, i, ptr, i, i]
-    lib.q8_dequantize.restype = None
-    return lib
+    return _load_declared(_HERE / "q8_matmul.c", {"q8_matmul": ([_P, _P, _P, _I, _P, _P, _I, _I, _I], None),
+                                                   "q8_dequantize": ([_P, _P, _I, _P, _I, _I], None)})
 
 
 @functools.lru_cache(maxsize=1)
 def load_q4_kernels() -> ctypes.CDLL | None:
     """The int4 weight-only matmul library, or None when it cannot be built here."""
-    lib = _load(_HERE / "q4_matmul.c")
-    if lib is None:
-        return None
-    ptr, i = ctypes.c_void_p, ctypes.c_int
-    lib.q4_matmul.argtypes = [ptr, ptr, ptr, ptr, i, ptr, ptr, i, i, i]
-    lib.q4_matmul.restype = i
-    lib.q4_dequantize.argtypes = [ptr, ptr, ptr, i, ptr, i, i]
-    lib.q4_dequantize.restype = None
-    return lib
+    return _load_declared(_HERE / "q4_matmul.c", {"q4_matmul": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I], _I),
+                                                   "q4_dequantize": ([_P, _P, _P, _I, _P, _I, _I], None)})
 
 
 @functools.lru_cache(maxsize=2)
