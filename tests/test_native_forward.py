@@ -1,8 +1,16 @@
 """The fused native q8 forward (`qwen25/kernels/forward.c`) against the PyTorch path on the same q8 weights:
 logits and cached keys/values for contiguous and paged caches, several rows of one sequence (causal), several
-sequences in one call, and row results independent of the other rows in the call."""
+sequences in one call, and row results independent of the other rows in the call.
+
+The reference is the PyTorch path with the native forward switched off and each matmul input rounded the way
+the kernel quantizes it (groups of 129 levels for int8 weights, int16 rows for 4-bit weights); the remaining
+differences are fp32 rounding. How much that quantization costs is measured on the real model (perplexity, in
+test_quantize.py and BENCHMARKS.md)."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,6 +18,7 @@ import torch
 from qwen25.config import ModelConfig
 from qwen25.engine.kv_cache import ContiguousKVCache
 from qwen25.model.native import KVView, NativeForward
+from qwen25.model.quant import Q4Linear, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.weights.quantized import quantize_loaded_model
 
@@ -43,10 +52,53 @@ def native(model) -> NativeForward:  # noqa: ANN001
     return fwd
 
 
+def kernel_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x rounded as forward.c quantizes a matmul input for this module's weights (same fp32 steps)."""
+    if isinstance(module, Q8Linear):  # groups of the weight group, q in [-64, 64], scale absmax / 64
+        groups = x.float().reshape(*x.shape[:-1], -1, module.group)
+        amax = groups.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, 64.0 / amax, torch.zeros_like(amax))
+        return (torch.round(groups * inv) * (amax / 64.0)).reshape(x.shape)
+    amax = x.float().abs().amax(-1, keepdim=True)  # 4-bit weights: int16 rows, scale absmax / 32767
+    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    return torch.round(x.float() * inv) * (amax / 32767.0)
+
+
+@contextlib.contextmanager
+def pytorch_path_with_kernel_inputs(model: Qwen2ForCausalLM) -> Iterator[None]:
+    saved_native, originals = model.native, {cls: cls.forward for cls in (Q8Linear, Q4Linear)}
+
+    def rounded(forward):  # noqa: ANN001, ANN202
+        return lambda self, x: forward(self, kernel_input(self, x))
+
+    model.native = None
+    try:
+        for cls, forward in originals.items():
+            cls.forward = rounded(forward)
+        yield
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+        model.native = saved_native
+
+
+def assert_matches_reference(got: torch.Tensor, ref: torch.Tensor, model: Qwen2ForCausalLM) -> None:
+    """Equal up to fp32 rounding, apart from inputs that land on a rounding boundary of the 129-level quantization
+    in one path and not in the other: such a flip moves one activation by 1/64 of its group's largest value, and
+    later layers carry it on. With 4-bit layers feeding int8 ones (their outputs differ in the last fp32 bits
+    between the two paths), flips happen: measured up to 2.2% relative error on these tiny models; pure q8
+    models match to ~1e-7. A wrong index, scale or sum in the kernel misses these bounds by far."""
+    mixed = any(isinstance(module, Q4Linear) for module in model.modules())
+    bound = 5e-2 if mixed else 2e-3
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < bound, f"relative error {rel:.2e}"
+
+
 def torch_logits(model: Qwen2ForCausalLM, chunks: list[list[int]], cache: ContiguousKVCache) -> torch.Tensor:
-    """All-position logits of the concatenated chunks, fed chunk by chunk through the PyTorch path."""
+    """All-position logits of the concatenated chunks, fed chunk by chunk through the PyTorch path (with the
+    kernel's input rounding, see the module docstring)."""
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), pytorch_path_with_kernel_inputs(model):
         for chunk in chunks:
             out.append(model(torch.tensor([chunk]), cache=cache, logits_to_keep=len(chunk))[0])
     return torch.cat(out)
@@ -72,10 +124,9 @@ def test_matches_torch_path_on_contiguous_cache(model, native, chunks) -> None: 
     ref = torch_logits(model, chunks, ref_cache)
     cache = ContiguousKVCache(model.config, 1, total + 4)
     got = native_contiguous(native, chunks, cache)
-    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(cache.keys[:, :, :, :total], ref_cache.keys[:, :, :, :total], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cache.values[:, :, :, :total], ref_cache.values[:, :, :, :total], atol=1e-4,
-                               rtol=1e-4)
+    assert_matches_reference(got, ref, model)
+    assert_matches_reference(cache.keys[:, :, :, :total], ref_cache.keys[:, :, :, :total], model)
+    assert_matches_reference(cache.values[:, :, :, :total], ref_cache.values[:, :, :, :total], model)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (6, 2, 64), (8, 1, 32)])
@@ -86,8 +137,7 @@ def test_head_layouts(heads, kv_heads, head_dim) -> None:  # noqa: ANN001
         pytest.skip("no native kernel")
     chunks = [[7, 8, 9, 10, 200], [31], [32]]
     ref = torch_logits(model, chunks, ContiguousKVCache(model.config, 1, 16))
-    torch.testing.assert_close(native_contiguous(native, chunks, ContiguousKVCache(model.config, 1, 16)), ref,
-                               atol=2e-4, rtol=2e-4)
+    assert_matches_reference(native_contiguous(native, chunks, ContiguousKVCache(model.config, 1, 16)), ref, model)
 
 
 def test_paged_cache_several_sequences(model, native) -> None:  # noqa: ANN001
@@ -105,13 +155,13 @@ def test_paged_cache_several_sequences(model, native) -> None:  # noqa: ANN001
     got = native(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.int32),
                  torch.tensor([r[2] for r in rows], dtype=torch.int32), view, last)
     for s in range(3):
-        torch.testing.assert_close(got[s], refs[s][len(prompts[s]) - 1], atol=2e-4, rtol=2e-4)
+        assert_matches_reference(got[s], refs[s][len(prompts[s]) - 1], model)
     for step, token in enumerate((60, 61, 62)):
         pos = torch.tensor([len(p) + step for p in prompts], dtype=torch.int32)
         got = native(torch.tensor([token] * 3), pos, torch.arange(3, dtype=torch.int32), view,
                      torch.arange(3, dtype=torch.int32))
         for s in range(3):
-            torch.testing.assert_close(got[s], refs[s][len(prompts[s]) + step], atol=2e-4, rtol=2e-4)
+            assert_matches_reference(got[s], refs[s][len(prompts[s]) + step], model)
 
 
 def test_row_results_do_not_depend_on_the_batch(model, native) -> None:  # noqa: ANN001

@@ -9,11 +9,12 @@
  * (a prompt chunk, draft tokens) are causal without a mask. The cache is either contiguous per sequence or
  * paged through a block table (see KVView).
  *
- * Matmul inputs are quantized to int16 with one scale per row (absmax / 32767: about fp32's precision for
- * all but tiny entries of a row), and the int8 weights are multiplied with AVX2 `madd_epi16` into exact int32
- * sums, scaled once per weight group. That costs ~8 instructions per 32 weights where converting the weights
- * to fp32 costs ~18 (which kept the fp32-activation kernel below memory bandwidth), and tiles of 4 activation
- * rows x 2 weight rows make long chunks compute-efficient too. Everything else is fp32 and follows
+ * Matmuls never convert weights to fp32. For int8 weights, each group of activations (the weight group) is
+ * quantized to 129 levels and stored as unsigned bytes, and `maddubs_epi16` multiplies 32 of them with 32
+ * weights in one instruction: 3 instructions per 32 weights (see tile8). For 4-bit weights, activations are
+ * int16 with one scale per row (absmax / 32767), multiplied with the unpacked codes by `madd_epi16` (tile4).
+ * Integer sums are exact and scaled once per weight group; tiles of 4 activation rows x 2 weight rows make
+ * long chunks compute-efficient. Everything else is fp32 and follows
  * qwen25.model: RMSNorm, half-split RoPE with cos/sin given by the caller, softmax, SiLU(gate) * up. Each
  * row's result does not depend on the other rows in the call.
  */
@@ -31,7 +32,7 @@ static inline float hsum256(__m256 v) {
 }
 
 /* A weight matrix (N, K) in one of two formats, with `group` consecutive weights of a row per scale:
- *   bits 8: w int8 (N, K), s fp32 (N, K / group); w = s * q
+ *   bits 8: w int8 (N, K), s fp32 (N, K / group); w = s * q; wsum int32 (N, K / group): each group's sum of q
  *   bits 4: w uint8 (N, K / 2), byte j of a row holding codes 2j (low nibble) and 2j + 1 (high nibble);
  *           s and mins fp16 (N, K / group); w = s * code + min */
 typedef struct {
@@ -40,6 +41,7 @@ typedef struct {
     const uint16_t *mins;
     const float *bias;   /* (N,) or NULL */
     int group, N, K;
+    const int32_t *wsum; /* bits 8 only */
 } QMat;
 
 typedef struct {
@@ -187,25 +189,47 @@ static inline void share(int N, int tid, int nt, int *n0, int *n1) {
     *n1 = (int)((long)N * (tid + 1) / nt);
 }
 
-/* Activation rows as int16 with one fp32 scale per row (absmax / 32767): q (R, K) values, s (R,) scales.
- * For 4-bit weights also qp: each block of 32 values reordered as its 16 even-index then 16 odd-index values
- * (the order of the low and high nibbles), and bsum: each weight group's sum of values, row r's at
- * bsum + r * K / 32 (has_q4 = the group size they were made for; 0: not made yet). */
-typedef struct { int16_t *q, *qp; float *s, *bsum; int K, R, has_q4; } QAct;
+/* The activation rows (R, K) of a matmul, quantized on demand for the weights that take them:
+ * - 4-bit weights: q (R, K) int16 with one fp32 scale per row s (R,) (absmax / 32767), plus qp, each block of
+ *   32 values reordered to the order of the nibbles (see reorder64), and bsum, each weight group's sum of q, row
+ *   r's at bsum + r * K / 32 (has_q16: q and s made; has_q4: qp and bsum made for that group size, 0: not yet);
+ * - int8 weights: u (R, K) bytes, each group of `has_u` values quantized to q in [-64, 64] with the scale
+ *   absmax / 64 and stored as q + 64, and the scales us (K / has_u, R), group-major. */
+typedef struct {
+    const float *src;
+    int K, R;
+    int16_t *q, *qp;
+    float *s, *bsum;
+    int has_q16, has_q4;
+    uint8_t *u;
+    float *us;
+    int has_u;
+} QAct;
 
-static void quantize_rows(const float *x, int R, int K, QAct *a) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    a->K = K;
+/* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
+static void set_rows(const float *x, int R, int K, QAct *a) {
+    a->src = x;
     a->R = R;
-    a->has_q4 = 0;
-    for (int r = 0; r < R; r++) {
-        const float *xr = x + (size_t)r * K;
+    a->K = K;
+    a->has_q16 = a->has_q4 = a->has_u = 0;
+}
+
+static float absmax(const float *x, int n) {  /* n: a multiple of 8 */
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    for (int k = 0; k < n; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+static void prepare_q16(QAct *a) {
+    if (a->has_q16) return;
+    const int K = a->K;
+    for (int r = 0; r < a->R; r++) {
+        const float *xr = a->src + (size_t)r * K;
         int16_t *qr = a->q + (size_t)r * K;
-        __m256 mx = _mm256_setzero_ps();
-        for (int k = 0; k < K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xr + k), abs_mask));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float amax = absmax(xr, K);
         a->s[r] = amax / 32767.0f;
         __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
         for (int k = 0; k < K; k += 16) {
@@ -215,6 +239,32 @@ static void quantize_rows(const float *x, int R, int K, QAct *a) {
             _mm256_storeu_si256((__m256i *)(qr + k), p);
         }
     }
+    a->has_q16 = 1;
+}
+
+/* u and us for int8 weights with groups of `group` (a multiple of 32) values. */
+static void prepare_u8(QAct *a, int group) {
+    if (a->has_u == group) return;
+    const int K = a->K, G = K / group;
+    const __m256i offset = _mm256_set1_epi32(64), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int r = 0; r < a->R; r++)
+        for (int g = 0; g < G; g++) {
+            const float *xg = a->src + (size_t)r * K + (size_t)g * group;
+            uint8_t *ug = a->u + (size_t)r * K + (size_t)g * group;
+            float amax = absmax(xg, group);
+            a->us[(size_t)g * a->R + r] = amax / 64.0f;
+            __m256 inv = _mm256_set1_ps(amax > 0.0f ? 64.0f / amax : 0.0f);
+            for (int k = 0; k < group; k += 32) {
+                __m256i v[4];
+                for (int c = 0; c < 4; c++)
+                    v[c] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k + 8 * c), inv)), offset);
+                /* packs / packus interleave the 128-bit lanes: bytes come out as v0[0:4] v1[0:4] v2[0:4] v3[0:4]
+                 * v0[4:8] ...; the dword permutation puts them back in order */
+                __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+                _mm256_storeu_si256((__m256i *)(ug + k), _mm256_permutevar8x32_epi32(b, order));
+            }
+        }
+    a->has_u = group;
 }
 
 /* qp's order for 4-bit weights: 64 values (two 32-blocks) at a time as 4 vectors of 16, vector k holding values
@@ -235,6 +285,7 @@ static inline void reorder64(const int16_t *src, int16_t *dst) {
 
 static void prepare_q4(QAct *a, int group) {
     if (a->has_q4 == group) return;
+    prepare_q16(a);
     const __m256i ones = _mm256_set1_epi16(1);
     for (long b = 0; b < (long)a->R * a->K / 32; b++) {
         if (b % 2 == 0) reorder64(a->q + b * 32, a->qp + b * 32);
@@ -256,13 +307,6 @@ static void prepare_q4(QAct *a, int group) {
     a->has_q4 = group;
 }
 
-/* int32 partial sums stay exact for up to 256 weights (|w| <= 127, |x| <= 32767: 32 products per lane), so
- * they are converted and scaled every `sub` weights: the largest multiple of 16 up to 256 dividing the group. */
-static int sub_for(int group) {
-    for (int d = 256; d >= 16; d -= 16) if (group % d == 0) return d;
-    return 16;
-}
-
 /* Decode-sized passes stream each weight row from memory once; they run faster when every stream prefetches its
  * next bytes: one-token decode of the 0.5B went from 27 to 33 tok/s (q8) and from 37 to 45 (q4) with 2 KB ahead
  * (1 KB: 31 / 44; 4 KB: 33 / 45; interleaved runs in one process). The same instructions in the prefill build
@@ -277,42 +321,99 @@ static int sub_for(int group) {
 #define MT 4  /* activation rows per tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
 #endif
 
-/* out[j][i * ldo[j]] = x[m0 + i] . W-row j for MX activation rows and NW (1 or 2) weight rows given by pointer.
- * Integer sums are exact and each (row, weight row) pair then takes the same float steps whatever the tile,
- * so a row's result does not depend on the other rows of the call. */
-static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, const float *const *ws, int group,
-                                                        int sub, const QAct *x, int m0, int MX, int NW,
-                                                        float *const *out, const long *ldo) {
-    const int K = x->K, subs_per_group = group / sub;
-    __m256 facc[MT][2];
-    for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) facc[i][j] = _mm256_setzero_ps();
-    const int16_t *xr[MT];
-    for (int i = 0; i < MX; i++) xr[i] = x->q + (size_t)(m0 + i) * K;
-    int gi = 0, left = subs_per_group;
-    for (int c0 = 0; c0 < K; c0 += sub) {
-        __m256i iacc[MT][2];
-        for (int i = 0; i < MX; i++) for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_setzero_si256();
+static inline int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+/* acc_ij += (sum over adjacent pairs of u_i * w_j, as int32) for the 32 bytes at u_i and w_j, for 4 activation
+ * rows x 2 weight rows. In assembly because GCC, given the same steps as intrinsics, reassociates the adds of a
+ * fully unrolled group into trees that spill the accumulators (measured 1.2-1.4x slower). */
+#define U8_ROW(n, A0, A1)                                                                                             \
+    "vmovdqu %[u" #n "], %[t]\n\t"                                                                                    \
+    "vpmaddubsw %[w0], %[t], %[p]\n\t"                                                                                \
+    "vpmaddubsw %[w1], %[t], %[t]\n\t"                                                                                \
+    "vpmaddwd %[ones], %[p], %[p]\n\t"                                                                                \
+    "vpmaddwd %[ones], %[t], %[t]\n\t"                                                                                \
+    "vpaddd %[p], %[" #A0 "], %[" #A0 "]\n\t"                                                                         \
+    "vpaddd %[t], %[" #A1 "], %[" #A1 "]\n\t"
+
+/* out[j][i * ldo[j]] = x[m0 + i] . W-row j for MX activation rows (x prepared by prepare_u8) and NW (1 or 2)
+ * int8 weight rows given by pointer, ws / wsum their scales and group sums. maddubs multiplies x's unsigned
+ * bytes (q + 64 <= 128) with the int8 weights and adds adjacent products into int16 without saturation
+ * (2 * 128 * 127 < 2^15); madd with ones widens to int32. A group's exact sum minus 64 * (the group's weight sum)
+ * is the integer dot product of q and the weights; it converts to float (exactly for groups of up to 1024) and
+ * is scaled by (x's group scale * the weight group's scale), one fma per group. Every (row, weight row) pair
+ * takes these same float steps in every tile shape, so a row's result does not depend on the other rows. */
+static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, const float *const *ws,
+                                                        const int32_t *const *wsum, int group, const QAct *x, int m0,
+                                                        int MX, int NW, float *const *out, const long *ldo) {
+    const int K = x->K, G = K / group;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *ur[MT];
+    for (int i = 0; i < MX; i++) ur[i] = x->u + (size_t)(m0 + i) * K;
+    if (MX == 4 && NW == 2) {
+        /* facc lane 2i + j: pair (i, j). The 8 group sums reduce into one vector by three rounds of hadd. */
+        __m256 facc = _mm256_setzero_ps();
+        const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        for (int g = 0; g < G; g++) {
+            __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+                    a31 = a00, t, p;
+            for (int k = g * group; k < (g + 1) * group; k += 32) {
 #if QWEN25_PREFETCH
-        for (int j = 0; j < NW; j++)
-            for (int off = 0; off < sub; off += 64) _mm_prefetch((const char *)(w[j] + c0 + off + PREFETCH_AHEAD), _MM_HINT_T0);
+                if (k % 64 == 0)
+                    for (int j = 0; j < 2; j++) _mm_prefetch((const char *)(w[j] + k + PREFETCH_AHEAD), _MM_HINT_T0);
 #endif
-        _Pragma("GCC unroll 2")  /* without it GCC copies every accumulator once per step (~13% slower) */
-        for (int k = c0; k < c0 + sub; k += 16) {
-            __m256i wv[2];
-            for (int j = 0; j < NW; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + k)));
-            for (int i = 0; i < MX; i++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[i] + k));
-                for (int j = 0; j < NW; j++) iacc[i][j] = _mm256_add_epi32(_mm256_madd_epi16(wv[j], xv), iacc[i][j]);
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)(w[0] + k));
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(w[1] + k));
+                __asm__(U8_ROW(0, a00, a01) U8_ROW(1, a10, a11) U8_ROW(2, a20, a21) U8_ROW(3, a30, a31)
+                        : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),
+                          [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [t] "=&x"(t), [p] "=&x"(p)
+                        : [w0] "x"(w0), [w1] "x"(w1), [ones] "x"(ones), [u0] "m"(*(const __m256i *)(ur[0] + k)),
+                          [u1] "m"(*(const __m256i *)(ur[1] + k)), [u2] "m"(*(const __m256i *)(ur[2] + k)),
+                          [u3] "m"(*(const __m256i *)(ur[3] + k)));
             }
+            __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(a00, a01), _mm256_hadd_epi32(a10, a11));
+            __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(a20, a21), _mm256_hadd_epi32(a30, a31));
+            __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+            __m256i wsum2 = _mm256_unpacklo_epi32(_mm256_set1_epi32(wsum[0][g]), _mm256_set1_epi32(wsum[1][g]));
+            sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(wsum2, 6));
+            __m256 xs = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(x->us + (size_t)g * x->R + m0)), dup);
+            __m256 wsc = _mm256_unpacklo_ps(_mm256_set1_ps(ws[0][g]), _mm256_set1_ps(ws[1][g]));
+            facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(xs, wsc), facc);
         }
-        for (int j = 0; j < NW; j++) {
-            __m256 sc = _mm256_broadcast_ss(ws[j] + gi);
-            for (int i = 0; i < MX; i++) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), sc, facc[i][j]);
-        }
-        if (--left == 0) { left = subs_per_group; gi++; }
+        float f[8];
+        _mm256_storeu_ps(f, facc);
+        for (int i = 0; i < 4; i++) { out[0][i * ldo[0]] = f[2 * i]; out[1][i * ldo[1]] = f[2 * i + 1]; }
+        return;
     }
-    for (int i = 0; i < MX; i++)
-        for (int j = 0; j < NW; j++) out[j][i * ldo[j]] = hsum256(facc[i][j]) * x->s[m0 + i];
+    for (int i = 0; i < MX; i++) {  /* single rows (decode): both weight rows' sums reduce together */
+        const float *xs = x->us + m0 + i;
+        const __m256i off = _mm256_set1_epi8(64);
+        __m128 facc = _mm_setzero_ps();  /* lane j: weight row j */
+        for (int g = 0; g < G; g++) {
+            __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+            for (int k = g * group; k < (g + 1) * group; k += 32) {
+#if QWEN25_PREFETCH
+                if (k % 64 == 0)  /* non-temporal: measured ~5% faster than T0 here (read once, no reuse) */
+                    for (int j = 0; j < NW; j++) _mm_prefetch((const char *)(w[j] + k + PREFETCH_AHEAD), _MM_HINT_NTA);
+#endif
+                __m256i xv = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i *)(ur[i] + k)), off);
+                __m256i av = _mm256_abs_epi8(xv);
+                acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w[0] + k)), xv)), ones));
+                if (NW == 2)
+                    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w[1] + k)), xv)), ones));
+            }
+            __m256i h = _mm256_hadd_epi32(acc0, acc1);
+            __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            __m128i dot = _mm_hadd_epi32(h4, h4);  /* lanes 0, 1: the two rows' sums */
+            __m128 sc = _mm_mul_ps(_mm_set1_ps(xs[(size_t)g * x->R]), _mm_unpacklo_ps(_mm_set_ss(ws[0][g]), _mm_set_ss(ws[NW - 1][g])));
+            facc = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), sc, facc);
+        }
+        out[0][i * ldo[0]] = _mm_cvtss_f32(facc);
+        if (NW == 2) out[1][i * ldo[1]] = _mm_cvtss_f32(_mm_shuffle_ps(facc, facc, 1));
+    }
 }
 
 /* The same for 4-bit weights (x prepared by prepare_q4), 64 weights (two 32-blocks, 32 bytes) of a row at a
@@ -388,11 +489,12 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
 
 /* Weight rows na and nb (nb == na: one row) of W against activation rows [m_lo, m_hi), 4 at a time; row na's
  * results go to out[0] and nb's to out[1] (row stride ldo[j]), from activation row m_lo on. */
-static void rows_dot(const QMat *W, int na, int nb, int sub, const QAct *x, int m_lo, int m_hi, float *const *out,
+static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int m_hi, float *const *out,
                      const long *ldo) {
     const int NW = nb == na ? 1 : 2, groups = W->K / W->group;
     const int8_t *w8[2] = {(const int8_t *)W->w + (long)na * W->K, (const int8_t *)W->w + (long)nb * W->K};
     const float *s8[2] = {(const float *)W->s + (long)na * groups, (const float *)W->s + (long)nb * groups};
+    const int32_t *ws8[2] = {W->wsum + (long)na * groups, W->wsum + (long)nb * groups};
     const uint8_t *w4[2] = {(const uint8_t *)W->w + (long)na * W->K / 2, (const uint8_t *)W->w + (long)nb * W->K / 2};
     const uint16_t *s4[2] = {(const uint16_t *)W->s + (long)na * groups, (const uint16_t *)W->s + (long)nb * groups};
     const uint16_t *m4[2] = {W->mins + (long)na * groups, W->mins + (long)nb * groups};
@@ -407,9 +509,12 @@ static void rows_dot(const QMat *W, int na, int nb, int sub, const QAct *x, int 
             const int per = W->group / 32;
             if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, per, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, per, x, m0, MT, 1, o, ldo); }
             else { if (NW == 2) tile4(w4, s4, m4, per, x, m0, 1, 2, o, ldo); else tile4(w4, s4, m4, per, x, m0, 1, 1, o, ldo); }
+        } else if (W->group == 128) {  /* the default q8 group: a constant, so the step loop unrolls */
+            if (mx == MT) { if (NW == 2) tile8(w8, s8, ws8, 128, x, m0, MT, 2, o, ldo); else tile8(w8, s8, ws8, 128, x, m0, MT, 1, o, ldo); }
+            else { if (NW == 2) tile8(w8, s8, ws8, 128, x, m0, 1, 2, o, ldo); else tile8(w8, s8, ws8, 128, x, m0, 1, 1, o, ldo); }
         } else {
-            if (mx == MT) { if (NW == 2) tile8(w8, s8, W->group, sub, x, m0, MT, 2, o, ldo); else tile8(w8, s8, W->group, sub, x, m0, MT, 1, o, ldo); }
-            else { if (NW == 2) tile8(w8, s8, W->group, sub, x, m0, 1, 2, o, ldo); else tile8(w8, s8, W->group, sub, x, m0, 1, 1, o, ldo); }
+            if (mx == MT) { if (NW == 2) tile8(w8, s8, ws8, W->group, x, m0, MT, 2, o, ldo); else tile8(w8, s8, ws8, W->group, x, m0, MT, 1, o, ldo); }
+            else { if (NW == 2) tile8(w8, s8, ws8, W->group, x, m0, 1, 2, o, ldo); else tile8(w8, s8, ws8, W->group, x, m0, 1, 1, o, ldo); }
         }
         m0 += mx;
     }
@@ -421,12 +526,11 @@ static void rows_dot(const QMat *W, int na, int nb, int sub, const QAct *x, int 
 /* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's rows n. */
 static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
     if (W->N == 0) return;
-    if (W->bits == 4) prepare_q4(x, W->group);
+    if (W->bits == 4) prepare_q4(x, W->group); else prepare_u8(x, W->group);
     int n0, n1;
     share(W->N / 2, tid, nt, &n0, &n1);  /* in pairs of rows */
     n0 *= 2;
     n1 = tid == nt - 1 ? W->N : 2 * n1;
-    const int sub = sub_for(W->group);
     for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
         int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
         for (int m0 = 0; m0 < R; m0 += 64) {  /* 64-row slices of x keep the x tile traffic in L2 */
@@ -435,7 +539,7 @@ static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int t
                 int nb = b1 - n >= 2 ? n + 1 : n;
                 float *out[2] = {y + (long)m0 * ldy + n, y + (long)m0 * ldy + nb};
                 const long ldo[2] = {ldy, ldy};
-                rows_dot(W, n, nb, sub, x, m0, m1, out, ldo);
+                rows_dot(W, n, nb, x, m0, m1, out, ldo);
             }
         }
         if (W->bias)
@@ -451,7 +555,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum; } Layout;
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -469,8 +573,26 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.xq = o.xs + up16(R);
     o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
     o.bsum = o.xp + up16((size_t)R * max_input(m) / 2);
-    o.private_ = o.bsum + up16((size_t)R * max_input(m) / 32);
+    o.xu = o.bsum + up16((size_t)R * max_input(m) / 32);
+    o.xus = o.xu + up16((size_t)R * max_input(m) / 4);    /* bytes */
+    o.private_ = o.xus + up16((size_t)R * max_input(m) / 32);
     return o;
+}
+
+/* QMat.wsum of an int8 matrix (N, K) with groups of `group` (a multiple of 32) weights: out (N, K / group). */
+void q8_group_sums(const int8_t *w, long N, int K, int group, int32_t *out) {
+    const int G = K / group;
+    #pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++)
+        for (int g = 0; g < G; g++) {
+            const int8_t *wg = w + n * K + (long)g * group;
+            __m256i acc = _mm256_setzero_si256();
+            for (int k = 0; k < group; k += 32) {
+                __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(wg + k)));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+            }
+            out[n * G + g] = hsum_epi32(acc);
+        }
 }
 
 size_t qwen2_work_floats(const QModel *m, int R, int max_positions, int nthreads) {
@@ -495,7 +617,8 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
         long *slots = (long *)(x + o.slots);
-        QAct xa = {(int16_t *)(x + o.xq), (int16_t *)(x + o.xp), x + o.xs, x + o.bsum, 0, 0, 0};
+        QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
+                   .u = (uint8_t *)(x + o.xu), .us = x + o.xus};
 
         for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
             const QMat *E = &m->embed;
@@ -508,7 +631,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         for (int l = 0; l < m->n_layers; l++) {
             const QLayer *L = &m->layers[l];
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->input_norm, m->eps, h, xn + (size_t)r * h);
-            quantize_rows(xn, R, h, &xa);
+            set_rows(xn, R, h, &xa);
             matmul_share(&L->qkv[0], &xa, R, qkv, QKVW, tid, nt);
             matmul_share(&L->qkv[1], &xa, R, qkv + L->qkv[0].N, QKVW, tid, nt);
             #pragma omp barrier
@@ -539,17 +662,17 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                        P, scores, attn + (size_t)r * QW + gk * per_kv * D);
             }  /* implicit barrier */
 
-            quantize_rows(attn, R, QW, &xa);
+            set_rows(attn, R, QW, &xa);
             matmul_share(&L->o, &xa, R, tmp, h, tid, nt);
             #pragma omp barrier
             for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
-            quantize_rows(xn, R, h, &xa);
+            set_rows(xn, R, h, &xa);
 
             {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
                 const QMat *W = &L->gate_up;
-                int n0, n1, sub = sub_for(W->group);
-                if (W->bits == 4) prepare_q4(&xa, W->group);
+                int n0, n1;
+                if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
                 share(I, tid, nt, &n0, &n1);
                 for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
                     int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
@@ -559,7 +682,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                         for (int n = b0; n < b1; n++) {
                             float *out[2] = {gate + n, gu + (n - b0)};
                             const long ldo[2] = {I, NBLOCK};
-                            rows_dot(W, n, n + I, sub, &xa, m0, m0 + mr, out, ldo);
+                            rows_dot(W, n, n + I, &xa, m0, m0 + mr, out, ldo);
                         }
                         for (int r = 0; r < mr; r++) {  /* act = silu(gate) * up */
                             float *a = gate + (size_t)r * I + b0, *u = gu + r * NBLOCK;
@@ -575,7 +698,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                 }
             }
             #pragma omp barrier
-            quantize_rows(act, R, I, &xa);
+            set_rows(act, R, I, &xa);
             matmul_share(&L->down, &xa, R, tmp, h, tid, nt);
             #pragma omp barrier
             for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
@@ -583,7 +706,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
 
         for (int j = 0; j < n_out; j++)
             rms_norm(x + (size_t)out_rows[j] * h, m->final_norm, m->eps, h, xn + (size_t)j * h);
-        quantize_rows(xn, n_out, h, &xa);
+        set_rows(xn, n_out, h, &xa);
         matmul_share(&m->lm_head, &xa, n_out, logits, m->vocab, tid, nt);
     }
 }

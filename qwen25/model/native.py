@@ -37,7 +37,7 @@ _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
 class _QMat(ctypes.Structure):
     _fields_ = [("bits", _int), ("w", _ptr), ("s", _ptr), ("mins", _ptr), ("bias", _ptr), ("group", _int),
-                ("N", _int), ("K", _int)]
+                ("N", _int), ("K", _int), ("wsum", _ptr)]
 
 
 class _QLayer(ctypes.Structure):
@@ -81,17 +81,26 @@ class KVView:
                        tables.shape[1], bs)
 
 
-def _qmat(module: nn.Module) -> _QMat:
-    """The C view of a Q8Linear, Q4Linear or Q8Embedding."""
+def _qmat(module: nn.Module, lib: ctypes.CDLL | None = None, keep: list[torch.Tensor] | None = None) -> _QMat:
+    """The C view of a Q8Linear, Q4Linear or Q8Embedding. For a Q8Linear, lib computes the group sums of its
+    weights that the q8 tiles need, kept alive in `keep`."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(module, Q4Linear):
         N, K = module.out_features, module.in_features
         return _QMat(4, module.weight_p.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr,
-                     module.group, N, K)
+                     module.group, N, K, None)
     N, K = module.weight_q.shape
-    return _QMat(8, module.weight_q.data_ptr(), module.scales.data_ptr(), None, bias_ptr,
-                 K // module.scales.shape[-1], N, K)
+    group = K // module.scales.shape[-1]
+    wsum = None
+    if isinstance(module, Q8Linear):
+        if lib is None or keep is None:
+            raise ValueError("a q8 matrix needs the kernel library and a list to keep its group sums in")
+        sums = torch.empty(N, K // group, dtype=torch.int32)
+        lib.q8_group_sums(module.weight_q.data_ptr(), N, K, group, sums.data_ptr())
+        keep.append(sums)
+        wsum = sums.data_ptr()
+    return _QMat(8, module.weight_q.data_ptr(), module.scales.data_ptr(), None, bias_ptr, group, N, K, wsum)
 
 
 def _parts(module: nn.Module) -> list[nn.Module]:
@@ -116,19 +125,26 @@ class NativeForward:
         self.model, self.config, self.lib = model, config, lib
         self.streaming_lib = streaming_lib or lib
         inner = model.model
+        lib.q8_group_sums.argtypes = [_ptr, ctypes.c_long, _int, _int, _ptr]
+        lib.q8_group_sums.restype = None
+        self._group_sums: list[torch.Tensor] = []  # QMat.wsum arrays of the q8 matrices
+
+        def qmat(module: nn.Module) -> _QMat:
+            return _qmat(module, lib, self._group_sums)
+
         layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = [_qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat()]  # N = 0: no second block
+            qkv = [qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat()]  # N = 0: no second block
             layers.append(_QLayer(layer.input_layernorm.weight.data_ptr(),
                                   layer.post_attention_layernorm.weight.data_ptr(),
-                                  (_QMat * 2)(qkv[0], qkv[1]), _qmat(attn.o_proj),
-                                  _qmat(mlp.gate_up_proj), _qmat(mlp.down_proj)))
+                                  (_QMat * 2)(qkv[0], qkv[1]), qmat(attn.o_proj),
+                                  qmat(mlp.gate_up_proj), qmat(mlp.down_proj)))
         self._layers = (_QLayer * len(layers))(*layers)
         self._struct = _QModel(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
                                config.vocab_size, config.rms_norm_eps, self._layers, _qmat(inner.embed_tokens),
-                               inner.norm.weight.data_ptr(), _qmat(model.lm_head))
+                               inner.norm.weight.data_ptr(), qmat(model.lm_head))
         for build in {id(lib): lib, id(self.streaming_lib): self.streaming_lib}.values():
             build.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
             build.qwen2_work_floats.restype = ctypes.c_size_t
