@@ -200,6 +200,20 @@ def test_prefetching_build_gives_the_same_rows(model, native) -> None:  # noqa: 
     assert torch.equal(torch.cat(parts), one)
 
 
+def test_tile_rows_equal_single_rows(model, native) -> None:  # noqa: ANN001
+    """Rows computed in the multi-row tiles (8 rows for int8 weights, 4 for 4-bit) and one at a time (decode-like
+    one-row passes) give bit-identical logits: 13 rows = one tile of 8 (or three of 4) and single-row leftovers."""
+    prompt = [(5 * i + 11) % VOCAB for i in range(13)]
+    i32 = torch.int32
+    cache = ContiguousKVCache(model.config, 1, 13)
+    whole = native(torch.tensor(prompt), torch.arange(13, dtype=i32), torch.zeros(13, dtype=i32),
+                   KVView(cache.keys, cache.values), torch.arange(13, dtype=i32))
+    cache = ContiguousKVCache(model.config, 1, 13)
+    single = [native(torch.tensor([t]), torch.tensor([i], dtype=i32), torch.zeros(1, dtype=i32),
+                     KVView(cache.keys, cache.values), torch.zeros(1, dtype=i32)) for i, t in enumerate(prompt)]
+    assert torch.equal(torch.cat(single), whole)
+
+
 def test_bad_rows_are_refused(model, native) -> None:  # noqa: ANN001
     cache = ContiguousKVCache(model.config, 1, 8)
     view, i32 = KVView(cache.keys, cache.values), torch.int32

@@ -61,6 +61,6 @@ def test_q8_perplexity_within_one_percent_of_fp32_reference(real_gguf):
     assert fast.quantization == "q8"
     assert abs(ppl(fast.model) / base - 1) < 0.01  # PyTorch path (no cache): fp32 activations
     assert fast.model.native is not None
-    native = ppl_cached(fast.model, 256)  # native fused forward: int16 activations, prompt in chunks
+    native = ppl_cached(fast.model, 256)  # native fused forward: activations in 129 levels per group, in chunks
     assert abs(native / base - 1) < 0.01
     assert ppl_cached(fast.model, 100) == pytest.approx(native, rel=1e-6)  # chunking does not change results

@@ -318,8 +318,9 @@ static void prepare_q4(QAct *a, int group) {
 #define PREFETCH_AHEAD 2048
 
 #ifndef MT
-#define MT 4  /* activation rows per tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
+#define MT 4  /* activation rows per q4 tile: 4 x 2 fills the 16 ymm registers (measured best of 2-8) */
 #endif
+#define MT8 8  /* activation rows per q8 tile (8 x 2: see tile8) */
 
 static inline int hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -327,17 +328,14 @@ static inline int hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-/* acc_ij += (sum over adjacent pairs of u_i * w_j, as int32) for the 32 bytes at u_i and w_j, for 4 activation
- * rows x 2 weight rows. In assembly because GCC, given the same steps as intrinsics, reassociates the adds of a
- * fully unrolled group into trees that spill the accumulators (measured 1.2-1.4x slower). */
-#define U8_ROW(n, A0, A1)                                                                                             \
-    "vmovdqu %[u" #n "], %[t]\n\t"                                                                                    \
-    "vpmaddubsw %[w0], %[t], %[p]\n\t"                                                                                \
-    "vpmaddubsw %[w1], %[t], %[t]\n\t"                                                                                \
-    "vpmaddwd %[ones], %[p], %[p]\n\t"                                                                                \
-    "vpmaddwd %[ones], %[t], %[t]\n\t"                                                                                \
-    "vpaddd %[p], %[" #A0 "], %[" #A0 "]\n\t"                                                                         \
-    "vpaddd %[t], %[" #A1 "], %[" #A1 "]\n\t"
+/* acc_i += (sums over adjacent pairs of u_i * [w0 | w1], as int32) for 16 bytes of activation row i broadcast to
+ * both halves. In assembly because GCC, given the same steps as intrinsics, reassociates the adds of a fully
+ * unrolled group into trees that spill the accumulators (measured 1.2-1.4x slower). */
+#define U8_ROW(n, A)                                                                                                  \
+    "vbroadcasti128 %[u" #n "], %[t]\n\t"                                                                            \
+    "vpmaddubsw %[w], %[t], %[t]\n\t"                                                                                \
+    "vpmaddwd %[ones], %[t], %[t]\n\t"                                                                               \
+    "vpaddd %[t], %[" #A "], %[" #A "]\n\t"
 
 /* out[j][i * ldo[j]] = x[m0 + i] . W-row j for MX activation rows (x prepared by prepare_u8) and NW (1 or 2)
  * int8 weight rows given by pointer, ws / wsum their scales and group sums. maddubs multiplies x's unsigned
@@ -351,41 +349,47 @@ static inline __attribute__((always_inline)) void tile8(const int8_t *const *w, 
                                                         int MX, int NW, float *const *out, const long *ldo) {
     const int K = x->K, G = K / group;
     const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t *ur[MT];
+    const uint8_t *ur[MT8];
     for (int i = 0; i < MX; i++) ur[i] = x->u + (size_t)(m0 + i) * K;
-    if (MX == 4 && NW == 2) {
-        /* facc lane 2i + j: pair (i, j). The 8 group sums reduce into one vector by three rounds of hadd. */
-        __m256 facc = _mm256_setzero_ps();
-        const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    if (MX == 8 && NW == 2) {
+        /* Each 16-weight step multiplies [w0 | w1] (16 bytes of each row in the two 128-bit halves) with row i's
+         * 16 activation bytes broadcast to both halves: accumulator i holds pair (i, 0) in lanes 0-3 and pair
+         * (i, 1) in lanes 4-7, and two rounds of hadd over four accumulators leave the 8 exact group sums of rows
+         * 4h..4h+3 in one vector, lanes [(i, 0) x 4 | (i, 1) x 4]: facc[h]. */
+        __m256 facc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int g = 0; g < G; g++) {
-            __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
-                    a31 = a00, t, p;
-            for (int k = g * group; k < (g + 1) * group; k += 32) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, t;
+            for (int k = g * group; k < (g + 1) * group; k += 16) {
 #if QWEN25_PREFETCH
                 if (k % 64 == 0)
                     for (int j = 0; j < 2; j++) _mm_prefetch((const char *)(w[j] + k + PREFETCH_AHEAD), _MM_HINT_T0);
 #endif
-                __m256i w0 = _mm256_loadu_si256((const __m256i *)(w[0] + k));
-                __m256i w1 = _mm256_loadu_si256((const __m256i *)(w[1] + k));
-                __asm__(U8_ROW(0, a00, a01) U8_ROW(1, a10, a11) U8_ROW(2, a20, a21) U8_ROW(3, a30, a31)
-                        : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11), [a20] "+x"(a20),
-                          [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31), [t] "=&x"(t), [p] "=&x"(p)
-                        : [w0] "x"(w0), [w1] "x"(w1), [ones] "x"(ones), [u0] "m"(*(const __m256i *)(ur[0] + k)),
-                          [u1] "m"(*(const __m256i *)(ur[1] + k)), [u2] "m"(*(const __m256i *)(ur[2] + k)),
-                          [u3] "m"(*(const __m256i *)(ur[3] + k)));
+                __m256i w01 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(w[0] + k))),
+                                                      _mm_loadu_si128((const __m128i *)(w[1] + k)), 1);
+                __asm__(U8_ROW(0, a0) U8_ROW(1, a1) U8_ROW(2, a2) U8_ROW(3, a3)
+                        U8_ROW(4, a4) U8_ROW(5, a5) U8_ROW(6, a6) U8_ROW(7, a7)
+                        : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [a4] "+x"(a4), [a5] "+x"(a5),
+                          [a6] "+x"(a6), [a7] "+x"(a7), [t] "=&x"(t)
+                        : [w] "x"(w01), [ones] "x"(ones), [u0] "m"(*(const __m128i *)(ur[0] + k)),
+                          [u1] "m"(*(const __m128i *)(ur[1] + k)), [u2] "m"(*(const __m128i *)(ur[2] + k)),
+                          [u3] "m"(*(const __m128i *)(ur[3] + k)), [u4] "m"(*(const __m128i *)(ur[4] + k)),
+                          [u5] "m"(*(const __m128i *)(ur[5] + k)), [u6] "m"(*(const __m128i *)(ur[6] + k)),
+                          [u7] "m"(*(const __m128i *)(ur[7] + k)));
             }
-            __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(a00, a01), _mm256_hadd_epi32(a10, a11));
-            __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(a20, a21), _mm256_hadd_epi32(a30, a31));
-            __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
-            __m256i wsum2 = _mm256_unpacklo_epi32(_mm256_set1_epi32(wsum[0][g]), _mm256_set1_epi32(wsum[1][g]));
-            sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(wsum2, 6));
-            __m256 xs = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(x->us + (size_t)g * x->R + m0)), dup);
-            __m256 wsc = _mm256_unpacklo_ps(_mm256_set1_ps(ws[0][g]), _mm256_set1_ps(ws[1][g]));
-            facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(xs, wsc), facc);
+            __m256i sums[2] = {_mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3)),
+                               _mm256_hadd_epi32(_mm256_hadd_epi32(a4, a5), _mm256_hadd_epi32(a6, a7))};
+            __m256i corr = _mm256_slli_epi32(_mm256_set_m128i(_mm_set1_epi32(wsum[1][g]), _mm_set1_epi32(wsum[0][g])), 6);
+            __m256 wsc = _mm256_set_m128(_mm_set1_ps(ws[1][g]), _mm_set1_ps(ws[0][g]));
+            for (int h = 0; h < 2; h++) {
+                __m256 xs = _mm256_broadcast_ps((const __m128 *)(x->us + (size_t)g * x->R + m0 + 4 * h));
+                facc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums[h], corr)), _mm256_mul_ps(xs, wsc), facc[h]);
+            }
         }
-        float f[8];
-        _mm256_storeu_ps(f, facc);
-        for (int i = 0; i < 4; i++) { out[0][i * ldo[0]] = f[2 * i]; out[1][i * ldo[1]] = f[2 * i + 1]; }
+        for (int h = 0; h < 2; h++) {
+            float f[8];
+            _mm256_storeu_ps(f, facc[h]);
+            for (int i = 0; i < 4; i++) { out[0][(4 * h + i) * ldo[0]] = f[i]; out[1][(4 * h + i) * ldo[1]] = f[4 + i]; }
+        }
         return;
     }
     for (int i = 0; i < MX; i++) {  /* single rows (decode): both weight rows' sums reduce together */
@@ -498,9 +502,10 @@ static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int
     const uint8_t *w4[2] = {(const uint8_t *)W->w + (long)na * W->K / 2, (const uint8_t *)W->w + (long)nb * W->K / 2};
     const uint16_t *s4[2] = {(const uint16_t *)W->s + (long)na * groups, (const uint16_t *)W->s + (long)nb * groups};
     const uint16_t *m4[2] = {W->mins + (long)na * groups, W->mins + (long)nb * groups};
+    const int mt = W->bits == 8 ? MT8 : MT;
     int m0 = m_lo;
     for (; m0 < m_hi; ) {
-        int mx = m_hi - m0 >= MT ? MT : 1;
+        int mx = m_hi - m0 >= mt ? mt : 1;
         float *o[2] = {out[0] + (m0 - m_lo) * ldo[0], out[1] + (m0 - m_lo) * ldo[1]};
         if (W->bits == 4 && W->group == 32) {  /* the default q4 group: a constant, so the block loop unrolls */
             if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, 1, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, 1, x, m0, MT, 1, o, ldo); }
@@ -510,10 +515,10 @@ static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int
             if (mx == MT) { if (NW == 2) tile4(w4, s4, m4, per, x, m0, MT, 2, o, ldo); else tile4(w4, s4, m4, per, x, m0, MT, 1, o, ldo); }
             else { if (NW == 2) tile4(w4, s4, m4, per, x, m0, 1, 2, o, ldo); else tile4(w4, s4, m4, per, x, m0, 1, 1, o, ldo); }
         } else if (W->group == 128) {  /* the default q8 group: a constant, so the step loop unrolls */
-            if (mx == MT) { if (NW == 2) tile8(w8, s8, ws8, 128, x, m0, MT, 2, o, ldo); else tile8(w8, s8, ws8, 128, x, m0, MT, 1, o, ldo); }
+            if (mx == MT8) { if (NW == 2) tile8(w8, s8, ws8, 128, x, m0, MT8, 2, o, ldo); else tile8(w8, s8, ws8, 128, x, m0, MT8, 1, o, ldo); }
             else { if (NW == 2) tile8(w8, s8, ws8, 128, x, m0, 1, 2, o, ldo); else tile8(w8, s8, ws8, 128, x, m0, 1, 1, o, ldo); }
         } else {
-            if (mx == MT) { if (NW == 2) tile8(w8, s8, ws8, W->group, x, m0, MT, 2, o, ldo); else tile8(w8, s8, ws8, W->group, x, m0, MT, 1, o, ldo); }
+            if (mx == MT8) { if (NW == 2) tile8(w8, s8, ws8, W->group, x, m0, MT8, 2, o, ldo); else tile8(w8, s8, ws8, W->group, x, m0, MT8, 1, o, ldo); }
             else { if (NW == 2) tile8(w8, s8, ws8, W->group, x, m0, 1, 2, o, ldo); else tile8(w8, s8, ws8, W->group, x, m0, 1, 1, o, ldo); }
         }
         m0 += mx;
