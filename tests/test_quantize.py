@@ -320,8 +320,9 @@ def perplexity_cached(model, windows: list[torch.Tensor], chunk: int = 256) -> f
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_q4_perplexity_against_fp32_reference(real_gguf, tmp_path, monkeypatch):
-    """Qwen2.5-Coder-0.5B on 4 x 1,024 tokens of code: q4 / fp32 perplexity measured at 1.0043 (q8: 1.0008),
-    inside the project's 1% target for fast paths. The first window alone (the q8 test's text) is at 1.011, so
+    """Qwen2.5-Coder-0.5B on 4 x 1,024 tokens of code: q4 / fp32 perplexity measured at 1.0043 (q8: 1.0008) on
+    the PyTorch path and 1.0063 through the native forward (q8: 1.0036), inside the project's 1% target for fast
+    paths. The first window alone (the q8 test's text) is at 1.011, so
     the figure needs all four; the bound leaves a little room over the measurement."""
     from qwen25 import LLM
 
