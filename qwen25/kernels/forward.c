@@ -13,8 +13,8 @@
  * quantized to 129 levels and stored as unsigned bytes, and `maddubs_epi16` multiplies 32 of them with 32
  * weights in one instruction: 3 instructions per 32 weights (see tile8). For 4-bit weights, activations are
  * int16 with one scale per row (absmax / 32767), multiplied with the unpacked codes by `madd_epi16` (tile4).
- * Integer sums are exact and scaled once per weight group; tiles of 4 activation rows x 2 weight rows make
- * long chunks compute-efficient. Everything else is fp32 and follows
+ * Integer sums are exact and scaled once per weight group; tiles of 8 (int8) or 4 (4-bit) activation rows x 2
+ * weight rows make long chunks compute-efficient. Everything else is fp32 and follows
  * qwen25.model: RMSNorm, half-split RoPE with cos/sin given by the caller, softmax, SiLU(gate) * up. Each
  * row's result does not depend on the other rows in the call.
  */
@@ -505,8 +505,9 @@ static inline __attribute__((always_inline)) void tile4(const uint8_t *const *w,
     }
 }
 
-/* Weight rows na and nb (nb == na: one row) of W against activation rows [m_lo, m_hi), 4 at a time; row na's
- * results go to out[0] and nb's to out[1] (row stride ldo[j]), from activation row m_lo on. */
+/* Weight rows na and nb (nb == na: one row) of W against activation rows [m_lo, m_hi), in tiles of MT8 (int8)
+ * or MT (4-bit) rows plus single leftover rows; row na's results go to out[0] and nb's to out[1] (row stride
+ * ldo[j]), from activation row m_lo on. */
 static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int m_hi, float *const *out,
                      const long *ldo) {
     const int NW = nb == na ? 1 : 2, groups = W->K / W->group;
