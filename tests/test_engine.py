@@ -157,10 +157,12 @@ def test_paged_cache_chunks_match_a_full_forward(model):
     a, b = (Sequence(r, p, GREEDY) for r, p in zip("ab", random_prompts([23, 9], seed=3)))
     bm.allocate(a)
     bm.allocate(b)
+
     def full(ids: list[int]) -> torch.Tensor:  # all positions in one pass (natively: on a contiguous cache)
         if model.native is None:
             return model(torch.tensor([ids]))[0]
-        return model(torch.tensor([ids]), cache=ContiguousKVCache(model.config, 1, len(ids)), logits_to_keep=len(ids))[0]
+        cache = ContiguousKVCache(model.config, 1, len(ids))
+        return model(torch.tensor([ids]), cache=cache, logits_to_keep=len(ids))[0]
 
     with torch.no_grad():
         full_a, full_b = full(a.token_ids), full(b.token_ids)
