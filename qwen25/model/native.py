@@ -5,9 +5,10 @@ through `qwen25/kernels/forward.c` instead of ~45 PyTorch ops per layer (measure
 llama.cpp in BENCHMARKS.md). Inputs of int8 matmuls are quantized to 129 levels per weight group there, so its
 logits differ from the PyTorch path's by that rounding (perplexity 1.0036x fp32's for the q8 0.5B, against
 1.0008x). A pass is a list of rows (token, position, sequence); each row attends to its sequence's positions
-0..position in the KV cache, which `KVView` describes (contiguous per sequence, or paged through block tables). A row's result depends only on its own token and the cached
-keys/values, never on the other rows of the pass: outputs are identical whether a sequence runs alone or
-batched, with its prompt in one chunk or several, with or without prefix-cache hits.
+0..position in the KV cache, which `KVView` describes (contiguous per sequence, or paged through block tables).
+A row's result depends only on its own token and the cached keys/values, never on the other rows of the pass:
+outputs are identical whether a sequence runs alone or batched, with its prompt in one chunk or several, with or
+without prefix-cache hits.
 
 Available for models loaded with q8 or q4 weights (fused qkv / gate_up `Q8Linear` / `Q4Linear` projections, qkv
 possibly a `ConcatLinear` of two formats, `Q8Embedding`; q4 rows a multiple of 64 weights) when the kernel builds;
