@@ -323,12 +323,6 @@ static void prepare_q4(QAct *a, int group) {
 #endif
 #define MT8 8  /* activation rows per q8 tile (8 x 2: see tile8) */
 
-static inline int hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
-
 /* acc_i += (sums over adjacent pairs of u_i * [w0 | w1], as int32) for 16 bytes of activation row i broadcast to
  * both halves. In assembly because GCC, given the same steps as intrinsics, reassociates the adds of a fully
  * unrolled group into trees that spill the accumulators (measured 1.2-1.4x slower). */
@@ -597,6 +591,12 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.xus = o.xu + up16((size_t)R * max_input(m) / 4);    /* bytes */
     o.private_ = o.xus + up16((size_t)R * max_input(m) / 32);
     return o;
+}
+
+static inline int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
 /* QMat.wsum of an int8 matrix (N, K) with groups of `group` (a multiple of 32) weights: out (N, K / group). */

@@ -83,7 +83,7 @@ class KVView:
                        tables.shape[1], bs)
 
 
-def _qmat(module: nn.Module, lib: ctypes.CDLL | None = None, keep: list[torch.Tensor] | None = None) -> _QMat:
+def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[torch.Tensor]) -> _QMat:
     """The C view of a Q8Linear, Q4Linear or Q8Embedding. For a Q8Linear, lib computes the group sums of its
     weights that the q8 tiles need, kept alive in `keep`."""
     bias = getattr(module, "bias", None)
@@ -96,8 +96,6 @@ def _qmat(module: nn.Module, lib: ctypes.CDLL | None = None, keep: list[torch.Te
     group = K // module.scales.shape[-1]
     wsum = None
     if isinstance(module, Q8Linear):
-        if lib is None or keep is None:
-            raise ValueError("a q8 matrix needs the kernel library and a list to keep its group sums in")
         sums = torch.empty(N, K // group, dtype=torch.int32)
         lib.q8_group_sums(module.weight_q.data_ptr(), N, K, group, sums.data_ptr())
         keep.append(sums)
@@ -145,7 +143,7 @@ class NativeForward:
         self._layers = (_QLayer * len(layers))(*layers)
         self._struct = _QModel(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
-                               config.vocab_size, config.rms_norm_eps, self._layers, _qmat(inner.embed_tokens),
+                               config.vocab_size, config.rms_norm_eps, self._layers, qmat(inner.embed_tokens),
                                inner.norm.weight.data_ptr(), qmat(model.lm_head))
         for build in {id(lib): lib, id(self.streaming_lib): self.streaming_lib}.values():
             build.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
