@@ -200,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from qwen25.server.app import create_app_from_llm
+        from qwen25.server.app import create_app_from_checkpoint
     except ImportError as e:
         print(f"qwen25: error: serving needs the [serve] extra ({e.name} is missing): pip install 'qwen25[serve]'",
               file=sys.stderr)
@@ -209,8 +209,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("qwen25: error: --max-concurrency must be >= 1 and --max-queue >= 0", file=sys.stderr)
         return EXIT_USAGE
     llm = _load(args)
-    app = create_app_from_llm(llm, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
-                              max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+    name = args.served_model_name or args.model
+    app = create_app_from_checkpoint(llm.checkpoint, served_model_name=name, aliases=[args.model, str(llm.path)],
+                                     api_key=args.api_key, max_concurrency=args.max_concurrency,
+                                     max_queue=args.max_queue)
     print(f"qwen25 serve: {args.served_model_name or args.model} on http://{args.host}:{args.port} "
           f"(chat page at /, OpenAI API at /v1)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -14,25 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qwen25.config import IM_END_ID
+from qwen25.checkpoint import QWEN25_INSTRUCT_DEFAULTS, default_sampling_params, is_instruct, load as load_checkpoint, stop_token_ids
+from qwen25.engine.errors import ContextLengthError
 from qwen25.sampling_params import SamplingParams
-from qwen25.weights.loader import load_checkpoint
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
 if TYPE_CHECKING:
     from qwen25.engine.engine import LLMEngine, StepOutput
     from qwen25.engine.speculative import SpeculativeConfig
 
-# Qwen2.5-Instruct's shipped generation_config.json (SPEC §1.1), used for instruct checkpoints that carry
-# none (a GGUF file has no generation config).
-QWEN25_INSTRUCT_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
-
 Message = dict[str, Any]
 _calls = count()  # request-id namespace per generate/stream call
-
-
-class ContextLengthError(ValueError):
-    """A prompt does not fit the model's context window."""
 
 
 @dataclass
@@ -91,7 +83,7 @@ class LLM:
         if quantization == "auto":
             quantization = "q8" if self.path.is_file() else "none"
         self.quantization = quantization
-        checkpoint = load_checkpoint(self.path, torch_dtype, quantization)
+        checkpoint = self.checkpoint = load_checkpoint(self.path, torch_dtype, quantization)
         if checkpoint.quantization:  # what the weights actually are (a `qwen25 quantize --output` file decides)
             self.quantization = checkpoint.quantization
         self.model = checkpoint.model
@@ -126,22 +118,14 @@ class LLM:
 
     @property
     def is_instruct(self) -> bool:
-        # Instruct checkpoints end turns with <|im_end|>; base checkpoints with <|endoftext|> (SPEC §1.1).
-        return IM_END_ID in self.config.eos_token_ids
+        return is_instruct(self.checkpoint)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The checkpoint's generation_config defaults; Qwen2.5-Instruct's for instruct GGUFs; else neutral."""
-        d = self.generation_defaults
-        if d is not None:
-            values = {k: getattr(d, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
-            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
-        return SamplingParams(**QWEN25_INSTRUCT_DEFAULTS) if self.is_instruct else SamplingParams()
+        return default_sampling_params(self.checkpoint)
 
     def stop_token_ids(self) -> set[int]:
-        ids = set(self.tokenizer.stop_token_ids) | set(self.config.eos_token_ids)
-        if self.generation_defaults is not None:
-            ids |= set(self.generation_defaults.eos_token_ids)
-        return ids
+        return stop_token_ids(self.checkpoint)
 
     # --- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[Message], tools: list[dict] | None = None,
@@ -171,7 +155,7 @@ class LLM:
         if engine is None:
             from qwen25.engine.engine import LLMEngine
 
-            engine = self.__dict__["_engine"] = LLMEngine.from_llm(self, **self.engine_kwargs)
+            engine = self.__dict__["_engine"] = LLMEngine.from_checkpoint(self.checkpoint, **self.engine_kwargs)
         return engine
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,

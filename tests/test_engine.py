@@ -17,7 +17,7 @@ from qwen25.engine.generator import BatchGenerator, Sequence as GenSequence
 from qwen25.engine.kv_cache import ContiguousKVCache
 from qwen25.engine.runner import ModelRunner, split_by_length
 from qwen25.engine.sequence import Sequence
-from qwen25.llm import ContextLengthError
+from qwen25.engine.errors import ContextLengthError
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 
@@ -292,7 +292,7 @@ def test_real_model_chunked_prefix_cached_greedy_equals_alone(real_llm):
     params = SamplingParams(temperature=0, max_tokens=12)
     stops = frozenset(real_llm.stop_token_ids())
     want = [alone(real_llm.model, p, params, stops) for p in prompts]
-    eng = LLMEngine.from_llm(real_llm, max_num_batched_tokens=24, num_blocks=64)
+    eng = LLMEngine.from_checkpoint(real_llm.checkpoint, max_num_batched_tokens=24, num_blocks=64)
     first = eng.generate(prompts[:1], params)
     rest = eng.generate(prompts[1:], params)
     assert [r.token_ids for r in first + rest] == want
@@ -304,7 +304,7 @@ def test_real_model_chunked_prefix_cached_greedy_equals_alone(real_llm):
 def test_real_model_stream_text_is_utf8_safe(real_llm):
     prompt = real_llm.tokenizer.encode(real_llm.apply_chat_template(
         [{"role": "user", "content": "Reply with three emoji and the Japanese word for sea."}]))
-    eng = LLMEngine.from_llm(real_llm, num_blocks=32)
+    eng = LLMEngine.from_checkpoint(real_llm.checkpoint, num_blocks=32)
     eng.add_request("e", prompt, SamplingParams(temperature=0, max_tokens=16))
     outs = drain(eng)["e"]
     tokens = [t for o in outs for t in o.new_token_ids]

@@ -17,8 +17,8 @@ import torch
 
 from qwen25.config import ModelConfig
 from qwen25.engine.kv_cache import ContiguousKVCache
-from qwen25.model.native import KVView, NativeForward
-from qwen25.model.quant import Q4Linear, Q8Linear
+from qwen25.kernels.native import KVView, NativeForward
+from qwen25.kernels.quant import Q4Linear, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.weights.quantized import quantize_loaded_model
 
@@ -185,7 +185,7 @@ def test_row_results_do_not_depend_on_the_batch(model, native) -> None:  # noqa:
 def test_prefetching_build_gives_the_same_rows(model, native) -> None:  # noqa: ANN001
     """Passes of up to STREAMING_ROWS rows run forward.c's prefetching build, longer ones the plain build: a
     prompt in one 24-row pass and in three 8-row passes gives bit-identical logits."""
-    from qwen25.model.native import STREAMING_ROWS
+    from qwen25.kernels.native import STREAMING_ROWS
 
     assert native.streaming_lib is not native.lib, "the prefetching build should exist next to the plain one"
     prompt = [(7 * i + 3) % VOCAB for i in range(24)]

@@ -15,7 +15,7 @@ import torch
 
 from qwen25.kernels import load_q4_kernels
 from qwen25.model import quant
-from qwen25.model.quant import Q4Linear, Q8Linear, dequantize_q4, pack_q4, quantize_q4, unpack_q4
+from qwen25.kernels.quant import Q4Linear, Q8Linear, dequantize_q4, pack_q4, quantize_q4, unpack_q4
 
 # --- format and quantizer -----------------------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ def test_q4_matmul_rows_independent_of_batch(K, group):
     """A row's result has the same bits whatever other rows share the call (speculative verification and
     batching must match one-token decoding), for the plain q4 module and a q4 + q8 ConcatLinear; group counts
     that are not a multiple of 8 take the kernel's partial scale/offset block."""
-    from qwen25.model.quant import ConcatLinear
+    from qwen25.kernels.quant import ConcatLinear
 
     if load_q4_kernels() is None:
         pytest.skip("the q4 kernel did not build here (no AVX2 or no compiler)")

@@ -10,7 +10,7 @@ import torch
 
 from qwen25.engine.kv_cache import ContiguousKVCache
 from qwen25.kernels import load_q8_kernels
-from qwen25.model.quant import Q8Linear, dequantize_q8, quantize_q8
+from qwen25.kernels.quant import Q8Linear, dequantize_q8, quantize_q8
 
 
 @pytest.mark.parametrize("group", [32, 128, 0])

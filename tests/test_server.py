@@ -410,13 +410,14 @@ def test_serve_cli_defaults() -> None:
         "m.gguf", 9, "k", "qwen", 2)
 
 
-def test_app_from_llm_on_a_tiny_model(tiny_hf_dir) -> None:  # noqa: ANN001
-    """create_app_from_llm wires a real LLM: the batching engine for plain requests, grammars on the side."""
-    from qwen25.llm import LLM
-    from qwen25.server.app import create_app_from_llm
+def test_app_from_checkpoint_on_a_tiny_model(tiny_hf_dir) -> None:  # noqa: ANN001
+    """create_app_from_checkpoint wires a real checkpoint: the batching engine for plain requests, grammars on
+    the side."""
+    from qwen25.checkpoint import load
+    from qwen25.server.app import create_app_from_checkpoint
 
-    llm = LLM(str(tiny_hf_dir))
-    with TestClient(create_app_from_llm(llm, served_model_name="tiny", max_concurrency=2)) as client:
+    checkpoint = load(tiny_hf_dir)
+    with TestClient(create_app_from_checkpoint(checkpoint, served_model_name="tiny", max_concurrency=2)) as client:
         r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                       "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text

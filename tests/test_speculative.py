@@ -158,7 +158,7 @@ def test_bad_arguments(target) -> None:  # noqa: ANN001
 
 # --- the q8 kernel: a row's result does not depend on its batch -----------------------------------
 def test_q8_matmul_rows_independent_of_batch() -> None:
-    from qwen25.model.quant import Q8Linear
+    from qwen25.kernels.quant import Q8Linear
 
     from qwen25.kernels import load_q8_kernels
 

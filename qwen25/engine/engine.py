@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from qwen25.engine.block_manager import BlockManager
+from qwen25.engine.errors import ContextLengthError
 from qwen25.engine.paged_cache import PagedKVCache
 from qwen25.engine.runner import Logprob, ModelRunner
 from qwen25.engine.scheduler import Scheduler
 from qwen25.engine.sequence import Sequence
 from qwen25.engine.stop import StopMatcher
-from qwen25.llm import ContextLengthError
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 from qwen25.tokenizer.stream import StreamDecoder
@@ -87,16 +87,21 @@ class LLMEngine:
         self._ids = count()
 
     @classmethod
-    def from_llm(cls, llm: Any, **kwargs: Any) -> LLMEngine:
-        """An engine for a `qwen25.LLM`. Unless sized explicitly, the KV pool holds at least one full-context
-        sequence (a prompt up to the context window must fit; the pool's pages are committed as used)."""
-        kwargs.setdefault("stop_token_ids", llm.stop_token_ids())
-        kwargs.setdefault("max_model_len", llm.max_context)
-        if "num_blocks" not in kwargs and "kv_cache_memory" not in kwargs:
-            block_size = kwargs.get("block_size", 16)
-            per_block = PagedKVCache.bytes_per_block(llm.model.config, block_size, activation_dtype(llm.model))
-            kwargs["kv_cache_memory"] = max(512 << 20, per_block * (kwargs["max_model_len"] // block_size + 1))
-        return cls(llm.model, llm.tokenizer, **kwargs)
+    def from_checkpoint(cls, checkpoint: Any, **settings: Any) -> LLMEngine:
+        """An engine for a loaded `qwen25.checkpoint.Checkpoint` (model + tokenizer + defaults) and plain settings
+        (the keyword arguments of `LLMEngine`). Unless sized explicitly, the KV pool holds at least one
+        full-context sequence (a prompt up to the context window must fit; the pool's pages are committed as
+        used)."""
+        from qwen25.checkpoint import stop_token_ids
+
+        settings.setdefault("stop_token_ids", stop_token_ids(checkpoint))
+        settings.setdefault("max_model_len", checkpoint.config.max_position_embeddings)
+        if "num_blocks" not in settings and "kv_cache_memory" not in settings:
+            block_size = settings.get("block_size", 16)
+            per_block = PagedKVCache.bytes_per_block(checkpoint.model.config, block_size,
+                                                     activation_dtype(checkpoint.model))
+            settings["kv_cache_memory"] = max(512 << 20, per_block * (settings["max_model_len"] // block_size + 1))
+        return cls(checkpoint.model, checkpoint.tokenizer, **settings)
 
     # --- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

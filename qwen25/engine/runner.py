@@ -4,7 +4,7 @@ A step's rows are split into a few forward passes of similar new-token counts (d
 together) so that a 1-token decode is not left-padded to a 512-token chunk: each extra pass costs one more
 read of the weights, padding costs compute per padded token, and a tiny DP over the sorted counts picks the
 cheaper split. A q8 or q4 model runs the whole step as one unpadded pass of the fused native forward
-(`qwen25.model.native`), which reads and writes the paged cache in place. Each row samples with `sample_next` and
+(`qwen25.kernels.native`), which reads and writes the paged cache in place. Each row samples with `sample_next` and
 its own `torch.Generator` (seeded from params.seed), only when all its tokens are computed (a prefill chunk that
 is not the last samples nothing).
 """
@@ -19,7 +19,7 @@ from qwen25.engine.paged_cache import PagedKVCache, PagedStep
 from qwen25.engine.sampler import sample_next, top_logprobs
 from qwen25.engine.scheduler import ScheduledBatch
 from qwen25.engine.sequence import Sequence
-from qwen25.model.native import KVView
+from qwen25.kernels.native import KVView
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 Logprob = tuple[float, list[tuple[int, float]]]

@@ -91,5 +91,5 @@ def load_q4_kernels() -> ctypes.CDLL | None:
 def load_forward_kernel(streaming: bool = False) -> ctypes.CDLL | None:
     """The fused whole-model forward (`forward.c`), or None when it cannot be built here. `streaming`: the build
     for decode-sized passes, whose tiles prefetch the weight rows ahead (see QWEN25_PREFETCH in forward.c).
-    Argument types are declared by its caller, `qwen25.model.native`, next to the mirrored structs."""
+    Argument types are declared by its caller, `qwen25.kernels.native`, next to the mirrored structs."""
     return _load(_HERE / "forward.c", ("QWEN25_PREFETCH=1",) if streaming else ())

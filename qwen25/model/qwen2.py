@@ -159,7 +159,7 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Optional fused native forward for passes on a cache that offers `native_view()` (set by the q8 loader,
-        # see qwen25.model.native); None: every pass runs the modules below.
+        # see qwen25.kernels.native); None: every pass runs the modules below.
         self.native: Any = None
 
     def tie_weights(self) -> None:

@@ -206,20 +206,23 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
     return app
 
 
-def create_app_from_llm(llm: Any, *, served_model_name: str | None = None, api_key: str | None = None,
-                        max_concurrency: int = 8, max_queue: int = 64, **engine_kwargs: Any) -> FastAPI:
-    """The app for a loaded `LLM`: its model on `LLMEngine` (continuous batching; grammars and logit_bias ride
-    along as per-request `SamplingParams.logits_processors`)."""
+def create_app_from_checkpoint(checkpoint: Any, *, served_model_name: str, aliases: Sequence[str] = (),
+                               api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
+                               **engine_settings: Any) -> FastAPI:
+    """The app for a loaded `qwen25.checkpoint.Checkpoint`: its model on `LLMEngine` (continuous batching;
+    grammars and logit_bias ride along as per-request `SamplingParams.logits_processors`). engine_settings are
+    `LLMEngine`'s keyword arguments (speculative_config among them)."""
+    from qwen25.checkpoint import default_sampling_params, stop_token_ids
     from qwen25.engine.engine import LLMEngine
 
-    engine = LLMEngine.from_llm(llm, max_num_seqs=max_concurrency, **engine_kwargs)
-    name = served_model_name or llm.name
-    config = ServerConfig(model_name=name, max_model_len=int(getattr(engine, "max_model_len", llm.max_context)),
-                          vocab_size=llm.config.vocab_size, default_params=llm.get_default_sampling_params(),
-                          stop_token_ids=sorted(llm.stop_token_ids()), api_key=api_key,
+    engine = LLMEngine.from_checkpoint(checkpoint, max_num_seqs=max_concurrency, **engine_settings)
+    config = ServerConfig(model_name=served_model_name, max_model_len=engine.max_model_len,
+                          vocab_size=checkpoint.config.vocab_size,
+                          default_params=default_sampling_params(checkpoint),
+                          stop_token_ids=sorted(stop_token_ids(checkpoint)), api_key=api_key,
                           max_pending=max_concurrency + max_queue,
-                          aliases=[a for a in (llm.name, str(llm.path)) if a != name])
-    return create_app(engine, llm.tokenizer, config, prewarm=True)
+                          aliases=[a for a in aliases if a != served_model_name])
+    return create_app(engine, checkpoint.tokenizer, config, prewarm=True)
 
 
 def _is_api_path(path: str) -> bool:
@@ -839,4 +842,4 @@ class ServerSamplingParams(SamplingParams):
     logits_processors: list[Any] = field(default_factory=list)
 
 
-__all__ = ["APIError", "ServerConfig", "ServerSamplingParams", "create_app", "create_app_from_llm"]
+__all__ = ["APIError", "ServerConfig", "ServerSamplingParams", "create_app", "create_app_from_checkpoint"]

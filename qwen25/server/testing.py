@@ -22,7 +22,7 @@ from tokenizers import AddedToken, models
 from qwen25.engine.engine import StepOutput
 from qwen25.engine.sampler import sample_next
 from qwen25.engine.stop import StopMatcher
-from qwen25.llm import ContextLengthError
+from qwen25.engine.errors import ContextLengthError
 from qwen25.sampling_params import SamplingParams
 from qwen25.tokenizer import StreamDecoder, Tokenizer
 from qwen25.tokenizer.bpe import BYTE_TO_CHAR, _build_backend

@@ -3,7 +3,7 @@ from a checkpoint (GGUF file or HF safetensors directory) tensor by tensor and c
 load is a memory map.
 
 Owns the fused, quantized state-dict layout (`...self_attn.qkv_proj.*`, `...mlp.gate_up_proj.*`), the repack
-cache and `quantize_checkpoint` (what `qwen25 quantize` runs). The modules live in `qwen25.model.quant`;
+cache and `quantize_checkpoint` (what `qwen25 quantize` runs). The modules live in `qwen25.kernels.quant`;
 parsing in `weights.gguf` / `weights.safetensors`.
 
 The q4 choices were measured by perplexity on Qwen2.5-Coder-0.5B-Instruct against its dequantized fp32 weights
@@ -35,8 +35,8 @@ from torch import nn
 
 from qwen25.config import ModelConfig
 from qwen25.model.layers import rope_inv_freq
-from qwen25.model.native import NativeForward
-from qwen25.model.quant import Q4_GROUP, ConcatLinear, Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
+from qwen25.kernels.native import NativeForward
+from qwen25.kernels.quant import Q4_GROUP, ConcatLinear, Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 BITS = (8, 4)

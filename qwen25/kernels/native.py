@@ -28,7 +28,7 @@ from torch import nn
 
 from qwen25.kernels import load_forward_kernel
 from qwen25.model.layers import RMSNorm, rope_cos_sin
-from qwen25.model.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
+from qwen25.kernels.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 PASS_ROWS = 512  # rows per native call: bounds the work buffer (activations) of long prompts
