@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from qwen25.sampling_params import SamplingParams  # noqa: E402
 from qwen25.server.app import ServerConfig, create_app  # noqa: E402
-from qwen25.server.testing import ScriptedEngine, byte_tokenizer, echo_script  # noqa: E402
+from server_fakes import ScriptedEngine, byte_tokenizer, echo_script  # noqa: E402
 
 MODEL = "test-model"
 WEATHER = {"type": "function", "function": {

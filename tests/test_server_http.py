@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 from qwen25.sampling_params import SamplingParams  # noqa: E402
 from qwen25.server.app import ServerConfig, create_app  # noqa: E402
-from qwen25.server.testing import ScriptedEngine, byte_tokenizer  # noqa: E402
+from server_fakes import ScriptedEngine, byte_tokenizer  # noqa: E402
 
 MODEL = "scripted"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -1,5 +1,11 @@
-"""Chat formatting: message normalisation and rendering with the checkpoint's own Jinja template."""
+"""Chat formatting: message normalisation, rendering with the checkpoint's own Jinja template, the prompt-format
+rules around it (role aliases, continuing a turn, FIM) and tool-call parsing of the model's replies.
 
+Pure text in, text out: nothing here imports the engine or the server. `chat.tool_parser` is imported from its
+module (it is not re-exported here).
+"""
+
+from qwen25.chat.format import fim_prompt, rename_roles, render_prompt, strip_end_of_turn
 from qwen25.chat.messages import ROLES, normalize_messages
 from qwen25.chat.template import (
     DEFAULT_SYSTEM_PROMPT,
@@ -11,4 +17,5 @@ from qwen25.chat.template import (
 )
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "FALLBACK_CHAT_TEMPLATE", "ROLES", "ChatTemplateError",
-           "chat_template_or_fallback", "compile_template", "normalize_messages", "render_chat"]
+           "chat_template_or_fallback", "compile_template", "fim_prompt", "normalize_messages", "rename_roles",
+           "render_chat", "render_prompt", "strip_end_of_turn"]

@@ -51,7 +51,7 @@ from qwen25.server.protocol import (
     error_body,
     random_id,
 )
-from qwen25.server.tool_parser import ToolCallDelta, ToolCallParser, collect
+from qwen25.chat.tool_parser import ToolCallDelta, ToolCallParser, collect
 
 log = logging.getLogger("qwen25.server")
 STATIC_DIR = Path(__file__).parent / "static"

@@ -1,5 +1,8 @@
 """Tool-call parsing: Qwen2.5's Hermes-style `<tool_call>{json}</tool_call>` output -> OpenAI tool calls.
 
+Pure text in, events out (no HTTP, no engine): the server uses it, and so can anything else that reads a Qwen
+reply (LLM.chat, eval, SFT data checks).
+
 One incremental parser serves both paths: streaming feeds it each text delta, non-streaming feeds the whole
 text at once, so a streamed reply reassembles to exactly the non-streamed one. The policy (SPEC §3.3, §7.1-2):
 

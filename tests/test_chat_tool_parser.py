@@ -1,4 +1,4 @@
-"""Tool-call parsing (server.tool_parser): Hermes `<tool_call>` blocks, tolerated malformations, the Coder
+"""Tool-call parsing (chat.tool_parser): Hermes `<tool_call>` blocks, tolerated malformations, the Coder
 bare-JSON fallback, and streaming == non-streaming for every way of splitting the text into deltas."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from qwen25.server.tool_parser import ToolCallDelta, ToolCallParser, collect, parse_tool_calls
+from qwen25.chat.tool_parser import ToolCallDelta, ToolCallParser, collect, parse_tool_calls
 
 TOOLS = {"get_weather", "get_time"}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'

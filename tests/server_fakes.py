@@ -1,11 +1,12 @@
-"""Test doubles for the server: a byte-level tokenizer and a scripted engine with the `LLMEngine` step API.
+"""Test doubles for the server tests: a byte-level tokenizer and a scripted engine with the `LLMEngine` step API.
 
 `byte_tokenizer()` is a real `qwen25.tokenizer.Tokenizer` over 256 byte tokens plus the Qwen control tokens the
 server relies on (<|im_start|>, <|im_end|>, <tool_call>, ...), so chat templates, streaming detokenization and
 llguidance all work on it. `ScriptedEngine` "generates" a scripted reply for each prompt: its logits strongly
 favour the next token of the reply, with seeded noise elsewhere, and then go through the request's logits
 processors and the real sampler, so grammars, logit_bias, seeds, stop strings and logprobs behave as they would
-with a model. Used by tests/test_server*.py, the chat-page test and `benchmarks/bench_server.py`.
+with a model. Imported by name as `server_fakes` (pytest puts tests/ on sys.path) by tests/test_server*.py; it is
+not part of the installed package.
 """
 
 from __future__ import annotations
