@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qwen25.kernels import load_q4_kernels
-from qwen25.model import quant
+from qwen25.kernels import quant
 from qwen25.kernels.quant import Q4Linear, Q8Linear, dequantize_q4, pack_q4, quantize_q4, unpack_q4
 
 # --- format and quantizer -----------------------------------------------------------------------------------------
