@@ -2,8 +2,9 @@
 
 Owns the wire format only: what a request may contain (with the bounds that make a bad value a 400 naming the
 field), the response and SSE chunk shapes, and OpenAI's error envelope. Turning a request into engine work lives
-in `server.app`; tool-call parsing in `server.tool_parser`; grammars in `server.structured`.
-Request models ignore unknown fields (as vLLM does) so newer clients keep working.
+in `server.planner`, running it in `server.pipeline`, shaping output in `server.renderers`; tool-call parsing in
+`chat.tool_parser`; grammars in `server.structured`. Request models ignore unknown fields (as vLLM does) so
+newer clients keep working.
 """
 
 from __future__ import annotations

@@ -1,0 +1,252 @@
+"""The generation pipeline: a `Plan` submitted to the engine, its outputs accumulated and rendered, blocking or
+as Server-Sent Events.
+
+Owns submission (one engine request per prompt x choice, each with fresh logits processors for grammars and
+logit_bias; 429/503/400 on refusal, with whatever was started aborted), the single output accumulator (`Choice`),
+interleaving several streams, client-disconnect aborts, the SSE framing (chunks, usage, in-band errors, `[DONE]`)
+and the request metrics. What goes on the wire is the `Renderer`'s job (`server.renderers`): the same loop serves
+chat and text completions. Engine outputs may carry any number of new tokens and logprobs per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from qwen25.sampling_params import SamplingParams
+from qwen25.server import structured as so
+from qwen25.server.async_engine import AsyncEngine, EngineDead, Overloaded, RequestStream
+from qwen25.server.errors import APIError, bad_request
+from qwen25.server.metrics import ServerMetrics
+from qwen25.server.planner import Plan
+from qwen25.server.protocol import Usage, error_body
+
+log = logging.getLogger("qwen25.server")
+
+
+@dataclass
+class Choice:
+    """The accumulated output of one engine request."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    first_token_at: float | None = None
+
+    def add(self, out: Any) -> None:
+        """Fold in one `StepOutput` (any number of new tokens)."""
+        if self.first_token_at is None and out.new_token_ids:
+            self.first_token_at = time.monotonic()
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        if out.logprobs:
+            self.logprobs += out.logprobs
+        self.finish_reason = out.finish_reason or self.finish_reason
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_output_tokens = out.num_output_tokens
+
+
+class Renderer(Protocol):
+    kind: str  # for logs
+    object: str  # the SSE chunks' "object"
+
+    def opening(self, index: int) -> list[dict[str, Any]]: ...  # choices entries sent before any output
+    def chunks(self, index: int, out: Any) -> list[dict[str, Any]]: ...  # entries for one engine output
+
+    def response(self, request_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> BaseModel: ...
+
+
+async def submit(engine: AsyncEngine, structured: so.StructuredOutputs, plan: Plan,
+                 prefix: str) -> tuple[list[RequestStream], list[list[Any]] | None]:
+    """Submit every (prompt, choice) pair; on any failure abort what was started and raise an APIError.
+
+    Returns the streams and the logits processors given to each (for the mask-cost metric)."""
+    streams: list[RequestStream] = []
+    procs = _processors(structured, plan) if (plan.grammar is not None or plan.logit_bias) else None
+    try:
+        for p, ids in enumerate(plan.prompt_ids):
+            for k, params in enumerate(plan.params):
+                if procs is not None:
+                    params = _with_logits_processors(params, procs[p * len(plan.params) + k])
+                streams.append(await engine.add_request(f"{prefix}-{p}-{k}", ids, params))
+    except BaseException as e:
+        for s in streams:
+            s.abort()
+        if isinstance(e, Overloaded):
+            raise APIError(429, str(e), "rate_limit_error", code="overloaded") from None
+        if isinstance(e, EngineDead):
+            raise APIError(503, str(e), "server_error") from None
+        if isinstance(e, ValueError):
+            raise bad_request(str(e)) from None
+        raise
+    return streams, procs
+
+
+class Generation:
+    """One submitted request's outputs: `collect` them (blocking) or stream them as SSE `events`."""
+
+    def __init__(self, streams: list[RequestStream], renderer: Renderer, plan: Plan, request_id: str, model: str,
+                 metrics: ServerMetrics, started: float, processors: list[list[Any]] | None) -> None:
+        self.streams, self.renderer, self.plan = streams, renderer, plan
+        self.request_id, self.model, self.metrics = request_id, model, metrics
+        self.started, self.processors = started, processors
+        self.choices = [Choice() for _ in streams]
+
+    def usage(self) -> Usage:
+        prompt = sum(len(ids) for ids in self.plan.prompt_ids)
+        completion = sum(c.num_output_tokens for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def response(self, request: Request) -> BaseModel:
+        """Run every stream to the end (a client that disconnects meanwhile aborts them all) and render it."""
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                if await request.is_disconnected():
+                    self.metrics.aborted.inc(len(self.streams))
+                    for s in self.streams:
+                        s.abort()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for i, out in merge(self.streams):
+                self.choices[i].add(out)
+        except Exception as e:
+            raise APIError(500, str(e), "server_error") from None
+        finally:
+            watcher.cancel()
+            for s in self.streams:
+                s.abort()
+        self.record()
+        return self.renderer.response(self.request_id, self.model, self.choices, self.usage())
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        """The SSE body: the renderer's chunks, then usage (if asked) and `[DONE]`; errors are reported in-band
+        because the 200 header is already sent."""
+        created = int(time.time())
+
+        def chunk(entries: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+            body = {"id": self.request_id, "object": self.renderer.object, "created": created, "model": self.model,
+                    "choices": entries}
+            if include_usage:
+                body["usage"] = usage
+            return event(body)
+
+        finished = False
+        try:
+            for i in range(len(self.streams)):
+                for entry in self.renderer.opening(i):
+                    yield chunk([entry])
+            async for i, out in merge(self.streams):
+                self.choices[i].add(out)
+                for entry in self.renderer.chunks(i, out):
+                    yield chunk([entry])
+            finished = True
+            if include_usage:
+                yield chunk([], self.usage().model_dump())
+        except Exception as e:  # noqa: BLE001 - report in-band
+            log.exception("streaming %s failed", self.renderer.kind)
+            yield event(error_body(f"{type(e).__name__}: {e}", "server_error"))
+        finally:
+            for s in self.streams:
+                s.abort()
+            if not finished:
+                self.metrics.aborted.inc(sum(1 for c in self.choices if c.finish_reason is None))
+            self.record()
+        yield "data: [DONE]\n\n"
+
+    def record(self) -> None:
+        m = self.metrics
+        now = time.monotonic()
+        m.e2e.observe(now - self.started)
+        prompts = {c.num_prompt_tokens for c in self.choices}
+        m.prompt_tokens.inc(sum(prompts))
+        for c in self.choices:
+            m.generation_tokens.inc(c.num_output_tokens)
+            m.finished.inc(reason=c.finish_reason or "abort")
+            if c.first_token_at is not None:
+                m.ttft.observe(c.first_token_at - self.started)
+                if c.num_output_tokens > 1:
+                    m.tpot.observe((now - c.first_token_at) / (c.num_output_tokens - 1))
+        for procs in self.processors or []:
+            for proc in procs:
+                if isinstance(proc, so.GrammarLogitsProcessor) and proc.steps:
+                    m.mask.observe(proc.mask_seconds / proc.steps)
+
+
+def event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several request streams as (stream index, output), in arrival order."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _processors(structured: so.StructuredOutputs, plan: Plan) -> list[list[Any]]:
+    """Fresh logits processors for each engine request of the plan (grammar state is per sequence)."""
+    per_request = []
+    for _ in range(plan.num_requests):
+        procs: list[Any] = []
+        if plan.logit_bias:
+            procs.append(so.LogitBiasProcessor(plan.logit_bias))
+        if plan.grammar is not None:
+            procs.append(structured.processor(plan.grammar))
+        per_request.append(procs)
+    return per_request
+
+
+def _with_logits_processors(params: SamplingParams, processors: list[Any]) -> SamplingParams:
+    """`params` carrying `processors` (the engine hook for grammars and logit_bias)."""
+    return dataclasses.replace(params, logits_processors=list(processors)) if processors else params
+
+
+__all__ = ["Choice", "Generation", "Renderer", "event", "merge", "sse", "submit"]
