@@ -66,17 +66,19 @@ class _Seq:
 
 
 class ScriptedEngine:
-    """The LLMEngine API over a scripted "model": reply = script(prompt text), one token per step per request."""
+    """The LLMEngine API over a scripted "model": reply = script(prompt text), `tokens_per_step` tokens per step
+    per request (default one)."""
 
     def __init__(self, tokenizer: Tokenizer, script: Callable[[str], str] = echo_script, *,
                  max_num_seqs: int = 8, max_model_len: int = 4096, step_delay: float = 0.0,
-                 stop_token_ids: Any = None, confidence: float = 30.0) -> None:
+                 stop_token_ids: Any = None, confidence: float = 30.0, tokens_per_step: int = 1) -> None:
         self.tokenizer = tokenizer
         self.script = script
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.step_delay = step_delay
         self.confidence = confidence  # the scripted token's logit; noise is in [0, 2)
+        self.tokens_per_step = tokens_per_step  # >1: each output carries several tokens, as speculative decoding's do
         self.vocab_size = tokenizer.vocab_size
         self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else tokenizer.stop_token_ids)
         self.eos = tokenizer.token_to_id("<|im_end|>")
@@ -122,7 +124,7 @@ class ScriptedEngine:
             time.sleep(self.step_delay)
         while self.waiting and len(self.running) < self.max_num_seqs:
             self.running.append(self.waiting.popleft())
-        outputs = [self._advance(s) for s in self.running]
+        outputs = [self._advance_many(s) for s in self.running]
         self.running = [s for s, o in zip(self.running, outputs) if o.finish_reason is None]
         self.steps += 1
         return outputs
@@ -134,6 +136,18 @@ class ScriptedEngine:
         k = len(seq.output_ids)
         logits[seq.target[k] if k < len(seq.target) else self.eos] = self.confidence
         return logits
+
+    def _advance_many(self, seq: _Seq) -> StepOutput:
+        """Up to `tokens_per_step` tokens of one sequence, merged into one output (stopping at its finish)."""
+        out = self._advance(seq)
+        for _ in range(self.tokens_per_step - 1):
+            if out.finish_reason is not None:
+                break
+            nxt = self._advance(seq)
+            logprobs = (out.logprobs or []) + (nxt.logprobs or []) if seq.params.logprobs is not None else None
+            out = StepOutput(seq.request_id, out.new_token_ids + nxt.new_token_ids, out.new_text + nxt.new_text,
+                             nxt.finish_reason, logprobs, nxt.num_prompt_tokens, nxt.num_output_tokens)
+        return out
 
     def _advance(self, seq: _Seq) -> StepOutput:
         raw = self._logits(seq)
