@@ -103,9 +103,14 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
            f"torch {torch.__version__}", "bytes_per_token": torch_weight_bytes(llm.model)}
     state: dict[str, Any] = {}
 
+    native = llm.engine.runner.native_for_pass()  # the fast path the engine runs, on a contiguous cache here
+
     @torch.inference_mode()
     def forward(ids: list[int]) -> int:
-        return int(llm.model(torch.tensor([ids]), cache=state["cache"], logits_to_keep=1)[0, -1].argmax())
+        cache = state["cache"]
+        if native is not None:
+            return int(native.forward_cache(torch.tensor([ids]), cache, cache.native_view(), 1)[0, -1].argmax())
+        return int(llm.model(torch.tensor([ids]), cache=cache, logits_to_keep=1)[0, -1].argmax())
 
     def start(ids: list[int]) -> int:
         state["cache"] = ContiguousKVCache(llm.config, 1, len(ids) + DECODE_STEPS + 1)
@@ -192,9 +197,9 @@ def child_main(engine: str, spec_path: str, out_path: str) -> None:
 def make_prompts(model_path: Path) -> tuple[list[int], list[int]]:
     """(512-token code prompt, short ChatML prompt) tokenized by qwen25's tokenizer from the GGUF."""
     from qwen25.chat import render_chat
-    from qwen25.tokenizer import Tokenizer
+    from qwen25.checkpoint import load_tokenizer
 
-    tok = Tokenizer.from_gguf(model_path)
+    tok = load_tokenizer(model_path)
     code = "".join(f'def scale_{i}(values, factor={i}):\n    """Multiply each value by {i}, add {i * 7 % 13}."""\n'
                    f"    return [v * factor + {i * 7 % 13} for v in values]\n\n" for i in range(64))
     long_ids = tok.encode(code)[:PREFILL_TOKENS]

@@ -16,12 +16,13 @@ import torch
 
 from qwen25.checkpoint import QWEN25_INSTRUCT_DEFAULTS, default_sampling_params, is_instruct, load as load_checkpoint, stop_token_ids
 from qwen25.engine.errors import ContextLengthError
+from qwen25.engine.speculative import SpeculativeConfig
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
 if TYPE_CHECKING:
     from qwen25.engine.engine import LLMEngine, StepOutput
-    from qwen25.engine.speculative import SpeculativeConfig
+    from qwen25.engine.speculative import SpeculativeStats
 
 Message = dict[str, Any]
 _calls = count()  # request-id namespace per generate/stream call
@@ -66,11 +67,11 @@ class LLM:
     `self.quantization` then reports that format.
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, kv_cache_memory, ...).
-    speculative_config: speculative decoding for plain greedy requests (temperature 0, n=1, no penalties,
-    logprobs or logits processors), vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
+    speculative_config: speculative decoding in the engine for plain greedy requests (temperature 0, no
+    penalties, logprobs or logits processors), vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3, "prompt_lookup_min": 1} or {"model": DRAFT, "num_speculative_tokens": 4} (a draft
     checkpoint with the same tokenizer, e.g. the 0.5B for the 1.5B). Output is identical to plain greedy
-    decoding; other requests run on the engine as usual. `speculative_stats` holds the last call's counters."""
+    decoding; other requests run on the engine as usual. `speculative_stats` holds the engine's counters."""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
                  quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
@@ -91,27 +92,15 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer
         self.generation_defaults = checkpoint.generation_defaults
         self.name = str(model)
-        self.speculative, self._draft_model = self._load_speculation(speculative_config, torch_dtype, download)
-        self.speculative_stats = None
-
-    def _load_speculation(self, settings: dict[str, Any] | None, dtype: torch.dtype,
-                          download: bool) -> tuple[SpeculativeConfig | None, torch.nn.Module | None]:
-        if settings is None:
-            return None, None
-        from qwen25.engine.speculative import SpeculativeConfig
-
-        spec = SpeculativeConfig.from_dict(dict(settings))
-        if spec.method != "draft_model":
-            return spec, None
-        path = resolve_model(spec.model, download=download)
-        draft = load_checkpoint(path, dtype, self.quantization if path.is_file() == self.path.is_file() else
-                                ("q8" if path.is_file() else "none"))
-        if draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
-            raise ValueError(f"the draft model {spec.model} has a different tokenizer ({draft.tokenizer.vocab_size} "
-                             f"tokens) from the target's ({self.tokenizer.vocab_size})")
-        return spec, draft.model
+        if speculative_config is not None:  # validated now, the draft checkpoint loaded with the engine
+            self.engine_kwargs["speculative_config"] = SpeculativeConfig.from_dict(dict(speculative_config))
 
     # --- settings ----------------------------------------------------------------------------------
+    @property
+    def speculative_stats(self) -> SpeculativeStats | None:
+        """The engine's speculative-decoding counters (None without a speculative_config)."""
+        return self.engine.speculative_stats if "speculative_config" in self.engine_kwargs else None
+
     @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
@@ -222,94 +211,39 @@ class LLM:
         return texts, id_lists
 
     def _run(self, id_lists: list[list[int]], params: SamplingParams) -> Iterator[tuple[tuple[int, int], StepOutput]]:
-        """Submit one engine request per (prompt, sample k, seeded seed+k) and yield ((prompt, k), output) as the
-        engine produces them. Closing the iterator early aborts what is left. Several iterators may be live at
-        once: each routes the others' outputs to them through `_inbox`."""
-        if self.speculative is not None and _speculation_applies(params):
-            yield from self._run_speculative(id_lists, params)
-            return
+        """Submit one engine request per prompt (its n samples share the prefill) and yield ((prompt, sample),
+        output) as the engine produces them. Closing the iterator early aborts what is left. Several iterators
+        may be live at once: each routes the others' outputs to them through `_inbox`."""
         engine = self.engine
-        inbox: dict[str, list[StepOutput]] = self.__dict__.setdefault("_inbox", {})
+        inbox: dict[tuple[str, int], list[StepOutput]] = self.__dict__.setdefault("_inbox", {})
         call = next(_calls)
-        owners: dict[str, tuple[int, int]] = {}
+        owners: dict[str, int] = {}
         try:
             for r, ids in enumerate(id_lists):
+                request_id = f"llm-{call}-{r}"
+                engine.add_request(request_id, ids, params)
+                owners[request_id] = r
                 for k in range(params.n):
-                    seed = None if params.seed is None else params.seed + k
-                    request_id = f"llm-{call}-{r}-{k}"
-                    engine.add_request(request_id, ids, params if seed == params.seed else _with_seed(params, seed))
-                    owners[request_id] = (r, k)
-                    inbox[request_id] = []
-            live = list(owners)
+                    inbox[request_id, k] = []
+            live = [(rid, k) for rid in owners for k in range(params.n)]
             while live:
-                mine = [out for rid in live for out in inbox[rid]]
+                mine = [out for key in live for out in inbox[key]]
                 if not mine:
                     for out in engine.step():
-                        if out.request_id in inbox:  # outputs of abandoned requests are dropped
-                            inbox[out.request_id].append(out)
+                        if (out.request_id, out.index) in inbox:  # outputs of abandoned requests are dropped
+                            inbox[out.request_id, out.index].append(out)
                     continue
-                for rid in live:
-                    inbox[rid] = []
+                for key in live:
+                    inbox[key] = []
                 for out in mine:
                     if out.finish_reason is not None:
-                        del inbox[out.request_id]
-                    yield owners[out.request_id], out
-                live = [rid for rid in live if rid in inbox]
+                        del inbox[out.request_id, out.index]
+                    yield (owners[out.request_id], out.index), out
+                live = [key for key in live if key in inbox]
         finally:
             for request_id in owners:
-                if inbox.pop(request_id, None) is not None:
+                if any(inbox.pop((request_id, k), None) is not None for k in range(params.n)):
                     engine.abort_request(request_id)
-
-
-    def _run_speculative(self, id_lists: list[list[int]],
-                         params: SamplingParams) -> Iterator[tuple[tuple[int, int], StepOutput]]:
-        """Greedy generation with speculative decoding, one prompt after another; the same outputs (token ids,
-        text, stop strings, finish reasons) as the engine gives."""
-        from qwen25.engine.engine import StepOutput
-        from qwen25.engine.speculative import DraftModelProposer, NgramProposer, SpeculativeStats, speculative_greedy
-        from qwen25.engine.stop import StopMatcher
-        from qwen25.tokenizer.stream import StreamDecoder
-
-        spec = self.speculative
-        assert spec is not None
-        stats = self.speculative_stats = SpeculativeStats()
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids())
-        for r, ids in enumerate(id_lists):
-            budget = self.max_context - len(ids)
-            proposer = (DraftModelProposer(self._draft_model) if self._draft_model is not None else
-                        NgramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min))
-            decoder = StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-            matcher = StopMatcher(params.stop, params.include_stop_str_in_output)
-            produced = 0
-            events = speculative_greedy(self.model, ids, min(params.max_tokens or budget, budget), stop_ids,
-                                        proposer, spec.num_speculative_tokens, stats)
-            with closing(events):
-                for event in events:
-                    token, reason = event.token_id, event.finish_reason
-                    produced += token is not None
-                    text = decoder.push(token) if token is not None else ""
-                    if reason is not None:
-                        text += decoder.flush()
-                    text, hit = matcher.feed(text, final=reason is not None)
-                    if hit and reason is None:
-                        reason = "stop"
-                    yield (r, 0), StepOutput(f"spec-{r}", [token] if token is not None else [], text, reason, None,
-                                             len(ids), produced)
-                    if reason is not None:
-                        break
-
-
-def _speculation_applies(params: SamplingParams) -> bool:
-    """Speculation reproduces plain greedy decoding of the raw logits: no sampling, penalties or processors."""
-    return (params.is_greedy and params.n == 1 and params.logprobs is None and not params.logits_processors
-            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0)
-
-
-def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
 
 
 def _as_conversations(messages: list[Message] | list[list[Message]]) -> list[list[Message]]:

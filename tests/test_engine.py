@@ -13,14 +13,15 @@ import torch
 from qwen25.config import ModelConfig
 from qwen25.engine.block_manager import BlockManager
 from qwen25.engine.engine import LLMEngine, StepOutput
-from qwen25.engine.generator import BatchGenerator, Sequence as GenSequence
 from qwen25.engine.kv_cache import ContiguousKVCache
 from qwen25.engine.runner import ModelRunner, split_by_length
 from qwen25.engine.sequence import Sequence
+from qwen25.kernels.native import NativeForward
 from qwen25.engine.errors import ContextLengthError
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 
+from batch_generator import BatchGenerator, Sequence as GenSequence
 from tiny_models import unit_scale_
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -50,9 +51,19 @@ def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
         from qwen25.weights.quantized import quantize_loaded_model
 
         model = quantize_loaded_model(model, group=32)
-        if model.native is None:
+        if native_of(model) is None:
             pytest.skip("the native forward kernel did not build here")
     return model
+
+
+_natives: dict[int, NativeForward | None] = {}
+
+
+def native_of(model) -> NativeForward | None:  # noqa: ANN001
+    """The native forward the engine's runner builds for this model (None: the PyTorch path runs)."""
+    if id(model) not in _natives:
+        _natives[id(model)] = NativeForward.for_model(model)
+    return _natives[id(model)]
 
 
 def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
@@ -67,7 +78,7 @@ def alone(model, prompt: list[int], params: SamplingParams = GREEDY, stop: froze
     """The output of the prompt run by itself: through BatchGenerator on the PyTorch path, or, for a model with
     the native forward (whose matmul inputs are quantized to 129 levels per group, so its greedy path may part
     from the PyTorch one), through an engine serving only this request."""
-    if model.native is not None:
+    if native_of(model) is not None:
         return engine(model, stop_token_ids=sorted(stop)).generate([prompt], params)[0].token_ids
     seq = GenSequence(prompt, params, stop, params.max_tokens)
     list(BatchGenerator(model, [seq]))
@@ -91,7 +102,7 @@ def assert_all_freed(eng: LLMEngine) -> None:
     stats = eng.stats()
     assert stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0
     assert all(b.ref_count == 0 for b in eng.block_manager.blocks)
-    assert not eng._requests and not eng.runner._generators
+    assert not eng._samples and not eng._request_seqs and not eng._forks and not eng.runner._generators
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +170,22 @@ def test_paged_cache_chunks_match_a_full_forward(model):
     bm.allocate(b)
 
     def full(ids: list[int]) -> torch.Tensor:  # all positions in one pass (natively: on a contiguous cache)
-        if model.native is None:
+        native = native_of(model)
+        if native is None:
             return model(torch.tensor([ids]))[0]
         cache = ContiguousKVCache(model.config, 1, len(ids))
-        return model(torch.tensor([ids]), cache=cache, logits_to_keep=len(ids))[0]
+        return native.forward_cache(torch.tensor([ids]), cache, cache.native_view(), len(ids))[0]
 
     with torch.no_grad():
         full_a, full_b = full(a.token_ids), full(b.token_ids)
         for counts in ([10, 4], [7, 5], [6, 0]):
             rows = [(s, n) for s, n in zip((a, b), counts) if n]
-            logits = runner.forward([s for s, _ in rows], [n for _, n in rows])
-            for (s, n), got in zip(rows, logits):
+            logits = runner.forward([s for s, _ in rows], [n for _, n in rows], [1] * len(rows),
+                                    runner.native_for_pass())
+            for (s, n), got in zip(rows, (row[-1] for row in logits)):
                 end = s.num_computed_tokens + n
                 want = (full_a if s is a else full_b)[end - 1]
-                if model.native is None:
+                if native_of(model) is None:
                     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
                 else:  # rows do not depend on the chunking, the other rows or the cache layout
                     assert torch.equal(got, want)

@@ -66,12 +66,11 @@ def kernel_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def pytorch_path_with_kernel_inputs(model: Qwen2ForCausalLM) -> Iterator[None]:
-    saved_native, originals = model.native, {cls: cls.forward for cls in (Q8Linear, Q4Linear)}
+    originals = {cls: cls.forward for cls in (Q8Linear, Q4Linear)}
 
     def rounded(forward):  # noqa: ANN001, ANN202
         return lambda self, x: forward(self, kernel_input(self, x))
 
-    model.native = None
     try:
         for cls, forward in originals.items():
             cls.forward = rounded(forward)
@@ -79,7 +78,6 @@ def pytorch_path_with_kernel_inputs(model: Qwen2ForCausalLM) -> Iterator[None]:
     finally:
         for cls, forward in originals.items():
             cls.forward = forward
-        model.native = saved_native
 
 
 def assert_matches_reference(got: torch.Tensor, ref: torch.Tensor, model: Qwen2ForCausalLM) -> None:

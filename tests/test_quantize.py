@@ -306,12 +306,15 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:  # noqa: ANN001
 def perplexity_cached(model, windows: list[torch.Tensor], chunk: int = 256) -> float:  # noqa: ANN001
     """Perplexity with each window fed through a KV cache in chunks: the path generation takes (native)."""
     from qwen25.engine.kv_cache import ContiguousKVCache
+    from qwen25.kernels.native import NativeForward
 
+    native = NativeForward.for_model(model)
+    assert native is not None, "the q8/q4 model should run natively here"
     nll = 0.0
     with torch.no_grad():
         for ids in windows:
             cache = ContiguousKVCache(model.config, 1, ids.shape[1])
-            out = torch.cat([model(part, cache=cache, logits_to_keep=part.shape[1])
+            out = torch.cat([native.forward_cache(part, cache, cache.native_view(), part.shape[1])
                              for part in ids.split(chunk, dim=1)], dim=1)
             nll += torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum").item()
     return math.exp(nll / sum(ids.shape[1] - 1 for ids in windows))
@@ -334,6 +337,6 @@ def test_q4_perplexity_against_fp32_reference(real_gguf, tmp_path, monkeypatch):
     q4 = LLM(str(real_gguf), quantization="q4")
     ratio = perplexity(q4.model, windows) / base
     assert ratio < 1.006, f"q4 perplexity is {ratio:.4f}x fp32's"
-    assert q4.model.native is not None  # the fused native forward runs q4 passes on a KV cache
+    assert q4.engine.runner.native_for_pass() is not None  # the fused native forward runs q4 passes
     native = perplexity_cached(q4.model, windows) / base
     assert native < 1.01, f"q4 perplexity through the native forward is {native:.4f}x fp32's"

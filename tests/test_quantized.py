@@ -49,9 +49,12 @@ def test_q8_perplexity_within_one_percent_of_fp32_reference(real_gguf):
         return math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
 
     def ppl_cached(model, chunk: int) -> float:  # noqa: ANN001 - through a KV cache: the native forward
+        from qwen25.kernels.native import NativeForward
+
+        native = NativeForward.for_model(model)
         cache = ContiguousKVCache(model.config, 1, ids.shape[1])
         with torch.no_grad():
-            logits = torch.cat([model(part, cache=cache, logits_to_keep=part.shape[1])
+            logits = torch.cat([native.forward_cache(part, cache, cache.native_view(), part.shape[1])
                                 for part in ids.split(chunk, dim=1)], dim=1)
         return math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
 
@@ -60,7 +63,7 @@ def test_q8_perplexity_within_one_percent_of_fp32_reference(real_gguf):
     fast = LLM(str(real_gguf), quantization="q8")
     assert fast.quantization == "q8"
     assert abs(ppl(fast.model) / base - 1) < 0.01  # PyTorch path (no cache): fp32 activations
-    assert fast.model.native is not None
+    assert fast.engine.runner.native_for_pass() is not None
     native = ppl_cached(fast.model, 256)  # native fused forward: activations in 129 levels per group, in chunks
     assert abs(native / base - 1) < 0.01
     assert ppl_cached(fast.model, 100) == pytest.approx(native, rel=1e-6)  # chunking does not change results

@@ -16,8 +16,8 @@ def make_seq(rid: str, n_prompt: int, max_tokens: int = 4, stop: frozenset[int] 
                     stop, max_tokens)
 
 
-def fake_run(batch: ScheduledBatch, token: int = TOKEN) -> list[int | None]:
-    return [token if s.num_computed_tokens + n == s.num_tokens else None for s, n in zip(batch.seqs, batch.num_new_tokens)]
+def fake_run(batch: ScheduledBatch, token: int = TOKEN) -> list[list[int]]:
+    return [[token] if s.num_computed_tokens + n == s.num_tokens else [] for s, n in zip(batch.seqs, batch.num_new_tokens)]
 
 
 def step(sched: Scheduler, token: int = TOKEN) -> dict[str, int]:
@@ -119,6 +119,6 @@ def test_stop_token_finishes_without_being_appended():
     sched.add(seq)
     batch = sched.schedule()
     events = sched.postprocess(batch, fake_run(batch))
-    assert events == [(seq, None)]
+    assert events == [(seq, [])]
     assert seq.finish_reason == "stop" and seq.output_token_ids == [] and not sched.has_unfinished()
     assert sched.block_manager.num_used_blocks == 0

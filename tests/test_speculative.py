@@ -11,8 +11,8 @@ import torch
 
 from qwen25.config import ModelConfig
 from qwen25.engine.kv_cache import ContiguousKVCache
-from qwen25.engine.speculative import (DraftModelProposer, NgramProposer, SpeculativeConfig, SpeculativeStats,
-                                       ngram_lookup, speculative_greedy)
+from qwen25.engine.engine import LLMEngine
+from qwen25.engine.speculative import DraftModelProposer, NgramProposer, SpeculativeConfig, SpeculativeStats, ngram_lookup
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 
@@ -49,14 +49,30 @@ def plain_greedy(model: Qwen2ForCausalLM, prompt: list[int], max_new: int, stop:
     return out
 
 
+class ByteTokenizer:
+    special_ids: frozenset[int] = frozenset()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return chr(32 + token_id % 95).encode()
+
+
+def spec_engine(model: Qwen2ForCausalLM, proposer, k: int, stop: frozenset[int] = frozenset(),  # noqa: ANN001
+                **settings) -> LLMEngine:  # noqa: ANN003
+    """An engine speculating with `proposer` (every sequence shares it) and k drafts per step."""
+    eng = LLMEngine(model, ByteTokenizer(), num_blocks=128, block_size=4, stop_token_ids=sorted(stop),
+                    speculative_config={"num_speculative_tokens": k}, **settings)
+    eng.runner.new_proposer = lambda: proposer
+    return eng
+
+
 def run(model: Qwen2ForCausalLM, prompt: list[int], max_new: int, stop: frozenset[int], proposer, k: int,
         stats: SpeculativeStats | None = None) -> tuple[list[int], str | None]:
-    tokens, reason = [], None
-    for event in speculative_greedy(model, prompt, max_new, stop, proposer, k, stats):
-        if event.token_id is not None:
-            tokens.append(event.token_id)
-        reason = event.finish_reason or reason
-    return tokens, reason
+    """Greedy generation through the engine with speculation; the engine's counters are copied to `stats`."""
+    eng = spec_engine(model, proposer, k, stop)
+    result = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=max_new))[0]
+    if stats is not None:
+        stats.__dict__.update(eng.speculative_stats.__dict__)
+    return result.token_ids, result.finish_reason
 
 
 class Oracle:
@@ -118,10 +134,9 @@ def test_equals_plain_greedy_with_every_proposer(target, prompt: list[int], k: i
         stats = SpeculativeStats()
         out, reason = run(target, prompt, 30, frozenset(), proposer, k, stats)
         assert out == truth, name
-        assert reason == "length" and stats.emitted == 30
-        assert stats.target_passes == 1 + len(stats.accepted_per_pass)
-        # Each pass yields its accepted drafts plus the target's next token (the last pass may be cut short).
-        assert stats.emitted <= 1 + stats.accepted + len(stats.accepted_per_pass)
+        # The prefill gives the first token; each speculative pass its accepted drafts plus the target's next.
+        assert reason == "length" and stats.emitted == 29
+        assert stats.emitted == stats.accepted + stats.target_passes
         if name == "self-draft":  # the draft is the target: everything it proposes is accepted
             assert stats.accepted == stats.drafted > 0
 
@@ -129,8 +144,8 @@ def test_equals_plain_greedy_with_every_proposer(target, prompt: list[int], k: i
 def test_self_draft_needs_few_target_passes(target) -> None:  # noqa: ANN001
     stats = SpeculativeStats()
     run(target, PROMPTS[0], 30, frozenset(), DraftModelProposer(target), 5, stats)
-    assert stats.target_passes == 1 + 5  # 1 prefill + ceil(29 / 6) verification passes of 6 tokens each
-    assert stats.tokens_per_pass == 5.0
+    assert stats.target_passes == 5  # after the prefill's token, ceil(29 / 6) passes of up to 6 tokens each
+    assert stats.emitted == 29
 
 
 def test_stop_token_inside_accepted_drafts(target) -> None:  # noqa: ANN001
@@ -149,11 +164,23 @@ def test_max_tokens_cut(target, max_new: int) -> None:  # noqa: ANN001
     assert reason == "length"
 
 
-def test_bad_arguments(target) -> None:  # noqa: ANN001
-    with pytest.raises(ValueError, match="empty prompt"):
-        next(speculative_greedy(target, [], 4, frozenset(), NgramProposer(), 2))
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
-        next(speculative_greedy(target, [1], 4, frozenset(), NgramProposer(), -1))
+def test_speculating_rows_batch_with_other_requests(target) -> None:  # noqa: ANN001
+    """Verification runs in the same pass as other rows: sampled and greedy requests beside speculating ones
+    give what each gives alone (the sampled one with its seed)."""
+    sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=12)
+    greedy = SamplingParams(temperature=0, max_tokens=20)
+    alone_sampled = LLMEngine(target, ByteTokenizer(), num_blocks=128, block_size=4).generate([PROMPTS[0]], sampled)
+    eng = spec_engine(target, NgramProposer(3, 1), 3)
+    results = eng.generate([PROMPTS[3], PROMPTS[0], PROMPTS[2]], [greedy, sampled, greedy])
+    assert results[0].token_ids == plain_greedy(target, PROMPTS[3], 20, frozenset())
+    assert results[1].token_ids == alone_sampled[0].token_ids
+    assert results[2].token_ids == plain_greedy(target, PROMPTS[2], 20, frozenset())
+    assert eng.speculative_stats.drafted > 0 and eng.block_manager.num_used_blocks == 0
+
+
+def test_engine_refuses_a_draft_method_without_the_draft(target) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="draft model"):
+        LLMEngine(target, ByteTokenizer(), num_blocks=16, speculative_config={"model": "somewhere"})
 
 
 # --- the q8 kernel: a row's result does not depend on its batch -----------------------------------
@@ -192,10 +219,10 @@ def test_llm_speculative_equals_plain(tiny_hf_dir) -> None:  # noqa: ANN001
         streamed = "".join(d.text for d in spec.stream(prompts[:1], params))
         assert streamed == expected[0][1]
     assert draft.speculative_stats.accepted == draft.speculative_stats.drafted  # the draft is the target
-    # Sampling is not speculative: it runs on the engine and the stats stay from the last speculative call.
-    before = spec.speculative_stats
+    # Sampling is not speculative: it runs on the same engine without drafts, and the counters stay.
+    before = dict(vars(spec.speculative_stats))
     spec.generate(prompts, SamplingParams(temperature=0.8, seed=1, max_tokens=5))
-    assert spec.speculative_stats is before
+    assert vars(spec.speculative_stats) == before
 
 
 # --- the real models ---------------------------------------------------------------------------------

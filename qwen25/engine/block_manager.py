@@ -77,14 +77,33 @@ class BlockManager:
             self.hit_tokens += seq.num_computed_tokens
         self.may_append(seq)
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the blocks `seq` needs for all its tokens (one more after a decode) are available."""
-        return self.blocks_for(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+    def can_append(self, seq: Sequence, extra: int = 0) -> bool:
+        """Whether the blocks `seq` needs for all its tokens and `extra` more (speculative drafts) are free."""
+        return self.blocks_for(seq.num_tokens + extra) - len(seq.block_table) <= self.num_free_blocks
 
-    def may_append(self, seq: Sequence) -> None:
-        """Grow `seq`'s block table to cover all its tokens."""
-        while len(seq.block_table) < self.blocks_for(seq.num_tokens):
+    def may_append(self, seq: Sequence, extra: int = 0) -> None:
+        """Grow `seq`'s block table to cover all its tokens and `extra` more."""
+        while len(seq.block_table) < self.blocks_for(seq.num_tokens + extra):
             seq.block_table.append(self._take(self._fresh_block()))
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give `child` (the same prompt as `parent`, nothing computed) the parent's computed prompt: the full
+        blocks are shared (reference counted, never written again), the partial last block gets a fresh block
+        for the child. Returns (source, destination) of that block, whose contents the caller copies, or None
+        when there was no partial block. The caller checks `can_fork` first."""
+        assert not child.block_table  # the parent's prompt is computed by the end of the current step
+        num_full, partial = divmod(parent.num_prompt_tokens, self.block_size)
+        child.block_table = [self._take(b) for b in parent.block_table[:num_full]]
+        child.num_computed_tokens = parent.num_prompt_tokens
+        child.num_registered_blocks = min(parent.num_registered_blocks, num_full)
+        child.block_hashes = parent.block_hashes[:num_full]
+        if not partial:
+            return None
+        child.block_table.append(self._take(self._fresh_block()))
+        return parent.block_table[num_full], child.block_table[-1]
+
+    def can_fork(self, parent: Sequence) -> bool:
+        return parent.num_prompt_tokens % self.block_size == 0 or self.num_free_blocks >= 1
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks. Tail blocks go first, so they are also evicted before the shared prefix."""

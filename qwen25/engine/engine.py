@@ -1,15 +1,18 @@
-"""`LLMEngine`: the serving engine's API: add requests, step, get token and text deltas (nano-vllm / vLLM shape).
+"""`LLMEngine`: the one generation engine (nano-vllm / vLLM shape): add requests, step, get token and text deltas.
 
 Wires the pure-Python scheduler and block manager to the tensor-side runner and paged cache, and owns the
-text side of each request (UTF-8-safe incremental detokenizing, stop strings). Not thread-safe: one caller
-(the server's engine loop, or `LLM`) calls add_request / abort_request / step in turn. `n` > 1 is the
-caller's job: submit n requests (seeds seed+k).
+text side of each request (UTF-8-safe incremental detokenizing, stop strings). Everything that generates runs
+here: `LLM`, the CLI, the server and the trainers' rollouts. A request with `n` > 1 is n sequences (seeds
+seed+k) that share one prefill: the first computes the prompt, the others are forked from its blocks and sample
+their first token from the same logits. With a `speculative_config`, plain greedy requests decode with drafts
+verified in the same pass as the other rows (see `qwen25.engine.speculative`). Not thread-safe: one caller
+(the server's engine loop, or `LLM`) calls add_request / abort_request / step in turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any
 
@@ -17,36 +20,34 @@ import torch
 
 from qwen25.engine.block_manager import BlockManager
 from qwen25.engine.errors import ContextLengthError
+from qwen25.engine.kv_cache import activation_dtype
 from qwen25.engine.paged_cache import PagedKVCache
 from qwen25.engine.runner import Logprob, ModelRunner
+from qwen25.engine.sampler import top_logprobs
 from qwen25.engine.scheduler import Scheduler
 from qwen25.engine.sequence import Sequence
+from qwen25.engine.speculative import SpeculativeConfig, SpeculativeStats, speculation_applies
 from qwen25.engine.stop import StopMatcher
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 from qwen25.tokenizer.stream import StreamDecoder
 
 
-def activation_dtype(model: Qwen2ForCausalLM) -> torch.dtype:
-    """The dtype of the hidden states, hence of the KV cache (quantized modules may hold int8 weights)."""
-    with torch.inference_mode():
-        return model.model.embed_tokens(torch.zeros(1, dtype=torch.long)).dtype
-
-
 @dataclass
 class StepOutput:
     request_id: str
-    new_token_ids: list[int]
+    new_token_ids: list[int]  # one per step, or 1..k+1 after a speculative step
     new_text: str  # detokenized (UTF-8 safe), stop strings applied
     finish_reason: str | None  # None while running; "stop" | "length" | "abort"
     logprobs: list[Logprob] | None  # for the new tokens, if params.logprobs is not None
     num_prompt_tokens: int
     num_output_tokens: int
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass
 class GenerationResult:
-    """One finished request from `LLMEngine.generate`."""
+    """One finished sample of a request from `LLMEngine.generate`."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -54,10 +55,13 @@ class GenerationResult:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[Logprob] | None = None
+    index: int = 0
 
 
 @dataclass
-class _Request:
+class _Sample:
+    """The text side of one sequence."""
+
     seq: Sequence
     decoder: StreamDecoder
     matcher: StopMatcher
@@ -67,22 +71,37 @@ class LLMEngine:
     def __init__(self, model: Qwen2ForCausalLM, tokenizer: Any, *, max_num_seqs: int = 8,
                  max_num_batched_tokens: int = 512, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int = 512 << 20, enable_prefix_caching: bool = True,
-                 stop_token_ids: Iterable[int] = (), max_model_len: int | None = None) -> None:
+                 stop_token_ids: Iterable[int] = (), max_model_len: int | None = None, use_native: bool = True,
+                 speculative_config: SpeculativeConfig | dict[str, Any] | None = None,
+                 draft_model: Qwen2ForCausalLM | None = None) -> None:
+        """speculative_config: vLLM's keys ({"method": "ngram", "num_speculative_tokens": 4, ...} or
+        {"model": DRAFT, ...} with the loaded draft passed as `draft_model`); use_native: run the fused native
+        forward where the model's weights and the pass allow it."""
         config = model.config
         dtype = activation_dtype(model)
         if num_blocks is None:
             num_blocks = kv_cache_memory // PagedKVCache.bytes_per_block(config, block_size, dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no {block_size}-token block")
+        spec = (SpeculativeConfig.from_dict(speculative_config) if isinstance(speculative_config, dict)
+                else speculative_config)
+        if spec is not None and spec.method == "draft_model" and draft_model is None:
+            raise ValueError(f"speculative method 'draft_model' needs the loaded draft model ({spec.model})")
         self.model = model
         self.tokenizer = tokenizer
         self.cache_capacity = num_blocks * block_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_capacity)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager)
-        self.runner = ModelRunner(model, num_blocks, block_size, dtype)
+        self.runner = ModelRunner(model, num_blocks, block_size, dtype, use_native=use_native, speculative=spec,
+                                  draft_model=draft_model)
+        self.speculative = spec
+        self.speculative_stats = SpeculativeStats()
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        self._requests: dict[str, _Request] = {}
+        self.num_computed_tokens = 0  # tokens whose keys/values the engine computed (prefill and decode)
+        self._samples: dict[int, _Sample] = {}  # by seq_id
+        self._request_seqs: dict[str, list[Sequence]] = {}
+        self._forks: dict[int, list[Sequence]] = {}  # seq_id of a prompt's first sample -> the samples to fork
         self._pending: list[StepOutput] = []  # abort outputs, delivered by the next step()
         self._ids = count()
 
@@ -91,8 +110,8 @@ class LLMEngine:
         """An engine for a loaded `qwen25.checkpoint.Checkpoint` (model + tokenizer + defaults) and plain settings
         (the keyword arguments of `LLMEngine`). Unless sized explicitly, the KV pool holds at least one
         full-context sequence (a prompt up to the context window must fit; the pool's pages are committed as
-        used)."""
-        from qwen25.checkpoint import stop_token_ids
+        used). A draft-model `speculative_config` loads its draft checkpoint here unless `draft_model` is given."""
+        from qwen25.checkpoint import load, stop_token_ids
 
         settings.setdefault("stop_token_ids", stop_token_ids(checkpoint))
         settings.setdefault("max_model_len", checkpoint.config.max_position_embeddings)
@@ -101,11 +120,25 @@ class LLMEngine:
             per_block = PagedKVCache.bytes_per_block(checkpoint.model.config, block_size,
                                                      activation_dtype(checkpoint.model))
             settings["kv_cache_memory"] = max(512 << 20, per_block * (settings["max_model_len"] // block_size + 1))
+        spec = settings.get("speculative_config")
+        if isinstance(spec, dict):
+            spec = settings["speculative_config"] = SpeculativeConfig.from_dict(spec)
+        if spec is not None and spec.method == "draft_model" and settings.get("draft_model") is None:
+            from qwen25.weights.registry import resolve_model
+
+            path = resolve_model(spec.model)
+            draft = load(path, quantization=checkpoint.quantization if path.is_file() else None)
+            if draft.tokenizer.vocab_size != checkpoint.tokenizer.vocab_size:
+                raise ValueError(f"the draft model {spec.model} has a different tokenizer "
+                                 f"({draft.tokenizer.vocab_size} tokens) from the target's "
+                                 f"({checkpoint.tokenizer.vocab_size})")
+            settings["draft_model"] = draft.model
         return cls(checkpoint.model, checkpoint.tokenizer, **settings)
 
     # --- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self._requests:
+        """Queue a request; params.n > 1 samples n continuations of one prefill (sample k seeded seed+k)."""
+        if request_id in self._request_seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -118,56 +151,91 @@ class LLMEngine:
                                      "output)")
         budget = self.max_model_len - len(prompt)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
-        seq = Sequence(request_id, prompt, params, stop_ids, min(params.max_tokens or budget, budget))
-        self._requests[request_id] = _Request(
-            seq, StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
-            StopMatcher(params.stop, params.include_stop_str_in_output))
-        self.scheduler.add(seq)
+        seqs = []
+        for k in range(params.n):
+            sample_params = params if k == 0 or params.seed is None else replace(params, seed=params.seed + k)
+            seq = Sequence(request_id, prompt, sample_params, stop_ids, min(params.max_tokens or budget, budget), k)
+            self._samples[seq.seq_id] = _Sample(
+                seq, StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+                StopMatcher(params.stop, params.include_stop_str_in_output))
+            seqs.append(seq)
+        self._request_seqs[request_id] = seqs
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:
+            self._forks[seqs[0].seq_id] = seqs[1:]
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request and free its blocks; its final StepOutput (finish_reason "abort") comes from the next
-        step(). Unknown or already finished ids are ignored."""
-        request = self._requests.pop(request_id, None)
-        if request is None:
-            return
-        seq = request.seq
-        self.scheduler.abort(seq)
-        self.runner.release(seq)
-        self._pending.append(StepOutput(request_id, [], "", "abort", [] if seq.params.logprobs is not None else None,
-                                        seq.num_prompt_tokens, seq.num_output_tokens))
+        """Stop a request (all its samples) and free its blocks; the final StepOutputs (finish_reason "abort")
+        come from the next step(). Unknown or already finished ids are ignored."""
+        for seq in self._request_seqs.pop(request_id, []):
+            self._forks.pop(seq.seq_id, None)
+            if self._samples.pop(seq.seq_id, None) is None:
+                continue
+            self.scheduler.abort(seq)
+            self.runner.release(seq)
+            self._pending.append(StepOutput(request_id, [], "", "abort",
+                                            [] if seq.params.logprobs is not None else None,
+                                            seq.num_prompt_tokens, seq.num_output_tokens, seq.index))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()
 
     # --- stepping ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One scheduling step; outputs for requests that produced a token or finished."""
+        """One scheduling step; outputs for samples that produced tokens or finished."""
         outputs, self._pending = self._pending, []
+        self.runner.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not len(batch):
             return outputs
-        tokens, logprobs = self.runner.run(batch)
+        self.num_computed_tokens += batch.num_batched_tokens
+        drafted = {seq.seq_id: len(seq.draft_ids) for seq in batch.seqs}
+        tokens, logprobs, kept = self.runner.run(batch, frozenset(self._forks))
+        for seq, sampled in zip(batch.seqs, tokens):
+            if sampled and self.speculative is not None and speculation_applies(seq.params) and not seq.is_prefill:
+                self.speculative_stats.record(drafted[seq.seq_id], len(sampled))
+        forked = [(child, parent, kept[parent.seq_id]) for parent in batch.seqs if parent.seq_id in kept
+                  for child in self._forks.pop(parent.seq_id)]
+        forked = [(child, logits) for child, parent, logits in forked if self._fork(parent, child)]
         row_logprobs = {seq.seq_id: lp for seq, lp in zip(batch.seqs, logprobs)}
-        for seq, token in self.scheduler.postprocess(batch, tokens):
-            outputs.append(self._text_output(seq, token, row_logprobs[seq.seq_id]))
+        for seq, appended in self.scheduler.postprocess(batch, tokens):
+            outputs.append(self._text_output(seq, appended, row_logprobs[seq.seq_id]))
+        for child, logits in forked:
+            token = self.runner.sample(child, logits)
+            lps = None
+            if child.params.logprobs is not None:
+                lps = [top_logprobs(logits, token, child.params.logprobs)]
+            outputs.append(self._text_output(child, self.scheduler.append_tokens(child, [token]), lps))
         return outputs
 
-    def _text_output(self, seq: Sequence, token: int | None, logprob: Logprob | None) -> StepOutput:
-        request = self._requests[seq.request_id]
-        text = request.decoder.push(token) if token is not None else ""
+    def _fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Start `child` on the parent's prompt blocks (True), or queue it as a sequence of its own (False)."""
+        copy = self.scheduler.fork(parent, child)
+        if copy is False:
+            return False
+        if copy is not None:
+            self.runner.copy_block(*copy)
+        return True
+
+    def _text_output(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob] | None) -> StepOutput:
+        sample = self._samples[seq.seq_id]
+        text = "".join(sample.decoder.push(token) for token in tokens)
         reason = seq.finish_reason
         if reason is not None:
-            text += request.decoder.flush()
-        text, hit = request.matcher.feed(text, final=reason is not None)
+            text += sample.decoder.flush()
+        text, hit = sample.matcher.feed(text, final=reason is not None)
         if hit and reason is None:
             self.scheduler.finish(seq, "stop")
             reason = "stop"
         if reason is not None:
             self.runner.release(seq)
-            del self._requests[seq.request_id]
-        new_ids = [token] if token is not None else []
-        lps = None if seq.params.logprobs is None else ([logprob] if token is not None and logprob is not None else [])
-        return StepOutput(seq.request_id, new_ids, text, reason, lps, seq.num_prompt_tokens, seq.num_output_tokens)
+            del self._samples[seq.seq_id]
+            siblings = self._request_seqs.get(seq.request_id, [])
+            if all(s.seq_id not in self._samples for s in siblings):
+                self._request_seqs.pop(seq.request_id, None)
+        lps = None if seq.params.logprobs is None else (logprobs or [])[:len(tokens)]
+        return StepOutput(seq.request_id, tokens, text, reason, lps, seq.num_prompt_tokens, seq.num_output_tokens,
+                          seq.index)
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
@@ -180,31 +248,46 @@ class LLMEngine:
             "prefix_cache_hit_tokens": bm.hit_tokens,
             "prefix_cache_queried_tokens": bm.queried_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "spec_drafted_tokens": self.speculative_stats.drafted,
+            "spec_accepted_tokens": self.speculative_stats.accepted,
         }
 
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
         """Run the prompts to completion (offline convenience; drives the engine until they all finish, and
-        drops outputs of requests added by someone else meanwhile)."""
+        drops outputs of requests added by someone else meanwhile). One result per prompt and sample, in
+        order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
-        results: dict[str, GenerationResult] = {}
+        results: dict[tuple[str, int], GenerationResult] = {}
         for prompt, p in zip(prompts, params_list):
             rid = f"generate-{next(self._ids)}"
             self.add_request(rid, prompt, p)
-            results[rid] = GenerationResult(rid, list(prompt), logprobs=[] if p.logprobs is not None else None)
-        unfinished = set(results)
+            for k in range(p.n):
+                results[rid, k] = GenerationResult(rid, list(prompt), logprobs=[] if p.logprobs is not None else None,
+                                                   index=k)
+        for out in self.run_until_finished(set(results)):
+            accumulate(results[out.request_id, out.index], out)
+        return list(results.values())
+
+    def run_until_finished(self, samples: set[tuple[str, int]]) -> Iterator[StepOutput]:
+        """Step until the given (request id, index) samples finish, yielding their outputs only."""
+        unfinished = set(samples)
         while unfinished:
             for out in self.step():
-                result = results.get(out.request_id)
-                if result is None:
-                    continue
-                result.token_ids += out.new_token_ids
-                result.text += out.new_text
-                if out.logprobs and result.logprobs is not None:
-                    result.logprobs += out.logprobs
-                if out.finish_reason is not None:
-                    result.finish_reason = out.finish_reason
-                    unfinished.discard(out.request_id)
-        return list(results.values())
+                key = (out.request_id, out.index)
+                if key in unfinished:
+                    if out.finish_reason is not None:
+                        unfinished.discard(key)
+                    yield out
+
+
+def accumulate(result: GenerationResult, out: StepOutput) -> None:
+    """Add one step's output to a sample's accumulated result (the one place outputs are summed up)."""
+    result.token_ids += out.new_token_ids
+    result.text += out.new_text
+    if out.logprobs and result.logprobs is not None:
+        result.logprobs += out.logprobs
+    if out.finish_reason is not None:
+        result.finish_reason = out.finish_reason

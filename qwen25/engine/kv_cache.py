@@ -14,6 +14,12 @@ import torch
 from qwen25.config import ModelConfig
 
 
+def activation_dtype(model: Any) -> torch.dtype:
+    """The dtype of a model's hidden states, hence of its KV cache (quantized modules may hold int8 weights)."""
+    with torch.inference_mode():
+        return model.model.embed_tokens(torch.zeros(1, dtype=torch.long)).dtype
+
+
 class ContiguousKVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:

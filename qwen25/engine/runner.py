@@ -1,17 +1,23 @@
 """`ModelRunner`: the only engine part that builds tensors. Runs the model on a scheduled batch and samples.
 
-A step's rows are split into a few forward passes of similar new-token counts (decodes together, prefill chunks
-together) so that a 1-token decode is not left-padded to a 512-token chunk: each extra pass costs one more
-read of the weights, padding costs compute per padded token, and a tiny DP over the sorted counts picks the
-cheaper split. A q8 or q4 model runs the whole step as one unpadded pass of the fused native forward
-(`qwen25.kernels.native`), which reads and writes the paged cache in place. Each row samples with `sample_next` and
-its own `torch.Generator` (seeded from params.seed), only when all its tokens are computed (a prefill chunk that
-is not the last samples nothing).
+One dispatch site for the fast path: the runner builds the fused native forward (`qwen25.kernels.native`) for
+the model when its weights allow it, and asks it before every pass whether it supports the pass (the model's
+config, the attention kind, the KV cache's dtype); otherwise the PyTorch modules run. Natively a step is one
+unpadded pass that reads and writes the paged cache in place. On the PyTorch path a step's rows are split into
+a few passes of similar new-token counts (decodes together, prefill chunks together) so that a 1-token decode
+is not left-padded to a 512-token chunk: each extra pass costs one more read of the weights, padding costs
+compute per padded token, and a tiny DP over the sorted counts picks the cheaper split.
+
+Sampling: each row samples with `sample_next` and its own `torch.Generator` (seeded from params.seed), only when
+all its tokens are computed (a prefill chunk that is not the last samples nothing). A row with speculative
+drafts (plain greedy requests, see `qwen25.engine.speculative`) gets logits at the last token and at every
+draft; the drafts are accepted while they equal the argmax, and the argmax after the last accepted one comes
+too, so such a row yields 1..k+1 tokens for one pass, exactly what greedy decoding would have produced.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -19,10 +25,12 @@ from qwen25.engine.paged_cache import PagedKVCache, PagedStep
 from qwen25.engine.sampler import sample_next, top_logprobs
 from qwen25.engine.scheduler import ScheduledBatch
 from qwen25.engine.sequence import Sequence
-from qwen25.kernels.native import KVView
+from qwen25.engine.speculative import Proposer, SpeculativeConfig, make_proposer, speculation_applies
+from qwen25.kernels.native import KVView, NativeForward
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 Logprob = tuple[float, list[tuple[int, float]]]
+ATTENTION = "causal"  # the attention kind of the runner's passes (plain causal attention over the paged cache)
 
 
 def split_by_length(counts: list[int], pass_cost: int) -> list[list[int]]:
@@ -44,50 +52,96 @@ def split_by_length(counts: list[int], pass_cost: int) -> list[list[int]]:
 
 class ModelRunner:
     def __init__(self, model: Qwen2ForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, pass_cost: int = 16) -> None:
+                 dtype: torch.dtype = torch.float32, pass_cost: int = 16, use_native: bool = True,
+                 speculative: SpeculativeConfig | None = None, draft_model: Qwen2ForCausalLM | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype)
         self.pass_cost = pass_cost  # one forward pass ~ this many padded tokens of compute
+        self.native = NativeForward.for_model(model) if use_native else None
+        self.speculative = speculative
+        self.draft_model = draft_model
+        self._draft_native = NativeForward.for_model(draft_model) if use_native and draft_model is not None else None
         self._generators: dict[int, torch.Generator] = {}
         self._prompts: dict[int, torch.Tensor] = {}
+        self._proposers: dict[int, Proposer] = {}
 
     def release(self, seq: Sequence) -> None:
-        """Forget a finished sequence's sampling state."""
+        """Forget a finished sequence's sampling and drafting state."""
         self._generators.pop(seq.seq_id, None)
         self._prompts.pop(seq.seq_id, None)
+        self._proposers.pop(seq.seq_id, None)
 
+    def native_for_pass(self) -> NativeForward | None:
+        """The native forward if it supports this runner's passes, else None (the PyTorch path runs)."""
+        native = self.native
+        if native is not None and native.supports(self.model.config, ATTENTION, self.cache.keys.dtype):
+            return native
+        return None
+
+    # --- speculation -------------------------------------------------------------------------------
+    def propose(self, seqs: Iterable[Sequence]) -> None:
+        """Set `draft_ids` of every decoding sequence that speculation applies to (plain greedy requests)."""
+        spec = self.speculative
+        if spec is None:
+            return
+        for seq in seqs:
+            room = seq.max_tokens - seq.num_output_tokens - 1  # tokens a step may still emit, less the free one
+            if seq.is_prefill or room <= 0 or not speculation_applies(seq.params):
+                seq.draft_ids = []
+                continue
+            proposer = self._proposers.get(seq.seq_id)
+            if proposer is None:
+                proposer = self._proposers[seq.seq_id] = self.new_proposer()
+            seq.draft_ids = proposer.propose(seq.token_ids, min(spec.num_speculative_tokens, room))
+
+    def new_proposer(self) -> Proposer:
+        """The drafting state of one sequence (tests replace this to script the drafts)."""
+        assert self.speculative is not None
+        return make_proposer(self.speculative, self.draft_model, self._draft_native)
+
+    # --- steps -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[Logprob | None]]:
-        """Compute every row's new tokens; return the sampled token (None if the row is mid-prefill) and its
-        logprobs (if requested) per row."""
-        tokens: list[int | None] = [None] * len(batch)
-        logprobs: list[Logprob | None] = [None] * len(batch)
-        counts = batch.num_new_tokens
-        if self._native() is not None:  # rows are not padded natively: one pass for everything
-            passes = [list(range(len(batch)))]
-        else:
-            passes = split_by_length(counts, self.pass_cost)
+    def run(self, batch: ScheduledBatch,
+            keep_logits: frozenset[int] = frozenset()) -> tuple[list[list[int]], list[list[Logprob] | None],
+                                                                 dict[int, torch.Tensor]]:
+        """Compute every row's new tokens. Returns per row the sampled tokens ([] mid-prefill) and their
+        logprobs (None unless requested), and the last logits (V,) of the sequences in `keep_logits` that
+        sampled (for forked samples of the same prompt)."""
+        tokens: list[list[int]] = [[] for _ in range(len(batch))]
+        logprobs: list[list[Logprob] | None] = [None] * len(batch)
+        kept: dict[int, torch.Tensor] = {}
+        native = self.native_for_pass()
+        passes = [list(range(len(batch)))] if native is not None else split_by_length(batch.num_new_tokens,
+                                                                                       self.pass_cost)
         for rows in passes:
             seqs = [batch.seqs[i] for i in rows]
             counts = [batch.num_new_tokens[i] for i in rows]
-            logits = self.forward(seqs, counts)
-            for r, (i, seq, n) in enumerate(zip(rows, seqs, counts)):
-                if seq.num_computed_tokens + n == seq.num_tokens:
-                    tokens[i] = token = self._sample(seq, logits[r])
-                    if seq.params.logprobs is not None:
-                        logprobs[i] = top_logprobs(logits[r], token, seq.params.logprobs)
-        return tokens, logprobs
+            keep = [1 + len(seq.draft_ids) for seq in seqs]
+            logits = self.forward(seqs, counts, keep, native)
+            for i, seq, n, row in zip(rows, seqs, counts, logits):
+                if seq.num_computed_tokens + n < seq.num_tokens + len(seq.draft_ids):
+                    continue  # a prefill chunk that is not the last
+                if seq.draft_ids:
+                    tokens[i] = verify_greedy(seq.draft_ids, row)
+                    continue
+                tokens[i] = [self.sample(seq, row[-1])]
+                if seq.params.logprobs is not None:
+                    logprobs[i] = [top_logprobs(row[-1], tokens[i][0], seq.params.logprobs)]
+                if seq.seq_id in keep_logits:
+                    kept[seq.seq_id] = row[-1]
+        return tokens, logprobs, kept
 
-    def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
-        """Last-position logits (B, V) after computing counts[r] new tokens of each seqs[r]."""
-        native = self._native()
+    def forward(self, seqs: list[Sequence], counts: list[int], keep: list[int],
+                native: NativeForward | None) -> list[torch.Tensor]:
+        """Logits (keep[r], V) of the last keep[r] new positions of each seqs[r] after computing its counts[r]
+        new tokens (its next tokens, then its drafts)."""
         if native is not None:
-            return self._forward_native(native, seqs, counts)
+            return self._forward_native(native, seqs, counts, keep)
         B, T, bs = len(seqs), max(counts), self.block_size
         starts = [s.num_computed_tokens for s in seqs]
         P = max(starts)
-        ids = [[0] * (T - n) + s.token_ids[st:st + n] for s, st, n in zip(seqs, starts, counts)]
+        ids = [[0] * (T - n) + s.tokens_to_compute(n) for s, n in zip(seqs, counts)]
         pos = [[0] * (T - n) + list(range(st, st + n)) for st, n in zip(starts, counts)]
         padded = any(n != T for n in counts)
         new_mask = torch.tensor([[False] * (T - n) + [True] * n for n in counts]) if padded else None
@@ -111,35 +165,40 @@ class ModelRunner:
         key_mask = None if bool(valid.all()) else valid
 
         step = PagedStep(self.cache, P, write_rows, write_slots, slots, key_mask)
+        width_kept = max(keep)
         logits = self.model(torch.tensor(ids), positions=torch.tensor(pos), cache=step, padding_mask=new_mask,
-                            logits_to_keep=1)
-        return logits[:, -1]
+                            logits_to_keep=width_kept)
+        return [logits[r, width_kept - k:] for r, k in enumerate(keep)]
 
-    def _native(self) -> Any:
-        """The model's native forward if it can use this runner's cache (fp32), else None."""
-        return self.model.native if self.cache.keys.dtype == torch.float32 else None
-
-    def _forward_native(self, native: Any, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+    def _forward_native(self, native: NativeForward, seqs: list[Sequence], counts: list[int],
+                        keep: list[int]) -> list[torch.Tensor]:
         """The same pass through the fused native forward: rows (token, position, sequence) with no padding,
         keys/values read and written in place through the block tables."""
         tokens: list[int] = []
         positions: list[int] = []
         seq_of_row: list[int] = []
         out_rows: list[int] = []
-        for r, (seq, n) in enumerate(zip(seqs, counts)):
+        for r, (seq, n, k) in enumerate(zip(seqs, counts, keep)):
             start = seq.num_computed_tokens
-            tokens += seq.token_ids[start:start + n]
+            tokens += seq.tokens_to_compute(n)
             positions += range(start, start + n)
             seq_of_row += [r] * n
-            out_rows.append(len(tokens) - 1)
+            out_rows += range(len(tokens) - k, len(tokens))
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
         view = KVView(self.cache.keys, self.cache.values, tables)
         i32 = torch.int32
-        return native(torch.tensor(tokens), torch.tensor(positions, dtype=i32), torch.tensor(seq_of_row, dtype=i32),
-                      view, torch.tensor(out_rows, dtype=i32))
+        logits = native(torch.tensor(tokens), torch.tensor(positions, dtype=i32),
+                        torch.tensor(seq_of_row, dtype=i32), view, torch.tensor(out_rows, dtype=i32))
+        return list(logits.split(keep))
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+    def copy_block(self, source: int, destination: int) -> None:
+        """Copy one block's keys and values (a forked sample's partial prompt block)."""
+        self.cache.keys[:, :, destination] = self.cache.keys[:, :, source]
+        self.cache.values[:, :, destination] = self.cache.values[:, :, source]
+
+    def sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """One token for `seq` from its raw last logits (V,), with its processors, penalties and generator."""
         g = self._generators.get(seq.seq_id)
         if g is None:
             g = self._generators[seq.seq_id] = torch.Generator()
@@ -151,3 +210,13 @@ class ModelRunner:
             logits = processor(seq.output_token_ids, logits)
         output = torch.tensor(seq.output_token_ids, dtype=torch.long)
         return sample_next(logits, seq.params, self._prompts[seq.seq_id], output, g)
+
+
+def verify_greedy(drafts: list[int], logits: torch.Tensor) -> list[int]:
+    """The tokens a speculative step emits: drafts while they equal the argmax of the logits before them, then
+    the argmax after the last accepted one. logits (len(drafts) + 1, V)."""
+    greedy = logits.argmax(dim=-1).tolist()
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
+        accepted += 1
+    return [*drafts[:accepted], greedy[accepted]]

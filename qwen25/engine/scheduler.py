@@ -60,7 +60,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
-        for seq in list(self.running):  # decodes first
+        for seq in list(self.running):  # decodes first, each with its speculative drafts if it has any
             if seq.status is not SequenceStatus.RUNNING or seq.is_prefill:
                 continue
             while not bm.can_append(seq):
@@ -70,9 +70,14 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                bm.may_append(seq)
-                batch.add(seq, 1)
-                budget -= 1
+                # Drafts only ride along while the token budget and free blocks allow (never preempt for them).
+                drafts = seq.draft_ids[:max(0, budget - 1 - (len(self.running) - len(batch.seqs) - 1))]
+                while drafts and not bm.can_append(seq, len(drafts)):
+                    drafts.pop()
+                seq.draft_ids = drafts
+                bm.may_append(seq, len(drafts))
+                batch.add(seq, 1 + len(drafts))
+                budget -= 1 + len(drafts)
         for seq in self.running:  # then running prefills, chunked to the budget (their blocks are allocated)
             if budget == 0:
                 break
@@ -93,28 +98,53 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[tuple[Sequence, int | None]]:
-        """Advance the sequences after the runner computed `batch`. sampled[i] is the token drawn from seqs[i]'s
-        last logits (None for a prefill chunk that is not the last). Returns (seq, appended token or None if it
-        stopped on a stop token) for each sequence that sampled; finished sequences release their blocks."""
-        events: list[tuple[Sequence, int | None]] = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+    def postprocess(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[tuple[Sequence, list[int]]]:
+        """Advance the sequences after the runner computed `batch`. sampled[i] holds the tokens drawn for
+        seqs[i] ([] for a prefill chunk that is not the last; the accepted drafts plus one token after a
+        speculative step). Returns (seq, appended tokens) for each sequence that sampled; a stop token is not
+        appended and finishes the sequence ("stop"); finished sequences release their blocks."""
+        events: list[tuple[Sequence, list[int]]] = []
+        for seq, n, tokens in zip(batch.seqs, batch.num_new_tokens, sampled):
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += n
-            self.block_manager.cache_blocks(seq)
+            seq.num_computed_tokens += n - len(seq.draft_ids)
+            seq.draft_ids = []
             if seq.num_computed_tokens < seq.num_tokens:
+                self.block_manager.cache_blocks(seq)
                 continue
-            assert token is not None, f"{seq} finished computing but nothing was sampled"
+            assert tokens, f"{seq} finished computing but nothing was sampled"
+            events.append((seq, self.append_tokens(seq, tokens)))
+        return events
+
+    def append_tokens(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        """Append sampled tokens (all but the last have their KV computed: accepted drafts) until a stop token
+        or max_tokens finishes `seq`; returns the tokens appended."""
+        appended: list[int] = []
+        for token in tokens:
             if token in seq.stop_token_ids:
                 self.finish(seq, "stop")
-                events.append((seq, None))
-                continue
+                break
             seq.append_token(token)
+            appended.append(token)
             if seq.num_output_tokens >= seq.max_tokens:
                 self.finish(seq, "length")
-            events.append((seq, token))
-        return events
+                break
+        if not seq.is_finished:
+            seq.num_computed_tokens += len(appended) - 1  # the accepted drafts' keys/values are in the cache
+            self.block_manager.cache_blocks(seq)
+        return appended
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None | bool:
+        """Run `child` (another sample of parent's prompt) on the parent's computed prompt blocks. Returns the
+        block copy to make (see BlockManager.fork), or False when there is no room: then the child waits in
+        the queue as a request of its own (its full prompt blocks are in the prefix cache by now)."""
+        if len(self.running) >= self.max_num_seqs or not self.block_manager.can_fork(parent):
+            self.add(child)
+            return False
+        copy = self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        return copy
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End `seq` (stop, length, abort) wherever it is and release its blocks."""
@@ -134,6 +164,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.draft_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

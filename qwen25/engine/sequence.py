@@ -3,7 +3,9 @@
 Pure Python (no torch), so the scheduler and block manager are testable without a model. A sequence advances
 by "computing" tokens (writing their KV): a prefill computes the prompt (possibly in chunks), a decode computes
 the last sampled token. Whenever every token is computed, the model's logits for the last one give the next
-token. Recompute-preemption just resets `num_computed_tokens`; prompt and outputs are kept.
+token. Recompute-preemption just resets `num_computed_tokens`; prompt and outputs are kept. A decode may carry
+speculative `draft_ids`: they are computed with the last token in one step and only the accepted ones join
+`token_ids`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ _ids = count()
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 stop_token_ids: frozenset[int] = frozenset(), max_tokens: int = 256) -> None:
+                 stop_token_ids: frozenset[int] = frozenset(), max_tokens: int = 256, index: int = 0) -> None:
         if not prompt_token_ids:
             raise ValueError("empty prompt: nothing to condition on")
         self.seq_id = next(_ids)
         self.request_id = request_id
+        self.index = index  # which of the request's n samples this is
         self.token_ids = list(prompt_token_ids)  # prompt + outputs
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -43,6 +46,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
         self.num_preemptions = 0
+        # Speculative drafts for the next step: computed after the last token, verified by the runner, never
+        # part of token_ids until accepted.
+        self.draft_ids: list[int] = []
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
@@ -76,6 +82,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def tokens_to_compute(self, n: int) -> list[int]:
+        """The next n tokens whose keys/values are not cached yet: uncomputed tokens, then the drafts."""
+        start = self.num_computed_tokens
+        tokens = self.token_ids[start:start + n]
+        return tokens + self.draft_ids[:n - len(tokens)] if len(tokens) < n else tokens
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -1,11 +1,12 @@
-"""Speculative decoding for greedy generation: cheap drafts, verified by the target model in one forward pass.
+"""Speculative decoding for greedy requests: what to draft and how (proposers and their settings).
 
-Each round a proposer guesses up to k next tokens; the target model runs once over [last token, draft_1..k]
-and yields its own greedy choice at every one of those positions. The drafts are accepted while they equal
-the target's choices, and the target's choice after the last accepted draft comes for free, so a round emits
-1..k+1 tokens for one target pass. Rejected positions are dropped from the KV cache by moving its length back.
-The output is the target's greedy output by construction: every emitted token is an argmax of target logits
-over exactly the tokens before it.
+Each step the runner asks a sequence's proposer for up to k guesses of its next tokens; the target model
+computes [last token, draft_1..k] in the same pass as the other rows and the runner keeps the drafts while
+they equal its own greedy choices, plus its choice after the last accepted one: 1..k+1 tokens per pass, and
+exactly the target's greedy output, since every emitted token is an argmax of target logits over exactly
+the tokens before it. Rejected drafts' keys/values lie beyond the sequence's computed tokens and are
+overwritten later. Speculation applies to plain greedy requests (`speculation_applies`); other requests in
+the same engine run as usual.
 
 Proposers:
 - `NgramProposer` (prompt lookup): find the latest earlier occurrence of the sequence's last n tokens
@@ -13,23 +14,19 @@ Proposers:
   quoting, extraction, summaries with names).
 - `DraftModelProposer`: a small model of the same vocabulary (Qwen2.5-0.5B drafting for 1.5B+) decodes k greedy
   tokens on its own contiguous cache, which is cut back to the agreed prefix each round.
-
-Greedy only, one sequence at a time (the continuous-batching engine serves everything else); `LLM` uses this
-path when it was built with a `speculative_config` and a request is plain greedy.
 """
+
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 
-from qwen25.engine.engine import activation_dtype
-from qwen25.engine.generator import TokenEvent
-from qwen25.engine.kv_cache import ContiguousKVCache
+from qwen25.engine.kv_cache import ContiguousKVCache, activation_dtype
 from qwen25.model.qwen2 import Qwen2ForCausalLM
+from qwen25.sampling_params import SamplingParams
 
 
 METHODS = ("ngram", "draft_model")
@@ -37,7 +34,7 @@ METHODS = ("ngram", "draft_model")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """How `LLM` speculates (vLLM's `speculative_config` keys): method "ngram" (prompt lookup) or "draft_model"
+    """How the engine speculates (vLLM's `speculative_config` keys): method "ngram" (prompt lookup) or "draft_model"
     (`model` = a draft checkpoint sharing the target's tokenizer)."""
 
     method: str = "ngram"
@@ -101,8 +98,10 @@ class DraftModelProposer:
     to the longest prefix it shares with the current tokens, the missing tokens are fed in one pass, and k
     tokens are decoded one at a time."""
 
-    def __init__(self, model: Qwen2ForCausalLM, capacity: int = 4096) -> None:
+    def __init__(self, model: Qwen2ForCausalLM, capacity: int = 4096, native: Any = None) -> None:
+        """native: the draft model's `NativeForward` (None: its PyTorch modules run)."""
         self.model = model
+        self.native = native
         self.capacity = capacity
         self._cache: ContiguousKVCache | None = None
         self._cached: list[int] = []  # the tokens whose keys/values are in the cache
@@ -127,7 +126,10 @@ class DraftModelProposer:
         drafts: list[int] = []
         with torch.inference_mode():
             for _ in range(k):
-                logits = self.model(torch.tensor([fed]), cache=cache, logits_to_keep=1)
+                ids = torch.tensor([fed])
+                view = cache.native_view() if self.native is not None else None
+                logits = (self.native.forward_cache(ids, cache, view, 1) if view is not None else
+                          self.model(ids, cache=cache, logits_to_keep=1))
                 drafts.append(int(logits[0, -1].argmax()))
                 fed = drafts[-1:]
         self._cached = tokens + drafts[:-1]
@@ -136,13 +138,20 @@ class DraftModelProposer:
 
 @dataclass
 class SpeculativeStats:
-    """Counters over a generation: target passes, tokens drafted / accepted / emitted."""
+    """Counters of speculative steps: target passes of a speculating sequence, tokens drafted / accepted /
+    emitted by those passes."""
 
     target_passes: int = 0
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
-    accepted_per_pass: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, emitted: int) -> None:
+        """One pass of one sequence: `drafted` drafts went in, `emitted` tokens came out (accepted + 1)."""
+        self.target_passes += 1
+        self.drafted += drafted
+        self.accepted += max(emitted - 1, 0)
+        self.emitted += emitted
 
     @property
     def acceptance_rate(self) -> float:
@@ -153,54 +162,22 @@ class SpeculativeStats:
         return self.emitted / self.target_passes if self.target_passes else 0.0
 
 
-def speculative_greedy(target: Qwen2ForCausalLM, prompt_ids: list[int], max_new_tokens: int,
-                       stop_ids: frozenset[int], proposer: Proposer, num_speculative_tokens: int,
-                       stats: SpeculativeStats | None = None) -> Iterator[TokenEvent]:
-    """Greedy generation of `target` for one prompt, drafting with `proposer`. Yields a TokenEvent per emitted
-    token (index 0) and a last one with token_id None when a stop token ends it ("stop"); after the token that
-    reaches max_new_tokens, the event carries "length". Close the iterator to stop early."""
-    if not prompt_ids:
-        raise ValueError("empty prompt: nothing to condition on")
-    if num_speculative_tokens < 0:
-        raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
-    stats = stats if stats is not None else SpeculativeStats()
-    k = num_speculative_tokens
-    cache = ContiguousKVCache(target.config, 1, len(prompt_ids) + max_new_tokens + k + 1,
-                              dtype=activation_dtype(target))
-    tokens = list(prompt_ids)
-    produced = 0
-    with torch.inference_mode():
-        logits = target(torch.tensor([prompt_ids]), cache=cache, logits_to_keep=1)
-    stats.target_passes += 1
-    candidates = [int(logits[0, -1].argmax())]  # target-greedy tokens not yet emitted, in order
-    while True:
-        for token in candidates:
-            if token in stop_ids:
-                yield TokenEvent(0, None, "stop")
-                return
-            tokens.append(token)
-            produced += 1
-            stats.emitted += 1
-            if produced >= max_new_tokens:
-                yield TokenEvent(0, token, "length")
-                return
-            yield TokenEvent(0, token, None)
-        # `tokens[-1]` is emitted but not in the cache yet; draft what follows it and verify in one pass.
-        budget = min(k, max_new_tokens - produced)
-        drafts = proposer.propose(tokens, budget)[:budget] if budget > 0 else []
-        fed = [tokens[-1], *drafts]
-        with torch.inference_mode():
-            logits = target(torch.tensor([fed]), cache=cache, logits_to_keep=len(fed))
-        greedy = logits[0].argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
-            accepted += 1
-        cache.truncate(cache.length - (len(drafts) - accepted))  # keep tokens[-1] and the accepted drafts
-        stats.target_passes += 1
-        stats.drafted += len(drafts)
-        stats.accepted += accepted
-        stats.accepted_per_pass.append(accepted)
-        candidates = [*drafts[:accepted], greedy[accepted]]
+def speculation_applies(params: SamplingParams) -> bool:
+    """Speculation reproduces plain greedy decoding of the raw logits: no sampling, penalties, processors or
+    logprobs."""
+    return (params.is_greedy and params.logprobs is None and not params.logits_processors
+            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0)
+
+
+def make_proposer(spec: SpeculativeConfig, draft_model: Qwen2ForCausalLM | None = None,
+                  draft_native: Any = None) -> Proposer:
+    """A fresh proposer for one sequence."""
+    if spec.method == "draft_model":
+        if draft_model is None:
+            raise ValueError("speculative method 'draft_model' needs the loaded draft model")
+        return DraftModelProposer(draft_model, native=draft_native)
+    return NgramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -181,6 +181,15 @@ class NativeForward:
         lib = load_forward_kernel()
         return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True))
 
+    def supports(self, config: Any, attention: str, kv_dtype: torch.dtype) -> bool:
+        """Whether a pass with this model config, attention kind and KV-cache dtype can run natively: the kernel
+        implements plain causal attention with default RoPE over an fp32 cache, for the config it was built
+        from; anything else (YaRN, dual-chunk or sparse attention, a 16-bit or int8 cache) runs the PyTorch
+        path."""
+        rope_type = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
+        return (config == self.config and attention == "causal" and kv_dtype == torch.float32
+                and rope_type in ("default", None) and not getattr(config, "dual_chunk_attention_config", None))
+
     def forward_cache(self, input_ids: torch.Tensor, cache: Any, view: KVView, logits_to_keep: int) -> torch.Tensor:
         """`Qwen2ForCausalLM.forward` for a lock-step batch on a contiguous cache: (B, T) ids after
         `cache.length` cached positions; logits (B, k or T, V); commits T positions."""

@@ -158,9 +158,6 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Optional fused native forward for passes on a cache that offers `native_view()` (set by the q8 loader,
-        # see qwen25.kernels.native); None: every pass runs the modules below.
-        self.native: Any = None
 
     def tie_weights(self) -> None:
         """Re-point lm_head at the embedding (needed after loading weights with `assign=True`)."""
@@ -171,11 +168,6 @@ class Qwen2ForCausalLM(nn.Module):
                 padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
                 attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
         """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V)."""
-        if (self.native is not None and cache is not None and positions is None and padding_mask is None
-                and attention_fn is sdpa_attention):
-            view = getattr(cache, "native_view", lambda: None)()
-            if view is not None:
-                return self.native.forward_cache(input_ids, cache, view, logits_to_keep)
         hidden = self.model(input_ids, positions, cache, padding_mask, attention_fn)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

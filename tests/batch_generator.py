@@ -1,9 +1,9 @@
-"""Lock-step batch generation over a contiguous KV cache: the simple, reference decoding loop.
+"""The test oracle for generation: lock-step batch generation over a contiguous KV cache (the simple loop).
 
 Prompts of different lengths are left-padded into one batch (explicit positions + key mask), prefilled in one
 forward pass, then decoded one token per step; finished rows are dropped from the batch. Token ids in, token
 ids out: text (detokenizing, stop strings) is the caller's job, which calls `finish()` when a stop string hits.
-The continuous-batching engine with a paged cache (serving) replaces this loop, not the model.
+Only tests use it: `LLMEngine` is the one generation engine; this loop is what its outputs are checked against.
 """
 
 from __future__ import annotations
