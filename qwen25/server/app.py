@@ -26,7 +26,7 @@ from qwen25.server.config import ServerConfig
 from qwen25.server.errors import APIError, bad_request, install_error_handlers
 from qwen25.server.metrics import ServerMetrics
 from qwen25.server.middleware import AuthAndCount
-from qwen25.server.pipeline import Generation, sse, submit
+from qwen25.server.pipeline import Generation, Renderer, sse, submit
 from qwen25.server.planner import Plan, RequestPlanner
 from qwen25.server.protocol import (
     ChatCompletionRequest,
@@ -76,8 +76,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{config.model_name}'",
                            "not_found_error", "model", "model_not_found")
 
-    async def generate(plan: Plan, renderer: ChatRenderer | CompletionRenderer, req: Any, request: Request,
-                       started: float) -> Response:
+    async def generate(plan: Plan, renderer: Renderer, req: ChatCompletionRequest | CompletionRequest,
+                       request: Request, started: float) -> Response:
+        """Submit the plan; answer with the whole response, or stream it when the request asks to."""
         request_id = random_id(renderer.id_prefix)
         streams, procs = await submit(async_engine, structured, plan, request_id)
         run = Generation(streams, renderer, plan, request_id, config.model_name, metrics, started, procs)

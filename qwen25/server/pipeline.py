@@ -60,13 +60,20 @@ class Choice:
 
 
 class Renderer(Protocol):
+    """Turns one request's engine outputs into wire data (see `server.renderers`)."""
+
     kind: str  # for logs
     object: str  # the SSE chunks' "object"
+    id_prefix: str  # of the response id
 
-    def opening(self, index: int) -> list[dict[str, Any]]: ...  # choices entries sent before any output
-    def chunks(self, index: int, out: Any) -> list[dict[str, Any]]: ...  # entries for one engine output
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        """SSE `choices` entries for choice `index` before any output."""
 
-    def response(self, request_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> BaseModel: ...
+    def chunks(self, index: int, out: Any) -> list[dict[str, Any]]:
+        """SSE `choices` entries for one engine output of choice `index` (possibly none)."""
+
+    def response(self, request_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> BaseModel:
+        """The whole non-streamed response body."""
 
 
 async def submit(engine: AsyncEngine, structured: so.StructuredOutputs, plan: Plan,
