@@ -352,3 +352,45 @@ def test_llm_generate_and_stream_run_on_the_engine(tiny_hf_dir):
     stream.close()
     llm.engine.step()
     assert not llm.engine.has_unfinished_requests() and llm.engine.stats()["kv_blocks_used"] == 0
+
+
+# --- n samples of one prompt --------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt_len", [37, 32])  # a partial last block (copied per sample), and none
+def test_n_samples_share_one_prefill(model, prompt_len: int):
+    """n=8 computes the prompt once: the engine's computed-token count is the prompt plus one token per decode
+    step of each sample, and each sample equals the same seed run as its own request (n=1)."""
+    prompt = random_prompts([prompt_len], seed=9)[0]
+    params = SamplingParams(temperature=0.9, seed=11, max_tokens=6, n=8)
+    eng = engine(model, block_size=16)
+    results = eng.generate([prompt], params)
+    assert [r.index for r in results] == list(range(8))
+    decode_tokens = sum(len(r.token_ids) - 1 for r in results)  # the first token of each comes from the prefill
+    assert eng.num_computed_tokens == prompt_len + decode_tokens
+    for k, result in enumerate(results):
+        single = engine(model, block_size=16).generate(
+            [prompt], SamplingParams(temperature=0.9, seed=11 + k, max_tokens=6))[0]
+        assert result.token_ids == single.token_ids, k
+    assert len({tuple(r.token_ids) for r in results}) > 1  # the samples differ
+    assert_all_freed(eng)
+
+
+def test_n_samples_without_room_to_fork_queue_as_their_own_requests(model):
+    """max_num_seqs=2: the other samples cannot start beside the first; they wait and run later (prefix-cache
+    hits on the prompt's full blocks), with the same outputs."""
+    prompt = random_prompts([37], seed=9)[0]
+    params = SamplingParams(temperature=0.9, seed=11, max_tokens=4, n=4)
+    wide = engine(model, block_size=16).generate([prompt], params)
+    narrow = engine(model, block_size=16, max_num_seqs=2)
+    assert [r.token_ids for r in narrow.generate([prompt], params)] == [r.token_ids for r in wide]
+    assert_all_freed(narrow)
+
+
+def test_abort_reaches_every_sample(model):
+    eng = engine(model, block_size=16)
+    eng.add_request("r", PROMPTS[1], SamplingParams(temperature=0.9, seed=1, max_tokens=50, n=4))
+    eng.step()
+    eng.step()
+    eng.abort_request("r")
+    finals = [o for o in eng.step() if o.finish_reason == "abort"]
+    assert sorted(o.index for o in finals) == [0, 1, 2, 3]
+    assert_all_freed(eng)

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from qwen25.config import ModelConfig  # noqa: E402
 from qwen25.engine.kv_cache import ContiguousKVCache  # noqa: E402
-from qwen25.model.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
+from qwen25.model.layers import RMSNorm  # noqa: E402
+from qwen25.model.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
 from qwen25.weights.loader import model_from_state_dict  # noqa: E402
 from qwen25.weights.safetensors import load_safetensors  # noqa: E402
 

@@ -7,7 +7,7 @@ reads fastest (measured: ~25% less gather + attention time than a token-major (.
 step's sequences as a left-padded batch: row r has its cached context right-aligned in the first P columns
 (P = the longest context in the step) followed by its T new tokens, left-padded. `update` scatters the real new
 k/v into their slots, then gathers each row's [context | new tokens] with one `index_select` per layer and
-tensor; the key mask hides the gaps, so the model's own `build_attention_mask` works unchanged.
+tensor; the key mask hides the gaps, so the model's attention spec (`qwen25.model.attention`) masks them.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from qwen25.kernels import load_forward_kernel
-from qwen25.model.layers import RMSNorm, rope_cos_sin
+from qwen25.model.layers import RMSNorm
+from qwen25.model.rope import rope_cos_sin
 from qwen25.kernels.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 

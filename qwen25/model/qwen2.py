@@ -2,41 +2,20 @@
 
 Parameter names equal HF's (`model.layers.N.self_attn.q_proj.weight`, ...), so safetensors checkpoints load
 with no rename table. The module holds weights and RoPE frequencies only: the KV cache belongs to the caller
-and is passed in, positions are explicit (not assumed 0..T-1), and the attention function is swappable.
+and is passed in, positions are explicit (not assumed 0..T-1), and attention goes through a swappable backend
+(`model.attention`) that receives q/k/v before rotation, so packed documents, DCA or sparse attention change
+no code here.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from qwen25.config import ModelConfig
-from qwen25.model.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq, sdpa_attention
-
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
-
-
-class KVCache(Protocol):
-    """What the model needs from a cache (see `qwen25.engine.kv_cache` for implementations)."""
-
-    length: int  # tokens already cached (the same for every row of the batch)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v (B, H_kv, T, D) at [length, length+T) and return all keys/values [0, length+T)."""
-        ...
-
-    def key_mask(self, new_tokens_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-        """Record which of the T new tokens are real (B, T) and return the (B, length+T) key mask, or None
-        when every cached key is real."""
-        ...
-
-    def commit(self, T: int) -> None:
-        """Advance `length` by T once every layer has written."""
-        ...
-
+from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, sdpa_attention
+from qwen25.model.layers import RMSNorm, SwiGLU
+from qwen25.model.rope import positions_in_documents, rope_cos_sin, rope_inv_freq
 
 class Qwen2Attention(nn.Module):
     """GQA attention with q/k/v bias. Engines may fuse q/k/v into one `qkv_proj` (rows: q, k, v) at load time."""
@@ -54,8 +33,8 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.qkv_proj: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, attention_fn: AttentionFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionSpec,
+                cache: KVCache | None, attention: AttentionBackend) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             kv_width = self.num_kv_heads * self.head_dim
@@ -65,10 +44,7 @@ class Qwen2Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attention_fn(q, k, v, mask, is_causal)  # (B, H, T, D)
+        out = attention(self.layer_idx, q, k, v, cos, sin, cache, spec)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -80,9 +56,9 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, attention_fn: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, attention_fn)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionSpec,
+                cache: KVCache | None, attention: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, spec, cache, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -95,28 +71,6 @@ def _embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num_embeddings, dim, _weight=weight)
 
 
-def build_attention_mask(query_positions: int, past: int, key_mask: torch.Tensor | None,
-                         device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(mask (B, 1, T, S) bool or None, is_causal) for T new queries after `past` cached keys.
-
-    A padded query row would have no visible key (softmax of all -inf gives NaN that leaks into the cache
-    through the next layer's k/v), so every query may always see its own position."""
-    T, S = query_positions, past + query_positions
-    if key_mask is None:
-        if past == 0:
-            return None, T > 1
-        if T == 1:
-            return None, False
-    q_idx = torch.arange(past, S, device=device).unsqueeze(1)
-    k_idx = torch.arange(S, device=device).unsqueeze(0)
-    causal = k_idx <= q_idx  # (T, S)
-    if key_mask is None:
-        return causal.view(1, 1, T, S), False
-    mask = causal.unsqueeze(0) & key_mask[:, None, :].bool()  # (B, T, S)
-    mask = mask | (k_idx == q_idx).unsqueeze(0)
-    return mask.unsqueeze(1), False
-
-
 class Qwen2Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -124,25 +78,34 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        inv_freq, self.rope_scale = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scale = 1.0
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE buffer from the config (loaders call this after building on the meta device)."""
+        c = self.config
+        self.inv_freq, self.rope_scale = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                padding_mask: torch.Tensor | None = None, attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, attention: AttentionBackend = sdpa_attention,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, hidden) after the final norm.
 
-        input_ids (B, T); positions (B, T) RoPE positions (default: past..past+T-1); padding_mask (B, T) bool,
-        False for padding tokens (left padding of ragged batches)."""
+        input_ids (B, T); positions (B, T) RoPE positions (default: past..past+T-1, or restarting at every
+        document with document_ids); padding_mask (B, T) bool, False for padding tokens (left padding of
+        ragged batches); document_ids (B, T): a packed row's documents, which attend only within themselves."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            positions = (positions_in_documents(document_ids) if document_ids is not None else
+                         torch.arange(past, past + T, device=input_ids.device).expand(B, T))
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype=x.dtype)
         key_mask = cache.key_mask(padding_mask, T) if cache is not None else padding_mask
-        mask, is_causal = build_attention_mask(T, past, key_mask, input_ids.device)
+        spec = AttentionSpec(T, past, key_mask=key_mask, document_ids=document_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, is_causal, cache, attention_fn)
+            x = layer(x, cos, sin, spec, cache, attention)
         if cache is not None:
             cache.commit(T)
         return self.norm(x)
@@ -166,9 +129,9 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
-                attention_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+                attention: AttentionBackend = sdpa_attention, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V)."""
-        hidden = self.model(input_ids, positions, cache, padding_mask, attention_fn)
+        hidden = self.model(input_ids, positions, cache, padding_mask, attention, document_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden).float()

@@ -1,44 +1,48 @@
-"""Turn a checkpoint on disk (GGUF file or HF directory) into a ready model, tokenizer and defaults.
+"""Turn a checkpoint on disk (GGUF file, HF directory or `qwen25 quantize` output) into a model and its config.
 
 Owns the dispatch by format and the meta-device build + `assign=True` load (no randomly initialised copy
-of the weights is ever allocated). Parsing lives in `weights.gguf` / `weights.safetensors`.
+of the weights is ever allocated). Parsing lives in `weights.gguf` / `weights.safetensors`; the tokenizer and
+generation defaults are assembled one level up, in `qwen25.checkpoint`, from the places this reports.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-from qwen25.config import GenerationDefaults, ModelConfig
-from qwen25.model.layers import rope_inv_freq
+from qwen25.config import ModelConfig
 from qwen25.model.qwen2 import Qwen2ForCausalLM
+from qwen25.weights.errors import CheckpointError
 from qwen25.weights.safetensors import load_safetensors
 
-if TYPE_CHECKING:
-    from qwen25.tokenizer import Tokenizer
+QUANTIZATIONS = ("none", "q8", "q4")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete or inconsistent (missing files, tensors or shapes)."""
+__all__ = ["QUANTIZATIONS", "CheckpointError", "LoadedWeights", "load_weights", "model_from_state_dict"]
 
 
 @dataclass
-class Checkpoint:
+class LoadedWeights:
+    """A loaded model and its config, and where the rest of the checkpoint (tokenizer files,
+    generation_config.json) lives."""
+
     config: ModelConfig
     model: Qwen2ForCausalLM
-    tokenizer: "Tokenizer"
-    generation_defaults: GenerationDefaults | None
-    source: Path
-    format: str  # "gguf" or "hf"
-    quantization: str | None = None  # "q8" / "q4" when the model holds quantized weights
+    source: Path  # the file or directory the weights were read from
+    format: str  # "gguf" or "hf": the kind of checkpoint `origin` is
+    quantization: str | None  # "q8" / "q4" when the model holds quantized weights
+    origin: Path  # where the config and tokenizer live: `source`, or the checkpoint a quantize output came from
+    gguf_metadata: dict[str, Any] | None = None  # the GGUF header (holds the vocabulary) when format is "gguf"
 
 
-def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str = "") -> Qwen2ForCausalLM:
-    """Build a Qwen2ForCausalLM on the meta device and assign the given tensors (HF names) to it."""
+def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str = "",
+                          trainable: bool = False) -> Qwen2ForCausalLM:
+    """Build a Qwen2ForCausalLM on the meta device and assign the given tensors (HF names) to it.
+
+    The model comes back frozen in eval mode, or with trainable=True in train mode with every parameter
+    requiring grad (the tensors' dtype is kept)."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     state_dict = dict(state_dict)
@@ -57,38 +61,28 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tenso
                                   f"config implies {tuple(ref.shape)}")
     model.load_state_dict(state_dict, assign=True, strict=True)
     model.tie_weights()
-    inv_freq, _ = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-    model.model.inv_freq = inv_freq  # non-persistent buffer: was created on the meta device
+    model.model.reset_rope()  # non-persistent buffer: make sure it is a real CPU tensor after the meta build
+    if trainable:
+        return model.train().requires_grad_(True)
     return model.eval().requires_grad_(False)
 
 
-def _hf_parts(path: Path) -> tuple[ModelConfig, "Tokenizer", GenerationDefaults | None]:
-    """An HF directory's config, tokenizer and generation defaults (no weights)."""
-    from qwen25.tokenizer import Tokenizer
-
+def load_hf_directory(path: Path, dtype: torch.dtype, quantization: str | None = None,
+                      trainable: bool = False) -> LoadedWeights:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer.json")
     config = ModelConfig.from_json_file(path / "config.json")
-    gen_path = path / "generation_config.json"
-    defaults = GenerationDefaults.from_dict(json.loads(gen_path.read_text())) if gen_path.is_file() else None
-    return config, Tokenizer.from_pretrained_dir(path), defaults
-
-
-def load_hf_directory(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
-    config, tokenizer, defaults = _hf_parts(path)
     if quantization in ("q8", "q4"):
         from qwen25.weights.quantized import load_quantized
 
         model = load_quantized(path, config, bits=int(quantization[1]))  # streamed from the mapped shards
     else:
-        model = model_from_state_dict(config, load_safetensors(path, dtype=dtype), str(path))
-    return Checkpoint(config, model, tokenizer, defaults, path, "hf", quantization)
+        model = model_from_state_dict(config, load_safetensors(path, dtype=dtype), str(path), trainable)
+    return LoadedWeights(config, model, path, "hf", quantization, path)
 
 
-def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None) -> Checkpoint:
-    from qwen25.tokenizer import Tokenizer
+def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None,
+              trainable: bool = False) -> LoadedWeights:
     from qwen25.weights.gguf import GGUFFile, config_from_gguf, load_gguf_state_dict
 
     gguf = GGUFFile(path)
@@ -98,59 +92,65 @@ def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None) -
 
         model = load_quantized(path, config, bits=int(quantization[1]), gguf=gguf)
     else:
-        model = model_from_state_dict(config, load_gguf_state_dict(gguf, dtype=dtype), str(path))
-    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    return Checkpoint(config, model, tokenizer, None, path, "gguf", quantization)
+        model = model_from_state_dict(config, load_gguf_state_dict(gguf, dtype=dtype), str(path), trainable)
+    return LoadedWeights(config, model, path, "gguf", quantization, path, gguf.metadata)
 
 
-def load_quantized_file(path: Path, quantization: str | None) -> Checkpoint:
-    """A file written by `qwen25 quantize --output`: weights from it; config, tokenizer and generation defaults
-    from the checkpoint it was made from (named in its metadata), which must still exist."""
+def load_quantized_file(path: Path, quantization: str | None, trainable: bool = False) -> LoadedWeights:
+    """A file written by `qwen25 quantize --output`: weights from it; the config from the checkpoint it was
+    made from (named in its metadata, reported as `origin`), which must still exist."""
     from qwen25.weights.quantized import model_from_quantized_state_dict, read_quantized_metadata
 
     meta = read_quantized_metadata(path)
     kind = f"q{meta['bits']}"
+    source = Path(meta["source"])
+    if trainable:
+        raise ValueError(f"{path}: holds {kind} weights, which cannot be trained; load the checkpoint it was made "
+                         f"from ({source}) with trainable=True")
     if quantization is None:
         raise ValueError(f"{path}: holds {kind} weights and cannot be loaded unquantized; use quantization "
                          f"'{kind}' or 'auto'")
-    source = Path(meta["source"])
     if not source.exists():
         raise CheckpointError(f"{path}: made from {source}, which no longer exists (the config and tokenizer "
                               "are read from there)")
+    metadata = None
     if source.is_dir():
-        config, tokenizer, defaults = _hf_parts(source)
+        if not (source / "config.json").is_file():
+            raise CheckpointError(f"{source}: no config.json (not an HF model directory)")
+        config = ModelConfig.from_json_file(source / "config.json")
     else:
-        from qwen25.tokenizer import Tokenizer
         from qwen25.weights.gguf import GGUFFile, config_from_gguf
 
         gguf = GGUFFile(source)
-        config, tokenizer, defaults = config_from_gguf(gguf), Tokenizer.from_gguf_metadata(gguf.metadata), None
+        config, metadata = config_from_gguf(gguf), gguf.metadata
     model = model_from_quantized_state_dict(config, load_safetensors(path))
-    return Checkpoint(config, model, tokenizer, defaults, path, "hf" if source.is_dir() else "gguf", kind)
+    return LoadedWeights(config, model, path, "hf" if source.is_dir() else "gguf", kind, source, metadata)
 
 
-QUANTIZATIONS = ("none", "q8", "q4")
-
-
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None) -> Checkpoint:
-    """Load a .gguf file or an HF directory (config.json + safetensors + tokenizer files).
+def load_weights(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
+                 trainable: bool = False) -> LoadedWeights:
+    """Load the model of a .gguf file or an HF directory (config.json + safetensors).
 
     quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "q8" / "q4" give
     the fast int8 / int4 model with fused projections, memory-mapped from the repack cache when `qwen25 quantize`
     (or an earlier load) wrote it, else streamed from the checkpoint and cached (see `weights.quantized`).
-    A .safetensors file written by `qwen25 quantize --output` loads as the format it holds."""
+    A .safetensors file written by `qwen25 quantize --output` loads as the format it holds.
+    trainable: parameters that require grad, in train mode (float weights only; see `model_from_state_dict`)."""
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     quantization = None if quantization == "none" else quantization
+    if trainable and quantization is not None:
+        raise ValueError(f"trainable=True needs float weights, but quantization={quantization!r} holds int8/int4 "
+                         "codes that take no gradient; load with quantization='none'")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
-        return load_hf_directory(path, dtype, quantization)
+        return load_hf_directory(path, dtype, quantization, trainable)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix == ".gguf":
-        return load_gguf(path, dtype, quantization)
+        return load_gguf(path, dtype, quantization, trainable)
     if path.suffix == ".safetensors":
-        return load_quantized_file(path, quantization)
+        return load_quantized_file(path, quantization, trainable)
     raise CheckpointError(f"{path}: neither a GGUF file, an HF model directory nor a `qwen25 quantize` output")

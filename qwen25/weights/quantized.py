@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from qwen25.config import ModelConfig
-from qwen25.model.layers import rope_inv_freq
-from qwen25.kernels.native import NativeForward
 from qwen25.kernels.quant import Q4_GROUP, ConcatLinear, Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
 from qwen25.model.qwen2 import Qwen2ForCausalLM
+from qwen25.paths import repack_dir
+from qwen25.weights.errors import CheckpointError
 
 BITS = (8, 4)
 DEFAULT_GROUPS = {8: 128, 4: Q4_GROUP}  # q8: 128 has the perplexity of 32-wide groups, 8% fewer bytes (measured)
@@ -188,8 +188,7 @@ def model_from_quantized_state_dict(config: ModelConfig, state: dict[str, torch.
     if config.tie_word_embeddings:  # one set of tensors, not two equal copies
         model.model.embed_tokens.weight_q = model.lm_head.weight_q
         model.model.embed_tokens.scales = model.lm_head.scales
-    model.model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)[0]
-    model.native = NativeForward.for_model(model)
+    model.model.reset_rope()
     return model.eval().requires_grad_(False)
 
 
@@ -234,8 +233,6 @@ def safetensors_tensors(config: ModelConfig, path: Path) -> tuple[GetTensor, Get
     def checked(name: str) -> torch.Tensor:
         t = _need(tensors, name, path)
         if tuple(t.shape) != expected.get(name, tuple(t.shape)):
-            from qwen25.weights.loader import CheckpointError
-
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config implies {expected[name]}")
         return t
 
@@ -245,8 +242,6 @@ def safetensors_tensors(config: ModelConfig, path: Path) -> tuple[GetTensor, Get
 
 def _need(mapping: dict, name: str, source: Path):  # noqa: ANN202
     if name not in mapping:
-        from qwen25.weights.loader import CheckpointError
-
         raise CheckpointError(f"{source}: checkpoint lacks tensor {name}")
     return mapping[name]
 
@@ -255,8 +250,6 @@ def open_source(source: Path) -> tuple[ModelConfig, GetTensor, GetRows]:
     """The config and fp32 tensor getters of a .gguf file or an HF directory."""
     if source.is_dir():
         if not (source / "config.json").is_file():
-            from qwen25.weights.loader import CheckpointError
-
             raise CheckpointError(f"{source}: no config.json (not an HF model directory)")
         config = ModelConfig.from_json_file(source / "config.json")
         return config, *safetensors_tensors(config, source)
@@ -279,11 +272,9 @@ def _fingerprint(source: Path) -> str:
 
 def repack_cache_path(source: Path, bits: int = 8) -> Path:
     """Where the quantized weights of `source` (a .gguf file or an HF directory) are cached for `bits`."""
-    from qwen25.weights.registry import cache_dir
-
     key = f"{_fingerprint(source)}|{FORMAT_TAGS[bits]}"
     stem = source.stem if source.is_file() else source.name
-    return cache_dir() / "repacked" / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    return repack_dir() / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
 def load_quantized(source: Path, config: ModelConfig, bits: int = 8, gguf=None,  # noqa: ANN001 - GGUFFile
@@ -315,8 +306,6 @@ def _metadata(source: Path, bits: int) -> dict[str, str]:
 
 def read_quantized_metadata(path: Path) -> dict[str, str]:
     """The header metadata of a file written by `qwen25 quantize` (format, bits, source, group)."""
-    from qwen25.weights.loader import CheckpointError
-
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -365,7 +354,7 @@ class QuantizeResult:
 def quantize_checkpoint(source: Path, bits: int = 8, group: int | None = None, output: Path | None = None,
                         progress: Callable[[int], Callable[[], None]] | None = None) -> QuantizeResult:
     """Quantize `source` (a .gguf file or an HF directory) and write the result to `output`, by default the
-    repack cache entry that `load_checkpoint(source, quantization=f"q{bits}")` reads.
+    repack cache entry that `qwen25.checkpoint.load(source, quantization=f"q{bits}")` reads.
 
     progress: given the number of steps, returns the per-step callback (e.g. a progress bar's update)."""
     from qwen25.weights.safetensors import save_safetensors
