@@ -1,7 +1,7 @@
 """The generation pipeline when each engine output carries several tokens (as speculative decoding's do):
 streamed chat and text completions reassemble to the blocking responses, logprobs stay one per token, text offsets
 stay continuous, tool calls still stream, usage counts every token. Runs on the scripted engine of
-`server_fakes`."""
+`server_fakes`, and once on the real `LLMEngine` with speculative decoding on a tiny model."""
 
 from __future__ import annotations
 
@@ -96,3 +96,29 @@ def test_tool_calls_stream_with_multi_token_steps(client: TestClient) -> None:
     assert [d["function"]["name"] for d in deltas if "id" in d] == ["get_weather"]
     assert "".join(d["function"]["arguments"] for d in deltas) == call["function"]["arguments"]
     assert streamed[-1]["finish_reason"] == "tool_calls"
+
+
+def test_speculative_engine_through_the_server(tiny_hf_dir) -> None:  # noqa: ANN001
+    """The real engine with a draft model identical to the target (every draft accepted: 3 tokens a step):
+    the same greedy text as without speculation, streamed in fewer chunks than tokens, stream == blocking."""
+    from qwen25.checkpoint import load
+    from qwen25.server.app import create_app_from_checkpoint
+
+    checkpoint = load(tiny_hf_dir)
+    body = {"model": "tiny", "prompt": "one two one two one", "max_tokens": 24, "temperature": 0,
+            "repetition_penalty": 1.0, "ignore_eos": True}
+    spec = {"speculative_config": {"model": str(tiny_hf_dir), "num_speculative_tokens": 2}}
+    texts = {}
+    for name, settings in {"plain": {}, "speculative": spec}.items():
+        app = create_app_from_checkpoint(checkpoint, served_model_name="tiny", max_concurrency=2, **settings)
+        with TestClient(app) as c:
+            plain = c.post("/v1/completions", json=body).json()
+            streamed = events(c.post("/v1/completions", json={**body, "stream": True,
+                                                              "stream_options": {"include_usage": True}}))
+        chunks = [e["choices"][0] for e in streamed if e["choices"]]
+        assert "".join(ch["text"] for ch in chunks) == plain["choices"][0]["text"]
+        assert streamed[-1]["usage"] == plain["usage"] and plain["usage"]["completion_tokens"] == 24
+        if name == "speculative":
+            assert len(chunks) <= 24 // 3 + 1
+        texts[name] = plain["choices"][0]["text"]
+    assert texts["speculative"] == texts["plain"]
