@@ -72,9 +72,9 @@ def chat_prompts(n: int) -> list[str]:
 def make_prompts(model_path: Path, n: int) -> list[list[int]]:
     """The `n` chat prompts rendered with the GGUF's chat template, as qwen25 token ids."""
     from qwen25.chat import render_chat
-    from qwen25.tokenizer import Tokenizer
+    from qwen25.checkpoint import load_tokenizer
 
-    tok = Tokenizer.from_gguf(model_path)
+    tok = load_tokenizer(model_path)
     return [tok.encode(render_chat(tok.chat_template, [{"role": "user", "content": p}])) for p in chat_prompts(n)]
 
 

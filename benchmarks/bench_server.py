@@ -72,11 +72,11 @@ def bench_mask(model: str, repeats: int) -> dict:
     import torch
 
     from qwen25.server.structured import StructuredOutputs, json_schema_grammar
-    from qwen25.tokenizer import Tokenizer
+    from qwen25.checkpoint import load_tokenizer
     from qwen25.weights.registry import resolve_model
 
     path = resolve_model(model)
-    tokenizer = Tokenizer.from_gguf(path) if str(path).endswith(".gguf") else Tokenizer.from_pretrained_dir(path)
+    tokenizer = load_tokenizer(path)
     vocab = tokenizer.vocab_size  # a GGUF's vocabulary is padded to the model's logit width (151,936)
     t0 = time.perf_counter()
     so = StructuredOutputs(tokenizer, vocab, sorted(tokenizer.stop_token_ids))

@@ -1,15 +1,24 @@
 """The `qwen25` command: generate, chat, serve, eval, quantize, download, models.
 
-The only place that sets process-wide settings (thread counts, OpenMP wait policy). Every subcommand maps
-to a small function; errors a user can fix print one line and exit non-zero, never a traceback.
+Every subcommand is a config dataclass whose fields are its flags (`qwen25.cli_args`) and a `main(cfg)`:
+generate, chat and serve live here; models, download and quantize in `qwen25.weights.cli`; eval in
+`qwen25.eval.cli`. Process-wide settings come from `qwen25.runtime`, called by each command before it loads
+a model. Errors a user can fix print one line and exit non-zero, never a traceback. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from qwen25.cli_args import add_command, arg, parse_args
+from qwen25.eval.cli import add_eval_parser
+from qwen25.weights import cli as weights_cli
+from qwen25.weights.registry import DEFAULT_MODEL
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -23,86 +32,98 @@ EPILOG = """examples:
   qwen25 download qwen2.5-coder-1.5b-instruct   fetch a model into the cache
   qwen25 quantize qwen2.5-coder-0.5b-instruct --bits 4 && qwen25 chat --quantization q4
                                                 int4 layer weights: 60% of the default int8 path's bytes
+  qwen25 serve --config serve.toml --port 9000  options from a file (keys are the flag names), flags win
 
 models: a known name (see `qwen25 models`), a .gguf file, an HF directory, or an HF repo id (needs network).
 cache: $QWEN25_HOME, else $XDG_CACHE_HOME/qwen25, else ~/.cache/qwen25."""
 
-
-def _configure_runtime(threads: int | None) -> None:
-    # Spin-waiting OpenMP workers stall for milliseconds whenever another process holds a core (2-core
-    # machines): passive waiting is measurably faster there. Must be set before torch starts its pool.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "seed", "stop")
 
 
-# --- argument groups -------------------------------------------------------------------------------
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from qwen25.weights.registry import DEFAULT_MODEL
+# --- option groups ---------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    model: str = arg(DEFAULT_MODEL, short="-m")
+    """model name, .gguf file, HF directory or HF repo id"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype (float32 is fastest on CPUs without native bf16; default: float32)"""
+    quantization: Literal["auto", "q8", "q4", "none"] = arg("auto", short="-q")
+    """weights in memory: q8 = int8 (fast CPU path), q4 = int4 (less memory, slightly lower quality; see
+    `qwen25 quantize --help`), none = dequantized --dtype (reference); auto = q8 for GGUF files, none for HF
+    directories (default: auto)"""
+    threads: int | None = None
+    """torch threads (default: all cores, at most 8)"""
 
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"model name, .gguf file, HF directory or HF repo id (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype (float32 is fastest on CPUs without native bf16; default: float32)")
-    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "q8", "q4", "none"],
-                   help="weights in memory: q8 = int8 (fast CPU path), q4 = int4 (less memory, slightly lower "
-                        "quality; see `qwen25 quantize --help`), none = dequantized --dtype (reference); "
-                        "auto = q8 for GGUF files, none for HF directories (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 8)")
+    def load(self) -> Any:
+        """The `LLM`, after the process-wide runtime settings."""
+        from qwen25.llm import LLM
+        from qwen25.runtime import configure_runtime
 
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (defaults: the model's own generation settings)")
-    g.add_argument("--max-tokens", type=int, default=None, help="maximum new tokens (default: 512)")
-    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p * max prob")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
-    g.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
-    g.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+        configure_runtime(self.threads)
+        return LLM(self.model, dtype=self.dtype, quantization=self.quantization)
 
 
-def _sampling_params(llm, args: argparse.Namespace):  # noqa: ANN001 - LLM imported lazily
-    from dataclasses import replace
+@dataclass
+class SamplingArgs:
+    cli_group = "sampling (defaults: the model's own generation settings)"
 
-    params = llm.get_default_sampling_params()
-    overrides = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                                         "presence_penalty", "frequency_penalty", "seed", "stop")
-                 if getattr(args, name) is not None}
-    overrides["max_tokens"] = args.max_tokens if args.max_tokens is not None else 512
-    return replace(params, **overrides)  # replace() re-runs validation
+    max_tokens: int | None = None
+    """maximum new tokens (default: 512)"""
+    temperature: float | None = arg(None, short="-t")
+    """0 = greedy"""
+    top_p: float | None = None
+    """nucleus sampling mass in (0, 1]"""
+    top_k: int | None = None
+    """keep the k most likely tokens (0 = off)"""
+    min_p: float | None = None
+    """drop tokens below min_p * max prob"""
+    repetition_penalty: float | None = None
+    """> 1 discourages repeats"""
+    presence_penalty: float | None = None
+    """in [-2, 2]"""
+    frequency_penalty: float | None = None
+    """in [-2, 2]"""
+    seed: int | None = None
+    """random seed for reproducible sampling"""
+    stop: list[str] | None = arg(None, metavar="TEXT")
+    """stop string (repeatable)"""
+
+    def check_sampling(self) -> None:
+        """Check sampling values before the (slow) model load, so a typo fails in milliseconds."""
+        from qwen25.sampling_params import SamplingParams
+
+        given = {name: getattr(self, name) for name in (*SAMPLING_FIELDS[:-2], "max_tokens")}
+        SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+    def sampling_params(self, llm: Any) -> Any:
+        """The model's defaults with the given flags on top (replace() re-runs validation)."""
+        from dataclasses import replace
+
+        overrides = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        overrides["max_tokens"] = self.max_tokens if self.max_tokens is not None else 512
+        return replace(llm.get_default_sampling_params(), **overrides)
 
 
-def _validate_sampling_args(args: argparse.Namespace) -> None:
-    """Check sampling values before the (slow) model load, so a typo fails in milliseconds."""
-    from qwen25.sampling_params import SamplingParams
-
-    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                                     "presence_penalty", "frequency_penalty", "max_tokens")
-             if getattr(args, name) is not None}
-    SamplingParams(**given)
-
-
-def _load(args: argparse.Namespace):  # noqa: ANN202
-    from qwen25.llm import LLM
-
-    _configure_runtime(args.threads)
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization)
+# --- generate / chat -------------------------------------------------------------------------------
+@dataclass
+class GenerateConfig(SamplingArgs, ModelArgs):
+    prompt: str | None = arg(None, short="-p")
+    """prompt text (default: read stdin)"""
+    chat: bool = False
+    """wrap the prompt in the chat template as a user message"""
+    echo: bool = False
+    """print the prompt before the completion"""
 
 
-# --- subcommands -----------------------------------------------------------------------------------
-def cmd_generate(args: argparse.Namespace) -> int:
-    _validate_sampling_args(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = _load(args)
-    params = _sampling_params(llm, args)
-    if args.chat:
+def cmd_generate(cfg: GenerateConfig) -> int:
+    cfg.check_sampling()
+    prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
+    llm = cfg.load()
+    params = cfg.sampling_params(llm)
+    if cfg.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
-    if args.echo:
+    if cfg.echo:
         sys.stdout.write(prompt)
     for delta in llm.stream(prompt, params):
         sys.stdout.write(delta.text)
@@ -115,16 +136,24 @@ CHAT_HELP = """commands: /reset (forget the conversation)  /system TEXT (set the
           /exit (quit; Ctrl-D works too)  /help"""
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    _validate_sampling_args(args)
-    once = args.prompt is not None or not sys.stdin.isatty()
-    first = args.prompt if args.prompt is not None else (sys.stdin.read() if once else None)
+@dataclass
+class ChatConfig(SamplingArgs, ModelArgs):
+    prompt: str | None = arg(None, short="-p")
+    """answer this one message and exit"""
+    system: str | None = arg(None, short="-s")
+    """system prompt (default: the template's own)"""
+
+
+def cmd_chat(cfg: ChatConfig) -> int:
+    cfg.check_sampling()
+    once = cfg.prompt is not None or not sys.stdin.isatty()
+    first = cfg.prompt if cfg.prompt is not None else (sys.stdin.read() if once else None)
     if once and not (first or "").strip():
         print("qwen25: error: empty message (give --prompt TEXT or pipe text in)", file=sys.stderr)
         return EXIT_USAGE
-    llm = _load(args)
-    params = _sampling_params(llm, args)
-    system = args.system
+    llm = cfg.load()
+    params = cfg.sampling_params(llm)
+    system = cfg.system
     history: list[dict] = []
 
     def reply(user_text: str) -> None:
@@ -141,7 +170,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if once:
         reply(first.strip())
         return 0
-    print(f"qwen25 chat — {args.model}. {CHAT_HELP}", file=sys.stderr)
+    print(f"qwen25 chat — {cfg.model}. {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -172,31 +201,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 history.pop()
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from qwen25.weights.registry import resolve_model
+# --- serve -----------------------------------------------------------------------------------------
+@dataclass
+class ServeConfig(ModelArgs):
+    host: str = "127.0.0.1"
+    """bind address (default: 127.0.0.1, this machine only)"""
+    port: int = 8000
+    """port"""
+    api_key: str | None = arg(default_factory=lambda: os.environ.get("QWEN25_API_KEY"))
+    """require 'Authorization: Bearer KEY' on /v1 (default: $QWEN25_API_KEY; none = open)"""
+    max_concurrency: int = 8
+    """requests decoded together"""
+    max_queue: int = 64
+    """requests allowed to wait beyond that; more get HTTP 429 (default: 64)"""
+    served_model_name: str | None = None
+    """model id clients use (default: --model)"""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """uvicorn's log level"""
+    speculative: Literal["ngram"] | None = None
+    """speculative decoding for greedy requests: shorthand for --speculative-config '{"method": "ngram"}'"""
+    speculative_config: str | None = arg(None, metavar="JSON")
+    """speculative decoding settings as a JSON object with vLLM's keys, e.g. '{"method": "ngram",
+    "num_speculative_tokens": 4}' or '{"model": DRAFT, "num_speculative_tokens": 4}' (default: off)"""
 
-    path = resolve_model(args.name)
-    print(path)
-    return 0
+    def speculative_settings(self) -> dict[str, Any] | None:
+        """The speculative_config dict the flags describe, or None when speculative decoding is off."""
+        if self.speculative_config is None:
+            return None if self.speculative is None else {"method": self.speculative}
+        try:
+            settings = json.loads(self.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"--speculative-config must be a JSON object, got {self.speculative_config}")
+        if self.speculative is not None and settings.setdefault("method", self.speculative) != self.speculative:
+            raise ValueError(f"--speculative {self.speculative} contradicts --speculative-config's method "
+                             f"{settings['method']!r}")
+        return settings
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from qwen25.weights.registry import DEFAULT_MODEL, KNOWN_MODELS, cache_dir, cached_path, is_cached
-
-    print(f"{'name':32} {'size':>9}  {'cached':6}  description")
-    for name, m in KNOWN_MODELS.items():
-        mark = "yes" if is_cached(m) else "no"
-        default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name:32} {m.size / 1e6:7.0f}MB  {mark:6}  {m.description}{default}")
-    print(f"\ncache: {cache_dir()}")
-    if args.paths:
-        for m in KNOWN_MODELS.values():
-            if is_cached(m):
-                print(f"  {cached_path(m)}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(cfg: ServeConfig) -> int:
     try:
         import uvicorn
 
@@ -205,67 +249,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"qwen25: error: serving needs the [serve] extra ({e.name} is missing): pip install 'qwen25[serve]'",
               file=sys.stderr)
         return EXIT_ERROR
-    if args.max_concurrency < 1 or args.max_queue < 0:
+    if cfg.max_concurrency < 1 or cfg.max_queue < 0:
         print("qwen25: error: --max-concurrency must be >= 1 and --max-queue >= 0", file=sys.stderr)
         return EXIT_USAGE
-    llm = _load(args)
-    name = args.served_model_name or args.model
-    app = create_app_from_checkpoint(llm.checkpoint, served_model_name=name, aliases=[args.model, str(llm.path)],
-                                     api_key=args.api_key, max_concurrency=args.max_concurrency,
-                                     max_queue=args.max_queue)
-    print(f"qwen25 serve: {args.served_model_name or args.model} on http://{args.host}:{args.port} "
-          f"(chat page at /, OpenAI API at /v1)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
-
-
-QUANTIZE_EPILOG = """examples:
-  qwen25 quantize qwen2.5-coder-0.5b-instruct --bits 4   int4 weights for the default model, into the cache
-  qwen25 chat --quantization q4                           ...which this then memory-maps
-  qwen25 quantize ~/models/Qwen2.5-1.5B-Instruct          an HF directory (bf16/fp16/fp32 safetensors) to int8
-  qwen25 generate --model ~/models/Qwen2.5-1.5B-Instruct --quantization q8 --prompt "..."
-  qwen25 quantize model.gguf --bits 4 --output model-q4.safetensors
-  qwen25 chat --model model-q4.safetensors                a --output file loads directly (the source must stay)
-
-formats:
-  q8  int8, one fp32 scale per group (default 128 weights): 1.03 bytes/weight; perplexity within 0.2% of fp32
-      on Qwen2.5-Coder-0.5B. What `--quantization auto` uses for GGUF files.
-  q4  int4 codes two per byte, one fp16 scale and one fp16 offset per group (default 32; 64 and 128 cost 2x
-      and 3x the perplexity); v_proj, the last layer, the embedding and lm_head stay int8. Layer weights at
-      0.65 bytes each; perplexity 0.4% above fp32 on Qwen2.5-Coder-0.5B. Less memory than q8; on a 2-core
-      AVX2 CPU not faster (both kernels are bound by converting weights to fp32).
-Without --output the result goes to the repack cache (`repacked/` in the model cache, see `qwen25 models`), where
-`--quantization q8|q4` on the same model finds it and memory-maps it; it replaces an earlier entry for the same
-model and bits. Loading with --quantization q8|q4 and no entry builds one with the default group."""
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from qwen25.weights.quantized import check_settings, quantize_checkpoint
-    from qwen25.weights.registry import resolve_model
-
-    group = check_settings(args.bits, args.group_size)  # before any download or load
-    output = Path(args.output).expanduser() if args.output else None
-    if output is not None and (output.suffix != ".safetensors" or output.is_dir()):
-        raise ValueError(f"--output {args.output}: must be a file name ending in .safetensors")
-    _configure_runtime(args.threads)
-    source = resolve_model(args.source)
-    with tqdm(desc=f"quantizing to q{args.bits}", unit="layer", disable=args.no_progress or None) as bar:
-        def progress(total: int):  # noqa: ANN202
-            bar.reset(total)
-            return lambda: bar.update(1)
-
-        result = quantize_checkpoint(source, args.bits, group, output, progress)
-    print(f"wrote {result.path}")
-    print(f"  q{result.bits}, group {result.group}: {result.file_bytes / 1e6:.1f} MB for {result.weights / 1e6:.1f}M "
-          f"weights = {result.bytes_per_weight:.3f} bytes/weight ({8 * result.bytes_per_weight:.2f} bits), "
-          f"in {result.seconds:.1f} s")
-    print(f"  decoder-layer projections: {result.layer_bytes_per_weight:.3f} bytes/weight; embedding and lm_head: int8")
-    model = str(output) if output is not None else f"{args.source} --quantization q{result.bits}"
-    print(f"  use it: qwen25 chat --model {model}")
+    speculative = cfg.speculative_settings()  # before the (slow) load
+    llm = cfg.load()
+    name = cfg.served_model_name or cfg.model
+    extra = {} if speculative is None else {"speculative_config": speculative}  # only when asked for
+    app = create_app_from_checkpoint(llm.checkpoint, served_model_name=name, aliases=[cfg.model, str(llm.path)],
+                                     api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
+                                     max_queue=cfg.max_queue, **extra)
+    print(f"qwen25 serve: {name} on http://{cfg.host}:{cfg.port} (chat page at /, OpenAI API at /v1)",
+          file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     return 0
 
 
@@ -275,68 +271,30 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="qwen25 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=fn)
-        return p
-
-    p = add("generate", cmd_generate, "complete a prompt (raw text, or a single user turn with --chat)")
-    p.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
-    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
-    _add_model_args(p)
-    _add_sampling_args(p)
-
-    p = add("chat", cmd_chat, "chat interactively (streams the reply); with --prompt or piped stdin answer once")
-    p.add_argument("--prompt", "-p", default=None, help="answer this one message and exit")
-    p.add_argument("--system", "-s", default=None, help="system prompt (default: the template's own)")
-    _add_model_args(p)
-    _add_sampling_args(p)
-
-    p = add("serve", cmd_serve, "serve the model over an OpenAI-compatible HTTP API, with a chat page at /")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--api-key", default=os.environ.get("QWEN25_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN25_API_KEY; none = open)")
-    p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (default: 8)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests allowed to wait beyond that; more get HTTP 429 (default: 64)")
-    p.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-    p = add("download", cmd_download, "fetch a known model (or resolve a path/repo id) into the cache")
-    p.add_argument("name", help="a known model name (see `qwen25 models`)")
-
-    p = add("quantize", cmd_quantize, "quantize a model's weights to int8 or int4 and cache them for fast loading")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = QUANTIZE_EPILOG
-    p.add_argument("source", metavar="SRC", help="HF model directory (safetensors), .gguf file or known model name")
-    p.add_argument("--bits", "-b", type=int, default=8, metavar="{8,4}", help="weight bits (default: 8)")
-    p.add_argument("--group-size", "-g", type=int, default=None, metavar="G",
-                   help="weights per scale, a multiple of 32 (default: 128 for 8 bits, 32 for 4 bits)")
-    p.add_argument("--output", "-o", default=None, metavar="FILE",
-                   help="write this .safetensors file instead of the repack cache entry")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    p = add("models", cmd_models, "list known models, their sizes and whether they are cached")
-    p.add_argument("--paths", action="store_true", help="also print the paths of cached files")
-
-    from qwen25.eval.cli import add_eval_parser
-
+    add_command(sub, "generate", GenerateConfig, cmd_generate,
+                help="complete a prompt (raw text, or a single user turn with --chat)")
+    add_command(sub, "chat", ChatConfig, cmd_chat,
+                help="chat interactively (streams the reply); with --prompt or piped stdin answer once")
+    add_command(sub, "serve", ServeConfig, cmd_serve,
+                help="serve the model over an OpenAI-compatible HTTP API, with a chat page at /")
+    add_command(sub, "download", weights_cli.DownloadConfig, weights_cli.main_download,
+                help="fetch a known model (or resolve a path/repo id) into the cache")
+    add_command(sub, "quantize", weights_cli.QuantizeConfig, weights_cli.main_quantize,
+                help="quantize a model's weights to int8 or int4 and cache them for fast loading",
+                epilog=weights_cli.QUANTIZE_EPILOG)
+    add_command(sub, "models", weights_cli.ModelsConfig, weights_cli.main_models,
+                help="list known models, their sizes and whether they are cached")
     add_eval_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
     try:
+        args = parse_args(parser, argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
         return args.func(args)
     except KeyboardInterrupt:
         return 130

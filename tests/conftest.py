@@ -24,9 +24,9 @@ def real_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def real_tokenizer(real_gguf):
-    from qwen25.tokenizer import Tokenizer
+    from qwen25.checkpoint import load_tokenizer
 
-    return Tokenizer.from_gguf(real_gguf)
+    return load_tokenizer(real_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -376,8 +376,10 @@ def test_config_flags_override_tokenizer_json(tok: Tokenizer, saved_dir: Path, t
     assert fixed.decode(fixed.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text), True)
 
 
-def test_from_gguf_path(tok: Tokenizer, real_gguf: Path) -> None:
-    direct = Tokenizer.from_gguf(real_gguf)
+def test_load_tokenizer_from_gguf_path(tok: Tokenizer, real_gguf: Path) -> None:
+    from qwen25.checkpoint import load_tokenizer
+
+    direct = load_tokenizer(real_gguf)
     assert direct.backend.to_str() == tok.backend.to_str()
     assert (direct.special_ids, direct.eos_token_id, direct.chat_template) == (
         tok.special_ids, tok.eos_token_id, tok.chat_template)

@@ -104,13 +104,14 @@ class LlamaCppBackend(Backend):
         except ImportError:
             raise ImportError("--backend llamacpp needs llama-cpp-python, which qwen25 does not install: "
                               "pip install llama-cpp-python") from None
+        from qwen25.checkpoint import load_tokenizer
         from qwen25.weights.registry import resolve_model
 
         path = resolve_model(model)
         if path.is_dir() or path.suffix != ".gguf":
             raise ValueError(f"--backend llamacpp needs a .gguf model, got {path}")
         self.model_path = str(path)
-        self.tokenizer = Tokenizer.from_gguf(path)
+        self.tokenizer = load_tokenizer(path)
         self.logits_all = logits_all
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=logits_all,
                          n_threads=threads or os.cpu_count() or 1, verbose=False, seed=0)

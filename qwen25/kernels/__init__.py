@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from qwen25.paths import kernels_dir
+
 _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 
@@ -31,14 +33,12 @@ def _cpu_has_avx2() -> bool:
 
 
 def _build(source: Path, defines: tuple[str, ...] = ()) -> Path | None:
-    from qwen25.weights.registry import cache_dir
-
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None
     flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
     digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
+    target = kernels_dir() / f"{source.stem}-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

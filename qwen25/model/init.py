@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qwen25.config import ModelConfig, preset
-from qwen25.model.layers import RMSNorm, rope_inv_freq
+from qwen25.model.layers import RMSNorm
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 DEFAULT_STD = 0.02  # HF Qwen2Config.initializer_range
@@ -64,8 +64,8 @@ def model_from_config(config: ModelConfig | str, seed: int | None = None, std: f
         model = Qwen2ForCausalLM(config)
     model.to_empty(device=device)  # allocates each tensor once, but separately: re-tie below
     model.tie_weights()
-    inv_freq, _ = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-    model.model.inv_freq = inv_freq.to(device)  # non-persistent buffer: was created on the meta device
+    model.model.reset_rope()  # the non-persistent RoPE buffer was created on the meta device
+    model.model.inv_freq = model.model.inv_freq.to(device)
     init_weights(model, std, seed)
     if dtype != torch.float32:
         for p in model.parameters():  # parameters only: rope frequencies stay fp32, as loaded checkpoints keep them

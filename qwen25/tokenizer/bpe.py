@@ -3,7 +3,8 @@
 Owns building the pipeline (NFC, the Qwen2 split regex, byte-level BPE, the 22 control tokens with their
 `special` flags, SPEC §2) from GGUF metadata or from an HF `tokenizer.json`, plus encode/decode, the
 special/stop token sets and saving a directory `transformers.AutoTokenizer` loads with identical ids.
-It does not render chat templates (`tokenizer/chat.py`) or detokenize streams (`tokenizer/stream.py`).
+It does not read GGUF files (it is handed their metadata dict: `qwen25.checkpoint.load_tokenizer` opens a
+file), render chat templates (`qwen25.chat`) or detokenize streams (`tokenizer/stream.py`).
 """
 
 from __future__ import annotations
@@ -128,14 +129,6 @@ class Tokenizer:
         return cls(backend, eos_token_id=opt_id("tokenizer.ggml.eos_token_id"),
                    pad_token_id=opt_id("tokenizer.ggml.padding_token_id"), bos_token_id=bos,
                    chat_template=None if template is None else str(template))
-
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
-        """Read a .gguf file's metadata with the project's parser and build from it."""
-        from qwen25.weights.gguf import GGUFFile  # lazy: keeps the tokenizer importable on its own
-
-        with GGUFFile(path) as g:
-            return cls.from_gguf_metadata(g.metadata)
 
     @classmethod
     def from_file(cls, tokenizer_json: str | os.PathLike,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qwen25.paths import cache_dir, models_dir
+
 
 @dataclass(frozen=True, slots=True)
 class KnownModel:
@@ -50,16 +52,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
-def cache_dir() -> Path:
-    """$QWEN25_HOME, else $XDG_CACHE_HOME/qwen25, else ~/.cache/qwen25."""
-    if os.environ.get("QWEN25_HOME"):
-        return Path(os.environ["QWEN25_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "qwen25"
-
-
 def cached_path(model: KnownModel) -> Path:
-    return cache_dir() / "models" / model.filename
+    return models_dir() / model.filename
 
 
 def is_cached(model: KnownModel) -> bool:
