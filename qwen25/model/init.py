@@ -23,8 +23,8 @@ __all__ = ["DEFAULT_STD", "init_weights", "model_from_config"]
 def init_weights(model: nn.Module, std: float = DEFAULT_STD, seed: int | None = None) -> nn.Module:
     """Re-initialise `model` in place and return it: N(0, std) linear and embedding weights, zero biases, unit
     RMSNorm weights. seed: draw from a private generator (the global RNG is left alone); None uses the global
-    RNG. A shared (tied) tensor is drawn once. Modules with parameters of any other kind are refused, since
-    they would silently keep their old values (e.g. a quantized model)."""
+    RNG. A shared (tied) tensor is drawn once. Modules with parameters of any other kind, or with weights in
+    buffers (a quantized model), are refused: they would silently keep their old values."""
     generators: dict[torch.device, torch.Generator] = {}
 
     def generator(device: torch.device) -> torch.Generator | None:
@@ -34,22 +34,28 @@ def init_weights(model: nn.Module, std: float = DEFAULT_STD, seed: int | None = 
             generators[device] = torch.Generator(device=device).manual_seed(seed)
         return generators[device]
 
+    plan: list[tuple[nn.Module, dict[str, nn.Parameter]]] = []
     seen: set[int] = set()
-    for name, module in model.named_modules():
+    for name, module in model.named_modules():  # check everything before changing anything
         params = {k: p for k, p in module.named_parameters(recurse=False) if id(p) not in seen}
         seen.update(id(p) for p in params.values())
-        if not params:
-            continue
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            if "weight" in params:
-                params["weight"].normal_(0.0, std, generator=generator(params["weight"].device))
-            if "bias" in params:
-                params["bias"].zero_()
-        elif isinstance(module, RMSNorm):
-            params["weight"].fill_(1.0)
-        else:
+        in_buffers = [k for k, _ in module.named_buffers(recurse=False) if k != "inv_freq"]
+        if in_buffers:  # e.g. quantized linears keep their codes in buffers
+            raise ValueError(f"init_weights: {name or 'the model'} ({type(module).__name__}) holds weights in "
+                             f"buffers {in_buffers}; only float models (Linear, Embedding, RMSNorm) can be initialised")
+        if params and not isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)):
             raise ValueError(f"init_weights: {name or 'the model'} is a {type(module).__name__}, whose parameters "
                              "it does not know how to initialise (only Linear, Embedding and RMSNorm)")
+        if params:
+            plan.append((module, params))
+    for module, params in plan:
+        if isinstance(module, RMSNorm):
+            params["weight"].fill_(1.0)
+            continue
+        if "weight" in params:
+            params["weight"].normal_(0.0, std, generator=generator(params["weight"].device))
+        if "bias" in params:
+            params["bias"].zero_()
     return model
 
 
