@@ -256,7 +256,7 @@ def extract_program(text: str) -> str | None:
     """The last ```python block; else the last unlabelled block that parses as Python (not an output block)."""
     import ast
 
-    from qwen25.eval.humaneval import PYTHON_LANGS, code_blocks
+    from qwen25.eval.sanitize import PYTHON_LANGS, code_blocks
 
     blocks = code_blocks(text)
     python = [body for lang, body in blocks if lang in PYTHON_LANGS]
