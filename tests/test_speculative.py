@@ -178,6 +178,18 @@ def test_speculating_rows_batch_with_other_requests(target) -> None:  # noqa: AN
     assert eng.speculative_stats.drafted > 0 and eng.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.3), dict(presence_penalty=0.8, frequency_penalty=0.5)])
+def test_greedy_with_penalties_speculates_exactly(target, penalties) -> None:  # noqa: ANN001
+    """Penalties depend on the tokens before each position, drafts included: verification applies them per
+    position, so a penalized greedy request speculates and still equals one-token decoding."""
+    params = SamplingParams(temperature=0, max_tokens=24, **penalties)
+    plain = LLMEngine(target, ByteTokenizer(), num_blocks=128, block_size=4).generate(PROMPTS, params)
+    for proposer in (NgramProposer(2, 1), DraftModelProposer(target)):
+        eng = spec_engine(target, proposer, 4)
+        assert [r.token_ids for r in eng.generate(PROMPTS, params)] == [r.token_ids for r in plain]
+        assert eng.speculative_stats.drafted > 0
+
+
 def test_engine_refuses_a_draft_method_without_the_draft(target) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="draft model"):
         LLMEngine(target, ByteTokenizer(), num_blocks=16, speculative_config={"model": "somewhere"})

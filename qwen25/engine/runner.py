@@ -10,9 +10,9 @@ compute per padded token, and a tiny DP over the sorted counts picks the cheaper
 
 Sampling: each row samples with `sample_next` and its own `torch.Generator` (seeded from params.seed), only when
 all its tokens are computed (a prefill chunk that is not the last samples nothing). A row with speculative
-drafts (plain greedy requests, see `qwen25.engine.speculative`) gets logits at the last token and at every
-draft; the drafts are accepted while they equal the argmax, and the argmax after the last accepted one comes
-too, so such a row yields 1..k+1 tokens for one pass, exactly what greedy decoding would have produced.
+drafts (greedy requests, see `qwen25.engine.speculative`) gets logits at the last token and at every draft;
+the drafts are accepted while they equal the (penalized) argmax, and the argmax after the last accepted one
+comes too, so such a row yields 1..k+1 tokens for one pass, exactly what greedy decoding would have produced.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 
 from qwen25.engine.paged_cache import PagedKVCache, PagedStep
-from qwen25.engine.sampler import sample_next, top_logprobs
+from qwen25.engine.sampler import apply_penalties, sample_next, top_logprobs
 from qwen25.engine.scheduler import ScheduledBatch
 from qwen25.engine.sequence import Sequence
 from qwen25.engine.speculative import Proposer, SpeculativeConfig, make_proposer, speculation_applies
@@ -123,7 +123,7 @@ class ModelRunner:
                 if seq.num_computed_tokens + n < seq.num_tokens + len(seq.draft_ids):
                     continue  # a prefill chunk that is not the last
                 if seq.draft_ids:
-                    tokens[i] = verify_greedy(seq.draft_ids, row)
+                    tokens[i] = self.verify_greedy(seq, row)
                     continue
                 tokens[i] = [self.sample(seq, row[-1])]
                 if seq.params.logprobs is not None:
@@ -197,6 +197,25 @@ class ModelRunner:
         self.cache.keys[:, :, destination] = self.cache.keys[:, :, source]
         self.cache.values[:, :, destination] = self.cache.values[:, :, source]
 
+    def verify_greedy(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """The tokens a speculative step emits: drafts while each equals the greedy choice at its position, then
+        the greedy choice after the last accepted one. logits (len(drafts) + 1, V). Penalties, if any, see the
+        output so far plus the drafts before each position, exactly as one-token decoding would."""
+        drafts, p = seq.draft_ids, seq.params
+        penalized = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        emitted: list[int] = []
+        for i in range(len(drafts) + 1):
+            row = logits[i]
+            if penalized:
+                prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.long)
+                output = torch.tensor(seq.output_token_ids + drafts[:i], dtype=torch.long)
+                row = apply_penalties(row, prompt, output, p.repetition_penalty, p.presence_penalty,
+                                      p.frequency_penalty)
+            emitted.append(int(row.argmax()))
+            if i == len(drafts) or emitted[-1] != drafts[i]:
+                return emitted
+        return emitted
+
     def sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         """One token for `seq` from its raw last logits (V,), with its processors, penalties and generator."""
         g = self._generators.get(seq.seq_id)
@@ -210,13 +229,3 @@ class ModelRunner:
             logits = processor(seq.output_token_ids, logits)
         output = torch.tensor(seq.output_token_ids, dtype=torch.long)
         return sample_next(logits, seq.params, self._prompts[seq.seq_id], output, g)
-
-
-def verify_greedy(drafts: list[int], logits: torch.Tensor) -> list[int]:
-    """The tokens a speculative step emits: drafts while they equal the argmax of the logits before them, then
-    the argmax after the last accepted one. logits (len(drafts) + 1, V)."""
-    greedy = logits.argmax(dim=-1).tolist()
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
-        accepted += 1
-    return [*drafts[:accepted], greedy[accepted]]

@@ -5,7 +5,7 @@ computes [last token, draft_1..k] in the same pass as the other rows and the run
 they equal its own greedy choices, plus its choice after the last accepted one: 1..k+1 tokens per pass, and
 exactly the target's greedy output, since every emitted token is an argmax of target logits over exactly
 the tokens before it. Rejected drafts' keys/values lie beyond the sequence's computed tokens and are
-overwritten later. Speculation applies to plain greedy requests (`speculation_applies`); other requests in
+overwritten later. Speculation applies to greedy requests (`speculation_applies`); other requests in
 the same engine run as usual.
 
 Proposers:
@@ -163,11 +163,9 @@ class SpeculativeStats:
 
 
 def speculation_applies(params: SamplingParams) -> bool:
-    """Speculation reproduces plain greedy decoding of the raw logits: no sampling, penalties, processors or
-    logprobs."""
-    return (params.is_greedy and params.logprobs is None and not params.logits_processors
-            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0)
+    """Speculation reproduces greedy decoding (penalties included: the runner applies them per draft position):
+    no sampling, logits processors (grammars, logit_bias: stateful) or logprobs."""
+    return params.is_greedy and params.logprobs is None and not params.logits_processors
 
 
 def make_proposer(spec: SpeculativeConfig, draft_model: Qwen2ForCausalLM | None = None,
