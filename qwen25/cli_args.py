@@ -207,6 +207,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ValueError(f"--config {path}: unknown format (use .toml, .json, .yaml or .yml)")
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); TOML and JSON work "
+                             "without it") from None
     try:
         if suffix == ".toml":
             import tomllib
@@ -214,18 +222,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         elif suffix == ".json":
             data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); TOML and JSON "
-                                 "work without it") from None
-            data = yaml.safe_load(text)
         else:
-            raise ValueError(f"--config {path}: unknown format (use .toml, .json, .yaml or .yml)")
-    except ValueError:
-        raise
-    except Exception as e:  # tomllib/yaml parse errors: one readable line
+            data = yaml.safe_load(text)
+    except Exception as e:  # tomllib/json/yaml parse errors: one readable line
         raise ValueError(f"--config {path}: {type(e).__name__}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a table of option = value, got {type(data).__name__}")
