@@ -127,8 +127,9 @@ def _add_field(target: Any, f: dataclasses.Field, tp: Any, doc: str | None) -> N
     meta = dict(f.metadata.get("cli", {}))
     default = _default(f)
     text = (meta.get("help") or doc or "").replace("%", "%%")  # argparse %-formats help strings
-    if default not in (None, False, True, dataclasses.MISSING, []) and "default" not in text:
-        text = f"{text} (default: {default})".strip()  # argparse itself appends it for --flag/--no-flag
+    shown = not (any(default is x for x in (None, False, True, dataclasses.MISSING)) or default == [])
+    if shown and "default" not in text:  # (argparse itself appends it for --flag/--no-flag)
+        text = f"{text} (default: {default})".strip()
     kwargs: dict[str, Any] = {"help": text or None}
     inner = _unwrap_optional(tp)
     origin = typing.get_origin(inner)

@@ -111,6 +111,8 @@ class Toy:
     """what to greet"""
     max_tokens: int = 16
     """tokens per reply"""
+    shots: int = 0
+    """examples"""
     mode: Literal["fast", "exact"] = "fast"
     """how"""
     verbose: bool = False
@@ -135,12 +137,12 @@ def test_dataclass_becomes_a_subcommand_and_parses_back_to_it():
     ns = parse_args(parser, ["run", "world", "--max-tokens", "3", "--mode", "exact", "--verbose", "--no-color",
                              "--stop", "a", "--stop", "b", "-r", "0.5"])
     assert ns.func(ns) == 0
-    assert seen == [toy("world", 3, "exact", True, False, ["a", "b"], 0.5)]
+    assert seen == [toy("world", 3, 0, "exact", True, False, ["a", "b"], 0.5)]
     ns = parse_args(parser, ["run", "x"])
     ns.func(ns)
     assert seen[-1] == toy("x")
     help_text = parser._subparsers._group_actions[0].choices["run"].format_help()
-    for fragment in ("--max-tokens MAX_TOKENS", "tokens per reply (default: 16)", "{fast,exact}", "--no-color",
+    for fragment in ("--max-tokens MAX_TOKENS", "tokens per reply (default: 16)", "examples (default: 0)", "{fast,exact}", "--no-color",
                      "--stop TEXT", "a fraction (default: none)", "--config FILE", "what to greet"):
         assert fragment in help_text, fragment
     with pytest.raises(SystemExit):
