@@ -5,8 +5,9 @@
   python benchmarks/bench_speculative.py --server                          # the same through `qwen25 serve`'s app
 
 With --server every mode is served by the OpenAI app (`create_app_from_checkpoint`, uvicorn on a loopback port,
-the server's own defaults: the checkpoint's repetition_penalty applies) and the prompts go over HTTP as chat
-requests with temperature 0; tokens/s counts the completion tokens the server reports.
+the server's defaults for anything not sent) and the prompts go over HTTP as chat
+requests with temperature 0 and --repetition-penalty (default 1.0, as in the LLM mode); tokens/s counts the
+completion tokens the server reports.
 
 For each prompt (chat-formatted coding requests, two of which quote code the answer repeats) and each mode
 (plain greedy on the engine; n-gram prompt lookup; a draft model if --draft is given), generate --max-tokens
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lookup-max", type=int, default=3, help="prompt_lookup_max (default 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--server", action="store_true", help="measure through the HTTP server instead of LLM.chat")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="sent with every request (default 1.0; the GGUF's server default is 1.05)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen25 import SamplingParams
 
     torch.set_num_threads(args.threads)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty)
     modes: dict[str, dict | None] = {"plain": None,
                                      "ngram": {"method": "ngram", "num_speculative_tokens": args.k,
                                                "prompt_lookup_max": args.lookup_max}}
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             results.setdefault(name, {})[mode] = row
             print(f"[{mode}] {name}: {row}", file=sys.stderr, flush=True)
     print(f"\n{'through the HTTP server' if args.server else 'LLM.chat'}: model {args.model}, draft {args.draft or '-'}, k={args.k}, {args.max_tokens} tokens, "
-          f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}")
+          f"repetition_penalty {args.repetition_penalty}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}")
     head = "| prompt | " + " | ".join(f"{m} tok/s" for m in modes) + " | " + " | ".join(
         f"{m} speed-up / accept / tok per pass" for m in modes if m != "plain") + " | identical |"
     print(head)
@@ -147,7 +150,7 @@ def run_server(args: argparse.Namespace, config: dict | None, params) -> dict[st
 
     def chat(text: str, max_tokens: int) -> dict:
         body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                "temperature": 0}
+                "temperature": 0, "repetition_penalty": args.repetition_penalty}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600)
         r.raise_for_status()
         return r.json()

@@ -19,10 +19,14 @@ _EXPORTS = {
     "PRESETS": "qwen25.config",
     "Qwen2ForCausalLM": "qwen25.model.qwen2",
     "Tokenizer": "qwen25.tokenizer",
+    "LLMEngine": "qwen25.engine.engine",
+    "ContextLengthError": "qwen25.engine.errors",
 }
 
 if TYPE_CHECKING:
     from qwen25.config import PRESETS, ModelConfig
+    from qwen25.engine.engine import LLMEngine
+    from qwen25.engine.errors import ContextLengthError
     from qwen25.llm import LLM, CompletionOutput, RequestOutput
     from qwen25.model.qwen2 import Qwen2ForCausalLM
     from qwen25.sampling_params import SamplingParams

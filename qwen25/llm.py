@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qwen25.checkpoint import QWEN25_INSTRUCT_DEFAULTS, default_sampling_params, is_instruct, load as load_checkpoint, stop_token_ids
-from qwen25.engine.errors import ContextLengthError
+from qwen25.checkpoint import default_sampling_params, is_instruct, stop_token_ids
+from qwen25.checkpoint import load as load_checkpoint
+from qwen25.engine.engine import LLMEngine, StepOutput, accumulate
 from qwen25.engine.speculative import SpeculativeConfig
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
 if TYPE_CHECKING:
-    from qwen25.engine.engine import LLMEngine, StepOutput
     from qwen25.engine.speculative import SpeculativeStats
 
 Message = dict[str, Any]
@@ -142,8 +142,6 @@ class LLM:
         persists across calls, so a chat's history is not recomputed every turn)."""
         engine = self.__dict__.get("_engine")
         if engine is None:
-            from qwen25.engine.engine import LLMEngine
-
             engine = self.__dict__["_engine"] = LLMEngine.from_checkpoint(self.checkpoint, **self.engine_kwargs)
         return engine
 
@@ -161,15 +159,9 @@ class LLM:
 
             progress = tqdm(total=len(id_lists) * params.n, desc="generating", unit="seq")
         for (r, k), step in self._run(id_lists, params):
-            out = outputs[r].outputs[k]
-            out.text += step.new_text
-            out.token_ids += step.new_token_ids
-            if step.logprobs and out.logprobs is not None:
-                out.logprobs += step.logprobs
-            if step.finish_reason is not None:
-                out.finish_reason = step.finish_reason
-                if progress is not None:
-                    progress.update(1)
+            accumulate(outputs[r].outputs[k], step)
+            if step.finish_reason is not None and progress is not None:
+                progress.update(1)
         if progress is not None:
             progress.close()
         return outputs
@@ -203,11 +195,7 @@ class LLM:
                 texts.append(None)
                 id_lists.append([int(t) for t in p])
         for ids in id_lists:
-            if not ids:
-                raise ValueError("empty prompt: nothing to condition on")
-            if len(ids) >= self.max_context:
-                raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context window is "
-                                         f"{self.max_context} tokens (at least 1 must remain for the output)")
+            self.engine.check_prompt(ids)
         return texts, id_lists
 
     def _run(self, id_lists: list[list[int]], params: SamplingParams) -> Iterator[tuple[tuple[int, int], StepOutput]]:

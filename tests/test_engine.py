@@ -394,3 +394,34 @@ def test_abort_reaches_every_sample(model):
     finals = [o for o in eng.step() if o.finish_reason == "abort"]
     assert sorted(o.index for o in finals) == [0, 1, 2, 3]
     assert_all_freed(eng)
+
+
+# --- weights pushed into a live engine (rollouts of a model being trained) ---------------------------
+def test_update_weights_equals_an_engine_built_on_the_new_weights():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    policy = unit_scale_(Qwen2ForCausalLM(config).eval())
+    updated = unit_scale_(Qwen2ForCausalLM(config).eval())  # other random weights: "after a training step"
+    eng = engine(policy, block_size=4)
+    prompt = PROMPTS[3]
+    before = eng.generate([prompt], GREEDY)[0].token_ids
+    hits = eng.stats()["prefix_cache_hit_tokens"]
+    eng.update_weights(updated.named_parameters())
+    after = eng.generate([prompt], GREEDY)[0].token_ids
+    assert eng.stats()["prefix_cache_hit_tokens"] == hits  # the stale prompt blocks were not reused
+    assert after == engine(updated, block_size=4).generate([prompt], GREEDY)[0].token_ids
+    assert after != before
+    assert_all_freed(eng)
+
+
+def test_update_weights_refuses_while_running_and_bad_names(model):
+    eng = engine(model)
+    eng.add_request("r", PROMPTS[0], GREEDY)
+    with pytest.raises(RuntimeError, match="running"):
+        eng.update_weights([])
+    eng.abort_request("r")
+    eng.step()
+    with pytest.raises(KeyError, match="no parameter"):
+        eng.update_weights([("model.nope.weight", torch.zeros(1))])

@@ -120,6 +120,16 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_registered_blocks = 0
 
     # --- prefix caching ----------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (their keys/values are stale after a weight update); blocks in use stay
+        with their sequences, unregistered, and idle cached blocks become free."""
+        for b in list(self.evictable):
+            self.free_ids.append(b)
+        self.evictable.clear()
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+
     def cache_blocks(self, seq: Sequence) -> None:
         """Register the full blocks of `seq` whose KV is now computed, so later sequences can reuse them."""
         if not self.enable_prefix_caching:

@@ -141,14 +141,7 @@ class LLMEngine:
         if request_id in self._request_seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise ValueError("empty prompt: nothing to condition on")
-        if len(prompt) >= self.max_model_len:
-            limit = (f"the model's context window is {self.max_model_len} tokens"
-                     if self.max_model_len < self.cache_capacity else
-                     f"the KV cache holds {self.max_model_len} tokens (raise kv_cache_memory or num_blocks)")
-            raise ContextLengthError(f"prompt has {len(prompt)} tokens; {limit} (at least 1 must remain for the "
-                                     "output)")
+        self.check_prompt(prompt)
         budget = self.max_model_len - len(prompt)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
         seqs = []
@@ -176,6 +169,43 @@ class LLMEngine:
             self._pending.append(StepOutput(request_id, [], "", "abort",
                                             [] if seq.params.logprobs is not None else None,
                                             seq.num_prompt_tokens, seq.num_output_tokens, seq.index))
+
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """The one context check: raise ContextLengthError unless the prompt leaves room for one output token
+        in the model's window and the KV cache."""
+        if not prompt_token_ids:
+            raise ValueError("empty prompt: nothing to condition on")
+        if len(prompt_token_ids) >= self.max_model_len:
+            limit = (f"the model's context window is {self.max_model_len} tokens"
+                     if self.max_model_len < self.cache_capacity else
+                     f"the KV cache holds {self.max_model_len} tokens (raise kv_cache_memory or num_blocks)")
+            raise ContextLengthError(f"prompt has {len(prompt_token_ids)} tokens; {limit} (at least 1 must remain "
+                                     "for the output)")
+
+    # --- weights -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values into the model's parameters in place (HF names, e.g. from a trainer's
+        `named_parameters()` or a merged LoRA state dict), then forget the prefix cache, whose keys/values the
+        old weights computed. Only between generations: refused while requests run. Models with quantized
+        (int8/int4) modules cannot take float updates in place: load the policy unquantized for rollouts."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("update_weights while requests are running would mix two policies in one output")
+        params = dict(self.model.named_parameters())
+        updates = list(named_tensors)
+        for name, value in updates:
+            target = params.get(name)
+            if target is None:
+                raise KeyError(f"the engine's model has no parameter {name!r} (quantized models take no updates)")
+            if target.shape != value.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} does not match {tuple(target.shape)}")
+        for name, value in updates:
+            params[name].copy_(value)
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prompt block (after a weight update; requests in flight keep their blocks)."""
+        self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()
@@ -283,8 +313,9 @@ class LLMEngine:
                     yield out
 
 
-def accumulate(result: GenerationResult, out: StepOutput) -> None:
-    """Add one step's output to a sample's accumulated result (the one place outputs are summed up)."""
+def accumulate(result: Any, out: StepOutput) -> None:
+    """Add one step's output to a sample's accumulated result: anything with token_ids, text, logprobs and
+    finish_reason (`GenerationResult`, `LLM`'s `CompletionOutput`): the one place outputs are summed up."""
     result.token_ids += out.new_token_ids
     result.text += out.new_text
     if out.logprobs and result.logprobs is not None:
