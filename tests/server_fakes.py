@@ -5,8 +5,10 @@ server relies on (<|im_start|>, <|im_end|>, <tool_call>, ...), so chat templates
 llguidance all work on it. `ScriptedEngine` "generates" a scripted reply for each prompt: its logits strongly
 favour the next token of the reply, with seeded noise elsewhere, and then go through the request's logits
 processors and the real sampler, so grammars, logit_bias, seeds, stop strings and logprobs behave as they would
-with a model. Imported by name as `server_fakes` (pytest puts tests/ on sys.path) by tests/test_server*.py; it is
-not part of the installed package.
+with a model. Like `LLMEngine`, a request with params.n > 1 is n samples (sample k seeded seed + k, outputs tagged
+with `index`, all sharing the request's SamplingParams) and aborting it ends every sample with an "abort" output.
+Imported by name as `server_fakes` (pytest puts tests/ on sys.path) by tests/test_server*.py; it is not part of
+the installed package.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class _Seq:
     matcher: StopMatcher
     generator: torch.Generator
     stop_ids: frozenset[int]
+    index: int = 0
     output_ids: list[int] = field(default_factory=list)
 
 
@@ -85,7 +88,8 @@ class ScriptedEngine:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.aborted: list[str] = []
-        self.added: list[tuple[str, list[int], SamplingParams]] = []
+        self.added: list[tuple[str, list[int], SamplingParams]] = []  # one entry per request (not per sample)
+        self._pending: list[StepOutput] = []  # abort outputs, delivered by the next step()
         self.fail_next_step: Exception | None = None
         self.steps = 0
 
@@ -96,22 +100,27 @@ class ScriptedEngine:
         self.added.append((request_id, list(prompt_token_ids), params))
         reply = self.script(self.tokenizer.decode(prompt_token_ids))
         target = self.tokenizer.encode(reply) + [self.eos]
-        g = torch.Generator()
-        g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
         budget = self.max_model_len - n
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
-        self.waiting.append(_Seq(request_id, list(prompt_token_ids), params, target,
-                                 min(params.max_tokens or budget, budget),
-                                 StreamDecoder(self.tokenizer, params.skip_special_tokens),
-                                 StopMatcher(params.stop, params.include_stop_str_in_output), g, stop_ids))
+        for k in range(params.n):
+            g = torch.Generator()
+            g.manual_seed(params.seed + k if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
+            self.waiting.append(_Seq(request_id, list(prompt_token_ids), params, target,
+                                     min(params.max_tokens or budget, budget),
+                                     StreamDecoder(self.tokenizer, params.skip_special_tokens),
+                                     StopMatcher(params.stop, params.include_stop_str_in_output), g, stop_ids, k))
 
     def abort_request(self, request_id: str) -> None:
         self.aborted.append(request_id)
+        for s in [*self.waiting, *self.running]:
+            if s.request_id == request_id:
+                self._pending.append(StepOutput(request_id, [], "", "abort", None, len(s.prompt_ids),
+                                                len(s.output_ids), s.index))
         self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
         self.running = [s for s in self.running if s.request_id != request_id]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._pending)
 
     def stats(self) -> dict[str, float]:
         return {"num_running": len(self.running), "num_waiting": len(self.waiting), "steps": self.steps}
@@ -127,7 +136,8 @@ class ScriptedEngine:
         outputs = [self._advance_many(s) for s in self.running]
         self.running = [s for s, o in zip(self.running, outputs) if o.finish_reason is None]
         self.steps += 1
-        return outputs
+        pending, self._pending = self._pending, []
+        return pending + outputs
 
     def _logits(self, seq: _Seq) -> torch.Tensor:
         noise = torch.Generator()
@@ -146,7 +156,7 @@ class ScriptedEngine:
             nxt = self._advance(seq)
             logprobs = (out.logprobs or []) + (nxt.logprobs or []) if seq.params.logprobs is not None else None
             out = StepOutput(seq.request_id, out.new_token_ids + nxt.new_token_ids, out.new_text + nxt.new_text,
-                             nxt.finish_reason, logprobs, nxt.num_prompt_tokens, nxt.num_output_tokens)
+                             nxt.finish_reason, logprobs, nxt.num_prompt_tokens, nxt.num_output_tokens, seq.index)
         return out
 
     def _advance(self, seq: _Seq) -> StepOutput:
@@ -159,7 +169,7 @@ class ScriptedEngine:
         n_prompt = len(seq.prompt_ids)
         if token in seq.stop_ids:
             text, _ = seq.matcher.feed(seq.decoder.flush(), final=True)
-            return StepOutput(seq.request_id, [], text, "stop", None, n_prompt, len(seq.output_ids))
+            return StepOutput(seq.request_id, [], text, "stop", None, n_prompt, len(seq.output_ids), seq.index)
         seq.output_ids.append(token)
         lp = None
         if seq.params.logprobs is not None:
@@ -174,7 +184,7 @@ class ScriptedEngine:
         text, hit = seq.matcher.feed(text, final=reason is not None)
         if hit:
             reason = "stop"
-        return StepOutput(seq.request_id, [token], text, reason, lp, n_prompt, len(seq.output_ids))
+        return StepOutput(seq.request_id, [token], text, reason, lp, n_prompt, len(seq.output_ids), seq.index)
 
 
 __all__ = ["ScriptedEngine", "byte_tokenizer", "echo_script"]

@@ -152,12 +152,15 @@ def test_n_and_seeds(serve) -> None:  # noqa: ANN001
     client, engine = serve(lambda prompt: "abcdefgh", confidence=1.0)
     body = chat(client, n=3, seed=7, temperature=1.5, max_tokens=8).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    assert [p.seed for _, _, p in engine.added] == [7, 8, 9]
+    assert [(p.n, p.seed) for _, _, p in engine.added] == [(3, 7)]  # one engine request; it seeds 7, 8, 9
     texts = [c["message"]["content"] for c in body["choices"]]
     again = chat(client, n=3, seed=7, temperature=1.5, max_tokens=8).json()["choices"]
     again = [c["message"]["content"] for c in again]
     assert texts == again  # same seeds, same samples
     assert len(set(texts)) > 1  # different seeds per choice
+    singles = [chat(client, seed=s, temperature=1.5, max_tokens=8).json()["choices"][0]["message"]["content"]
+               for s in (7, 8, 9)]
+    assert singles == texts  # choice k == its own request seeded seed + k
     events = sse(chat(client, n=2, seed=1, max_tokens=4, stream=True))
     assert {e["choices"][0]["index"] for e in events} == {0, 1}
 

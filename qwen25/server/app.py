@@ -80,8 +80,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
                        request: Request, started: float) -> Response:
         """Submit the plan; answer with the whole response, or stream it when the request asks to."""
         request_id = random_id(renderer.id_prefix)
-        streams, procs = await submit(async_engine, structured, plan, request_id)
-        run = Generation(streams, renderer, plan, request_id, config.model_name, metrics, started, procs)
+        submission = await submit(async_engine, structured, plan, request_id)
+        run = Generation(submission, renderer, plan, request_id, config.model_name, metrics, started)
         if req.stream:
             return sse(run.events(include_usage=bool(req.stream_options and req.stream_options.include_usage)))
         return JSONResponse((await run.response(request)).model_dump())

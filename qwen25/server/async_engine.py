@@ -2,10 +2,12 @@
 
 One background thread owns the engine: it applies queued adds and aborts between steps, calls `engine.step()`
 while there is work, and routes each `StepOutput` to its request's asyncio queue with
-`loop.call_soon_threadsafe`. Nothing else touches the engine, so it needs no locking of its own. A request whose
-consumer goes away (client disconnect, cancelled task) is aborted, which frees its KV cache. If `step()` raises,
-every in-flight request fails with that error and the thread carries on: the server never dies from a request.
-Admission is bounded: at most `max_pending` requests in flight (running plus waiting); more is `Overloaded` (429).
+`loop.call_soon_threadsafe`. A request with `params.n` > 1 has one stream carrying the outputs of all n samples
+(tell them apart by `StepOutput.index`); it ends when every sample has finished. Nothing else touches the engine,
+so it needs no locking of its own. A request whose consumer goes away (client disconnect, cancelled task) is
+aborted (all its samples), which frees its KV cache. If `step()` raises, every in-flight request fails with that
+error and the thread carries on: the server never dies from a request. Admission is bounded: at most
+`max_pending` samples in flight (running plus waiting; a request counts n); more is `Overloaded` (429).
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ class _Stream:
     accepted: asyncio.Future | None = None
     finished: bool = False
     first_output_at: float | None = None
+    num_samples: int = 1  # params.n
+    samples_left: int = 1  # not yet finished, as the engine thread sees it
 
 
 class RequestStream:
-    """Outputs of one engine request; iterate with `async for`. Leaving the loop early aborts the request."""
+    """Outputs of one engine request (all its samples, each output tagged with its `index`); iterate with
+    `async for`, which ends after every sample's final output. Leaving the loop early aborts the request."""
 
     def __init__(self, engine: AsyncEngine, stream: _Stream) -> None:
         self._engine = engine
@@ -52,6 +57,7 @@ class RequestStream:
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         s = self._stream
+        left = s.num_samples
         try:
             while True:
                 item = await s.queue.get()
@@ -61,7 +67,8 @@ class RequestStream:
                     s.finished = True
                     raise item
                 if item.finish_reason is not None:
-                    s.finished = True
+                    left -= 1
+                    s.finished = s.finished or left == 0
                 yield item
                 if s.finished:
                     return
@@ -111,25 +118,28 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
+        """Unfinished samples of the admitted requests (a request with n samples counts n)."""
         with self._cond:
-            return len(self._streams)
+            return sum(s.samples_left for s in self._streams.values())
 
     @property
     def num_waiting(self) -> int:
-        """Requests admitted but without their first output yet (queued, or in prefill)."""
+        """Samples of requests admitted but without their first output yet (queued, or in prefill)."""
         with self._cond:
-            return sum(1 for s in self._streams.values() if s.first_output_at is None)
+            return sum(s.samples_left for s in self._streams.values() if s.first_output_at is None)
 
     # --- requests (event-loop side) ------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> RequestStream:
-        """Queue a request; returns once the engine accepted it (its errors, e.g. ValueError, raise here)."""
+        """Queue a request (params.n samples, one stream); returns once the engine accepted it (its errors, e.g.
+        ValueError, raise here)."""
         if not self.is_alive:
             raise EngineDead("the engine thread is not running")
         loop = asyncio.get_running_loop()
-        stream = _Stream(request_id, loop, accepted=loop.create_future())
+        n = int(getattr(params, "n", 1))
+        stream = _Stream(request_id, loop, accepted=loop.create_future(), num_samples=n, samples_left=n)
         with self._cond:
-            if len(self._streams) >= self.max_pending:
-                raise Overloaded(f"server is at capacity ({self.max_pending} requests in flight); retry later")
+            if sum(s.samples_left for s in self._streams.values()) + n > self.max_pending:
+                raise Overloaded(f"server is at capacity ({self.max_pending} sequences in flight); retry later")
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = stream
@@ -209,7 +219,9 @@ class AsyncEngine:
                 if stream.first_output_at is None:
                     stream.first_output_at = now
                 if out.finish_reason is not None:
-                    del self._streams[out.request_id]
+                    stream.samples_left -= 1
+                    if stream.samples_left <= 0:
+                        del self._streams[out.request_id]
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
     def _fail_all(self, error: BaseException) -> None:

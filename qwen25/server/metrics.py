@@ -121,8 +121,8 @@ class ServerMetrics:
                               TOKEN_LATENCY_BUCKETS)
         self.mask = Histogram("qwen25_structured_mask_seconds_per_token",
                               "grammar mask cost per generated token (structured output)", MASK_BUCKETS)
-        self.gauges = [Gauge("qwen25_requests_running", "requests in flight in the engine", running),
-                       Gauge("qwen25_requests_waiting", "requests queued or in prefill (queue depth)", waiting)]
+        self.gauges = [Gauge("qwen25_requests_running", "sequences in flight in the engine (n per request)", running),
+                       Gauge("qwen25_requests_waiting", "sequences queued or in prefill (queue depth)", waiting)]
         self._engine_stats = engine_stats
 
     def render(self) -> str:

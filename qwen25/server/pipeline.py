@@ -1,11 +1,11 @@
 """The generation pipeline: a `Plan` submitted to the engine, its outputs accumulated and rendered, blocking or
 as Server-Sent Events.
 
-Owns submission (one engine request per prompt x choice, each with fresh logits processors for grammars and
-logit_bias; 429/503/400 on refusal, with whatever was started aborted), the single output accumulator (`Choice`),
-interleaving several streams, client-disconnect aborts, the SSE framing (chunks, usage, in-band errors, `[DONE]`)
-and the request metrics. What goes on the wire is the `Renderer`'s job (`server.renderers`): the same loop serves
-chat and text completions. Engine outputs may carry any number of new tokens and logprobs per step.
+Owns submission (one engine request per prompt carrying n samples that share its prefill, routed to choices by
+`StepOutput.index`; 429/503/400 on refusal, with whatever was started aborted), the single output accumulator
+(`Choice`), interleaving several streams, client-disconnect aborts, the SSE framing (chunks, usage, in-band errors,
+`[DONE]`) and the request metrics. What goes on the wire is the `Renderer`'s job (`server.renderers`): the same
+loop serves chat and text completions. Engine outputs may carry any number of new tokens and logprobs per step.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ log = logging.getLogger("qwen25.server")
 
 @dataclass
 class Choice:
-    """The accumulated output of one engine request."""
+    """The accumulated output of one sample (one OpenAI choice)."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -76,19 +76,41 @@ class Renderer(Protocol):
         """The whole non-streamed response body."""
 
 
-async def submit(engine: AsyncEngine, structured: so.StructuredOutputs, plan: Plan,
-                 prefix: str) -> tuple[list[RequestStream], list[list[Any]] | None]:
-    """Submit every (prompt, choice) pair; on any failure abort what was started and raise an APIError.
+@dataclass
+class Submission:
+    """The engine requests of one plan: their streams, the choice index of each stream's sample 0 (a stream's
+    output with `index` k belongs to choice `first_choice[i] + k`), and the logits processors each got."""
 
-    Returns the streams and the logits processors given to each (for the mask-cost metric)."""
+    streams: list[RequestStream]
+    first_choice: list[int]
+    processors: list[list[Any]] | None
+
+
+def engine_requests(plan: Plan) -> list[tuple[int, int, SamplingParams]]:
+    """(prompt number, first choice index, params) per engine request. Normally one request per prompt with n
+    samples sharing one prefill. Logits processors (grammar matchers, logit_bias) are stateful and belong to one
+    sequence, but the engine's n samples share one SamplingParams; so a plan with processors and n > 1 is
+    submitted as n requests of one sample each, seeded seed + k exactly as the engine seeds its samples."""
+    n, params = plan.n, plan.params
+    if n == 1 or (plan.grammar is None and not plan.logit_bias):
+        return [(p, p * n, params) for p in range(len(plan.prompt_ids))]
+    single = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + k)
+              for k in range(n)]
+    return [(p, p * n + k, single[k]) for p in range(len(plan.prompt_ids)) for k in range(n)]
+
+
+async def submit(engine: AsyncEngine, structured: so.StructuredOutputs, plan: Plan, prefix: str) -> Submission:
+    """Submit the plan's engine requests (`engine_requests`); on any failure abort what was started and raise an
+    APIError."""
+    requests = engine_requests(plan)
     streams: list[RequestStream] = []
-    procs = _processors(structured, plan) if (plan.grammar is not None or plan.logit_bias) else None
+    procs = _processors(structured, plan, len(requests)) if (plan.grammar is not None or plan.logit_bias) else None
     try:
-        for p, ids in enumerate(plan.prompt_ids):
-            for k, params in enumerate(plan.params):
-                if procs is not None:
-                    params = _with_logits_processors(params, procs[p * len(plan.params) + k])
-                streams.append(await engine.add_request(f"{prefix}-{p}-{k}", ids, params))
+        for r, (p, first, params) in enumerate(requests):
+            if procs is not None:
+                params = _with_logits_processors(params, procs[r])
+            rid = f"{prefix}-{p}" if params.n == plan.n else f"{prefix}-{p}-{first - p * plan.n}"
+            streams.append(await engine.add_request(rid, plan.prompt_ids[p], params))
     except BaseException as e:
         for s in streams:
             s.abort()
@@ -99,18 +121,27 @@ async def submit(engine: AsyncEngine, structured: so.StructuredOutputs, plan: Pl
         if isinstance(e, ValueError):
             raise bad_request(str(e)) from None
         raise
-    return streams, procs
+    return Submission(streams, [first for _, first, _ in requests], procs)
 
 
 class Generation:
     """One submitted request's outputs: `collect` them (blocking) or stream them as SSE `events`."""
 
-    def __init__(self, streams: list[RequestStream], renderer: Renderer, plan: Plan, request_id: str, model: str,
-                 metrics: ServerMetrics, started: float, processors: list[list[Any]] | None) -> None:
-        self.streams, self.renderer, self.plan = streams, renderer, plan
+    def __init__(self, submission: Submission, renderer: Renderer, plan: Plan, request_id: str, model: str,
+                 metrics: ServerMetrics, started: float) -> None:
+        self.streams, self.first_choice = submission.streams, submission.first_choice
+        self.renderer, self.plan = renderer, plan
         self.request_id, self.model, self.metrics = request_id, model, metrics
-        self.started, self.processors = started, processors
-        self.choices = [Choice() for _ in streams]
+        self.started, self.processors = started, submission.processors
+        self.choices = [Choice() for _ in range(plan.num_choices)]
+
+    async def outputs(self) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, output) for every engine output of every stream, in arrival order."""
+        async for s, out in merge(self.streams):
+            yield self.first_choice[s] + out.index, out
+
+    def num_unfinished(self) -> int:
+        return sum(1 for c in self.choices if c.finish_reason is None)
 
     def usage(self) -> Usage:
         prompt = sum(len(ids) for ids in self.plan.prompt_ids)
@@ -123,14 +154,14 @@ class Generation:
             while True:
                 await asyncio.sleep(0.5)
                 if await request.is_disconnected():
-                    self.metrics.aborted.inc(len(self.streams))
+                    self.metrics.aborted.inc(self.num_unfinished())
                     for s in self.streams:
                         s.abort()
                     return
 
         watcher = asyncio.create_task(watch())
         try:
-            async for i, out in merge(self.streams):
+            async for i, out in self.outputs():
                 self.choices[i].add(out)
         except Exception as e:
             raise APIError(500, str(e), "server_error") from None
@@ -155,10 +186,10 @@ class Generation:
 
         finished = False
         try:
-            for i in range(len(self.streams)):
+            for i in range(len(self.choices)):
                 for entry in self.renderer.opening(i):
                     yield chunk([entry])
-            async for i, out in merge(self.streams):
+            async for i, out in self.outputs():
                 self.choices[i].add(out)
                 for entry in self.renderer.chunks(i, out):
                     yield chunk([entry])
@@ -172,7 +203,7 @@ class Generation:
             for s in self.streams:
                 s.abort()
             if not finished:
-                self.metrics.aborted.inc(sum(1 for c in self.choices if c.finish_reason is None))
+                self.metrics.aborted.inc(self.num_unfinished())
             self.record()
         yield "data: [DONE]\n\n"
 
@@ -180,8 +211,9 @@ class Generation:
         m = self.metrics
         now = time.monotonic()
         m.e2e.observe(now - self.started)
-        prompts = {c.num_prompt_tokens for c in self.choices}
-        m.prompt_tokens.inc(sum(prompts))
+        n = self.plan.n  # each prompt counted once (as in usage), if any of its samples got that far
+        m.prompt_tokens.inc(sum(max(c.num_prompt_tokens for c in self.choices[p * n:(p + 1) * n])
+                                for p in range(len(self.plan.prompt_ids))))
         for c in self.choices:
             m.generation_tokens.inc(c.num_output_tokens)
             m.finished.inc(reason=c.finish_reason or "abort")
@@ -238,10 +270,10 @@ async def merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, An
             t.cancel()
 
 
-def _processors(structured: so.StructuredOutputs, plan: Plan) -> list[list[Any]]:
+def _processors(structured: so.StructuredOutputs, plan: Plan, num_requests: int) -> list[list[Any]]:
     """Fresh logits processors for each engine request of the plan (grammar state is per sequence)."""
     per_request = []
-    for _ in range(plan.num_requests):
+    for _ in range(num_requests):
         procs: list[Any] = []
         if plan.logit_bias:
             procs.append(so.LogitBiasProcessor(plan.logit_bias))
@@ -256,4 +288,4 @@ def _with_logits_processors(params: SamplingParams, processors: list[Any]) -> Sa
     return dataclasses.replace(params, logits_processors=list(processors)) if processors else params
 
 
-__all__ = ["Choice", "Generation", "Renderer", "event", "merge", "sse", "submit"]
+__all__ = ["Choice", "Generation", "Renderer", "Submission", "engine_requests", "event", "merge", "sse", "submit"]

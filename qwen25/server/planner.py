@@ -1,7 +1,7 @@
 """The request planner: an OpenAI chat or text-completion request in, a `Plan` of engine work out.
 
 Owns everything decided before the engine sees a request: rendering the chat (via `qwen25.chat`), tokenization
-(off the event loop for long texts), context-length checks, the per-choice `SamplingParams` (n, seeds), logit_bias,
+(off the event loop for long texts), context-length checks, the request's `SamplingParams` (n, seed), logit_bias,
 tool_choice, and the structured-output constraint compiled to an llguidance grammar. Every refusal is a 400
 `APIError` naming the field. It does not submit anything to the engine or format responses (`server.pipeline`).
 """
@@ -29,20 +29,25 @@ class Plan:
     """Everything decided about a generation request before it reaches the engine."""
 
     prompt_ids: list[list[int]]      # one entry per prompt (chat: exactly one)
-    params: list[SamplingParams]     # one per choice of one prompt (n entries)
+    params: SamplingParams           # for every prompt; params.n choices each (the engine seeds sample k seed+k)
     grammar: str | None
     logit_bias: dict[int, float] | None
     tool_names: list[str] | None     # parse tool calls when set
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text, sent before its output
 
     @property
-    def num_requests(self) -> int:
-        """Engine requests: every prompt times every choice, in that order."""
-        return len(self.prompt_ids) * len(self.params)
+    def n(self) -> int:
+        """Choices per prompt."""
+        return self.params.n
+
+    @property
+    def num_choices(self) -> int:
+        """Every prompt times every sample, prompt-major (choice index = prompt * n + sample)."""
+        return len(self.prompt_ids) * self.params.n
 
     @property
     def want_logprobs(self) -> bool:
-        return self.params[0].logprobs is not None
+        return self.params.logprobs is not None
 
 
 class RequestPlanner:
@@ -158,23 +163,21 @@ class RequestPlanner:
                               "context_length_exceeded")
         return max_tokens
 
-    def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
-        """One SamplingParams per choice (n of them): the checkpoint defaults overridden by the request; with a
-        seed, choice k gets seed + k so the choices differ but stay reproducible."""
+    def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams: the checkpoint defaults overridden by the request, n samples per prompt
+        (with a seed, the engine seeds sample k with seed + k so the choices differ but stay reproducible)."""
         fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
         overrides: dict[str, Any] = {k: getattr(req, k) for k in fields if getattr(req, k) is not None}
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
-            base = dataclasses.replace(
-                self.config.default_params, **overrides, n=1, max_tokens=max_tokens, stop=stop,
+            return dataclasses.replace(
+                self.config.default_params, **overrides, n=req.n, max_tokens=max_tokens, stop=stop,
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens, logprobs=logprobs, seed=req.seed)
         except ValueError as e:
             raise bad_request(str(e)) from None
-        return [base if k == 0 or req.seed is None else dataclasses.replace(base, seed=req.seed + k)
-                for k in range(req.n)]
 
     def logit_bias(self, req: SamplingFields) -> dict[int, float] | None:
         if not req.logit_bias:

@@ -37,8 +37,8 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, plan: Plan) -> None:
         self.tokenizer, self.plan = tokenizer, plan
         names = plan.tool_names
-        self.parsers = [ToolCallParser(names) if names is not None else None for _ in range(plan.num_requests)]
-        self.has_calls = [False] * plan.num_requests
+        self.parsers = [ToolCallParser(names) if names is not None else None for _ in range(plan.num_choices)]
+        self.has_calls = [False] * plan.num_choices
 
     def opening(self, index: int) -> list[dict[str, Any]]:
         return [_chat_entry(index, {"role": "assistant", "content": ""})]
@@ -86,11 +86,11 @@ class CompletionRenderer:
 
     def __init__(self, tokenizer: Any, plan: Plan) -> None:
         self.tokenizer, self.plan = tokenizer, plan
-        self.offsets = [0] * plan.num_requests
+        self.offsets = [0] * plan.num_choices
 
     def echo(self, index: int) -> str:
         """The prompt text choice `index` starts with ("" without echo); choices are prompt-major."""
-        return self.plan.echo_texts[index // len(self.plan.params)] if self.plan.echo_texts else ""
+        return self.plan.echo_texts[index // self.plan.n] if self.plan.echo_texts else ""
 
     def opening(self, index: int) -> list[dict[str, Any]]:
         return [_text_entry(index, self.echo(index))] if self.plan.echo_texts else []
