@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qwen25.cli_args import add_command, arg, parse_args
+from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
 from qwen25.weights import cli as weights_cli
 from qwen25.weights.registry import DEFAULT_MODEL
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(sub, "models", weights_cli.ModelsConfig, weights_cli.main_models,
                 help="list known models, their sizes and whether they are cached")
     add_eval_parser(sub)
+    add_data_parser(sub)
     return parser
 
 
