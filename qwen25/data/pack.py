@@ -22,6 +22,7 @@ import json
 import shutil
 import tempfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -199,13 +200,20 @@ def _read_parquet(source: Source, text_field: str, skipped: Counter) -> Iterator
 
 
 # --- packing -------------------------------------------------------------------------------------------------
-def _plain_text_encoder(tokenizer: Tokenizer) -> Any:
-    """A copy of the tokenizer's backend that encodes special-token strings as ordinary text."""
-    from tokenizers import Tokenizer as RustTokenizer
+_ENCODERS: weakref.WeakKeyDictionary[Tokenizer, tuple[str, Any]] = weakref.WeakKeyDictionary()
 
-    backend = RustTokenizer.from_str(tokenizer.backend.to_str())
-    backend.encode_special_tokens = True
-    return backend
+
+def _plain_text_encoder(tokenizer: Tokenizer) -> tuple[str, Any]:
+    """(SHA-256 of the tokenizer's definition, a copy of its backend that encodes special-token strings as
+    ordinary text); kept per tokenizer object, since building the copy takes about a second."""
+    if tokenizer not in _ENCODERS:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        spec = tokenizer.backend.to_str()
+        backend = RustTokenizer.from_str(spec)
+        backend.encode_special_tokens = True
+        _ENCODERS[tokenizer] = (hashlib.sha256(spec.encode()).hexdigest(), backend)
+    return _ENCODERS[tokenizer]
 
 
 def _fingerprint(sources: Sequence[Source], settings: PackSettings, tokenizer_sha: str) -> str:
@@ -247,7 +255,7 @@ def pack(inputs: Sequence[str | Path], output: str | Path, tokenizer: Tokenizer,
         raise ValueError(f"tokenizer {tokenizer_name} has no {EOT_TOKEN} token")
     for s in sources:
         s.sha256 = _hash_file(s.path)
-    tokenizer_sha = hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()
+    tokenizer_sha, encoder = _plain_text_encoder(tokenizer)
     fingerprint = _fingerprint(sources, settings, tokenizer_sha)
     if _check_output(output, fingerprint, overwrite):
         return PackResult(output, read_manifest(output), up_to_date=True, seconds=time.perf_counter() - start)
@@ -256,7 +264,6 @@ def pack(inputs: Sequence[str | Path], output: str | Path, tokenizer: Tokenizer,
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         skipped: Counter = Counter()
-        encoder = _plain_text_encoder(tokenizer)
         with ShardWriter(tmp, eot, tokenizer.vocab_size, settings.max_tokens_per_file) as writer:
             for source in sources:
                 _pack_source(source, writer, encoder, settings.text_field, skipped, warn or (lambda m: None),
