@@ -55,6 +55,9 @@ class ModelArgs:
     directories (default: auto)"""
     threads: int | None = None
     """torch threads (default: all cores, at most 8)"""
+    lora: str | None = arg(None, metavar="ADAPTER_DIR")
+    """a LoRA adapter directory (peft format) for --model: merged into the weights at load, then quantized
+    as --quantization says"""
 
     def load(self) -> Any:
         """The `LLM`, after the process-wide runtime settings."""
@@ -62,7 +65,7 @@ class ModelArgs:
         from qwen25.runtime import configure_runtime
 
         configure_runtime(self.threads)
-        return LLM(self.model, dtype=self.dtype, quantization=self.quantization)
+        return LLM(self.model, dtype=self.dtype, quantization=self.quantization, lora=self.lora)
 
 
 @dataclass

@@ -6,6 +6,7 @@ of generation (incremental detokenizing, stop strings, outputs), not the math.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence as Seq
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -71,11 +72,15 @@ class LLM:
     penalties, logprobs or logits processors), vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3, "prompt_lookup_min": 1} or {"model": DRAFT, "num_speculative_tokens": 4} (a draft
     checkpoint with the same tokenizer, e.g. the 0.5B for the 1.5B). Output is identical to plain greedy
-    decoding; other requests run on the engine as usual. `speculative_stats` holds the engine's counters."""
+    decoding; other requests run on the engine as usual. `speculative_stats` holds the engine's counters.
+    lora: a LoRA adapter directory in peft's format (what qwen25's LoRA training and peft write) for this
+    base model. The base is loaded in fp32, the adapter merged into its weights, and the merged model then
+    quantized or cast as `quantization`/`dtype` say (see `qwen25.train.lora.load_merged`): the same speed as
+    the base, one adapter per LLM."""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
                  quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
-                 speculative_config: dict[str, Any] | None = None) -> None:
+                 speculative_config: dict[str, Any] | None = None, lora: str | os.PathLike | None = None) -> None:
         self.engine_kwargs = dict(engine_kwargs or {})
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
@@ -84,7 +89,13 @@ class LLM:
         if quantization == "auto":
             quantization = "q8" if self.path.is_file() else "none"
         self.quantization = quantization
-        checkpoint = self.checkpoint = load_checkpoint(self.path, torch_dtype, quantization)
+        if lora is None:
+            checkpoint = self.checkpoint = load_checkpoint(self.path, torch_dtype, quantization)
+        else:
+            from qwen25.train.lora import load_merged
+
+            checkpoint = self.checkpoint = load_merged(self.path, lora, torch_dtype, quantization)
+        self.lora = lora
         if checkpoint.quantization:  # what the weights actually are (a `qwen25 quantize --output` file decides)
             self.quantization = checkpoint.quantization
         self.model = checkpoint.model
