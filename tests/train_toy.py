@@ -11,6 +11,7 @@ of global batches consumed, which is the same on every rank and at every world s
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,8 @@ def pack_rows(docs: list[list[int]], seq_len: int) -> list[tuple[list[int], list
 
 class ToyLoader:
     def __init__(self, seq_len: int = 32, batch_size: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 documents: int = 300) -> None:
+                 documents: int = 300, sleep_after: int | None = None) -> None:
+        self.sleep_after = sleep_after  # slow down after this many batches (a window to SIGKILL a run in)
         self.rows = pack_rows(toy_documents(documents), seq_len)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.epoch, self.position = 0, 0
@@ -86,5 +88,44 @@ class ToyLoader:
             start = self.position * global_batch + self.rank * self.batch_size
             picked = [self.rows[i] for i in order[start:start + self.batch_size]]
             self.position += 1
+            if self.sleep_after is not None and self.position > self.sleep_after:
+                time.sleep(1.0)
             ids, labels, docs = (torch.tensor([r[k] for r in picked]) for k in range(3))
             yield Batch(ids, labels, docs, int((labels != -100).sum()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python tests/train_toy.py --output DIR [...]` (or under torchrun): toy training through the real loop,
+    for tests that need a separate process (SIGKILL and resume, FSDP2 at 2 ranks)."""
+    import argparse
+
+    from qwen25.model.init import model_from_config
+    from qwen25.train.config import TrainArgs
+    from qwen25.train.distributed import init_distributed, shard_model, shutdown
+    from qwen25.train.loop import train
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--global-batch", type=int, default=4)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--sleep-after", type=int, default=None, help="sleep 0.3 s per batch after this many batches")
+    p.add_argument("--config-seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ctx = init_distributed()
+    model = model_from_config(TOY_CONFIG, seed=a.config_seed)
+    if ctx.distributed:
+        shard_model(model)
+    loader = ToyLoader(seq_len=32, batch_size=a.global_batch // ctx.world_size, rank=ctx.rank,
+                       world_size=ctx.world_size, sleep_after=a.sleep_after)
+    args = TrainArgs(output=a.output, max_steps=a.max_steps, save_every=a.save_every, lr=3e-3, warmup_steps=2,
+                     batch_size=a.global_batch // ctx.world_size, resume=a.resume, no_progress=True)
+    train(model, loader, args, ctx=ctx, fingerprint={"kind": "toy", "model": TOY_CONFIG.to_dict()})
+    shutdown(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

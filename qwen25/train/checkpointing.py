@@ -20,12 +20,14 @@ line naming the difference, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +59,23 @@ def list_checkpoints(output: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _difference(saved: dict[str, Any], current: dict[str, Any], where: str = "") -> str | None:
-    for key in sorted(set(saved) | set(current)):
+def _differences(saved: dict[str, Any], current: dict[str, Any], where: str = "") -> list[str]:
+    found = []
+    for key in [*saved, *(k for k in current if k not in saved)]:
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            inner = _difference(a, b, f"{where}{key}.")
-            if inner:
-                return inner
+            found += _differences(a, b, f"{where}{key}.")
         elif a != b:
-            return f"{where}{key} {a!r} there, {b!r} here"
-    return None
+            found.append(f"{where}{key} {a!r} there, {b!r} here")
+    return found
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
-    diff = _difference(saved, current)
+    diff = _differences(saved, current)
     if diff:
-        raise TrainingRunError(f"{what} belongs to a different run ({diff}); nothing was changed")
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise TrainingRunError(f"{what} belongs to a different run ({'; '.join(diff[:3])}{more}); nothing was "
+                               "changed")
 
 
 def prepare_output(ctx: DistContext, output: Path, fingerprint: dict[str, Any], resume: str | None) -> Path | None:
@@ -174,7 +177,8 @@ def save_checkpoint(ctx: DistContext, output: Path, step: int, model: nn.Module,
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ctx)
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp / "dcp"), no_dist=not ctx.distributed)
+    with _single_process_ok():
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp / "dcp"), no_dist=not ctx.distributed)
     torch.save({"rng": _rng_state(), "data": data_state}, tmp / f"rank-{ctx.rank}.pt")
     if write_model is not None:
         write_model(model, tmp)  # collective under FSDP2 (gathers the full weights)
@@ -203,7 +207,8 @@ def load_checkpoint(ctx: DistContext, checkpoint: Path, model: nn.Module, optimi
     checkpoint = Path(checkpoint)
     state = json.loads((checkpoint / STATE_FILE).read_text())
     sds = _state_dicts(model, optimizer)
-    dcp.load(sds, checkpoint_id=str(checkpoint / "dcp"), no_dist=not ctx.distributed)
+    with _single_process_ok():
+        dcp.load(sds, checkpoint_id=str(checkpoint / "dcp"), no_dist=not ctx.distributed)
     set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"],
                    options=StateDictOptions(strict=False, ignore_frozen_params=True))
     sched = dict(state["scheduler"], lr_lambdas=[None] * len(optimizer.param_groups))
@@ -215,6 +220,14 @@ def load_checkpoint(ctx: DistContext, checkpoint: Path, model: nn.Module, optimi
     state["data"] = saved["data"]
     state["resharded"] = not same_world
     return state
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every single-process save/load, which is how one-rank runs use it on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _write_json(path: Path, data: Any) -> None:
