@@ -60,7 +60,7 @@ def test_every_token_once_per_epoch_across_ranks_and_document_runs_match_documen
     assert len(stream) >= total and all(t == EOT for t in stream[total:])  # the tail is padding
     stream = stream[:total]
     docs_seen = Counter()
-    for ids, labels, docs in rows:
+    for ids, _, docs in rows:
         pieces = _pieces(ids, docs)
         assert docs[0] == 0 and torch.all(docs.diff() >= 0) and docs.unique().numel() == len(pieces)  # 0, 1, 2...
         for j, piece in enumerate(pieces):

@@ -81,7 +81,7 @@ def test_writer_rejects_bad_ids(tmp_path):
     (lambda d: (d / "tokens-00000.bin").write_bytes(b"\x00" * 4 + (d / "tokens-00000.bin").read_bytes()[4:]),
      "not a qwen25 token file"),
     (lambda d: (d / "tokens-00000.bin").write_bytes(b"GPT2" + b"\x00" * 2000), "not a qwen25 token file"),
-    (lambda d: (d / "tokens-00000.bin").write_bytes(b"Q25T\x02\x00\x00\x00" + (d / "tokens-00000.bin").read_bytes()[8:]),
+    (lambda d: (d / "tokens-00000.bin").write_bytes(b"Q25T\x02\0\0\0" + (d / "tokens-00000.bin").read_bytes()[8:]),
      "version 2"),
     (lambda d: (d / "tokens-00000.bin").write_bytes((d / "tokens-00000.bin").read_bytes()[:-4]), "truncated"),
     (lambda d: (d / "tokens-00000.bin").write_bytes(b"short"), "only 5 bytes"),

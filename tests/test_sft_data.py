@@ -224,3 +224,38 @@ def test_ranks_determinism_and_resume(tmp_path, real_tokenizer):
     assert taken[0].tolist() == one[0].tolist()
     with pytest.raises(ValueError, match="seed"):
         make(seed=3).load_state_dict(first.state_dict())
+
+
+def test_a_packed_row_trains_like_its_conversations_alone(tmp_path, real_tokenizer):
+    """The contract's loss on a packed SFT row (model(input_ids, document_ids=...), summed cross-entropy with
+    ignore_index=-100) equals the sum over its conversations run one by one: nothing leaks across them."""
+    import torch.nn.functional as F
+
+    from qwen25.config import ModelConfig
+    from qwen25.model.qwen2 import Qwen2ForCausalLM
+
+    path = _write_jsonl(tmp_path / "sft.jsonl", CONVERSATIONS)
+    loader = SFTLoader(path, real_tokenizer, None, seq_len=1024, batch_size=1, seed=0)
+    batch = next(iter(loader))
+    assert batch.document_ids.max() >= 2  # at least two conversations and the padding
+    # A small vocabulary: the ids that occur, renumbered (the loss does not care which ids they are).
+    vocab, remap = torch.unique(torch.cat([batch.input_ids.flatten(), batch.labels.flatten(), torch.tensor([-100])]),
+                                return_inverse=True)
+    remap = remap[:-1].view(2, *batch.input_ids.shape)
+    ids, labels = remap[0], torch.where(batch.labels == -100, -100, remap[1])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=1024)).eval()
+
+    def loss(x, y, docs=None):
+        logits = model(x, document_ids=docs)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+
+    with torch.no_grad():
+        packed = loss(ids, labels, batch.document_ids)
+        alone = sum(loss(ids[:, batch.document_ids[0] == d], labels[:, batch.document_ids[0] == d])
+                    for d in batch.document_ids.unique())
+        leaky = loss(ids, labels)  # without document_ids later conversations see earlier ones
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(packed, leaky, rtol=1e-5, atol=1e-4)

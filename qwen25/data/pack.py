@@ -116,7 +116,8 @@ Warn = Callable[[str], None]
 
 
 def read_documents(source: Source, text_field: str, skipped: Counter, warn: Warn) -> Iterator[tuple[str, int]]:
-    """(text, bytes of input consumed) for each document of `source`; bad lines and files are warned and counted."""
+    """(text, bytes of input consumed) for each document of `source`; bad lines and files are warned and counted,
+    and come through as empty text (progress only, never packed)."""
     if source.kind == "jsonl":
         yield from _read_jsonl(source, text_field, skipped, warn)
     elif source.kind == "parquet":
@@ -130,13 +131,13 @@ def read_documents(source: Source, text_field: str, skipped: Counter, warn: Warn
         except UnicodeDecodeError as e:
             warn(f"{source.path}: not UTF-8 text ({e.reason}); skipped")
             skipped["undecodable_files"] += 1
-            source.skipped += 1
-            return
-        if text.strip():
-            yield text, len(raw)
+            text = ""
         else:
-            skipped["empty_documents"] += 1
-            source.skipped += 1
+            if not text.strip():
+                skipped["empty_documents"] += 1
+                text = ""
+        source.skipped += not text
+        yield text, len(raw)
 
 
 def _read_jsonl(source: Source, text_field: str, skipped: Counter, warn: Warn) -> Iterator[tuple[str, int]]:
@@ -161,13 +162,14 @@ def _read_jsonl(source: Source, text_field: str, skipped: Counter, warn: Warn) -
                 warn(f"{source.path}:{lineno}: {problem}; skipped")
                 skipped["malformed_lines"] += 1
                 source.skipped += 1
-            elif record[text_field].strip():
-                yield record[text_field], len(raw)
-                continue
+                text = ""
             else:
-                skipped["empty_documents"] += 1
-                source.skipped += 1
-            yield "", len(raw)  # progress only (empty text is never packed)
+                text = record[text_field]
+                if not text.strip():
+                    skipped["empty_documents"] += 1
+                    source.skipped += 1
+                    text = ""
+            yield text, len(raw)  # empty text: progress only, nothing is packed
 
 
 def _read_parquet(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, int]]:

@@ -210,7 +210,8 @@ class ShardReader:
                                  f"{entry['num_documents']}")
             self._tokens.append(tokens)
             self._offsets.append(offsets)
-        self._first_doc = np.cumsum([0] + [o.size - 1 for o in self._offsets]).tolist()  # global id of each file's doc 0
+        # the global id of each file's first document, and the total
+        self._first_doc = np.cumsum([0] + [o.size - 1 for o in self._offsets]).tolist()
         self.num_tokens = int(sum(t.size for t in self._tokens))
         if (self.num_tokens, len(self)) != (self.manifest["num_tokens"], self.manifest["num_documents"]):
             raise ShardError(f"{self.directory}: files hold {self.num_tokens} tokens in {len(self)} documents, the "
