@@ -108,9 +108,9 @@ class LLMEngine:
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, **settings: Any) -> LLMEngine:
         """An engine for a loaded `qwen25.checkpoint.Checkpoint` (model + tokenizer + defaults) and plain settings
-        (the keyword arguments of `LLMEngine`). Unless sized explicitly, the KV pool holds at least one
-        full-context sequence (a prompt up to the context window must fit; the pool's pages are committed as
-        used). A draft-model `speculative_config` loads its draft checkpoint here unless `draft_model` is given."""
+        (the keyword arguments of `LLMEngine`). Unless sized explicitly, the KV pool holds at least two
+        full-context sequences (a prompt up to the context window must fit, and one such prompt must not lock
+        every other request out of the cache; the pool's pages are committed as used). A draft-model `speculative_config` loads its draft checkpoint here unless `draft_model` is given."""
         from qwen25.checkpoint import load, stop_token_ids
 
         settings.setdefault("stop_token_ids", stop_token_ids(checkpoint))
@@ -119,7 +119,8 @@ class LLMEngine:
             block_size = settings.get("block_size", 16)
             per_block = PagedKVCache.bytes_per_block(checkpoint.model.config, block_size,
                                                      activation_dtype(checkpoint.model))
-            settings["kv_cache_memory"] = max(512 << 20, per_block * (settings["max_model_len"] // block_size + 1))
+            full = settings["max_model_len"] // block_size + 1
+            settings["kv_cache_memory"] = max(512 << 20, per_block * 2 * full)
         spec = settings.get("speculative_config")
         if isinstance(spec, dict):
             spec = settings["speculative_config"] = SpeculativeConfig.from_dict(spec)
@@ -274,6 +275,8 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_total": bm.num_blocks,
+            "queue_blocked_on_kv_cache": float(self.scheduler.blocked_on == "kv_cache"),
+            "queue_blocked_on_max_num_seqs": float(self.scheduler.blocked_on == "max_num_seqs"),
             "kv_cache_usage": bm.num_used_blocks / bm.num_blocks,
             "prefix_cache_hit_tokens": bm.hit_tokens,
             "prefix_cache_queried_tokens": bm.queried_tokens,

@@ -6,6 +6,11 @@ in `max_num_seqs`, the `max_num_batched_tokens` budget and the KV cache; a promp
 budget is prefilled in chunks over several steps. When a decode needs a block and none is free, the most
 recently admitted sequence is preempted by recompute: its blocks are released and it returns to the front of
 the waiting queue with its prompt and outputs, to be prefilled again (prefix caching often still has them).
+
+Fairness: while a prompt waits that could start, running prefills leave room in the step's budget for it (at
+most half the budget), so one huge prompt being prefilled does not hold back every request behind it; and
+`blocked_on` says why the head of the queue did not start ("kv_cache" or "max_num_seqs", None if it did or
+nothing waits), the queue state the server reports in /health.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the tail is preempted first
         self.num_preemptions = 0
+        self.blocked_on: str | None = None  # why the last schedule() left the queue's head waiting
+        self._free_when_blocked = 0  # free KV blocks when the head last did not fit
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -78,16 +85,27 @@ class Scheduler:
                 bm.may_append(seq, len(drafts))
                 batch.add(seq, 1 + len(drafts))
                 budget -= 1 + len(drafts)
+        reserve = 0  # for the queue's head, if it may start this step (not while the KV cache that held it back
+        # last time has not grown)
+        if (self.waiting and not preempted and len(self.running) < self.max_num_seqs
+                and (self.blocked_on != "kv_cache" or bm.num_free_blocks > self._free_when_blocked)):
+            reserve = min(budget // 2, self.waiting[0].num_uncomputed_tokens)
         for seq in self.running:  # then running prefills, chunked to the budget (their blocks are allocated)
-            if budget == 0:
+            if budget <= reserve:
                 break
             if seq.is_prefill:
-                n = min(seq.num_uncomputed_tokens, budget)
+                n = min(seq.num_uncomputed_tokens, budget - reserve)
                 batch.add(seq, n)
                 budget -= n
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        if not self.waiting or (budget > 0 and not preempted):  # else the last answer stands (nothing was tried)
+            self.blocked_on = None
+        while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
+            if len(self.running) >= self.max_num_seqs:
+                self.blocked_on = "max_num_seqs"
+                break
             if not bm.can_allocate(seq):
+                self.blocked_on, self._free_when_blocked = "kv_cache", bm.num_free_blocks
                 break
             self.waiting.popleft()
             bm.allocate(seq)

@@ -4,12 +4,15 @@ Owns the routes (/v1/models, /v1/chat/completions, /v1/completions, /tokenize, /
 the chat page at /) and the app's wiring: the engine is anything with the `LLMEngine` step API, driven by
 `AsyncEngine`; `server.planner` turns a request into a plan, `server.pipeline` runs it and `server.renderers`
 shape the output; errors (`server.errors`) and the API-key check (`server.middleware`) are installed here.
-Errors: a bad request is a 400 naming the field, an unknown model 404, a missing/wrong key 401, a full server
-429, an engine failure 500 for the requests it hit; no request can take the server down.
+Errors: a bad request is a 400 naming the field, a body over the limit 413, an unknown model 404, a missing/wrong
+key 401, a full server 429, an engine failure 500 for the requests it hit; no request can take the server down.
+Request bodies are read and validated by `server.body` (size limit, off the event loop) and bounded by
+`server.limits` before the planner sees them. /health reports the queue and whether new work can be admitted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,7 +25,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 
 from qwen25.server import structured as so
 from qwen25.server.async_engine import AsyncEngine
-from qwen25.server.config import ServerConfig
+from qwen25.server.body import BodySchemas, parse_body
+from qwen25.server.config import Limits, ServerConfig
 from qwen25.server.errors import APIError, bad_request, install_error_handlers
 from qwen25.server.metrics import ServerMetrics
 from qwen25.server.middleware import AuthAndCount
@@ -47,7 +51,10 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
     """A FastAPI app serving `engine` (the LLMEngine step API) for the model `config.model_name`.
 
     prewarm: build the llguidance tokenizer (~1.5 s) in the background at startup instead of on the first
-    structured-output request."""
+    structured-output request. An empty `config.api_key` is refused (None means no key)."""
+    if config.api_key is not None and not config.api_key.strip():
+        raise ValueError("the API key is empty: set a real key, or serve without one explicitly (--no-api-key)")
+    limits = config.limits
     async_engine = AsyncEngine(engine, max_pending=config.max_pending)
     structured = so.StructuredOutputs(tokenizer, config.vocab_size, config.stop_token_ids)
     metrics = ServerMetrics(running=lambda: async_engine.num_in_flight - async_engine.num_waiting,
@@ -63,7 +70,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
         yield
         async_engine.shutdown()
 
-    app = FastAPI(title="qwen25", version="0.1.0", lifespan=lifespan)
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="qwen25", version="0.1.0", lifespan=lifespan, **docs)
+    body_schema = BodySchemas(app)
     app.state.async_engine = async_engine
     install_error_handlers(app)
     app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
@@ -88,9 +97,12 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while new work is admitted; 503 when the engine thread is dead or the server is at capacity (new
+        requests would get a 429). The body shows the queue: what runs, what waits and why."""
         if not async_engine.is_alive:
             return JSONResponse(error_body("engine thread is not running", "server_error"), status_code=503)
-        return JSONResponse({"status": "ok"})
+        state = async_engine.state()
+        return JSONResponse(state, status_code=200 if state["admitting"] else 503)
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
@@ -105,37 +117,43 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
         check_model(model)
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
         started = time.monotonic()
+        req = await parse_body(request, ChatCompletionRequest, limits)
         check_model(req.model)
         plan = await planner.chat(req)
         return await generate(plan, ChatRenderer(tokenizer, plan), req, request, started)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
         started = time.monotonic()
+        req = await parse_body(request, CompletionRequest, limits)
         check_model(req.model)
         plan = await planner.completion(req)
         return await generate(plan, CompletionRenderer(tokenizer, plan), req, request, started)
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+    @app.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await parse_body(request, TokenizeRequest, limits)
         if req.model is not None:
             check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-            text = planner.render([m.model_dump(exclude_none=True) for m in req.messages], tools,
-                                  req.add_generation_prompt)
+            if tools and len(tools) > limits.max_tools:
+                raise bad_request(f"at most {limits.max_tools} tools, got {len(tools)}", "tools")
+            text = await asyncio.to_thread(planner.render, [m.model_dump(exclude_none=True) for m in req.messages],
+                                           tools, req.add_generation_prompt)
         else:
             text = req.prompt or ""
         ids = await planner.encode(text)
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+    @app.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await parse_body(request, DetokenizeRequest, limits)
         if req.model is not None:
             check_model(req.model)
         bad = [t for t in req.tokens if not 0 <= t < config.vocab_size]
@@ -155,7 +173,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
 
 def create_app_from_checkpoint(checkpoint: Any, *, served_model_name: str, aliases: Sequence[str] = (),
                                api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
-                               **engine_settings: Any) -> FastAPI:
+                               limits: Limits | None = None, docs: bool = True, **engine_settings: Any) -> FastAPI:
     """The app for a loaded `qwen25.checkpoint.Checkpoint`: its model on `LLMEngine` (continuous batching;
     grammars and logit_bias ride along as per-request `SamplingParams.logits_processors`). engine_settings are
     `LLMEngine.from_checkpoint`'s keyword arguments (speculative_config among them), passed through unfiltered."""
@@ -167,9 +185,9 @@ def create_app_from_checkpoint(checkpoint: Any, *, served_model_name: str, alias
                           vocab_size=checkpoint.config.vocab_size,
                           default_params=default_sampling_params(checkpoint),
                           stop_token_ids=sorted(stop_token_ids(checkpoint)), api_key=api_key,
-                          max_pending=max_concurrency + max_queue,
+                          max_pending=max_concurrency + max_queue, limits=limits or Limits(), docs=docs,
                           aliases=[a for a in aliases if a != served_model_name])
     return create_app(engine, checkpoint.tokenizer, config, prewarm=True)
 
 
-__all__ = ["APIError", "ServerConfig", "create_app", "create_app_from_checkpoint"]
+__all__ = ["APIError", "Limits", "ServerConfig", "create_app", "create_app_from_checkpoint"]

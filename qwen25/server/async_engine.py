@@ -8,6 +8,8 @@ so it needs no locking of its own. A request whose consumer goes away (client di
 aborted (all its samples), which frees its KV cache. If `step()` raises, every in-flight request fails with that
 error and the thread carries on: the server never dies from a request. Admission is bounded: at most
 `max_pending` samples in flight (running plus waiting; a request counts n); more is `Overloaded` (429).
+`add_requests` queues the engine requests of one HTTP request together (all reach the engine before its next
+step, all or none admitted), so aborting them on a disconnect reaches every one within a step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class EngineDead(RuntimeError):
 
 
 _ABORTED = object()
+ADMISSION_POLICY = ("first come, first served up to max_pending sequences (then 429); every step runs the running "
+                    "decodes first, and a running prefill leaves room for the next waiting prompt; the KV pool "
+                    "holds two full-context sequences by default; preemption by recompute when it runs out")
 
 
 @dataclass
@@ -44,6 +49,7 @@ class _Stream:
     first_output_at: float | None = None
     num_samples: int = 1  # params.n
     samples_left: int = 1  # not yet finished, as the engine thread sees it
+    submitted_at: float = field(default_factory=time.monotonic)
 
 
 class RequestStream:
@@ -97,6 +103,7 @@ class AsyncEngine:
         self.steps = 0
         self.step_errors = 0
         self.last_step_seconds = 0.0
+        self.step_started_at: float | None = None  # while a step runs
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,29 +135,71 @@ class AsyncEngine:
         with self._cond:
             return sum(s.samples_left for s in self._streams.values() if s.first_output_at is None)
 
+    @property
+    def oldest_waiting_seconds(self) -> float:
+        """How long the longest-waiting admitted request has had no output (0 when none waits)."""
+        now = time.monotonic()
+        with self._cond:
+            return max((now - s.submitted_at for s in self._streams.values() if s.first_output_at is None),
+                       default=0.0)
+
+    def state(self) -> dict[str, Any]:
+        """The queue as /health shows it. status: "ok"; "busy" when the queue's head cannot start (the KV cache or
+        the running batch is full: new requests wait); "saturated" when new requests are refused (429)."""
+        in_flight, waiting = self.num_in_flight, self.num_waiting
+        try:
+            stats = dict(self.engine.stats())
+        except Exception:  # noqa: BLE001 - health must answer
+            stats = {}
+        blocked = next((r for r in ("kv_cache", "max_num_seqs") if stats.get(f"queue_blocked_on_{r}")), None)
+        admitting = in_flight < self.max_pending
+        started = self.step_started_at
+        return {"status": "saturated" if not admitting else "busy" if blocked else "ok", "admitting": admitting,
+                "queue": {"running": in_flight - waiting, "waiting": waiting, "max_pending": self.max_pending,
+                          "oldest_waiting_seconds": round(self.oldest_waiting_seconds, 3),
+                          "head_blocked_on": blocked},
+                "kv_cache_usage": stats.get("kv_cache_usage"),
+                "current_step_seconds": 0.0 if started is None else round(time.monotonic() - started, 3),
+                "policy": ADMISSION_POLICY}
+
     # --- requests (event-loop side) ------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> RequestStream:
         """Queue a request (params.n samples, one stream); returns once the engine accepted it (its errors, e.g.
         ValueError, raise here)."""
+        return (await self.add_requests([(request_id, prompt_token_ids, params)]))[0]
+
+    async def add_requests(self, requests: list[tuple[str, list[int], Any]]) -> list[RequestStream]:
+        """Queue several requests at once (all admitted or none: Overloaded if their samples do not fit);
+        returns their streams once the engine accepted them all. If any is refused (e.g. ValueError), the others
+        are aborted and that error raises here."""
         if not self.is_alive:
             raise EngineDead("the engine thread is not running")
         loop = asyncio.get_running_loop()
-        n = int(getattr(params, "n", 1))
-        stream = _Stream(request_id, loop, accepted=loop.create_future(), num_samples=n, samples_left=n)
+        streams = [_Stream(rid, loop, accepted=loop.create_future(), num_samples=int(getattr(p, "n", 1)),
+                           samples_left=int(getattr(p, "n", 1))) for rid, _, p in requests]
+        wanted = sum(s.num_samples for s in streams)
         with self._cond:
-            if sum(s.samples_left for s in self._streams.values()) + n > self.max_pending:
+            if sum(s.samples_left for s in self._streams.values()) + wanted > self.max_pending:
                 raise Overloaded(f"server is at capacity ({self.max_pending} sequences in flight); retry later")
-            if request_id in self._streams:
-                raise ValueError(f"duplicate request id {request_id!r}")
-            self._streams[request_id] = stream
-            self._adds.append((stream, prompt_token_ids, params))
+            ids = [rid for rid, _, _ in requests]
+            if len(set(ids)) != len(ids) or any(rid in self._streams for rid in ids):
+                raise ValueError(f"duplicate request id among {ids[:3]}")
+            for stream, (_, prompt_ids, params) in zip(streams, requests):
+                self._streams[stream.request_id] = stream
+                self._adds.append((stream, prompt_ids, params))
             self._cond.notify_all()
         try:
-            await asyncio.shield(stream.accepted)
+            results = await asyncio.shield(asyncio.gather(*(s.accepted for s in streams), return_exceptions=True))
         except asyncio.CancelledError:
-            self.abort(request_id)
+            for s in streams:
+                self.abort(s.request_id)
             raise
-        return RequestStream(self, stream)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for s in streams:
+                self.abort(s.request_id)
+            raise errors[0]
+        return [RequestStream(self, s) for s in streams]
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -197,6 +246,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         start = time.perf_counter()
+        self.step_started_at = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - a broken batch fails its requests, not the server
@@ -208,6 +258,8 @@ class AsyncEngine:
                 self._call_quietly(self.engine.abort_request, s.request_id)
             self._fail_all(RuntimeError(f"engine error: {type(e).__name__}: {e}"))
             return
+        finally:
+            self.step_started_at = None
         self.steps += 1
         self.last_step_seconds = time.perf_counter() - start
         now = time.monotonic()

@@ -1,8 +1,10 @@
 """OpenAI-shaped errors: `APIError` (raise it anywhere in a request) and the handlers that turn it, request
 validation failures and unexpected exceptions into `error_body` JSON.
 
-Status codes: bad request 400 (naming the field as `param`), unknown model 404, missing/wrong key 401 (raised by
-`server.middleware`), full server 429, dead engine 503, anything unexpected 500. No exception escapes a handler.
+Status codes: bad request 400 (naming the field as `param`), unknown model or path 404, wrong method 405, body over
+the limit 413, missing/wrong key 401 (raised by `server.middleware`), full server 429, dead engine 503, anything
+unexpected 500 (its details go to the log, not to the client). No exception escapes a handler, and FastAPI's
+`{"detail": ...}` bodies never reach a client: every error is OpenAI's envelope.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from qwen25.server.protocol import error_body
 
@@ -44,10 +47,18 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = describe_validation(e.errors())
         return JSONResponse(error_body(message, param=param), status_code=400)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        kinds = {404: ("not_found_error", f"no route {request.method} {request.url.path[:200]}"),
+                 405: ("invalid_request_error", f"method {request.method} is not allowed on this route")}
+        type_, message = kinds.get(e.status_code, ("invalid_request_error", str(e.detail)))
+        return JSONResponse(error_body(message, type_), status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+        return JSONResponse(error_body(f"internal error ({type(e).__name__}); the server log has the details",
+                                       "server_error"), status_code=500)
 
 
 def describe_validation(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:

@@ -103,17 +103,16 @@ async def submit(engine: AsyncEngine, structured: so.StructuredOutputs, plan: Pl
     """Submit the plan's engine requests (`engine_requests`); on any failure abort what was started and raise an
     APIError."""
     requests = engine_requests(plan)
-    streams: list[RequestStream] = []
     procs = _processors(structured, plan, len(requests)) if (plan.grammar is not None or plan.logit_bias) else None
+    batch = []
+    for r, (p, first, params) in enumerate(requests):
+        if procs is not None:
+            params = _with_logits_processors(params, procs[r])
+        rid = f"{prefix}-{p}" if params.n == plan.n else f"{prefix}-{p}-{first - p * plan.n}"
+        batch.append((rid, plan.prompt_ids[p], params))
     try:
-        for r, (p, first, params) in enumerate(requests):
-            if procs is not None:
-                params = _with_logits_processors(params, procs[r])
-            rid = f"{prefix}-{p}" if params.n == plan.n else f"{prefix}-{p}-{first - p * plan.n}"
-            streams.append(await engine.add_request(rid, plan.prompt_ids[p], params))
-    except BaseException as e:
-        for s in streams:
-            s.abort()
+        streams = await engine.add_requests(batch)  # together: one engine step admits (or aborts) them all
+    except Exception as e:
         if isinstance(e, Overloaded):
             raise APIError(429, str(e), "rate_limit_error", code="overloaded") from None
         if isinstance(e, EngineDead):
@@ -149,15 +148,18 @@ class Generation:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def response(self, request: Request) -> BaseModel:
-        """Run every stream to the end (a client that disconnects meanwhile aborts them all) and render it."""
+        """Run every stream to the end (a client that disconnects meanwhile aborts them all, at once: the body has
+        been read, so the next ASGI message is the disconnect) and render it."""
         async def watch() -> None:
             while True:
-                await asyncio.sleep(0.5)
-                if await request.is_disconnected():
-                    self.metrics.aborted.inc(self.num_unfinished())
-                    for s in self.streams:
-                        s.abort()
-                    return
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    break
+                if not message.get("more_body"):
+                    await asyncio.sleep(0.05)  # a server that answers at once instead of waiting: poll
+            self.metrics.aborted.inc(self.num_unfinished())
+            for s in self.streams:
+                s.abort()
 
         watcher = asyncio.create_task(watch())
         try:
@@ -278,7 +280,7 @@ def _processors(structured: so.StructuredOutputs, plan: Plan, num_requests: int)
         if plan.logit_bias:
             procs.append(so.LogitBiasProcessor(plan.logit_bias))
         if plan.grammar is not None:
-            procs.append(structured.processor(plan.grammar))
+            procs.append(structured.processor(plan.grammar, plan.grammar_tokens))
         per_request.append(procs)
     return per_request
 

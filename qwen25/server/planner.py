@@ -19,6 +19,7 @@ from qwen25.sampling_params import SamplingParams
 from qwen25.server import structured as so
 from qwen25.server.config import ServerConfig
 from qwen25.server.errors import bad_request
+from qwen25.server.limits import check_chat, check_completion
 from qwen25.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 LONG_TEXT = 20_000  # characters; longer prompts are tokenized off the event loop
@@ -34,6 +35,7 @@ class Plan:
     logit_bias: dict[int, float] | None
     tool_names: list[str] | None     # parse tool calls when set
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text, sent before its output
+    grammar_tokens: tuple[str, ...] = ()  # control tokens the grammar names itself (the tool-call grammar's)
 
     @property
     def n(self) -> int:
@@ -56,6 +58,7 @@ class RequestPlanner:
 
     # --- the two plans -------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> Plan:
+        check_chat(req, self.config.limits, self.config.max_pending)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
         named = None if isinstance(choice, str) else choice.function.name
@@ -66,24 +69,28 @@ class RequestPlanner:
             raise bad_request(f"tool_choice names function {named!r}, which is not in tools", "tool_choice")
         prompt_tools = tools if choice != "none" else None
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        text = self.render(messages, prompt_tools, req.add_generation_prompt, req.continue_final_message,
-                           req.chat_template_kwargs)
+        text = await asyncio.to_thread(self.render, messages, prompt_tools, req.add_generation_prompt,
+                                       req.continue_final_message, req.chat_template_kwargs)
         prompt_ids = await self.encode(text)
         max_tokens = self.check_context(len(prompt_ids), req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         grammar = await self.constraint(req, req.response_format)
+        grammar_tokens: tuple[str, ...] = ()
         if choice == "required" or named is not None:
             if grammar is not None:
                 raise bad_request("tool_choice 'required' or a named function cannot be combined with another "
                                   "output constraint", "tool_choice")
             grammar = await self.compile("tool_choice", lambda: so.tool_call_grammar(
                 tools or [], named, req.parallel_tool_calls))
+            grammar_tokens = so.TOOL_CALL_TOKENS
         return Plan([prompt_ids], self.sampling_params(req, max_tokens, top), grammar, self.logit_bias(req),
-                    [t["function"]["name"] for t in tools] if tools and choice != "none" else None)
+                    [t["function"]["name"] for t in tools] if tools and choice != "none" else None,
+                    grammar_tokens=grammar_tokens)
 
     async def completion(self, req: CompletionRequest) -> Plan:
+        check_completion(req, self.config.limits, self.config.max_pending)
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of other than n is not supported", "best_of")
         if req.echo and req.logprobs is not None:
@@ -235,8 +242,9 @@ class RequestPlanner:
 
         try:
             return await asyncio.to_thread(run)
-        except so.StructuredOutputError as e:
-            raise bad_request(str(e), name.split(".")[0], "invalid_grammar") from None
+        except (so.StructuredOutputError, RecursionError) as e:
+            raise bad_request(str(e) if not isinstance(e, RecursionError) else f"{name} nests too deeply",
+                              name.split(".")[0], "invalid_grammar") from None
 
 
 __all__ = ["LONG_TEXT", "Plan", "RequestPlanner"]

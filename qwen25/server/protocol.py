@@ -9,11 +9,15 @@ newer clients keep working.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # a logit_bias key: a token id in decimal (ASCII digits only)
 
 
 def random_id(prefix: str) -> str:
@@ -76,7 +80,7 @@ class SamplingFields(_Request):
 
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, lt=2**31)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -84,7 +88,7 @@ class SamplingFields(_Request):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)  # the upper bound is config.Limits.max_n
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -105,16 +109,14 @@ class SamplingFields(_Request):
         stops = [v] if isinstance(v, str) else (v or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
-        if len(stops) > 16:
-            raise ValueError(f"at most 16 stop strings, got {len(stops)}")
-        return v
+        return v  # how many and how long: config.Limits
 
     @field_validator("logit_bias")
     @classmethod
     def _check_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"keys must be token ids (at most 10 decimal digits), got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
         return v
