@@ -89,7 +89,8 @@ def main_pack(cfg: PackConfig) -> int:
         print(f"{result.output}: already holds this pack ({m['num_documents']:,} documents, {m['num_tokens']:,} "
               "tokens); nothing to do")
         return 0
-    skipped = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.skipped.items() if n)
+    skipped = ", ".join(f"{n:,} {k.replace('_', ' ').removesuffix('s' if n == 1 else '')}"
+                        for k, n in result.skipped.items() if n)
     print(f"packed {m['num_documents']:,} documents, {m['num_tokens']:,} tokens from {len(m['sources']):,} files "
           f"into {result.output} ({len(m['files'])} token files) in {result.seconds:.1f} s"
           + (f"; skipped {skipped}" if skipped else ""))
