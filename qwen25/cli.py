@@ -18,6 +18,7 @@ from typing import Any, Literal
 from qwen25.cli_args import add_command, arg, parse_args
 from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
+from qwen25.train.cli import add_train_parser
 from qwen25.weights import cli as weights_cli
 from qwen25.weights.registry import DEFAULT_MODEL
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="list known models, their sizes and whether they are cached")
     add_eval_parser(sub)
     add_data_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

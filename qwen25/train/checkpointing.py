@@ -41,7 +41,8 @@ RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"checkpoint-(\d+)$")
 
-__all__ = ["TrainingRunError", "list_checkpoints", "load_checkpoint", "prepare_output", "save_checkpoint"]
+__all__ = ["TrainingRunError", "adapter_writer", "hf_writer", "list_checkpoints", "load_checkpoint", "prepare_output",
+           "save_checkpoint", "save_final_model"]
 
 
 class TrainingRunError(ValueError):
@@ -105,7 +106,9 @@ def _prepare(output: Path, fingerprint: dict[str, Any], resume: str | None) -> s
                                "empty directory")
     if occupied:
         check_fingerprint(json.loads(run_file.read_text()), fingerprint, f"--output {output}")
-        if resume is None:
+        # a run that stopped before logging a step (bad data, a typo) left only run.json: start it again
+        occupied = any(p.name != RUN_FILE and not p.name.startswith(".") for p in output.iterdir())
+        if resume is None and occupied:
             raise TrainingRunError(f"--output {output} already holds this run; continue it with --resume or use "
                                    "another --output")
     checkpoint: Path | None = None
@@ -194,6 +197,67 @@ def save_checkpoint(ctx: DistContext, output: Path, step: int, model: nn.Module,
                 shutil.rmtree(old, ignore_errors=True)
     barrier(ctx)
     return final
+
+
+# --- the model part: an HF directory or a LoRA adapter -----------------------------------------------------
+ModelWriter = Callable[[nn.Module, Path], None]
+
+
+class _Gathered:
+    """What `save_hf_directory` asks of a model (config + state_dict), over an FSDP2 model's gathered tensors."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def hf_writer(ctx: DistContext, tokenizer: Any = None, generation_config: Any = None) -> ModelWriter:
+    """write(model, dir): the model as an HF directory (`qwen25.weights.save.save_hf_directory`) with the
+    tokenizer's files, by rank 0; an FSDP2 model is gathered first (a collective)."""
+    from qwen25.weights.save import save_hf_directory
+
+    def write(model: nn.Module, out: Path) -> None:
+        target: Any = model
+        if is_sharded(model):
+            target = _Gathered(model.config, full_state_dict(model))
+        if ctx.is_main:
+            save_hf_directory(target, out, tokenizer=tokenizer, generation_config=generation_config)
+
+    return write
+
+
+def adapter_writer(ctx: DistContext, lora_config: Any, base_model: str) -> ModelWriter:
+    """write(model, dir): the LoRA adapter in peft's format (`qwen25.train.lora.save_adapter`), by rank 0."""
+    from qwen25.train.lora import lora_state_dict, save_adapter
+
+    def write(model: nn.Module, out: Path) -> None:
+        if ctx.is_main:
+            save_adapter(model, lora_config, out, base_model)
+        elif is_sharded(model):
+            lora_state_dict(model)  # the same gathers as rank 0's save_adapter (collectives)
+
+    return write
+
+
+def save_final_model(ctx: DistContext, output: Path, model: nn.Module, write_model: ModelWriter) -> Path:
+    """The trained model into `output` itself (HF Trainer's layout: `qwen25 chat --model OUT` or
+    `--lora OUT` use it): written to a temporary directory, then each file renamed into place."""
+    output = Path(output)
+    tmp = output / ".tmp-final"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ctx)
+    write_model(model, tmp)
+    barrier(ctx)
+    if ctx.is_main:
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, output / f.name)
+        tmp.rmdir()
+    barrier(ctx)
+    return output
 
 
 # --- loading --------------------------------------------------------------------------------------------------

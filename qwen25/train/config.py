@@ -19,9 +19,9 @@ __all__ = ["TrainArgs"]
 class TrainArgs:
     cli_group = "training"
 
-    output: str = arg(short="-o", metavar="DIR")
-    """run directory: checkpoints, metrics.jsonl, loss.png, the final model (must be new or empty, or hold
-    this run with --resume)"""
+    output: str | None = arg(None, short="-o", metavar="DIR")
+    """run directory (required): checkpoints, metrics.jsonl, loss.png, the final model (must be new or empty,
+    or hold this run with --resume)"""
     resume: str | None = arg(None, metavar="CKPT")
     """continue a killed run: --resume alone takes the newest checkpoint in --output, or name a checkpoint
     directory (refused if it belongs to another model or run)"""
@@ -76,6 +76,9 @@ class TrainArgs:
     """no progress bar"""
 
     def __post_init__(self) -> None:
+        for name in ("output", "data"):  # required, but may come from --config FILE, so not argparse-required
+            if hasattr(self, name) and not getattr(self, name):
+                raise ValueError(f"--{name} is required (as a flag or a key of --config FILE)")
         positive = dict(batch_size=self.batch_size, grad_accum=self.grad_accum, seq_len=self.seq_len,
                         epochs=self.epochs)
         if self.max_steps is not None:

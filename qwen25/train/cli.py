@@ -1,0 +1,82 @@
+"""`qwen25 train pretrain|sft`: the training commands (`add_train_parser` registers them with the qwen25 CLI).
+
+Each is a config dataclass whose fields are its flags (`qwen25.cli_args`; `--config FILE` reads the same keys
+from TOML/JSON/YAML, flags winning) and the stage's `main(cfg)`. Errors a user can fix — a wrong model path, a
+resume that does not fit, an occupied output directory, bad data — are one line, raised as ValueError /
+FileNotFoundError and printed by `qwen25.cli.main`. Under torchrun every rank runs the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from qwen25.cli_args import add_command
+from qwen25.train.pretrain import PretrainConfig
+from qwen25.train.sft import SFTConfig
+
+TRAIN_DESCRIPTION = """Train Qwen2.5 models.
+
+  qwen25 train pretrain --data SHARDS --output DIR    from scratch on packed token shards, in two context stages
+  qwen25 train sft --model BASE --data train.jsonl --output DIR [--lora]    fine-tune on chat conversations
+
+Both write checkpoints, metrics.jsonl and loss.png into --output and continue a killed run with --resume. Run
+them under `torchrun --nproc_per_node N -m qwen25.cli train ...` to shard the model over N processes (FSDP2)."""
+
+COMMON = """
+every run:
+  --output DIR holds checkpoint-<step>/ (the model in HF layout or the LoRA adapter, plus optimizer, scheduler,
+  RNG and data position), metrics.jsonl (one JSON line per step: loss, lr, grad_norm, tokens/s), loss.png and the
+  final model. A new run needs a new or empty --output; --resume continues the newest checkpoint there (or
+  --resume DIR/checkpoint-N), bit for bit on one process, and refuses a checkpoint of another model or run.
+  --config run.toml takes any flag as a key (seq-len = 1024); flags on the command line win.
+  torchrun --nproc_per_node 2 -m qwen25.cli train ...   shards the model over 2 processes (FSDP2; gloo on CPU,
+  NCCL on GPUs); --batch-size is per process. Checkpoints saved at N processes resume at any other count."""
+
+PRETRAIN_EPILOG = """examples:
+  qwen25 data pack /usr/lib/python3.11 --include '*.py' --output shards/stdlib
+  qwen25 train pretrain --data shards/stdlib --output runs/tiny --max-steps 2000 --stage2-steps 200
+      the tiny model (~10M parameters + the 151,936-token embedding): stage 1 at 256 tokens with RoPE base
+      10,000, stage 2 at 1,024 tokens with base 1,000,000 from stage 1's weights
+  qwen25 train pretrain --data shards/train --eval-data shards/heldout --output runs/tiny --eval-every 100 \\
+      --save-every 500 --max-steps 2000 --stage2-steps 200     held-out loss, and the position-bucket table
+  qwen25 train pretrain --data shards/train --output runs/tiny --resume      continue after a crash or kill
+  qwen25 train pretrain --data shards/train --model-config qwen2.5-0.5b --output runs/0.5b --dtype bfloat16 \\
+      --activation-checkpointing             any preset, or --model-config path/to/config.json
+outputs: runs/tiny/stage1 and runs/tiny/stage2 (each a run directory, final model at its top level) and
+runs/tiny/position_loss.md (held-out loss by position in the document, after each stage).""" + COMMON
+
+SFT_EPILOG = """examples:
+  qwen25 train sft --model qwen2.5-coder-0.5b-instruct --data train.jsonl --output runs/sft
+      full fine-tuning with the Qwen2.5 report's recipe (2 epochs, lr 7e-6 -> 7e-7, weight decay 0.1, clip 1.0)
+  qwen25 train sft --data train.jsonl --eval-data heldout.jsonl --output runs/lora --lora --lora-r 16
+      a LoRA adapter on every linear layer (lr 1e-4 -> 1e-5); then: qwen25 chat --lora runs/lora
+  qwen25 train sft --model ~/models/Qwen2.5-1.5B-Instruct --data train.jsonl --output runs/sft --config sft.toml
+data: one conversation per line, {"messages": [{"role": "system"|"user"|"assistant"|"tool", ...}]} with optional
+"tools" and assistant "tool_calls" (OpenAI form), or {"prompt": ..., "completion": ...}. The loss covers the
+assistant turns only. A malformed line is an error naming its line; conversations without an assistant turn are
+skipped and counted; longer than --seq-len ones are truncated (or dropped: --overlong drop) and counted.""" + COMMON
+
+
+def _resume_flag_takes_an_optional_value(parser: argparse.ArgumentParser) -> None:
+    """`--resume` alone means "latest" (the newest checkpoint in --output); `--resume DIR` names one."""
+    action = parser._option_string_actions["--resume"]
+    action.nargs, action.const = "?", "latest"
+    action.metavar = "CKPT"
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `train` with its `pretrain` and `sft` sub-commands to the qwen25 CLI."""
+    from qwen25.train import pretrain, sft
+
+    p = subparsers.add_parser("train", help="train models: pretrain from scratch, sft (full or LoRA)",
+                              description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    stages = p.add_subparsers(dest="stage", metavar="STAGE")
+    for name, cls, main, help_text, epilog in (
+            ("pretrain", PretrainConfig, pretrain.main, "pretrain a Qwen2 model from scratch on packed token shards "
+             "(two context stages)", PRETRAIN_EPILOG),
+            ("sft", SFTConfig, sft.main, "fine-tune a checkpoint on chat conversations (full or LoRA)", SFT_EPILOG)):
+        sub = add_command(stages, name, cls, main, help=help_text, epilog=epilog)
+        _resume_flag_takes_an_optional_value(sub)
+    return p
