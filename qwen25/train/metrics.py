@@ -32,6 +32,7 @@ class MetricsLog:
         self.path = self.output / "metrics.jsonl"
         self._tb = None
         self._bar = None
+        self._warned_plot = False
         if not enabled:
             return
         self.output.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,13 @@ class MetricsLog:
         if not self.enabled:
             return None
         path = self.output / "loss.png"
-        plot_loss(self.history, path, title=title)
+        try:
+            plot_loss(self.history, path, title=title)
+        except ImportError:  # training never fails for want of a picture
+            if not self._warned_plot:
+                print("loss.png skipped: matplotlib is not installed (pip install 'qwen25[train]')", flush=True)
+                self._warned_plot = True
+            return None
         if self._tb is not None:
             self._tb.flush()
         return path
