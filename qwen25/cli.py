@@ -18,6 +18,7 @@ from typing import Any, Literal
 from qwen25.cli_args import add_command, arg, parse_args
 from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
+from qwen25.server.serve_args import ServeLimitsArgs, is_loopback, serve_api_key
 from qwen25.train.cli import add_train_parser
 from qwen25.weights import cli as weights_cli
 from qwen25.weights.registry import DEFAULT_MODEL
@@ -208,13 +209,18 @@ def cmd_chat(cfg: ChatConfig) -> int:
 
 # --- serve -----------------------------------------------------------------------------------------
 @dataclass
-class ServeConfig(ModelArgs):
+class ServeConfig(ServeLimitsArgs, ModelArgs):
     host: str = "127.0.0.1"
-    """bind address (default: 127.0.0.1, this machine only)"""
+    """bind address (default: 127.0.0.1, this machine only; anything else without a key prints a warning)"""
     port: int = 8000
     """port"""
     api_key: str | None = arg(default_factory=lambda: os.environ.get("QWEN25_API_KEY"))
-    """require 'Authorization: Bearer KEY' on /v1 (default: $QWEN25_API_KEY; none = open)"""
+    """require 'Authorization: Bearer KEY' on /v1 and /docs (default: $QWEN25_API_KEY; unset = open; an empty
+    key is an error)"""
+    no_api_key: bool = False
+    """serve without a key even if --api-key or $QWEN25_API_KEY is empty (say so explicitly)"""
+    no_docs: bool = False
+    """do not serve /docs, /redoc and /openapi.json"""
     max_concurrency: int = 8
     """requests decoded together"""
     max_queue: int = 64
@@ -257,15 +263,20 @@ def cmd_serve(cfg: ServeConfig) -> int:
     if cfg.max_concurrency < 1 or cfg.max_queue < 0:
         print("qwen25: error: --max-concurrency must be >= 1 and --max-queue >= 0", file=sys.stderr)
         return EXIT_USAGE
+    api_key = serve_api_key(cfg.api_key, cfg.no_api_key)
+    limits = cfg.limits()
     speculative = cfg.speculative_settings()  # before the (slow) load
     llm = cfg.load()
     name = cfg.served_model_name or cfg.model
     extra = {} if speculative is None else {"speculative_config": speculative}  # only when asked for
     app = create_app_from_checkpoint(llm.checkpoint, served_model_name=name, aliases=[cfg.model, str(llm.path)],
-                                     api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
-                                     max_queue=cfg.max_queue, **extra)
+                                     api_key=api_key, max_concurrency=cfg.max_concurrency,
+                                     max_queue=cfg.max_queue, limits=limits, docs=not cfg.no_docs, **extra)
     print(f"qwen25 serve: {name} on http://{cfg.host}:{cfg.port} (chat page at /, OpenAI API at /v1)",
           file=sys.stderr)
+    if api_key is None and not is_loopback(cfg.host):
+        print(f"qwen25 serve: WARNING: listening on {cfg.host} with NO API KEY: anyone who can reach this port "
+              "can use the model. Set QWEN25_API_KEY (or --api-key), or bind 127.0.0.1.", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     return 0
 

@@ -23,6 +23,7 @@ from qwen25.server.limits import check_chat, check_completion
 from qwen25.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 LONG_TEXT = 20_000  # characters; longer prompts are tokenized off the event loop
+PREFIX_CHARS_PER_TOKEN = 16  # a text this many times the context in characters is first measured by a prefix
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RequestPlanner:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         text = await asyncio.to_thread(self.render, messages, prompt_tools, req.add_generation_prompt,
                                        req.continue_final_message, req.chat_template_kwargs)
+        await self.check_length(text, "messages")
         prompt_ids = await self.encode(text)
         max_tokens = self.check_context(len(prompt_ids), req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -109,6 +111,26 @@ class RequestPlanner:
             return await asyncio.to_thread(self.tokenizer.encode, text)
         return self.tokenizer.encode(text)
 
+    async def check_length(self, prompt: Any, what: str) -> None:
+        """A 400 for a text far too long for the context, without tokenizing all of it (a few MB take seconds):
+        the tokens of a prefix cut at a space after a non-space (a pre-token boundary of byte-level BPE, so the
+        whole text has at least as many; a chat prompt's content, encoded as plain text, has more) already reach
+        the limit."""
+        text = prompt if isinstance(prompt, str) else prompt.text
+        limit = self.config.max_model_len
+        cut = text.rfind(" ", 0, PREFIX_CHARS_PER_TOKEN * limit) if len(text) > PREFIX_CHARS_PER_TOKEN * limit else -1
+        for _ in range(64):
+            if cut <= 0 or not text[cut - 1].isspace():
+                break
+            cut = text.rfind(" ", 0, cut - 1)
+        if cut <= 0 or text[cut - 1].isspace():
+            return
+        count = len(await self.encode(text[:cut]))
+        if count >= limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, your {what} "
+                              f"resulted in more than {count} tokens. Please reduce the length of the {what}.",
+                              what, "context_length_exceeded")
+
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                add_generation_prompt: bool = True, continue_final: bool = False,
                extra: dict[str, Any] | None = None) -> str:
@@ -132,7 +154,11 @@ class RequestPlanner:
             if not texts:
                 raise bad_request("prompt is empty", "prompt")
             if req.suffix is not None:
+                if len(texts) != 1:
+                    raise bad_request("suffix works with a single text prompt", "suffix")
                 return [(texts[0], await self.encode(self.fim_prompt(texts[0], req.suffix)))]
+            for t in texts:
+                await self.check_length(t, "prompt")
             out = [(t, await self.encode(t)) for t in texts]
         else:
             lists = [p] if p and isinstance(p[0], int) else p
