@@ -18,6 +18,7 @@ from typing import Any, Literal
 from qwen25.cli_args import add_command, arg, parse_args
 from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
+from qwen25.export_cli import add_export_parser
 from qwen25.server.serve_args import ServeLimitsArgs, is_loopback, serve_api_key
 from qwen25.train.cli import add_train_parser
 from qwen25.weights import cli as weights_cli
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_data_parser(sub)
     add_train_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
