@@ -59,6 +59,8 @@ class ModelConfig:
         if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}; give head_dim explicitly")
+        check_rope_scaling(self.rope_scaling)
+        check_dual_chunk_attention(self)
 
     # --- derived -------------------------------------------------------------------------------
     @property
@@ -102,7 +104,7 @@ class ModelConfig:
         rope_params = data.pop("rope_parameters", None)
         if isinstance(rope_params, dict):
             data.setdefault("rope_theta", rope_params.get("rope_theta", 1_000_000.0))
-            if rope_params.get("rope_type", "default") != "default" and not data.get("rope_scaling"):
+            if rope_scaling_type(rope_params) != "default" and not data.get("rope_scaling"):
                 data["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names and v is not None}
@@ -133,6 +135,163 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_long_context(self, rope_scaling: dict[str, Any] | None = None,
+                          dual_chunk_attention_config: dict[str, Any] | None = None) -> ModelConfig:
+        """This config with a `--rope-scaling` / DCA setting applied (validated). A YaRN factor extends
+        max_position_embeddings to factor x original_max_position_embeddings when that is longer (what the
+        Qwen2.5 128K configs carry), so the engine admits the longer prompts."""
+        changes: dict[str, Any] = {}
+        if rope_scaling is not None:
+            check_rope_scaling(rope_scaling)
+            changes["rope_scaling"] = dict(rope_scaling)
+            if yarn_window(rope_scaling) is not None:
+                longest = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+                changes["max_position_embeddings"] = max(self.max_position_embeddings, longest)
+        if dual_chunk_attention_config is not None:
+            changes["dual_chunk_attention_config"] = dict(dual_chunk_attention_config)
+        return self.replace(**changes)
+
+
+# --- long context: rope_scaling (YaRN) and dual_chunk_attention_config -------------------------------
+# YaRN fields as transformers reads them (modeling_rope_utils._compute_yarn_parameters), plus qwen25's
+# "dynamic" switch (no scaling while a sequence fits original_max_position_embeddings; see model/rope.py).
+_YARN_FIELDS = {"type", "rope_type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+                "beta_slow", "mscale", "mscale_all_dim", "truncate", "rope_theta", "dynamic"}
+# vLLM's keys; the sparse_attention_* ones are kept for the sparse prefill (not implemented: dense DCA runs).
+_DCA_FIELDS = {"chunk_size", "local_size", "original_max_position_embeddings", "sparse_attention_config",
+               "sparse_attention_enabled", "sparse_attention_threshold", "sparse_attention_last_q"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def rope_scaling_type(rope_scaling: dict[str, Any] | None) -> str:
+    """The scaling type a rope_scaling names (HF's `rope_type`, or the older `type`); "default" when none."""
+    scaling = rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def yarn_window(rope_scaling: dict[str, Any] | None) -> int | None:
+    """original_max_position_embeddings of a YaRN rope_scaling (the native window), else None."""
+    if rope_scaling_type(rope_scaling) != "yarn":
+        return None
+    return int(rope_scaling["original_max_position_embeddings"])  # type: ignore[index]
+
+
+def check_rope_scaling(scaling: Any) -> None:
+    """Raise ValueError naming the field if `scaling` is not a rope_scaling qwen25 can run (None or YaRN)."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a JSON object, got {scaling!r}")
+    if "rope_type" in scaling and "type" in scaling and scaling["rope_type"] != scaling["type"]:
+        raise ValueError(f"rope_scaling: 'rope_type' ({scaling['rope_type']!r}) and 'type' ({scaling['type']!r}) "
+                         "disagree")
+    if "rope_type" not in scaling and "type" not in scaling:
+        raise ValueError("rope_scaling: missing field 'rope_type' (or 'type'), e.g. \"yarn\"")
+    kind = rope_scaling_type(scaling)
+    if kind == "default":
+        return
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported (qwen25 implements 'yarn', "
+                         "static or with \"dynamic\": true)")
+    unknown = sorted(set(scaling) - _YARN_FIELDS)
+    if unknown:
+        raise ValueError(f"rope_scaling: unknown field {unknown[0]!r} for yarn (known: {', '.join(sorted(_YARN_FIELDS))})")
+    for name, example in (("factor", "4.0"), ("original_max_position_embeddings", "32768")):
+        if scaling.get(name) is None:
+            raise ValueError(f"rope_scaling: missing field {name!r} for yarn (e.g. {example})")
+    if not _is_number(scaling["factor"]) or scaling["factor"] < 1:
+        raise ValueError(f"rope_scaling: 'factor' must be a number >= 1, got {scaling['factor']!r}")
+    original = scaling["original_max_position_embeddings"]
+    if not _is_count(original) or original <= 0:
+        raise ValueError(f"rope_scaling: 'original_max_position_embeddings' must be a positive integer, "
+                         f"got {original!r}")
+    for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+        value = scaling.get(name)
+        if value is not None and (not _is_number(value) or value < 0):
+            raise ValueError(f"rope_scaling: {name!r} must be a non-negative number, got {value!r}")
+    if (scaling.get("beta_fast") or 32) < (scaling.get("beta_slow") or 1):
+        raise ValueError(f"rope_scaling: 'beta_fast' ({scaling.get('beta_fast')}) must not be below 'beta_slow' "
+                         f"({scaling.get('beta_slow')})")
+    for name in ("truncate", "dynamic"):
+        if scaling.get(name) is not None and not isinstance(scaling[name], bool):
+            raise ValueError(f"rope_scaling: {name!r} must be true or false, got {scaling[name]!r}")
+
+
+def check_dual_chunk_attention(config: ModelConfig) -> None:
+    """Raise ValueError naming the field if the config's dual_chunk_attention_config is malformed or the model
+    cannot take it: DCA presents relative distances up to chunk_size, which must be positions the model knows."""
+    dca = config.dual_chunk_attention_config
+    if dca is None:
+        return
+    if not isinstance(dca, dict):
+        raise ValueError(f"dual_chunk_attention_config must be a JSON object, got {dca!r}")
+    unknown = sorted(set(dca) - _DCA_FIELDS)
+    if unknown:
+        raise ValueError(f"dual_chunk_attention_config: unknown field {unknown[0]!r} "
+                         f"(known: {', '.join(sorted(_DCA_FIELDS))})")
+    for name in ("chunk_size", "local_size"):
+        if name not in dca:
+            raise ValueError(f"dual_chunk_attention_config: missing field {name!r}")
+        if not _is_count(dca[name]) or dca[name] < 0:
+            raise ValueError(f"dual_chunk_attention_config: {name!r} must be a non-negative integer, got {dca[name]!r}")
+    chunk, local = dca["chunk_size"], dca["local_size"]
+    if chunk <= local:
+        raise ValueError(f"dual_chunk_attention_config: 'chunk_size' ({chunk}) must be larger than 'local_size' "
+                         f"({local})")
+    original = dca.get("original_max_position_embeddings", 0)
+    if not _is_count(original) or original < 0:
+        raise ValueError(f"dual_chunk_attention_config: 'original_max_position_embeddings' must be a non-negative "
+                         f"integer, got {original!r}")
+    if (config.rope_scaling or {}).get("dynamic"):
+        raise ValueError("dual_chunk_attention_config cannot be combined with dynamic YaRN (rope_scaling.dynamic): "
+                         "DCA keeps positions within chunk_size, use static YaRN or none")
+    known = config.max_position_embeddings
+    if yarn_window(config.rope_scaling) is not None:
+        known = max(known, int(config.rope_scaling["factor"] * yarn_window(config.rope_scaling)))  # type: ignore[index]
+    if chunk > known:
+        raise ValueError(f"dual_chunk_attention_config: 'chunk_size' ({chunk}) exceeds the positions this model "
+                         f"takes (max_position_embeddings={config.max_position_embeddings}): DCA attends over "
+                         "relative distances up to chunk_size, so it must be at most that")
+
+
+def parse_rope_scaling(text: str) -> dict[str, Any] | None:
+    """The value of a `--rope-scaling` flag: vLLM's JSON shape ('{"rope_type":"yarn","factor":4.0,
+    "original_max_position_embeddings":32768}'), validated; "none" / "" -> None."""
+    if text.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        scaling = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--rope-scaling: not valid JSON ({e})") from None
+    check_rope_scaling(scaling)
+    return scaling
+
+
+def parse_dual_chunk_attention(text: str, config: ModelConfig) -> dict[str, Any] | None:
+    """The value of a `--dual-chunk-attention` flag for this model: a JSON object (the config.json field),
+    "on" (chunk_size = the model's native window, local_size = chunk_size / 32, the 1M checkpoints' ratio), or
+    "off" / "none" -> None. Validated against the model."""
+    value = text.strip()
+    if value.lower() in ("", "off", "none", "null", "false"):
+        return None
+    if value.lower() in ("on", "true"):
+        chunk = yarn_window(config.rope_scaling) or config.max_position_embeddings
+        dca: Any = {"chunk_size": chunk, "local_size": chunk // 32, "original_max_position_embeddings": chunk}
+    else:
+        try:
+            dca = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--dual-chunk-attention: not valid JSON ({e})") from None
+    check_dual_chunk_attention(config.replace(dual_chunk_attention_config=dca))
+    return dca
 
 
 # --- presets ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from qwen25.config import ModelConfig
 from qwen25.model.rope import apply_rope
 
 
@@ -43,13 +44,15 @@ class AttentionSpec:
     """Who attends to whom in one forward pass of T new tokens after `past` cached ones.
 
     key_mask (B, past+T) bool: False for padding keys. document_ids (B, T): tokens attend only within their own
-    document (packed training rows; cache-less passes only)."""
+    document (packed training rows; cache-less passes only). positions (B, T): the new tokens' RoPE positions,
+    for backends that rotate with positions of their own (dynamic YaRN, Dual Chunk Attention)."""
 
     num_new: int
     past: int = 0
     causal: bool = True
     key_mask: torch.Tensor | None = None
     document_ids: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
     _dense: tuple[torch.Tensor | None, bool] | None = field(default=None, repr=False)
 
     def mask(self, device: torch.device) -> tuple[torch.Tensor | None, bool]:
@@ -100,3 +103,62 @@ def sdpa_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     mask, is_causal = spec.mask(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                           scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
+
+
+class UnrotatedKVCache:
+    """A contiguous KV cache for a lock-step batch that stores keys *before* rotation, with each token's
+    position, for backends that rotate at attention time (dynamic YaRN re-rotates the whole context when a
+    sequence crosses the native window; Dual Chunk Attention rotates one key with several remapped positions).
+    Same contract as `qwen25.engine.kv_cache.ContiguousKVCache` plus `positions_for`; `sdpa_attention` must not
+    use it (it would cache rotated keys into it), which the backends check through `stores_unrotated_keys`."""
+
+    stores_unrotated_keys = True
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
+        self.max_length = max_length
+        self.length = 0
+        self._mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
+        self._has_padding = False
+
+    def _check(self, T: int) -> int:
+        end = self.length + T
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_length}")
+        return end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._check(k.shape[2])
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def positions_for(self, positions: torch.Tensor) -> torch.Tensor:
+        """Record the T new tokens' positions (B, T) and return every key's position (B, length+T)."""
+        end = self._check(positions.shape[1])
+        self.positions[:, self.length:end] = positions
+        return self.positions[:, :end]
+
+    def key_mask(self, new_tokens_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        end = self._check(T)
+        if new_tokens_mask is not None:
+            self._mask[:, self.length:end] = new_tokens_mask
+            self._has_padding = self._has_padding or not bool(new_tokens_mask.all())
+        return self._mask[:, :end] if self._has_padding else None
+
+    def commit(self, T: int) -> None:
+        self.length += T
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
+
+def stores_unrotated_keys(cache: KVCache | None) -> bool:
+    return bool(getattr(cache, "stores_unrotated_keys", False))

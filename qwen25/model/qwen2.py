@@ -3,8 +3,8 @@
 Parameter names equal HF's (`model.layers.N.self_attn.q_proj.weight`, ...), so safetensors checkpoints load
 with no rename table. The module holds weights and RoPE frequencies only: the KV cache belongs to the caller
 and is passed in, positions are explicit (not assumed 0..T-1), and attention goes through a swappable backend
-(`model.attention`) that receives q/k/v before rotation, so packed documents, DCA or sparse attention change
-no code here.
+that receives q/k/v before rotation, so packed documents, DCA or sparse attention change no code here; with
+no backend given, the one the config needs runs (`qwen25.model.long_context.attention_for_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from qwen25.config import ModelConfig
 from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, sdpa_attention
 from qwen25.model.layers import RMSNorm, SwiGLU
+from qwen25.model.long_context import attention_for_config
 from qwen25.model.rope import positions_in_documents, rope_cos_sin, rope_inv_freq
 
 class Qwen2Attention(nn.Module):
@@ -79,16 +80,19 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope_scale = 1.0
+        self.attention: AttentionBackend = sdpa_attention
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         self.reset_rope()
 
     def reset_rope(self) -> None:
-        """(Re)compute the RoPE buffer from the config (loaders call this after building on the meta device)."""
+        """(Re)compute the RoPE buffer and the default attention backend from the config (loaders call this
+        after building on the meta device)."""
         c = self.config
         self.inv_freq, self.rope_scale = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.attention = attention_for_config(c)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                padding_mask: torch.Tensor | None = None, attention: AttentionBackend = sdpa_attention,
+                padding_mask: torch.Tensor | None = None, attention: AttentionBackend | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, hidden) after the final norm.
 
@@ -103,7 +107,8 @@ class Qwen2Model(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype=x.dtype)
         key_mask = cache.key_mask(padding_mask, T) if cache is not None else padding_mask
-        spec = AttentionSpec(T, past, key_mask=key_mask, document_ids=document_ids)
+        spec = AttentionSpec(T, past, key_mask=key_mask, document_ids=document_ids, positions=positions)
+        attention = attention or self.attention
         for layer in self.layers:
             x = layer(x, cos, sin, spec, cache, attention)
         if cache is not None:
@@ -129,8 +134,9 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
-                attention: AttentionBackend = sdpa_attention, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V)."""
+                attention: AttentionBackend | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) in fp32; with logits_to_keep=k only the last k positions (B, k, V). attention: the
+        backend (default: the one the config needs)."""
         hidden = self.model(input_ids, positions, cache, padding_mask, attention, document_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

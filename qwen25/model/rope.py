@@ -3,32 +3,102 @@ frequencies and the cos/sin of positions, for every site that builds a model (th
 loaders, the native forward).
 
 Numerics follow HF transformers' Qwen2 exactly: half-split ("rotate_half", NeoX) layout, cos/sin computed in
-fp32 and scaled by the attention factor. Only default RoPE is implemented; YaRN and dynamic scaling (the
-long-context issue) plug in at `rope_inv_freq` so that no model code changes.
+fp32 and scaled by the attention factor. Scaling types:
+
+- default RoPE: inv_freq = theta^(-2i/D).
+- YaRN (`{"rope_type": "yarn", "factor": F, "original_max_position_embeddings": W, ...}`), computed as
+  transformers' `_compute_yarn_parameters` does: frequencies that turn fewer than beta_slow times over the
+  original window W are divided by F (interpolated), those turning more than beta_fast times are kept
+  (extrapolated), with a linear ramp between, and cos/sin are multiplied by the attention factor
+  0.1 ln(F) + 1 (or the configured attention_factor / mscale ratio). The ramp uses W, never
+  max_position_embeddings.
+- Static YaRN (what vLLM and the Qwen report use) scales every sequence, short ones too: their positions see
+  interpolated low frequencies and sharper attention, which is why Qwen's docs warn it costs short prompts.
+- Dynamic YaRN (`"dynamic": true`, a qwen25 switch) scales only sequences longer than W: up to W it is plain
+  RoPE, bit for bit; beyond, every key and query of the sequence is rotated with the YaRN frequencies. Keys
+  cached rotated with the plain frequencies would then be wrong, so dynamic YaRN runs through a backend that
+  caches keys unrotated and rotates them at attention time (`qwen25.model.long_context`): each step rotates the
+  whole cached context again (O(context x head_dim) per layer, about 1/num_kv_groups of the attention work).
+  The keys/values of earlier tokens are not recomputed: their hidden states (hence deeper layers' k/v) were
+  computed under plain RoPE, as in every dynamic scaling with a cache; a one-pass forward of the whole sequence
+  beyond W equals static YaRN exactly.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from qwen25.config import rope_scaling_type, yarn_window
+
 
 def rope_type(rope_scaling: dict[str, Any] | None) -> str:
     """The scaling type named by a config's rope_scaling (HF's `rope_type`, or the older `type`)."""
-    scaling = rope_scaling or {}
-    return scaling.get("rope_type", scaling.get("type")) or "default"
+    return rope_scaling_type(rope_scaling)
 
 
-def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (D/2,) in fp32 and the attention scaling factor applied to cos/sin."""
-    kind = rope_type(rope_scaling)
-    if kind != "default":
-        raise NotImplementedError(f"rope_scaling type {kind!r} is not implemented yet (long-context roadmap)")
-    # Always on the CPU, also inside a `torch.device("meta")` skeleton build: meta arithmetic goes through
-    # PyTorch's Python reference ops, whose first use imports torch._dynamo (~1 s of every model load).
+def is_dynamic(rope_scaling: dict[str, Any] | None) -> bool:
+    """Whether the config asks for dynamic YaRN (scaling only beyond the native window)."""
+    return rope_type(rope_scaling) == "yarn" and bool((rope_scaling or {}).get("dynamic"))
+
+
+def _base_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """theta^(2i/D) for i < D/2, fp32. Always on the CPU, also inside a `torch.device("meta")` skeleton build:
+    meta arithmetic goes through PyTorch's Python reference ops, whose first use imports torch._dynamo (~1 s of
+    every model load)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    return 1.0 / (theta ** exponents), 1.0
+    return theta ** exponents
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies (D/2,) fp32 and attention factor, as transformers computes them."""
+    factor = float(scaling["factor"])
+    window = scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_turning(turns: float) -> float:
+        """The (fractional) dimension index whose frequency turns `turns` times over the original window."""
+        return head_dim * math.log(window / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_turning(beta_fast), dim_turning(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a one-dimension ramp would divide by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original (extrapolated) frequency, 0: the interpolated one
+    base = _base_frequencies(head_dim, theta)
+    inv_freq = (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | None = None,
+                  seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) in fp32 and the attention scaling factor applied to cos/sin.
+
+    seq_len matters for dynamic YaRN only: plain RoPE up to the native window (and when None, the frequencies
+    a model's own cos/sin use), YaRN for longer sequences."""
+    kind = rope_type(rope_scaling)
+    if kind == "default":
+        return 1.0 / _base_frequencies(head_dim, theta), 1.0
+    if kind != "yarn":
+        raise NotImplementedError(f"rope_scaling type {kind!r} is not implemented (qwen25 implements 'yarn')")
+    assert rope_scaling is not None
+    if is_dynamic(rope_scaling) and (seq_len is None or seq_len <= yarn_window(rope_scaling)):  # type: ignore[operator]
+        return 1.0 / _base_frequencies(head_dim, theta), 1.0
+    return yarn_inv_freq(head_dim, theta, rope_scaling)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0,

@@ -1,0 +1,96 @@
+"""Which attention backend a config needs, and dynamic YaRN's backend.
+
+`attention_for_config(config)` is what `Qwen2Model` runs when the caller passes no backend:
+
+- default RoPE or static YaRN: `sdpa_attention` (the model's own cos/sin carry the YaRN frequencies);
+- dynamic YaRN (`rope_scaling.dynamic`): `DynamicYarnAttention`;
+- `dual_chunk_attention_config`: `DualChunkAttention` (`qwen25.model.dca`).
+
+The last two rotate with positions of their own, so they need the keys unrotated: cache-less passes, or an
+`UnrotatedKVCache`. Over a cache of rotated keys (the engine's paged cache, `ContiguousKVCache`) they run plain
+attention while it is exactly what they compute (`plain_attention_limit`) and raise NotImplementedError beyond,
+never silently running something else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from qwen25.config import ModelConfig, yarn_window
+from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, sdpa_attention, stores_unrotated_keys
+from qwen25.model.dca import DualChunkAttention, spec_positions
+from qwen25.model.rope import apply_rope, is_dynamic, rope_cos_sin, rope_inv_freq, yarn_inv_freq
+
+
+class DynamicYarnAttention:
+    """Plain RoPE for rows whose sequence fits the native window (original_max_position_embeddings), YaRN for
+    longer ones; every key of a row is rotated with the row's current frequencies at attention time (see
+    `qwen25.model.rope` for what this costs and what it does not recompute)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        scaling = config.rope_scaling
+        if not is_dynamic(scaling):
+            raise ValueError("DynamicYarnAttention needs rope_scaling with rope_type 'yarn' and \"dynamic\": true")
+        self.window = yarn_window(scaling)
+        assert self.window is not None and scaling is not None
+        self.short = rope_inv_freq(config.head_dim, config.rope_theta)
+        self.long = yarn_inv_freq(config.head_dim, config.rope_theta, scaling)
+
+    def _cos_sin(self, positions: torch.Tensor, long_rows: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, n, D) of positions (B, n), each row with its regime's frequencies."""
+        if not bool(long_rows.any()) or bool(long_rows.all()):  # one regime: exactly the model's own cos/sin
+            inv_freq, scale = self.long if bool(long_rows.any()) else self.short
+            return rope_cos_sin(positions, inv_freq, scale, dtype=dtype)
+        rows = long_rows.view(-1, 1, 1).to(positions.device)
+        inv_freq = torch.where(rows, self.long[0].to(positions.device), self.short[0].to(positions.device))
+        scale = torch.where(rows, self.long[1], self.short[1]).float()
+        return rope_cos_sin(positions, inv_freq, scale, dtype=dtype)  # type: ignore[arg-type]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, cache: KVCache | None, spec: AttentionSpec) -> torch.Tensor:
+        B, _, T, _ = q.shape
+        positions = spec_positions(spec, B, T)
+        long_rows = positions.max(dim=1).values + 1 > self.window
+        if not stores_unrotated_keys(cache):
+            if not bool(long_rows.any()):  # plain RoPE: exactly the reference backend
+                return sdpa_attention(layer, q, k, v, *self._cos_sin(positions, long_rows, q.dtype), cache, spec)
+            if cache is not None:
+                raise NotImplementedError(
+                    f"dynamic YaRN over a cache of rotated keys ({type(cache).__name__}, e.g. the paged engine "
+                    f"cache) is not implemented past the native window of {self.window} tokens (the cached keys "
+                    "would need re-rotating). Use qwen25.model.attention.UnrotatedKVCache, a cache-less pass, or "
+                    "static YaRN.")
+        if cache is None:
+            k_pos = positions
+        else:
+            k, v = cache.update(layer, k, v)
+            k_pos = cache.positions_for(positions)  # type: ignore[attr-defined]
+        q = apply_rope(q, *self._cos_sin(positions, long_rows, q.dtype))
+        k = apply_rope(k, *self._cos_sin(k_pos, long_rows, k.dtype))
+        mask, is_causal = spec.mask(q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                              scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attention_for_config(config: ModelConfig) -> AttentionBackend:
+    """The backend a model with this config runs by default (see the module docstring)."""
+    if config.dual_chunk_attention_config:
+        return DualChunkAttention(config)
+    if is_dynamic(config.rope_scaling):
+        return DynamicYarnAttention(config)
+    return sdpa_attention
+
+
+def plain_attention_limit(config: ModelConfig) -> int | None:
+    """The longest sequence the config's attention can run over a cache of rotated keys (the paged engine
+    cache): None when unlimited (default RoPE, static YaRN), else the length up to which DCA or dynamic YaRN
+    equals plain attention. An engine caps its max_model_len at this to refuse longer prompts up front."""
+    if config.dual_chunk_attention_config:
+        return DualChunkAttention(config).plain_length
+    if is_dynamic(config.rope_scaling):
+        return yarn_window(config.rope_scaling)
+    return None
