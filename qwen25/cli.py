@@ -3,19 +3,24 @@
 Every subcommand is a config dataclass whose fields are its flags (`qwen25.cli_args`) and a `main(cfg)`:
 generate, chat and serve live here; models, download and quantize in `qwen25.weights.cli`; eval in
 `qwen25.eval.cli`. Process-wide settings come from `qwen25.runtime`, called by each command before it loads
-a model. Errors a user can fix print one line and exit non-zero, never a traceback. Nothing imports this module.
+a model. Errors a user can fix print one line and exit non-zero, never a traceback: a bad flag, file or input
+(stdin or a text flag that is not UTF-8) names what is wrong; anything unexpected is one line too, with the
+traceback behind QWEN25_DEBUG=1. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from qwen25.cli_args import add_command, arg, parse_args
+from qwen25.cli_input import check_text, one_line, read_stdin
 from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
 from qwen25.export_cli import add_export_parser
@@ -62,13 +67,30 @@ class ModelArgs:
     """a LoRA adapter directory (peft format) for --model: merged into the weights at load, then quantized
     as --quantization says"""
 
+    allow_special_tokens_in_content: bool = False
+    """let control-token spellings (<|im_start|>, <tool_call>, ...) inside chat messages, tools and tool results
+    act as control tokens, as transformers and vLLM do (default: they are plain text, so a message cannot forge a
+    system turn or a tool call)"""
+
     def load(self) -> Any:
-        """The `LLM`, after the process-wide runtime settings."""
+        """The `LLM`, after the process-wide runtime settings. A file the loader trips over is a one-line
+        ValueError naming the model, whatever the loader raised."""
         from qwen25.llm import LLM
         from qwen25.runtime import configure_runtime
 
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         configure_runtime(self.threads)
-        return LLM(self.model, dtype=self.dtype, quantization=self.quantization, lora=self.lora)
+        try:
+            return LLM(self.model, dtype=self.dtype, quantization=self.quantization, lora=self.lora,
+                       allow_special_tokens_in_content=self.allow_special_tokens_in_content)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.model}: a file of the model is not UTF-8 text ({e.reason} at byte {e.start})") \
+                from None
+        except (OSError, ValueError, KeyError, NotImplementedError, MemoryError):
+            raise  # these already say what is wrong (main prints them)
+        except Exception as e:  # a malformed file tripping the loader (a wrong type in a JSON config, ...)
+            raise ValueError(f"{self.model}: cannot load: {type(e).__name__}: {e}") from e
 
 
 @dataclass
@@ -101,6 +123,13 @@ class SamplingArgs:
         from qwen25.sampling_params import SamplingParams
 
         given = {name: getattr(self, name) for name in (*SAMPLING_FIELDS[:-2], "max_tokens")}
+        for name, value in given.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"--seed must fit in 64 bits, got {self.seed}")
+        for stop in self.stop or []:
+            check_text("--stop", stop)
         SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
     def sampling_params(self, llm: Any) -> Any:
@@ -125,13 +154,13 @@ class GenerateConfig(SamplingArgs, ModelArgs):
 
 def cmd_generate(cfg: GenerateConfig) -> int:
     cfg.check_sampling()
-    prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
+    prompt = check_text("--prompt", cfg.prompt) if cfg.prompt is not None else read_stdin()
     llm = cfg.load()
     params = cfg.sampling_params(llm)
-    if cfg.chat:
-        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+    if cfg.chat:  # the text is a user message: control-token spellings in it stay text (chat_prompt)
+        prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
     if cfg.echo:
-        sys.stdout.write(prompt)
+        sys.stdout.write(prompt if isinstance(prompt, str) else prompt.text)
     for delta in llm.stream(prompt, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
@@ -154,7 +183,9 @@ class ChatConfig(SamplingArgs, ModelArgs):
 def cmd_chat(cfg: ChatConfig) -> int:
     cfg.check_sampling()
     once = cfg.prompt is not None or not sys.stdin.isatty()
-    first = cfg.prompt if cfg.prompt is not None else (sys.stdin.read() if once else None)
+    first = check_text("--prompt", cfg.prompt) if cfg.prompt is not None else (read_stdin() if once else None)
+    if cfg.system is not None:
+        check_text("--system", cfg.system)
     if once and not (first or "").strip():
         print("qwen25: error: empty message (give --prompt TEXT or pipe text in)", file=sys.stderr)
         return EXIT_USAGE
@@ -180,10 +211,14 @@ def cmd_chat(cfg: ChatConfig) -> int:
     print(f"qwen25 chat — {cfg.model}. {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
-            line = input(">>> ")
+            line = check_text("that line", input(">>> "))
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except ValueError as e:  # not UTF-8 (strict or surrogate-escaped stdin): say so and carry on
+            print(f"qwen25: {e if not isinstance(e, UnicodeDecodeError) else 'that line is not UTF-8 text'}; "
+                  "ignored", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue
@@ -205,6 +240,9 @@ def cmd_chat(cfg: ChatConfig) -> int:
                 reply(text)
             except KeyboardInterrupt:
                 print("\n(interrupted)", file=sys.stderr)
+                history.pop()
+            except ValueError as e:  # e.g. the conversation outgrew the context: keep the session
+                print(f"qwen25: error: {one_line(e)}", file=sys.stderr)
                 history.pop()
 
 
@@ -270,6 +308,8 @@ def cmd_serve(cfg: ServeConfig) -> int:
     llm = cfg.load()
     name = cfg.served_model_name or cfg.model
     extra = {} if speculative is None else {"speculative_config": speculative}  # only when asked for
+    if cfg.allow_special_tokens_in_content:
+        extra["allow_special_tokens_in_content"] = True
     app = create_app_from_checkpoint(llm.checkpoint, served_model_name=name, aliases=[cfg.model, str(llm.path)],
                                      api_key=api_key, max_concurrency=cfg.max_concurrency,
                                      max_queue=cfg.max_queue, limits=limits, docs=not cfg.no_docs, **extra)
@@ -318,9 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # no "Exception ignored" from the final flush either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except (FileNotFoundError, ValueError, KeyError, OSError, NotImplementedError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"qwen25: error: {message}", file=sys.stderr)
+        print(f"qwen25: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a bug, or input nothing above anticipated: one line, the traceback on request
+        if os.environ.get("QWEN25_DEBUG"):
+            raise
+        print(f"qwen25: error: {type(e).__name__}: {one_line(e)} (QWEN25_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return EXIT_ERROR
 
 

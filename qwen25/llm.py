@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qwen25.chat.prompt import ChatPrompt, chat_prompt
 from qwen25.checkpoint import default_sampling_params, is_instruct, stop_token_ids
 from qwen25.checkpoint import load as load_checkpoint
 from qwen25.engine.engine import LLMEngine, StepOutput, accumulate
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from qwen25.engine.speculative import SpeculativeStats
 
 Message = dict[str, Any]
+Prompts = str | ChatPrompt | Seq[str | ChatPrompt] | Seq[Seq[int]]
 _calls = count()  # request-id namespace per generate/stream call
 
 
@@ -76,12 +78,17 @@ class LLM:
     lora: a LoRA adapter directory in peft's format (what qwen25's LoRA training and peft write) for this
     base model. The base is loaded in fp32, the adapter merged into its weights, and the merged model then
     quantized or cast as `quantization`/`dtype` say (see `qwen25.train.lora.load_merged`): the same speed as
-    the base, one adapter per LLM."""
+    the base, one adapter per LLM.
+    allow_special_tokens_in_content: chat prompts (chat, chat_stream, chat_prompt) tokenize control-token spellings
+    in message contents, tools and tool results as plain text, so a message cannot forge a turn or a tool call
+    (`qwen25.chat.prompt`); True restores the transformers/vLLM behaviour of matching them as control tokens."""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
                  quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
-                 speculative_config: dict[str, Any] | None = None, lora: str | os.PathLike | None = None) -> None:
+                 speculative_config: dict[str, Any] | None = None, lora: str | os.PathLike | None = None,
+                 allow_special_tokens_in_content: bool = False) -> None:
         self.engine_kwargs = dict(engine_kwargs or {})
+        self.allow_special_tokens_in_content = allow_special_tokens_in_content
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
@@ -135,16 +142,24 @@ class LLM:
         return render_chat(self.tokenizer.chat_template, messages, tools=tools,
                            add_generation_prompt=add_generation_prompt, **extra)
 
+    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, **extra: Any) -> ChatPrompt:
+        """The conversation as a `ChatPrompt` (its `.text` is apply_chat_template's string) that generate/stream
+        accept: control-token spellings in content stay plain text unless allow_special_tokens_in_content."""
+        return chat_prompt(self.tokenizer.chat_template, messages, tools, add_generation_prompt,
+                           template_kwargs=extra, control_tokens=self.tokenizer.added_tokens,
+                           allow_special_tokens_in_content=self.allow_special_tokens_in_content)
+
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate the assistant's reply to one conversation or to a list of conversations."""
         conversations = _as_conversations(messages)
-        prompts = [self.apply_chat_template(c, tools=tools) for c in conversations]
+        prompts = [self.chat_prompt(c, tools=tools) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_stream(self, messages: list[Message], sampling_params: SamplingParams | None = None,
                     tools: list[dict] | None = None) -> Iterator[TextDelta]:
-        return self.stream([self.apply_chat_template(messages, tools=tools)], sampling_params)
+        return self.stream([self.chat_prompt(messages, tools=tools)], sampling_params)
 
     # --- generation --------------------------------------------------------------------------------
     @property
@@ -156,9 +171,10 @@ class LLM:
             engine = self.__dict__["_engine"] = LLMEngine.from_checkpoint(self.checkpoint, **self.engine_kwargs)
         return engine
 
-    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,
+    def generate(self, prompts: Prompts, sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Complete each prompt (text, or token ids). Returns one RequestOutput per prompt, in order."""
+        """Complete each prompt (text, token ids, or a `chat_prompt`). Returns one RequestOutput per prompt, in
+        order. Control tokens written in a text prompt are control tokens (it is raw model input)."""
         texts, id_lists = self._encode_prompts(prompts)
         params = sampling_params or self.get_default_sampling_params()
         logprobs = [] if params.logprobs is not None else None
@@ -177,8 +193,7 @@ class LLM:
             progress.close()
         return outputs
 
-    def stream(self, prompts: str | Seq[str] | Seq[Seq[int]],
-               sampling_params: SamplingParams | None = None) -> Iterator[TextDelta]:
+    def stream(self, prompts: Prompts, sampling_params: SamplingParams | None = None) -> Iterator[TextDelta]:
         """Yield text deltas as tokens are generated (never a broken UTF-8 character)."""
         _, id_lists = self._encode_prompts(prompts)
         params = sampling_params or self.get_default_sampling_params()
@@ -191,15 +206,18 @@ class LLM:
                 if step.new_text or step.finish_reason is not None:
                     yield TextDelta(r, k, step.new_text, step.finish_reason)
 
-    def _encode_prompts(self, prompts: str | Seq[str] | Seq[Seq[int]]) -> tuple[list[str | None], list[list[int]]]:
-        if isinstance(prompts, str):
+    def _encode_prompts(self, prompts: Prompts) -> tuple[list[str | None], list[list[int]]]:
+        if isinstance(prompts, (str, ChatPrompt)):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
         texts: list[str | None] = []
         id_lists: list[list[int]] = []
         for p in prompts:
-            if isinstance(p, str):
+            if isinstance(p, ChatPrompt):
+                texts.append(p.text)
+                id_lists.append(p.token_ids(self.tokenizer))
+            elif isinstance(p, str):
                 texts.append(p)
                 id_lists.append(self.tokenizer.encode(p))
             else:

@@ -15,6 +15,11 @@ text at once, so a streamed reply reassembles to exactly the non-streamed one. T
   arrives; argument text that is not a plain object (a double-encoded string) is held until the call ends.
 - A block that is not valid JSON, or has no name, stays in the content as text; a call already announced while
   streaming cannot be taken back, so it keeps the arguments streamed so far.
+- Only offered functions are called: when `tool_names` is given, a block naming any other function stays in the
+  content as text, tags included (a model talked into "calling" a function the client never offered, e.g. by a
+  forged tool description or a user message, does not produce a `tool_calls` entry the client might act on).
+  Streaming decides on the name before announcing anything, so both paths agree. Without `tool_names` (a caller
+  that does not know the tools) every well-formed block is a call.
 - Qwen2.5-Coder often answers with bare JSON or one ```json fenced block instead of tags (SPEC §7.2): when tools
   are offered, a reply that is *entirely* such JSON (one object or several, or a list of objects) and names only
   offered tools becomes tool calls; anything else stays content. Such replies are held back while streaming
@@ -71,6 +76,8 @@ class _Call:
     in_string: bool = False
     escaped: bool = False
     args_end: int | None = None
+    refused: bool = False          # names a function that was not offered: the block is content
+    lead: str = ""                 # whitespace before the tag, restored if the block turns out to be content
 
 
 @dataclass
@@ -164,6 +171,9 @@ class ToolCallParser:
         self._ws = text[len(body):]
 
     # --- calls ---------------------------------------------------------------------------------------
+    def _offered(self, name: str) -> bool:
+        return not self.tool_names or name in self.tool_names
+
     def _start_call(self, out: list[str | ToolCallDelta]) -> None:
         if self._held is not None:  # text held as possible bare JSON turned out to precede a tagged call
             held, self._held = self._held, None
@@ -171,12 +181,14 @@ class ToolCallParser:
                 out.append(self._ws + held)
             self._ws = ""
         self._decided = True
-        self._ws = ""  # whitespace right before a tag is not content
+        lead, self._ws = self._ws, ""  # whitespace right before a tag is not content (unless the tag is not a call)
         self._in_call = True
-        self.calls.append(_Call(len(self.calls), new_call_id()))
+        self.calls.append(_Call(len(self.calls), new_call_id(), lead=lead))
 
     def _progress_call(self, body: str, out: list[str | ToolCallDelta]) -> None:
         call = self.calls[-1]
+        if call.refused:
+            return
         if call.name is None:
             m = _NAME_RE.match(body)
             if m is None:
@@ -184,6 +196,9 @@ class ToolCallParser:
             try:
                 name = json.loads(f'"{m.group(1)}"')
             except json.JSONDecodeError:
+                return
+            if not self._offered(name):
+                call.refused = True
                 return
             call.name = name
             out.append(ToolCallDelta(call.index, call.id, name, ""))
@@ -232,8 +247,10 @@ class ToolCallParser:
         call = self.calls[-1]
         parsed = parse_call_body(body)
         if call.name is None:
-            if parsed is None:  # not a call after all: the block is content, tags included
+            if call.refused or parsed is None or not self._offered(parsed[0]):
+                # not a call after all (or not of an offered function): the block is content, tags included
                 self.calls.pop()
+                self._ws = call.lead
                 self._content(START + body + (END if not self._finished else ""), out)
                 return
             call.name = parsed[0]

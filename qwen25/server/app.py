@@ -173,6 +173,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, prewarm: bool 
 
 def create_app_from_checkpoint(checkpoint: Any, *, served_model_name: str, aliases: Sequence[str] = (),
                                api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
+                               allow_special_tokens_in_content: bool = False,
                                limits: Limits | None = None, docs: bool = True, **engine_settings: Any) -> FastAPI:
     """The app for a loaded `qwen25.checkpoint.Checkpoint`: its model on `LLMEngine` (continuous batching;
     grammars and logit_bias ride along as per-request `SamplingParams.logits_processors`). engine_settings are
@@ -186,7 +187,8 @@ def create_app_from_checkpoint(checkpoint: Any, *, served_model_name: str, alias
                           default_params=default_sampling_params(checkpoint),
                           stop_token_ids=sorted(stop_token_ids(checkpoint)), api_key=api_key,
                           max_pending=max_concurrency + max_queue, limits=limits or Limits(), docs=docs,
-                          aliases=[a for a in aliases if a != served_model_name])
+                          aliases=[a for a in aliases if a != served_model_name],
+                          allow_special_tokens_in_content=allow_special_tokens_in_content)
     return create_app(engine, checkpoint.tokenizer, config, prewarm=True)
 
 

@@ -41,6 +41,7 @@ class ServerConfig:
     api_key: str | None = None  # None: no authentication; "" is refused (say None to mean "no key")
     max_pending: int = 64  # engine requests in flight or queued before new ones get a 429
     aliases: Sequence[str] = ()  # other model names accepted in requests
+    allow_special_tokens_in_content: bool = False  # chat content may spell control tokens (qwen25.chat.prompt)
     limits: Limits = field(default_factory=Limits)
     docs: bool = True  # serve /docs and /openapi.json (behind the key when there is one)
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qwen25.chat.format import FIM_PREFIX, fim_prompt, render_prompt
+from qwen25.chat.format import FIM_PREFIX, fim_prompt
+from qwen25.chat.prompt import ChatPrompt, chat_prompt
 from qwen25.sampling_params import SamplingParams
 from qwen25.server import structured as so
 from qwen25.server.config import ServerConfig
@@ -106,12 +107,15 @@ class RequestPlanner:
                     self.logit_bias(req), None, [t or "" for t, _ in prompts] if req.echo else None)
 
     # --- prompts -------------------------------------------------------------------------------------
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str | ChatPrompt) -> list[int]:
+        """Ids of a text prompt (control tokens as written) or of a chat prompt (content as plain text)."""
+        if isinstance(text, ChatPrompt):
+            return await asyncio.to_thread(text.token_ids, self.tokenizer)
         if len(text) > LONG_TEXT:
             return await asyncio.to_thread(self.tokenizer.encode, text)
         return self.tokenizer.encode(text)
 
-    async def check_length(self, prompt: Any, what: str) -> None:
+    async def check_length(self, prompt: str | ChatPrompt, what: str) -> None:
         """A 400 for a text far too long for the context, without tokenizing all of it (a few MB take seconds):
         the tokens of a prefix cut at a space after a non-space (a pre-token boundary of byte-level BPE, so the
         whole text has at least as many; a chat prompt's content, encoded as plain text, has more) already reach
@@ -133,11 +137,14 @@ class RequestPlanner:
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                add_generation_prompt: bool = True, continue_final: bool = False,
-               extra: dict[str, Any] | None = None) -> str:
-        """The chat prompt text; a 400 on `messages` when the template or the chat rules refuse it."""
+               extra: dict[str, Any] | None = None) -> ChatPrompt:
+        """The chat prompt, control-token spellings in content kept plain text (`qwen25.chat.prompt`) unless
+        config.allow_special_tokens_in_content; a 400 on `messages` when the template or the chat rules refuse it."""
         try:
-            return render_prompt(getattr(self.tokenizer, "chat_template", None), messages, tools,
-                                 add_generation_prompt, continue_final, extra)
+            return chat_prompt(getattr(self.tokenizer, "chat_template", None), messages, tools,
+                               add_generation_prompt, continue_final, extra,
+                               control_tokens=getattr(self.tokenizer, "added_tokens", ()),
+                               allow_special_tokens_in_content=self.config.allow_special_tokens_in_content)
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
 

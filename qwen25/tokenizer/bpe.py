@@ -3,6 +3,8 @@
 Owns building the pipeline (NFC, the Qwen2 split regex, byte-level BPE, the 22 control tokens with their
 `special` flags, SPEC §2) from GGUF metadata or from an HF `tokenizer.json`, plus encode/decode, the
 special/stop token sets and saving a directory `transformers.AutoTokenizer` loads with identical ids.
+Encoding can treat control-token spellings as plain text (`encode(..., allow_special=False)`, and per part in
+`encode_parts`): that is how chat prompts keep user content from forging turns (`qwen25.chat.prompt`).
 It does not read GGUF files (it is handed their metadata dict: `qwen25.checkpoint.load_tokenizer` opens a
 file), render chat templates (`qwen25.chat`) or detokenize streams (`tokenizer/stream.py`).
 """
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _RustTokenizer
+
+from qwen25.tokenizer.hf_config import tokenizer_config
 
 # SPEC §2; identical to `PRETOKENIZE_REGEX` in transformers' tokenization_qwen2.py. Digits split one at a time.
 QWEN2_SPLIT_REGEX = (
@@ -79,7 +84,21 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._added_ids = frozenset(added)
+        self._added_tokens = tuple(added[i].content for i in sorted(added))
         self._bytes_cache: dict[int, bytes] = {}
+        # The same pipeline without the added vocabulary (it shares the BPE model object, so it costs nothing):
+        # what `encode(..., allow_special=False)` runs on.
+        self._plain = _RustTokenizer(backend.model)
+        self._plain.normalizer = backend.normalizer
+        self._plain.pre_tokenizer = backend.pre_tokenizer
+        self._plain.post_processor = backend.post_processor
+        # Finding added tokens in markup text (encode_parts): a regex over their spellings, longest first, is the
+        # leftmost-longest match the Rust side uses, as long as no token strips whitespace, matches single words
+        # only or is matched after normalization; otherwise the backend's own encoding locates them.
+        self._added_by_content = {added[i].content: i for i in sorted(added, reverse=True)}
+        simple = all(not (t.lstrip or t.rstrip or t.single_word or t.normalized) for t in added.values())
+        spellings = sorted(self._added_by_content, key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, spellings))) if simple and spellings else None
 
     # --- construction
 
@@ -184,13 +203,60 @@ class Tokenizer:
 
     # --- encode / decode
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; control tokens written in the text are matched whole."""
-        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, *, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`.
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        allow_special (the default, as in HF tokenizers): added-token spellings written in the text (`<|im_start|>`,
+        `<tool_call>`, ...) become those tokens. False: they are ordinary text, the byte-level BPE of their
+        characters (what transformers' `split_special_tokens=True` does for special tokens, here for every added
+        token, the non-special `<tool_call>` and FIM tokens included). ValueError for a str that is not valid
+        Unicode (a lone surrogate, e.g. from undecodable bytes)."""
+        backend = self._tk if allow_special else self._plain
+        try:
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError as e:
+            raise (_not_text(text) or e) from None
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False, *,
+                     allow_special: bool = True) -> list[list[int]]:
         """`encode` over many texts, in parallel on the Rust side (no offsets computed)."""
-        return [e.ids for e in self._tk.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+        backend = self._tk if allow_special else self._plain
+        try:
+            return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+        except TypeError as e:
+            raise next((err for t in texts if (err := _not_text(t)) is not None), e) from None
+
+    def encode_parts(self, parts: Iterable[tuple[str, bool]]) -> list[int]:
+        """Ids of the concatenated texts of `(text, markup)` parts, added tokens matched in markup parts only.
+
+        A markup part's added-token spellings become those tokens, each part on its own (a spelling across two
+        parts is text); a part with markup=False is plain text (`allow_special=False`). Between added tokens, the
+        text of neighbouring parts is normalized, pre-tokenized and BPE-merged as one string, exactly as `encode`
+        does, so whenever every spelling in the joined text lies inside one markup part the result equals
+        `encode("".join(texts))`. This is how chat prompts keep the template's markup special and its content
+        plain (`qwen25.chat.prompt`)."""
+        ids: list[int] = []
+        pending: list[str] = []  # text since the last added token
+
+        def flush() -> None:
+            text = "".join(pending)
+            pending.clear()
+            if text:
+                ids.extend(self.encode(text, allow_special=False))
+
+        for text, markup in parts:
+            if not markup:
+                pending.append(text)
+                continue
+            pos = 0
+            for start, end, token_id in self._added_matches(text):
+                pending.append(text[pos:start])
+                flush()
+                ids.append(token_id)
+                pos = end
+            pending.append(text[pos:])
+        flush()
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD, unknown ids are dropped (as the HF tokenizers do)."""
@@ -242,6 +308,25 @@ class Tokenizer:
         return self._added_ids
 
     @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """The spellings of the added tokens (`<|im_start|>`, `<tool_call>`, ...), in id order."""
+        return self._added_tokens
+
+    def _added_matches(self, text: str) -> Iterator[tuple[int, int, int]]:
+        """(start, end, id) of each added token `encode` would match in `text`, left to right."""
+        if self._added_re is not None:
+            for m in self._added_re.finditer(text):
+                yield m.start(), m.end(), self._added_by_content[m.group()]
+        elif self._added_ids:
+            try:
+                encoding = self._tk.encode(text)
+            except TypeError as e:
+                raise (_not_text(text) or e) from None
+            for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+                if token_id in self._added_ids:
+                    yield start, end, token_id
+
+    @property
     def stop_token_ids(self) -> frozenset[int]:
         """Ids that end generation: <|im_end|>, <|endoftext|> and the eos id, whichever exist."""
         ids = {self._tk.token_to_id(t) for t in _STOP_TOKENS} | {self.eos_token_id}
@@ -259,33 +344,7 @@ class Tokenizer:
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         self._tk.save(str(root / "tokenizer.json"))
-        added = self._tk.get_added_tokens_decoder()
-
-        def name(token_id: int | None) -> str | None:
-            return None if token_id is None else self._tk.id_to_token(token_id)
-
-        config = {
-            "add_bos_token": False,
-            "add_prefix_space": False,
-            "added_tokens_decoder": {
-                str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                         "single_word": t.single_word, "special": t.special}
-                for i, t in sorted(added.items())
-            },
-            "additional_special_tokens": [added[i].content for i in sorted(self._special_ids)
-                                          if i not in (self.eos_token_id, self.pad_token_id, self.bos_token_id)],
-            "bos_token": name(self.bos_token_id),
-            "chat_template": self.chat_template,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": name(self.eos_token_id),
-            "errors": "replace",
-            "pad_token": name(self.pad_token_id),
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-            "unk_token": None,
-        }
-        if self.chat_template is None:
-            del config["chat_template"]
+        config = tokenizer_config(self)
         (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
         return root
@@ -293,6 +352,18 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, special={len(self._special_ids)}, "
                 f"added={len(self._added_ids)}, eos={self.eos_token_id}, pad={self.pad_token_id})")
+
+
+def _not_text(text: object) -> ValueError | None:
+    """The error for a str the Rust side refuses (it holds a lone surrogate), None for anything else."""
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return ValueError(f"text is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} at index {e.start} "
+                          "(undecodable bytes, or half of a UTF-16 pair)")
+    return None
 
 
 def _id_list(ids: Iterable[int]) -> list[int]:
