@@ -86,3 +86,102 @@ def test_bad_config_values_are_named(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_json_file(bad)
     json.dumps(preset("qwen2.5-0.5b").to_dict())  # serialisable
+
+
+# --- long context: rope_scaling and dual_chunk_attention_config --------------------------------------------
+# Qwen/Qwen2.5-7B-Instruct-1M's config.json as the checkpoint carries it (SPEC §1.3).
+CONFIG_7B_1M = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+    "max_position_embeddings": 1010000, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-05, "rope_theta": 10000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+    "dual_chunk_attention_config": {"chunk_size": 262144, "local_size": 8192,
+                                    "original_max_position_embeddings": 262144},
+}
+
+
+def test_a_1m_checkpoint_config_loads_as_it_is(tmp_path):
+    from qwen25.model.dca import DualChunkAttention
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(CONFIG_7B_1M))
+    config = ModelConfig.from_json_file(path)
+    assert config.dual_chunk_attention_config == CONFIG_7B_1M["dual_chunk_attention_config"]
+    assert config.rope_scaling is None and config.max_position_embeddings == 1010000
+    assert config == preset("qwen2.5-7b-instruct-1m").replace(max_window_layers=28, sliding_window=32768)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    assert isinstance(model.model.attention, DualChunkAttention) and model.model.attention.plain_length == 262144
+    back = ModelConfig.from_dict(config.to_dict())  # round trip keeps the DCA config
+    assert back.dual_chunk_attention_config == config.dual_chunk_attention_config and back.head_dim == 128
+
+
+@pytest.mark.parametrize("scaling,message", [
+    ({"factor": 4.0, "original_max_position_embeddings": 32768}, "missing field 'rope_type'"),
+    ({"type": "yarn", "original_max_position_embeddings": 32768}, "missing field 'factor'"),
+    ({"type": "yarn", "factor": 4.0}, "missing field 'original_max_position_embeddings'"),
+    ({"type": "yarn", "factor": "4", "original_max_position_embeddings": 32768}, "'factor' must be a number >= 1"),
+    ({"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 32768}, "'factor' must be a number >= 1"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}, "'original_max_position_embeddings' must"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fats": 32}, "unknown field 'beta_fats'"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 1, "beta_slow": 8},
+     "'beta_fast' .* must not be below 'beta_slow'"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "dynamic": "yes"}, "'dynamic' must be"),
+    ({"rope_type": "yarn", "type": "linear", "factor": 4.0}, "disagree"),
+    ({"type": "linear", "factor": 4.0}, "rope_type 'linear' is not supported"),
+    ("yarn", "must be a JSON object"),
+])
+def test_bad_rope_scaling_is_named(scaling, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(rope_scaling=scaling)
+    if isinstance(scaling, dict):
+        from qwen25.config import parse_rope_scaling
+
+        with pytest.raises(ValueError, match=message):
+            parse_rope_scaling(json.dumps(scaling))
+
+
+def test_bad_dual_chunk_attention_config_is_named():
+    ok = {"chunk_size": 16384, "local_size": 1024, "original_max_position_embeddings": 16384}
+    ModelConfig(dual_chunk_attention_config=ok)  # a 32K model takes a 16K chunk
+    cases = [
+        ({"local_size": 1024}, "missing field 'chunk_size'"),
+        ({**ok, "local_size": 16384}, "'chunk_size' \\(16384\\) must be larger than 'local_size'"),
+        ({**ok, "chunk_size": -1}, "'chunk_size' must be a non-negative integer"),
+        ({**ok, "chunk": 3}, "unknown field 'chunk'"),
+        ({**ok, "original_max_position_embeddings": 1.5}, "'original_max_position_embeddings' must"),
+    ]
+    for dca, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(dual_chunk_attention_config=dca)
+    # Models that cannot take it: the 1M checkpoints' chunks on a 32K model, DCA with dynamic YaRN.
+    with pytest.raises(ValueError, match="'chunk_size' \\(262144\\) exceeds the positions this model takes"):
+        preset("qwen2.5-0.5b-instruct").replace(dual_chunk_attention_config=dict(CONFIG_7B_1M["dual_chunk_attention_config"]))
+    dynamic = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "dynamic": True}
+    with pytest.raises(ValueError, match="cannot be combined with dynamic YaRN"):
+        ModelConfig(rope_scaling=dynamic, dual_chunk_attention_config=ok)
+    # With YaRN the model takes factor x original positions: a 128K chunk fits a 32K model scaled by 4.
+    yarn = {k: v for k, v in dynamic.items() if k != "dynamic"}
+    ModelConfig(rope_scaling=yarn, dual_chunk_attention_config={**ok, "chunk_size": 131072})
+
+
+def test_long_context_flags():
+    from qwen25.config import parse_dual_chunk_attention, parse_rope_scaling
+
+    base = preset("qwen2.5-7b-instruct")
+    scaling = parse_rope_scaling('{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}')
+    longer = base.with_long_context(rope_scaling=scaling)
+    assert longer.rope_scaling == scaling and longer.max_position_embeddings == 131072
+    assert parse_rope_scaling("none") is None
+    with pytest.raises(ValueError, match="--rope-scaling: not valid JSON"):
+        parse_rope_scaling("{yarn")
+    assert parse_dual_chunk_attention("off", base) is None
+    assert parse_dual_chunk_attention("on", base) == {"chunk_size": 32768, "local_size": 1024,
+                                                      "original_max_position_embeddings": 32768}
+    assert parse_dual_chunk_attention("on", longer)["chunk_size"] == 32768  # the native window, not 128K
+    dca = parse_dual_chunk_attention('{"chunk_size": 16384, "local_size": 512}', base)
+    assert base.with_long_context(dual_chunk_attention_config=dca).dual_chunk_attention_config == dca
+    with pytest.raises(ValueError, match="exceeds the positions this model takes"):
+        parse_dual_chunk_attention('{"chunk_size": 65536, "local_size": 512}', base)

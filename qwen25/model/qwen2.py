@@ -18,6 +18,7 @@ from qwen25.model.layers import RMSNorm, SwiGLU
 from qwen25.model.long_context import attention_for_config
 from qwen25.model.rope import positions_in_documents, rope_cos_sin, rope_inv_freq
 
+
 class Qwen2Attention(nn.Module):
     """GQA attention with q/k/v bias. Engines may fuse q/k/v into one `qkv_proj` (rows: q, k, v) at load time."""
 
@@ -108,7 +109,7 @@ class Qwen2Model(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype=x.dtype)
         key_mask = cache.key_mask(padding_mask, T) if cache is not None else padding_mask
         spec = AttentionSpec(T, past, key_mask=key_mask, document_ids=document_ids, positions=positions)
-        attention = attention or self.attention
+        attention = self.attention if attention is None else attention
         for layer in self.layers:
             x = layer(x, cos, sin, spec, cache, attention)
         if cache is not None:
