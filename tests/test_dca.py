@@ -224,3 +224,17 @@ def test_native_forward_refuses_dca():
     plain = config.replace(dual_chunk_attention_config=None)
     assert NativeForward.supports(SimpleNamespace(config=plain), plain, "causal", torch.float32)
     assert not NativeForward.supports(SimpleNamespace(config=config), config, "causal", torch.float32)
+
+
+def test_set_long_context_switches_a_loaded_model_to_dca():
+    from qwen25.model.long_context import set_long_context
+
+    plain = tiny()
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        ref = with_dca(plain)(ids)
+        set_long_context(plain, dual_chunk_attention_config=dict(DCA))
+        assert isinstance(plain.model.attention, DualChunkAttention)
+        torch.testing.assert_close(plain(ids), ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="exceeds the positions this model takes"):
+        set_long_context(plain, dual_chunk_attention_config={"chunk_size": 4096, "local_size": 64})

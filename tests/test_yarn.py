@@ -176,3 +176,25 @@ def test_native_forward_refuses_yarn(scaling):
     plain = config.replace(rope_scaling=None)
     assert NativeForward.supports(SimpleNamespace(config=plain), plain, "causal", torch.float32)
     assert not NativeForward.supports(SimpleNamespace(config=config), config, "causal", torch.float32)
+
+
+def test_static_yarn_on_the_paged_engine_equals_full_forward_greedy(tmp_path):
+    """The engine's PyTorch path caches keys rotated with the YaRN frequencies: greedy tokens past the window equal
+    a greedy loop of full forwards; `set_long_context` switches a loaded plain model to YaRN."""
+    from qwen25.engine.engine import LLMEngine
+    from qwen25.model.long_context import set_long_context
+    from qwen25.sampling_params import SamplingParams
+
+    _, path = _tiny_hf(tmp_path, None)
+    model = _load(path)
+    config = set_long_context(model, rope_scaling=dict(YARN))
+    assert config.max_position_embeddings == 4 * WINDOW and model.model.rope_scale > 1
+    prompt = torch.randint(0, 384, (WINDOW - 4,)).tolist()
+    tokenizer = SimpleNamespace(special_ids=frozenset(), token_bytes=lambda t: b"x", decode=lambda ids: "x" * len(ids))
+    out = LLMEngine(model, tokenizer, block_size=8, num_blocks=32).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=12))[0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt):]

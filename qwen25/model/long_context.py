@@ -15,6 +15,7 @@ never silently running something else.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +95,14 @@ def plain_attention_limit(config: ModelConfig) -> int | None:
     if is_dynamic(config.rope_scaling):
         return yarn_window(config.rope_scaling)
     return None
+
+
+def set_long_context(model: torch.nn.Module, rope_scaling: dict[str, Any] | None = None,
+                     dual_chunk_attention_config: dict[str, Any] | None = None) -> ModelConfig:
+    """Apply `--rope-scaling` / DCA settings to a loaded Qwen2ForCausalLM in place (validated; frequencies and the
+    default backend recomputed) and return its new config. A native forward built for the old config no longer
+    `supports()` it, so the PyTorch path runs."""
+    config = model.config.with_long_context(rope_scaling, dual_chunk_attention_config)
+    model.config = model.model.config = config
+    model.model.reset_rope()
+    return config
