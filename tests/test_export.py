@@ -161,6 +161,23 @@ def test_tensor_names_invert_the_readers_table():
         gguf_tensor_name("model.layers.0.self_attn.rotary.weight")
 
 
+def test_tokenizer_metadata_from_hf_files_equals_llamacpp_converter(source, real_gguf):
+    """The tiny directory's tokenizer (HF files) gives the vocabulary metadata llama.cpp's converter wrote for the
+    real model: same tokens, the same token types (control / user-defined / unused padding), the same merges."""
+    from qwen25.weights.gguf import GGUFFile
+    from qwen25.weights.gguf_writer import tokenizer_metadata
+
+    ours = tokenizer_metadata(source.tokenizer, source.config.vocab_size)
+    with GGUFFile(real_gguf) as g:
+        ref = g.metadata
+        assert ours["tokenizer.ggml.tokens"] == ref["tokenizer.ggml.tokens"]
+        assert ours["tokenizer.ggml.token_type"].value == ref["tokenizer.ggml.token_type"]
+        assert ours["tokenizer.ggml.merges"] == ref["tokenizer.ggml.merges"]
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token", "model", "pre"):
+            assert ours[f"tokenizer.ggml.{key}"] == ref[f"tokenizer.ggml.{key}"], key
+        assert ours["tokenizer.chat_template"] == ref["tokenizer.chat_template"]
+
+
 def test_gguf_to_hf_round_trip_keeps_the_tokenizer(tiny_hf_dir, tmp_path, source, ref_logits):
     """A GGUF-sourced tokenizer (vocabulary from metadata) becomes HF files that AutoTokenizer loads."""
     gguf_path = tmp_path / "tiny.gguf"

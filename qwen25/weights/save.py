@@ -56,7 +56,7 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
 
     Refuses a model with LoRA layers (merge them first) or with an engine's fused/quantized projections."""
     config: ModelConfig = model.config
-    state = model.state_dict()
+    state = {_clean(k): v for k, v in model.state_dict().items()}
     odd = [k for k in state if ".lora_" in k or "qkv_proj" in k or "gate_up_proj" in k or not k.endswith(
         (".weight", ".bias"))]
     if odd:
@@ -67,6 +67,11 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
         state.pop("lm_head.weight", None)
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
             for k, v in state.items()}
+
+
+def _clean(name: str) -> str:
+    """HF's name for a parameter of a wrapped module (activation checkpointing, torch.compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
