@@ -163,7 +163,7 @@ class TrainResult:
 def _steps(args: TrainArgs, loader: Loader, ctx: DistContext) -> int:
     if args.max_steps is not None:
         return args.max_steps
-    per_rank = torch.tensor([len(loader)], dtype=torch.int64)
+    per_rank = torch.tensor([len(loader)], dtype=torch.int64, device=ctx.device)  # NCCL reduces CUDA tensors
     if ctx.distributed:  # ranks may differ by a batch: all must run the same number of steps
         torch.distributed.all_reduce(per_rank, op=torch.distributed.ReduceOp.MIN)
     steps = args.epochs * int(per_rank) // args.grad_accum
@@ -228,7 +228,8 @@ def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext
             lr = optimizer.param_groups[0]["lr"]
             micro = [stream.next() for _ in range(args.grad_accum)]
             counts = all_reduce_sum(ctx, torch.tensor([sum(b.num_loss_tokens for b in micro),
-                                                       sum(b.input_ids.numel() for b in micro)], dtype=torch.int64))
+                                                       sum(b.input_ids.numel() for b in micro)], dtype=torch.int64,
+                                                     device=ctx.device))
             loss_tokens, tokens = int(counts[0]), int(counts[1])
             # FSDP2 averages gradients over ranks; x world_size makes it the sum the objective asks for
             scale = ctx.world_size / max(loss_tokens, 1)
