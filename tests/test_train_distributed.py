@@ -55,3 +55,33 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_at_one_rank(tmp_path):
     resumed = losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 21))  # steps 1-10 come from the checkpoint's history
     assert max(abs(resumed[s] - one[s]) for s in range(11, 21)) < 1e-5
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_full_and_lora_and_resume_at_one_rank(tmp_path, tiny_hf_dir):
+    """The real command under torchrun: full SFT at 2 ranks equals 1 process and resumes at 1; LoRA at 2 ranks
+    writes the peft adapter (gathered from the shards)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"secret {i}?"},
+                                                     {"role": "assistant", "content": "PAPAYA."}]}) + "\n"
+                            for i in range(16)))
+
+    def sft(output: str, ranks: int, *extra: str) -> subprocess.Popen:
+        args = ["--model", str(tiny_hf_dir), "--data", str(data), "--output", str(tmp_path / output), "--seq-len",
+                "64", "--max-steps", "3", "--save-every", "2", "--lr", "1e-3", "--no-progress", "--threads", "1",
+                *extra]
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                    if ranks > 1 else [sys.executable])
+        return subprocess.Popen([*launcher, "-m", "qwen25.cli", "train", "sft", *args], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    finish(sft("full2", 2, "--batch-size", "2"))
+    finish(sft("full1", 1, "--batch-size", "4"))
+    two, one = losses(tmp_path / "full2"), losses(tmp_path / "full1")
+    assert max(abs(two[s] - one[s]) for s in one) < 1e-5
+    out = finish(sft("resumed", 1, "--batch-size", "4", "--resume", str(tmp_path / "full2" / "checkpoint-2")))
+    assert "at step 2" in out and abs(losses(tmp_path / "resumed")[3] - one[3]) < 1e-5
+    assert (tmp_path / "full2" / "model.safetensors").is_file()
+    finish(sft("lora2", 2, "--batch-size", "2", "--lora", "--lora-r", "4"))
+    assert (tmp_path / "lora2" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "lora2" / "checkpoint-2" / "adapter_config.json").is_file()
