@@ -181,3 +181,29 @@ def test_cross_entropy_ignores_minus_100():
     full = F.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100, reduction="sum")
     manual = -(torch.log_softmax(logits, -1)[0, 0, 1] + torch.log_softmax(logits, -1)[0, 2, 2])
     torch.testing.assert_close(full, manual)
+
+
+def test_chunked_loss_equals_the_full_logits_loss_in_value_and_gradient(monkeypatch):
+    import qwen25.train.loop as loop
+
+    batch = next(iter(ToyLoader(seq_len=32, batch_size=3)))
+    full_model, chunked_model = model_from_config(TOY_CONFIG, seed=2), model_from_config(TOY_CONFIG, seed=2)
+    logits = full_model(batch.input_ids, document_ids=batch.document_ids)
+    full = F.cross_entropy(logits.reshape(-1, 256), batch.labels.reshape(-1), ignore_index=-100, reduction="sum")
+    full.backward()
+    monkeypatch.setattr(loop, "LOSS_CHUNK", 7)  # several chunks and a ragged last one
+    chunked = token_loss_sum(chunked_model, batch, CTX)
+    chunked.backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
+    grads = dict(full_model.named_parameters())
+    for name, p in chunked_model.named_parameters():  # summed (not mean) loss: grads up to ~10, fp32 rounding
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_micro_batch_without_loss_tokens_contributes_zero():
+    model = model_from_config(TOY_CONFIG, seed=0)
+    batch = next(iter(ToyLoader(seq_len=32, batch_size=2)))
+    batch.labels = torch.full_like(batch.labels, -100)
+    loss = token_loss_sum(model, batch, CTX)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters())

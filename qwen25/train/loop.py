@@ -31,15 +31,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from qwen25.train import checkpointing as ckpt
 from qwen25.train.config import TrainArgs
-from qwen25.train.distributed import DistContext, all_reduce_sum, set_gradient_sync
+from qwen25.train.distributed import DistContext, all_reduce_sum, is_sharded, set_gradient_sync
 from qwen25.train.metrics import MetricsLog
 from qwen25.train.optim import OptimSettings, build_optimizer, build_scheduler, clip_gradients
 
 IGNORE_INDEX = -100
+LOSS_CHUNK = 1024  # loss tokens whose logits exist at once (unsharded models)
 
 __all__ = ["DataStream", "TrainResult", "enable_activation_checkpointing", "evaluate", "seed_everything",
            "token_loss_sum", "train"]
@@ -88,12 +90,40 @@ def autocast(ctx: DistContext, dtype: str) -> contextlib.AbstractContextManager:
 
 
 def token_loss_sum(model: nn.Module, batch: BatchLike, ctx: DistContext, dtype: str = "float32") -> torch.Tensor:
-    """Summed token cross-entropy of one micro-batch (fp32 scalar; -100 labels excluded)."""
-    input_ids = batch.input_ids.to(ctx.device)
+    """Summed token cross-entropy of one micro-batch (fp32 scalar; -100 labels excluded).
+
+    On an unsharded model only the loss positions go through lm_head, LOSS_CHUNK tokens at a time and recomputed
+    in backward: the (B, T, vocab) fp32 logits — 2.5 GB for 4 x 1,024 tokens of Qwen2.5's vocabulary, times three
+    with their softmax and gradient — never exist. Under FSDP2 the root module's forward must run whole (its hooks
+    gather the embedding, final norm and lm_head), so the logits are materialised there."""
+    input_ids, labels = batch.input_ids.to(ctx.device), batch.labels.to(ctx.device)
+    document_ids = batch.document_ids.to(ctx.device)
+    if is_sharded(model) or not hasattr(model, "lm_head"):
+        with autocast(ctx, dtype):
+            logits = model(input_ids, document_ids=document_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
     with autocast(ctx, dtype):
-        logits = model(input_ids, document_ids=batch.document_ids.to(ctx.device))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.to(ctx.device).reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+        hidden = model.model(input_ids, document_ids=document_ids)  # (B, T, H) after the final norm
+    keep = labels != IGNORE_INDEX
+    hidden, targets = hidden[keep], labels[keep]  # (N, H), (N,)
+    if targets.numel() == 0:
+        return hidden.sum().float() * 0.0  # no loss token: zero, still connected to the graph
+    chunk_loss = functools.partial(_chunk_loss, model.lm_head, ctx, dtype)
+    total = None
+    for i in range(0, targets.numel(), LOSS_CHUNK):
+        h, t = hidden[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK]
+        part = (torch.utils.checkpoint.checkpoint(chunk_loss, h, t, use_reentrant=False)
+                if torch.is_grad_enabled() else chunk_loss(h, t))
+        total = part if total is None else total + part
+    return total
+
+
+def _chunk_loss(lm_head: nn.Module, ctx: DistContext, dtype: str, hidden: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    with autocast(ctx, dtype):
+        logits = lm_head(hidden)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 @torch.no_grad()
