@@ -41,7 +41,8 @@ from qwen25.train.metrics import MetricsLog
 from qwen25.train.optim import OptimSettings, build_optimizer, build_scheduler, clip_gradients
 
 IGNORE_INDEX = -100
-LOSS_CHUNK = 1024  # loss tokens whose logits exist at once (unsharded models)
+LOSS_LOGITS_BYTES = 2**30  # above this, the loss logits are computed in chunks and recomputed in backward
+LOSS_CHUNK = 1024  # loss tokens per chunk
 
 __all__ = ["DataStream", "TrainResult", "enable_activation_checkpointing", "evaluate", "seed_everything",
            "token_loss_sum", "train"]
@@ -92,9 +93,10 @@ def autocast(ctx: DistContext, dtype: str) -> contextlib.AbstractContextManager:
 def token_loss_sum(model: nn.Module, batch: BatchLike, ctx: DistContext, dtype: str = "float32") -> torch.Tensor:
     """Summed token cross-entropy of one micro-batch (fp32 scalar; -100 labels excluded).
 
-    On an unsharded model only the loss positions go through lm_head, LOSS_CHUNK tokens at a time and recomputed
-    in backward: the (B, T, vocab) fp32 logits — 2.5 GB for 4 x 1,024 tokens of Qwen2.5's vocabulary, times three
-    with their softmax and gradient — never exist. Under FSDP2 the root module's forward must run whole (its hooks
+    On an unsharded model only the loss positions go through lm_head (SFT: the assistant tokens), and when their
+    fp32 logits would pass LOSS_LOGITS_BYTES they go LOSS_CHUNK tokens at a time, recomputed in backward: the
+    (B, T, vocab) logits — 2.5 GB for 4 x 1,024 tokens of Qwen2.5's vocabulary, times three with their softmax
+    and gradient — never exist (for a third more lm_head compute). Under FSDP2 the root module's forward must run whole (its hooks
     gather the embedding, final norm and lm_head), so the logits are materialised there."""
     input_ids, labels = batch.input_ids.to(ctx.device), batch.labels.to(ctx.device)
     document_ids = batch.document_ids.to(ctx.device)
@@ -110,11 +112,12 @@ def token_loss_sum(model: nn.Module, batch: BatchLike, ctx: DistContext, dtype: 
     if targets.numel() == 0:
         return hidden.sum().float() * 0.0  # no loss token: zero, still connected to the graph
     chunk_loss = functools.partial(_chunk_loss, model.lm_head, ctx, dtype)
+    if targets.numel() * model.lm_head.out_features * 4 <= LOSS_LOGITS_BYTES or not torch.is_grad_enabled():
+        return chunk_loss(hidden, targets)  # small enough: no recomputation
     total = None
     for i in range(0, targets.numel(), LOSS_CHUNK):
-        h, t = hidden[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK]
-        part = (torch.utils.checkpoint.checkpoint(chunk_loss, h, t, use_reentrant=False)
-                if torch.is_grad_enabled() else chunk_loss(h, t))
+        part = torch.utils.checkpoint.checkpoint(chunk_loss, hidden[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK],
+                                                 use_reentrant=False)
         total = part if total is None else total + part
     return total
 
