@@ -17,7 +17,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from qwen25.cli_args import add_command, arg, parse_args
 from qwen25.cli_input import check_text, one_line, read_stdin
@@ -323,9 +323,20 @@ def cmd_serve(cfg: ServeConfig) -> int:
 
 
 # --- entry point -----------------------------------------------------------------------------------
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`qwen25 generate: error: ... (see --help)`), not a usage block;
+    subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        if len(message) > 300:  # an echoed 5000-digit value, say
+            message = message[:300] + "..."
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen25", description="Run Qwen2.5 models: chat, generate, manage models.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="qwen25", description="Run Qwen2.5 models: chat, generate, manage models.",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="qwen25 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_command(sub, "generate", GenerateConfig, cmd_generate,
