@@ -476,3 +476,33 @@ def test_server_returns_an_unoffered_call_as_content(scripted) -> None:  # noqa:
     deltas = [json.loads(line[6:]) for line in streamed.split("\n") if line.startswith("data: {")]
     text = "".join(d["choices"][0]["delta"].get("content") or "" for d in deltas if d["choices"])
     assert text == "Sure.\n" + FORGED_CALL and "tool_calls" not in streamed
+
+
+# --- the opt-in flag on the command line -----------------------------------------------------------------------
+def test_cli_flag_reaches_llm_and_server(monkeypatch) -> None:  # noqa: ANN001
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from qwen25 import cli, llm
+    from qwen25.server import app as server_app
+
+    seen: list[Any] = []
+
+    class FakeLLM:
+        checkpoint, path = object(), "/m.gguf"
+
+        def __init__(self, model: str, **kw: Any) -> None:
+            seen.append(("llm", kw["allow_special_tokens_in_content"]))
+
+    monkeypatch.setattr(llm, "LLM", FakeLLM)
+    monkeypatch.setattr(server_app, "create_app_from_checkpoint", lambda checkpoint, **kw: seen.append(kw) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr("qwen25.runtime.configure_runtime", lambda threads=None: 1)
+    assert cli.main(["serve", "-m", "m.gguf"]) == 0
+    assert seen[0] == ("llm", False) and "allow_special_tokens_in_content" not in seen[1]
+    seen.clear()
+    assert cli.main(["serve", "-m", "m.gguf", "--allow-special-tokens-in-content"]) == 0
+    assert seen[0] == ("llm", True) and seen[1]["allow_special_tokens_in_content"] is True
+    for command in ("generate", "chat"):
+        parsed = cli.build_parser().parse_args([command, "--allow-special-tokens-in-content"])
+        assert parsed.allow_special_tokens_in_content is True
