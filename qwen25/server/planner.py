@@ -86,7 +86,7 @@ class RequestPlanner:
                 raise bad_request("tool_choice 'required' or a named function cannot be combined with another "
                                   "output constraint", "tool_choice")
             grammar = await self.compile("tool_choice", lambda: so.tool_call_grammar(
-                tools or [], named, req.parallel_tool_calls))
+                tools or [], named, req.parallel_tool_calls), so.TOOL_CALL_TOKENS)
             grammar_tokens = so.TOOL_CALL_TOKENS
         return Plan([prompt_ids], self.sampling_params(req, max_tokens, top), grammar, self.logit_bias(req),
                     [t["function"]["name"] for t in tools] if tools and choice != "none" else None,
@@ -266,11 +266,11 @@ class RequestPlanner:
         name, build = specs[0]
         return await self.compile(name, build)
 
-    async def compile(self, name: str, build: Callable[[], str]) -> str:
+    async def compile(self, name: str, build: Callable[[], str], allow: tuple[str, ...] = ()) -> str:
         """Build and validate a grammar off the event loop; a 400 `invalid_grammar` if llguidance rejects it."""
         def run() -> str:
             grammar = build()
-            self.structured.validate(grammar, name)
+            self.structured.validate(grammar, name, allow)
             return grammar
 
         try:

@@ -164,6 +164,9 @@ def tool_call_grammar(tools: Iterable[dict[str, Any]], name: str | None = None, 
         params = f.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise StructuredOutputError(f"tools[{f['name']}].function.parameters must be a JSON schema object")
+        problem = unsatisfiable(params)
+        if problem:
+            raise StructuredOutputError(f"tools[{f['name']}].function.parameters cannot be satisfied: {problem}")
         params = {**params, "x-guidance": JSON_OPTIONS}
         prefix = json.dumps('{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ',
                             ensure_ascii=False)
@@ -188,7 +191,7 @@ class StructuredOutputs:
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()
         added = getattr(tokenizer, "added_ids", frozenset())
-        self.control_ids = frozenset(added) - set(self.eos_token_ids)  # never inside constrained text
+        self.control_ids = frozenset(added)  # never inside constrained text (end-of-sequence only at its end)
         self.byte_ids = _byte_token_ids(tokenizer)  # the fallback spelling of forced control-token text
 
     @property
@@ -200,7 +203,7 @@ class StructuredOutputs:
                                                      eos_token=self.eos_token_ids or None)
             return self._ll_tokenizer
 
-    def validate(self, grammar: str, what: str = "grammar") -> None:
+    def validate(self, grammar: str, what: str = "grammar", allow: Sequence[str] = ()) -> None:
         """StructuredOutputError unless llguidance accepts the grammar and some finite output satisfies it (the
         probe consumes the tokens it forces from the start: an endless forced run errors inside llguidance)."""
         llg = _llg()
@@ -209,7 +212,12 @@ class StructuredOutputs:
             raise StructuredOutputError(f"invalid {what}: {messages[0][:500] if messages else 'unknown error'}")
         matcher = llg.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if not matcher.is_error():
-            matcher.consume_tokens(matcher.compute_ff_tokens())
+            forced = matcher.compute_ff_tokens()
+            own = {self._tokenizer.token_to_id(t) for t in allow}  # control tokens the grammar names itself
+            controls = [i for i, t in enumerate(forced) if t in self.control_ids and t not in own]
+            # llguidance spells forced "<tool_call>" text as the control token, which it then refuses; the
+            # processor spells it in plain bytes instead, so the probe stops there
+            matcher.consume_tokens(forced[:controls[0]] if controls else forced)
         if matcher.is_error():
             reason = matcher.get_error().split("\n", 1)[0][:300]
             raise StructuredOutputError(f"{what} cannot be satisfied by any finite output ({reason})")
@@ -269,6 +277,8 @@ class GrammarLogitsProcessor:
         if len(self.banned) and bool(allowed[self.banned].any()):
             allowed = allowed.clone()
             allowed[self.banned] = False
+            if self.matcher.is_accepting():  # the end-of-sequence tokens: as the end, not as forced text
+                allowed[[t for t in self.eos_token_ids if t < V]] = True
             if not bool(allowed.any()):
                 plain = [t for t in self.byte_ids if t < V and self.matcher.validate_tokens([t]) == 1]
                 allowed[plain or [t for t in self.eos_token_ids if t < V]] = True
