@@ -85,3 +85,15 @@ def test_sft_under_torchrun_full_and_lora_and_resume_at_one_rank(tmp_path, tiny_
     finish(sft("lora2", 2, "--batch-size", "2", "--lora", "--lora-r", "4"))
     assert (tmp_path / "lora2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "lora2" / "checkpoint-2" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_with_activation_checkpointing_tracks_fp32(tmp_path):
+    common = ["--max-steps", "6", "--global-batch", "4"]
+    bf16 = start(["--output", str(tmp_path / "bf16"), *common, "--dtype", "bfloat16", "--activation-checkpointing"],
+                 ranks=2)
+    fp32 = start(["--output", str(tmp_path / "fp32"), *common])
+    finish(bf16)
+    finish(fp32)
+    low, full = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert max(abs(low[s] - full[s]) / full[s] for s in full) < 2e-2

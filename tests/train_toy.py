@@ -112,16 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None)
     p.add_argument("--sleep-after", type=int, default=None, help="sleep 0.3 s per batch after this many batches")
     p.add_argument("--config-seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--activation-checkpointing", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     ctx = init_distributed()
     model = model_from_config(TOY_CONFIG, seed=a.config_seed)
     if ctx.distributed:
-        shard_model(model)
+        shard_model(model, mixed_precision=torch.bfloat16 if a.dtype == "bfloat16" else None)
     loader = ToyLoader(seq_len=32, batch_size=a.global_batch // ctx.world_size, rank=ctx.rank,
                        world_size=ctx.world_size, sleep_after=a.sleep_after)
     args = TrainArgs(output=a.output, max_steps=a.max_steps, save_every=a.save_every, lr=3e-3, warmup_steps=2,
-                     batch_size=a.global_batch // ctx.world_size, resume=a.resume, no_progress=True)
+                     batch_size=a.global_batch // ctx.world_size, resume=a.resume, no_progress=True,
+                     dtype=a.dtype, activation_checkpointing=a.activation_checkpointing)
     train(model, loader, args, ctx=ctx, fingerprint={"kind": "toy", "model": TOY_CONFIG.to_dict()})
     shutdown(ctx)
     return 0
