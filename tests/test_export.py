@@ -305,7 +305,8 @@ def test_real_gguf_to_hf_matches_transformers(real_gguf, real_hf_export):
         got = model(ids_t).logits
     assert (got - expected).abs().max() < 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(real_hf_export)
-    corpus = [TEXT, "import torch\n\nclass Net(torch.nn.Module):\n    pass\n", "Ünïcödé — 日本語のテキスト", "  \n\n\t x=1"]
+    corpus = [TEXT, "import torch\n\nclass Net(torch.nn.Module):\n    pass\n", "Ünïcödé — 日本語のテキスト",
+              "  \n\n\t x=1"]
     from qwen25.checkpoint import load_tokenizer
 
     real_tok = load_tokenizer(real_gguf)

@@ -8,8 +8,17 @@ import json
 import pytest
 import torch
 
-from qwen25.train.lora import (LoraConfig, LoraLinear, apply_lora, load_adapter, load_merged, lora_state_dict,
-                               merge_lora, read_adapter_config, save_adapter)
+from qwen25.train.lora import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    load_adapter,
+    load_merged,
+    lora_state_dict,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+)
 from qwen25.weights.loader import load_weights
 
 transformers = pytest.importorskip("transformers")
@@ -148,7 +157,8 @@ def test_resume_into_model_that_has_lora(base_dir, tmp_path):
     other = _base(base_dir)
     apply_lora(other, cfg)
     load_adapter(other, tmp_path / "a")
-    assert all(torch.equal(a, b) for a, b in zip(lora_state_dict(other).values(), lora_state_dict(model).values()))
+    theirs, ours = lora_state_dict(other), lora_state_dict(model)
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert all(p.requires_grad for n, p in other.named_parameters() if "lora_" in n)
 
 

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from qwen25.config import ModelConfig
-from qwen25.weights.gguf import _BLOCK_NAMES, _GLOBAL_NAMES, DEFAULT_ALIGNMENT, GGUF_MAGIC, _VT
+from qwen25.weights.gguf import (
+    _BLOCK_NAMES,
+    _GLOBAL_NAMES,
+    _VT,
+    DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+)
 from qwen25.weights.quants import GGMLType
 
 GGUF_VERSION = 3
@@ -221,7 +227,8 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         raise ValueError(f"the tokenizer has {backend.get_vocab_size(with_added_tokens=True)} tokens, more than the "
                          f"model's {vocab_size} embeddings")
     md: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
-                          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": Typed(types, _VT.ARRAY, _VT.INT32),
+                          "tokenizer.ggml.tokens": tokens,
+                          "tokenizer.ggml.token_type": Typed(types, _VT.ARRAY, _VT.INT32),
                           "tokenizer.ggml.merges": merges}
     for key, value in (("eos", tokenizer.eos_token_id), ("padding", tokenizer.pad_token_id),
                        ("bos", tokenizer.bos_token_id)):

@@ -115,7 +115,7 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: in
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
-    for file, shard in zip(names, shards):
+    for file, shard in zip(names, shards, strict=True):
         save_safetensors(shard, out / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in state.values())
@@ -127,7 +127,8 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: in
 def save_hf_directory(model: nn.Module, out_dir: str | Path, *, tokenizer: SavableTokenizer | None = None,
                       tokenizer_dir: str | Path | None = None,
                       generation_config: Mapping[str, Any] | GenerationDefaults | None = None,
-                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | str | None = None) -> Path:
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                      dtype: torch.dtype | str | None = None) -> Path:
     """Write `model` (a float, unfused Qwen2ForCausalLM) as an HF directory in `out_dir` (created if needed).
 
     tokenizer: an object whose `save(dir)` writes tokenizer.json + tokenizer_config.json (qwen25's Tokenizer,
