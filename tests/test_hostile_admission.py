@@ -36,7 +36,8 @@ def step(sched: Scheduler) -> dict[str, int]:
 
 
 def test_a_running_prefill_leaves_room_for_the_next_waiting_prompt() -> None:
-    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=16, block_manager=BlockManager(128, 4))
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=16, block_manager=BlockManager(128, 4),
+                      long_prefill_tokens=1000)  # not "long": it keeps sharing steps
     sched.add(make_seq("long", 200, max_tokens=2))
     assert step(sched) == {"long": 16}
     sched.add(make_seq("short", 5, max_tokens=3))
@@ -45,6 +46,24 @@ def test_a_running_prefill_leaves_room_for_the_next_waiting_prompt() -> None:
     assert [p.get("short") for p in plans] == [1, 1, None]  # it decodes to the end while the long one prefills
     assert all(p["long"] >= 8 for p in plans)  # which keeps at least half the budget
     assert sched.blocked_on is None
+
+
+def test_a_long_prompt_yields_to_decodes_and_shorter_prompts() -> None:
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=16, block_manager=BlockManager(256, 4),
+                      long_prefill_tokens=100, long_prefill_pause=6)
+    sched.add(make_seq("long", 400, max_tokens=2))
+    assert step(sched) == {"long": 16}  # alone, it runs at full speed
+    sched.add(make_seq("short", 5, max_tokens=4))
+    plans = [step(sched) for _ in range(4)]
+    assert plans == [{"short": 5}, {"short": 1}, {"short": 1}, {"short": 1}]  # paused while the short one runs
+    assert step(sched) == {"long": 16}  # and back to full speed once it is done
+    sched.add(make_seq("query", 5, max_tokens=50))
+    sched.add(make_seq("long2", 300))  # a long prompt first in the queue is passed over by the shorter one ...
+    sched.waiting.rotate(1)
+    assert step(sched) == {"query": 5} and [s.request_id for s in sched.waiting] == ["long2"]
+    plans = [step(sched) for _ in range(7)]
+    assert [sorted(p) for p in plans] == [["query"]] * 5 + [["long", "long2", "query"], ["query"]]
+    assert sched.long_prefill_paused == 1  # ... but never starved: after 6 paused steps the long ones run once
 
 
 def test_without_waiting_prompts_a_prefill_takes_the_whole_budget() -> None:

@@ -8,7 +8,10 @@ recently admitted sequence is preempted by recompute: its blocks are released an
 the waiting queue with its prompt and outputs, to be prefilled again (prefix caching often still has them).
 
 Fairness: while a prompt waits that could start, running prefills leave room in the step's budget for it (at
-most half the budget), so one huge prompt being prefilled does not hold back every request behind it; and
+most half the budget), so one huge prompt being prefilled does not hold back every request behind it. A long
+prompt (over `long_prefill_tokens`, by default 8 steps' budget: 4,096 tokens) yields to the others: while any other sequence
+decodes or a shorter prompt waits, its prefill pauses (and it is not started), so their tokens do not wait for
+its multi-second chunks; to bound the wait, after `long_prefill_pause` paused steps in a row it runs one chunk.
 `blocked_on` says why the head of the queue did not start ("kv_cache" or "max_num_seqs", None if it did or
 nothing waits), the queue state the server reports in /health.
 """
@@ -42,7 +45,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager) -> None:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
+                 long_prefill_tokens: int | None = None, long_prefill_pause: int = 64) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"need 1 <= max_num_seqs <= max_num_batched_tokens (every running decode computes a "
                              f"token each step), got {max_num_seqs} and {max_num_batched_tokens}")
@@ -53,6 +57,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the tail is preempted first
         self.num_preemptions = 0
         self.blocked_on: str | None = None  # why the last schedule() left the queue's head waiting
+        self.long_prefill_tokens = long_prefill_tokens or 8 * max_num_batched_tokens
+        self.long_prefill_pause = long_prefill_pause
+        self.long_prefill_paused = 0  # steps in a row that paused a long prefill
         self._free_when_blocked = 0  # free KV blocks when the head last did not fit
 
     def add(self, seq: Sequence) -> None:
@@ -85,6 +92,9 @@ class Scheduler:
                 bm.may_append(seq, len(drafts))
                 batch.add(seq, 1 + len(drafts))
                 budget -= 1 + len(drafts)
+        yield_long = self.long_prefill_paused < self.long_prefill_pause and (
+            len(batch) > 0 or any(not self._is_long(s) for s in self.waiting))
+        paused = False
         reserve = 0  # for the queue's head, if it may start this step (not while the KV cache that held it back
         # last time has not grown)
         if (self.waiting and not preempted and len(self.running) < self.max_num_seqs
@@ -94,13 +104,21 @@ class Scheduler:
             if budget <= reserve:
                 break
             if seq.is_prefill:
+                if yield_long and self._is_long(seq):
+                    paused = True
+                    continue
                 n = min(seq.num_uncomputed_tokens, budget - reserve)
                 batch.add(seq, n)
                 budget -= n
         if not self.waiting or (budget > 0 and not preempted):  # else the last answer stands (nothing was tried)
             self.blocked_on = None
+        deferred: list[Sequence] = []  # long prompts passed over this step
         while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
+            if yield_long and self._is_long(seq):
+                deferred.append(self.waiting.popleft())
+                paused = True
+                continue
             if len(self.running) >= self.max_num_seqs:
                 self.blocked_on = "max_num_seqs"
                 break
@@ -114,7 +132,12 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             batch.add(seq, n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        self.long_prefill_paused = self.long_prefill_paused + 1 if paused else 0
         return batch
+
+    def _is_long(self, seq: Sequence) -> bool:
+        return seq.num_tokens > self.long_prefill_tokens
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[tuple[Sequence, list[int]]]:
         """Advance the sequences after the runner computed `batch`. sampled[i] holds the tokens drawn for
