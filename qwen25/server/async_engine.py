@@ -35,8 +35,10 @@ class EngineDead(RuntimeError):
 
 _ABORTED = object()
 ADMISSION_POLICY = ("first come, first served up to max_pending sequences (then 429); every step runs the running "
-                    "decodes first, and a running prefill leaves room for the next waiting prompt; the KV pool "
-                    "holds two full-context sequences by default; preemption by recompute when it runs out")
+                    "decodes first, and a running prefill leaves room for the next waiting prompt; a long prompt "
+                    "(over 8 steps' token budget) pauses while others decode or wait, running one chunk per 64 "
+                    "paused steps; the KV pool holds two full-context sequences by default; preemption by "
+                    "recompute when it runs out")
 
 
 @dataclass
