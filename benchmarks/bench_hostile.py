@@ -12,7 +12,8 @@ ignore_eos. Idle latency: the median of --repeats probes on the idle server afte
 stalling request runs in a background thread (the 10 MB body is re-sent in a loop; the stop-string and
 full-context requests stream until told to stop, then close the connection; the 200-prompt list is sent with a
 2 s client timeout, so its client is gone before the probes); --repeats probes run one after another while it is
-in flight, and the median is reported. The full-context request is a token-id prompt of max_model_len - 16 tokens;
+in flight, and the median is reported with the engine queue (sequences running/waiting, from /health) when the
+probes began. The full-context request is a token-id prompt of max_model_len - 16 tokens;
 its probes start once /health shows it running. Between classes the server is left to drain (bounded waits).
 Standard library only; all traffic stays on 127.0.0.1.
 """
@@ -84,23 +85,22 @@ class Server:
 
 
 def streaming(server: Server, path: str, body: dict[str, Any], stop: threading.Event) -> None:
-    """POST a streamed request and read it until `stop`, then drop the connection (the client goes away)."""
-    conn = server.conn(timeout=3600)
-    try:
-        conn.request("POST", path, body=json.dumps({**body, "stream": True}).encode(),
-                     headers={"content-type": "application/json"})
-        response = conn.getresponse()
-        conn.sock.settimeout(0.5)  # type: ignore[union-attr]
+    """POST a streamed request and read (and drop) what comes until `stop`, then close the socket: the client
+    goes away. A raw socket, so that waiting in short timeouts cannot upset an HTTP client's chunk parser."""
+    data = json.dumps({**body, "stream": True}).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(head + data)
+        sock.settimeout(0.5)
         while not stop.is_set():
             try:
-                if not response.readline():
-                    return
+                if not sock.recv(65536):
+                    return  # the server finished (or refused) it
             except (TimeoutError, socket.timeout):
                 continue
-    except OSError:
-        pass
-    finally:
-        conn.close()
+            except OSError:
+                return
 
 
 def in_background(fn: Callable[[threading.Event], None]) -> tuple[threading.Event, threading.Thread]:
@@ -110,7 +110,8 @@ def in_background(fn: Callable[[threading.Event], None]) -> tuple[threading.Even
     return stop, thread
 
 
-def run_class(server: Server, name: str, repeats: int, max_model_len: int) -> list[float]:
+def run_class(server: Server, name: str, repeats: int, max_model_len: int) -> tuple[list[float], str]:
+    """The probe latencies with `name` in flight, and the engine queue (running/waiting) when probing began."""
     if name == "body":
         body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "word " * (2 << 20)}]}).encode()
 
@@ -141,13 +142,17 @@ def run_class(server: Server, name: str, repeats: int, max_model_len: int) -> li
                 "max_tokens": 8, "ignore_eos": True}
         stop, thread = in_background(lambda ev: streaming(server, "/v1/completions", body, ev))
         deadline = time.monotonic() + 120
-        while server.health().get("queue", {}).get("running", 0) < 1 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # in flight (prefilling counts as waiting until its first token)
+            queue = server.health().get("queue", {})
+            if queue.get("running", 0) + queue.get("waiting", 0) >= 1:
+                break
             time.sleep(0.2)
         time.sleep(2.0)  # into its prefill
     else:
         raise ValueError(name)
+    queue = server.health().get("queue", {})
     try:
-        return [server.probe() for _ in range(repeats)]
+        return [server.probe() for _ in range(repeats)], f"{queue.get('running', '?')}/{queue.get('waiting', '?')}"
     finally:
         stop.set()
         if thread is not None:
@@ -206,8 +211,8 @@ def main() -> int:
         rows = []
         for name in classes:
             print(f"  {CLASSES[name]} ...", file=sys.stderr)
-            loaded = statistics.median(run_class(server, name, args.repeats, max_model_len))
-            rows.append((CLASSES[name], loaded))
+            times, queue = run_class(server, name, args.repeats, max_model_len)
+            rows.append((CLASSES[name], statistics.median(times), queue))
             server.drain()
         after = statistics.median(server.probe() for _ in range(args.repeats))
     finally:
@@ -219,11 +224,12 @@ def main() -> int:
                 proc.kill()
     print(f"\n8-token probe latency, median of {args.repeats} (idle {idle:.2f} s; idle again at the end "
           f"{after:.2f} s; context {max_model_len} tokens)\n")
-    print(f"| {'stalling request in flight':<30} | {'probe (s)':>9} | {'vs idle':>7} | {'<= 2x':>5} |")
-    print(f"|{'-' * 32}|{'-' * 11}|{'-' * 9}|{'-' * 7}|")
-    for label, loaded in rows:
+    print(f"| {'stalling request in flight':<30} | {'queue run/wait':>14} | {'probe (s)':>9} | {'vs idle':>7} | "
+          f"{'<= 2x':>5} |")
+    print(f"|{'-' * 32}|{'-' * 16}|{'-' * 11}|{'-' * 9}|{'-' * 7}|")
+    for label, loaded, queue in rows:
         ratio = loaded / idle
-        print(f"| {label:<30} | {loaded:9.2f} | {ratio:6.2f}x | {'yes' if ratio <= 2 else 'NO':>5} |")
+        print(f"| {label:<30} | {queue:>14} | {loaded:9.2f} | {ratio:6.2f}x | {'yes' if ratio <= 2 else 'NO':>5} |")
     return 0
 
 

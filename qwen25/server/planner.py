@@ -24,7 +24,7 @@ from qwen25.server.limits import check_chat, check_completion
 from qwen25.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 LONG_TEXT = 20_000  # characters; longer prompts are tokenized off the event loop
-PREFIX_CHARS_PER_TOKEN = 16  # a text this many times the context in characters is first measured by a prefix
+PREFIX_CHARS_PER_TOKEN = 8  # a text this many times the context in characters is first measured by a prefix
 
 
 @dataclass
@@ -129,7 +129,9 @@ class RequestPlanner:
             cut = text.rfind(" ", 0, cut - 1)
         if cut <= 0 or text[cut - 1].isspace():
             return
-        count = len(await self.encode(text[:cut]))
+        prefix = text[:cut]
+        batch = getattr(self.tokenizer, "encode_batch", None)  # lets go of the GIL while it works
+        count = len((await asyncio.to_thread(batch, [prefix]))[0]) if batch else len(await self.encode(prefix))
         if count >= limit:
             raise bad_request(f"This model's maximum context length is {limit} tokens. However, your {what} "
                               f"resulted in more than {count} tokens. Please reduce the length of the {what}.",
