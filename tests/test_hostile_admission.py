@@ -50,7 +50,7 @@ def test_a_running_prefill_leaves_room_for_the_next_waiting_prompt() -> None:
 
 def test_a_long_prompt_yields_to_decodes_and_shorter_prompts() -> None:
     sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=16, block_manager=BlockManager(256, 4),
-                      long_prefill_tokens=100, long_prefill_pause=6)
+                      long_prefill_tokens=100, long_prefill_pause=6, long_prefill_chunk=16)
     sched.add(make_seq("long", 400, max_tokens=2))
     assert step(sched) == {"long": 16}  # alone, it runs at full speed
     sched.add(make_seq("short", 5, max_tokens=4))
@@ -64,6 +64,23 @@ def test_a_long_prompt_yields_to_decodes_and_shorter_prompts() -> None:
     plans = [step(sched) for _ in range(7)]
     assert [sorted(p) for p in plans] == [["query"]] * 5 + [["long", "long2", "query"], ["query"]]
     assert sched.long_prefill_paused == 1  # ... but never starved: after 6 paused steps the long ones run once
+
+
+def test_a_long_prompt_runs_in_small_chunks_that_shrink_with_depth() -> None:
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, block_manager=BlockManager(512, 4),
+                      long_prefill_tokens=100, long_prefill_chunk=8)
+    long = make_seq("long", 1000, max_tokens=1)
+    sched.add(long)
+    chunks = []
+    while long.is_prefill and len(chunks) < 2000:
+        depth = long.num_computed_tokens
+        chunks.append((depth, step(sched)["long"]))
+    assert chunks[0] == (0, 8) and all(n <= 8 and (n * max(d, 100) <= 800 or n == 1) for d, n in chunks)
+    assert [n for d, n in chunks if d >= 800] and all(n == 1 for d, n in chunks if d >= 800)
+    assert sum(n for _, n in chunks) == 999  # every prompt token once (the last one as a decode)
+    assert step(sched) == {"long": 1} and long.is_finished
+    sched.add(make_seq("normal", 90))
+    assert step(sched) == {"normal": 64}  # prompts under the threshold are not limited
 
 
 def test_without_waiting_prompts_a_prefill_takes_the_whole_budget() -> None:

@@ -12,6 +12,9 @@ most half the budget), so one huge prompt being prefilled does not hold back eve
 prompt (over `long_prefill_tokens`, by default 8 steps' budget: 4,096 tokens) yields to the others: while any other sequence
 decodes or a shorter prompt waits, its prefill pauses (and it is not started), so their tokens do not wait for
 its multi-second chunks; to bound the wait, after `long_prefill_pause` paused steps in a row it runs one chunk.
+Its chunks are small (`long_prefill_chunk` tokens, default 1/8 of the budget, fewer as it gets deeper: at most
+long_prefill_chunk * long_prefill_tokens query-key pairs of attention), so a request arriving mid-step waits
+for a short step, not for a 512-token slice of a 32K-token prompt.
 `blocked_on` says why the head of the queue did not start ("kv_cache" or "max_num_seqs", None if it did or
 nothing waits), the queue state the server reports in /health.
 """
@@ -46,7 +49,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
-                 long_prefill_tokens: int | None = None, long_prefill_pause: int = 64) -> None:
+                 long_prefill_tokens: int | None = None, long_prefill_pause: int = 64,
+                 long_prefill_chunk: int | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"need 1 <= max_num_seqs <= max_num_batched_tokens (every running decode computes a "
                              f"token each step), got {max_num_seqs} and {max_num_batched_tokens}")
@@ -59,6 +63,7 @@ class Scheduler:
         self.blocked_on: str | None = None  # why the last schedule() left the queue's head waiting
         self.long_prefill_tokens = long_prefill_tokens or 8 * max_num_batched_tokens
         self.long_prefill_pause = long_prefill_pause
+        self.long_prefill_chunk = long_prefill_chunk or max(1, max_num_batched_tokens // 8)
         self.long_prefill_paused = 0  # steps in a row that paused a long prefill
         self._free_when_blocked = 0  # free KV blocks when the head last did not fit
 
@@ -107,7 +112,7 @@ class Scheduler:
                 if yield_long and self._is_long(seq):
                     paused = True
                     continue
-                n = min(seq.num_uncomputed_tokens, budget - reserve)
+                n = min(seq.num_uncomputed_tokens, budget - reserve, self._chunk(seq))
                 batch.add(seq, n)
                 budget -= n
         if not self.waiting or (budget > 0 and not preempted):  # else the last answer stands (nothing was tried)
@@ -129,7 +134,7 @@ class Scheduler:
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, self._chunk(seq))
             batch.add(seq, n)
             budget -= n
         self.waiting.extendleft(reversed(deferred))
@@ -138,6 +143,13 @@ class Scheduler:
 
     def _is_long(self, seq: Sequence) -> bool:
         return seq.num_tokens > self.long_prefill_tokens
+
+    def _chunk(self, seq: Sequence) -> int:
+        """The most prompt tokens `seq` may compute this step (no limit unless it is a long prompt)."""
+        if not self._is_long(seq):
+            return seq.num_uncomputed_tokens
+        pairs = self.long_prefill_chunk * self.long_prefill_tokens
+        return max(1, min(self.long_prefill_chunk, pairs // max(seq.num_computed_tokens, 1)))
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[tuple[Sequence, list[int]]]:
         """Advance the sequences after the runner computed `batch`. sampled[i] holds the tokens drawn for

@@ -37,7 +37,7 @@ _ABORTED = object()
 ADMISSION_POLICY = ("first come, first served up to max_pending sequences (then 429); every step runs the running "
                     "decodes first, and a running prefill leaves room for the next waiting prompt; a long prompt "
                     "(over 8 steps' token budget) pauses while others decode or wait, running one chunk per 64 "
-                    "paused steps; the KV pool holds two full-context sequences by default; preemption by "
+                    "paused steps, in small chunks that shrink with depth; the KV pool holds two full-context sequences by default; preemption by "
                     "recompute when it runs out")
 
 
