@@ -137,6 +137,8 @@ class LLM:
     # --- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[Message], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The prompt text (to show or log). Generating from this string matches control-token spellings in the
+        content as control tokens; `chat_prompt` (what chat/chat_stream use) keeps them plain text."""
         from qwen25.chat import render_chat
 
         return render_chat(self.tokenizer.chat_template, messages, tools=tools,

@@ -64,6 +64,29 @@ class ChatPrompt:
             return tokenizer.encode(self.text)  # nothing to protect: the ordinary encoding (any tokenizer)
         return tokenizer.encode_parts(self.parts)
 
+    def cut(self, offsets: Sequence[int]) -> list[ChatPrompt]:
+        """The prompt cut at ascending character offsets of `text` into len(offsets) + 1 consecutive prompts, each
+        encoded on its own by `token_ids`: SFT data tokenizes untrained and trained spans separately this way and
+        keeps content plain."""
+        if list(offsets) != sorted(offsets) or any(not 0 <= k <= len(self.text) for k in offsets):
+            raise ValueError(f"cut offsets must ascend within [0, {len(self.text)}], got {list(offsets)[:8]}")
+        pieces: list[ChatPrompt] = []
+        current: list[tuple[str, bool]] = []
+        cuts, k, pos = list(offsets), 0, 0
+        for text, markup in self.parts:
+            start = 0
+            while k < len(cuts) and cuts[k] <= pos + len(text):
+                at = cuts[k] - pos
+                if at > start:
+                    current.append((text[start:at], markup))
+                pieces.append(ChatPrompt(tuple(current)))
+                current, start, k = [], at, k + 1
+            if start < len(text):
+                current.append((text[start:], markup))
+            pos += len(text)
+        pieces += [ChatPrompt(tuple(current))] + [ChatPrompt(()) for _ in cuts[k:]]
+        return pieces
+
 
 def chat_prompt(template: str | None, messages: Sequence[Mapping[str, Any]],
                 tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True,
