@@ -92,7 +92,8 @@ def test_a_new_run_refuses_an_occupied_output_and_changes_nothing(tmp_path):
     before = _snapshot(tmp_path / "run")
     with pytest.raises(TrainingRunError, match="already holds this run; continue it with --resume"):
         _train(tmp_path / "run")
-    with pytest.raises(TrainingRunError, match=r"different run \(model\.hidden_size 32 there, 64 here; model.head_dim 8 there, 16 here\)"):
+    expected = r"different run \(model\.hidden_size 32 there, 64 here; model.head_dim 8 there, 16 here\)"
+    with pytest.raises(TrainingRunError, match=expected):
         _train(tmp_path / "run", config=TOY_CONFIG.replace(hidden_size=64), resume="latest")
     assert _snapshot(tmp_path / "run") == before
     (tmp_path / "other").mkdir()

@@ -96,8 +96,8 @@ def token_loss_sum(model: nn.Module, batch: BatchLike, ctx: DistContext, dtype: 
     On an unsharded model only the loss positions go through lm_head (SFT: the assistant tokens), and when their
     fp32 logits would pass LOSS_LOGITS_BYTES they go LOSS_CHUNK tokens at a time, recomputed in backward: the
     (B, T, vocab) logits — 2.5 GB for 4 x 1,024 tokens of Qwen2.5's vocabulary, times three with their softmax
-    and gradient — never exist (for a third more lm_head compute). Under FSDP2 the root module's forward must run whole (its hooks
-    gather the embedding, final norm and lm_head), so the logits are materialised there."""
+    and gradient — never exist (for a third more lm_head compute). Under FSDP2 the root module's forward must
+    run whole (its hooks gather the embedding, final norm and lm_head), so the logits are materialised there."""
     input_ids, labels = batch.input_ids.to(ctx.device), batch.labels.to(ctx.device)
     document_ids = batch.document_ids.to(ctx.device)
     if is_sharded(model) or not hasattr(model, "lm_head"):

@@ -38,7 +38,8 @@ class SFTArgs:
     model: str = arg(DEFAULT_MODEL, short="-m")
     """base model: a known name, a .gguf file (dequantized) or an HF directory"""
     data: str | None = arg(None, metavar="JSONL")
-    """(required) conversations, one per line: {"messages": [...]} (OpenAI roles, tools, tool_calls) or {"prompt", "completion"}"""
+    """(required) conversations, one per line: {"messages": [...]} (OpenAI roles, tools, tool_calls) or
+    {"prompt", "completion"}"""
     eval_data: str | None = arg(None, metavar="JSONL")
     """held-out conversations for the eval loss"""
     chat_template: str | None = arg(None, metavar="FILE")
