@@ -4,6 +4,7 @@ list whose client left, and a full-context request.
 
   python benchmarks/bench_hostile.py [--model M --threads 2 --repeats 3 --classes body,stops,list,full]
   python benchmarks/bench_hostile.py --url http://127.0.0.1:8000   # an already running server (its own limits)
+  python benchmarks/bench_hostile.py --classes full --full-seconds 1800  # probe through the whole 32K prefill
 
 It starts `qwen25 serve` on a free loopback port with the limits raised far enough for every class to reach the
 engine (--max-body-size 16 MiB, --max-stop-length 200000, --max-queue 512; with the defaults the first two are
@@ -110,8 +111,21 @@ def in_background(fn: Callable[[threading.Event], None]) -> tuple[threading.Even
     return stop, thread
 
 
-def run_class(server: Server, name: str, repeats: int, max_model_len: int) -> tuple[list[float], str]:
-    """The probe latencies with `name` in flight, and the engine queue (running/waiting) when probing began."""
+def probe_through(server: Server, thread: threading.Thread | None, seconds: float) -> list[float]:
+    """Probe back to back while the full-context request is in flight (its stream ends after its 8 tokens), for
+    at most `seconds`: latencies from the start of its prefill to its end, each printed with its time offset."""
+    times: list[float] = []
+    start = time.monotonic()
+    while time.monotonic() - start < seconds and thread is not None and thread.is_alive():
+        times.append(server.probe())
+        print(f"    t={time.monotonic() - start:6.1f} s  probe {times[-1]:.2f} s", file=sys.stderr)
+    return times or [server.probe()]
+
+
+def run_class(server: Server, name: str, repeats: int, max_model_len: int,
+              full_seconds: float = 0) -> tuple[list[float], str]:
+    """The probe latencies with `name` in flight, and the engine queue (running/waiting) when probing began.
+    With full_seconds > 0 the full-context class probes through its whole prefill (up to that many seconds)."""
     if name == "body":
         body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "word " * (2 << 20)}]}).encode()
 
@@ -151,8 +165,11 @@ def run_class(server: Server, name: str, repeats: int, max_model_len: int) -> tu
     else:
         raise ValueError(name)
     queue = server.health().get("queue", {})
+    state = f"{queue.get('running', '?')}/{queue.get('waiting', '?')}"
     try:
-        return [server.probe() for _ in range(repeats)], f"{queue.get('running', '?')}/{queue.get('waiting', '?')}"
+        if name == "full" and full_seconds > 0:
+            return probe_through(server, thread, full_seconds), state
+        return [server.probe() for _ in range(repeats)], state
     finally:
         stop.set()
         if thread is not None:
@@ -191,6 +208,9 @@ def main() -> int:
     parser.add_argument("--classes", default=",".join(CLASSES), help="comma-separated: " + ", ".join(CLASSES))
     parser.add_argument("--url", default=None, help="use this running server (served as 'bench')")
     parser.add_argument("--log", default="bench_hostile_serve.log")
+    parser.add_argument("--full-seconds", type=float, default=0,
+                        help="full class: probe back to back through its whole prefill, up to this many seconds "
+                             "(default 0: --repeats probes ~2 s into it); reports the median and the worst probe")
     args = parser.parse_args()
     classes = [c for c in args.classes.split(",") if c]
     unknown = [c for c in classes if c not in CLASSES]
@@ -211,8 +231,10 @@ def main() -> int:
         rows = []
         for name in classes:
             print(f"  {CLASSES[name]} ...", file=sys.stderr)
-            times, queue = run_class(server, name, args.repeats, max_model_len)
+            times, queue = run_class(server, name, args.repeats, max_model_len, args.full_seconds)
             rows.append((CLASSES[name], statistics.median(times), queue))
+            if name == "full" and args.full_seconds > 0:
+                rows.append((f"  worst of {len(times)} probes", max(times), queue))
             server.drain()
         after = statistics.median(server.probe() for _ in range(args.repeats))
     finally:

@@ -125,7 +125,9 @@ def test_a_10mb_body_does_not_block_the_event_loop(serve) -> None:  # noqa: ANN0
             time.sleep(0.01)
         r = future.result()
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert worst < 1.0, f"/health took {worst:.2f} s while a 10 MB body was being handled"
+    # Parsing on the event loop blocked /health for ~9 s; off the loop it answers in milliseconds. The bound is
+    # loose so that a loaded CI machine (2 cores, other suites running) cannot flake it.
+    assert worst < 3.0, f"/health took {worst:.2f} s while a 10 MB body was being handled"
 
 
 def test_a_body_over_the_default_limit_is_refused_before_it_is_read(serve) -> None:  # noqa: ANN001
