@@ -1,7 +1,7 @@
 """Dual Chunk Attention: the log-sum-exp merge of its three parts equals one dense softmax over the remapped
 relative-position matrix (built here by hand); a DCA model equals plain attention while every distance is the
-true one; prefill + decode on the cache of unrotated keys equals a full DCA forward; a cache of rotated keys (the
-paged engine) runs plain attention while that is exact and refuses beyond; the native forward refuses DCA."""
+true one; prefill + decode on the cache of unrotated keys equals a full DCA forward; a cache of rotated keys
+(`ContiguousKVCache`) runs plain attention while that is exact and refuses beyond; the native forward refuses DCA."""
 
 from __future__ import annotations
 
@@ -203,10 +203,9 @@ class Bytes:
         return "".join(chr(32 + t % 95) for t in ids)
 
 
-def test_paged_engine_runs_dca_models_while_exact_and_refuses_beyond():
-    """The engine's PyTorch path (paged cache of rotated keys): a DCA model's greedy output equals the plain
-    model's while prompt + output fit plain_length, and a longer sequence raises NotImplementedError rather than
-    running plain attention where DCA differs."""
+def test_paged_engine_equals_plain_attention_while_exact():
+    """The engine's PyTorch path (paged cache, keys stored unrotated for DCA): a DCA model's greedy output equals
+    the plain model's while prompt + output fit plain_length (beyond: tests/test_long_context_engine.py)."""
     plain = tiny()
     model = with_dca(plain)
     prompt = torch.randint(0, 256, (8,)).tolist()
@@ -214,9 +213,6 @@ def test_paged_engine_runs_dca_models_while_exact_and_refuses_beyond():
     ours = LLMEngine(model, Bytes(), block_size=4, num_blocks=64).generate([prompt], params)
     ref = LLMEngine(plain, Bytes(), block_size=4, num_blocks=64).generate([prompt], params)
     assert ours[0].token_ids == ref[0].token_ids and len(ours[0].token_ids) == CHUNK - 8
-    engine = LLMEngine(model, Bytes(), block_size=4, num_blocks=64)
-    with pytest.raises(NotImplementedError, match="Dual Chunk Attention over a cache of rotated keys"):
-        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=CHUNK))
 
 
 def test_native_forward_refuses_dca():

@@ -8,6 +8,10 @@ step's sequences as a left-padded batch: row r has its cached context right-alig
 (P = the longest context in the step) followed by its T new tokens, left-padded. `update` scatters the real new
 k/v into their slots, then gathers each row's [context | new tokens] with one `index_select` per layer and
 tensor; the key mask hides the gaps, so the model's attention spec (`qwen25.model.attention`) masks them.
+
+What a slot holds is the backend's choice: rotated keys (plain RoPE, static YaRN), or, when the step is built with
+`key_positions`, keys before rotation plus each column's position (`positions_for`), which dynamic YaRN and Dual
+Chunk Attention rotate at attention time with positions of their own (`qwen25.model.long_context`).
 """
 
 from __future__ import annotations
@@ -42,11 +46,16 @@ class PagedStep:
     """`KVCache` for one forward pass over a left-padded batch (see the module docstring).
 
     past: P; write_rows (N,) indices into the flattened (B*T) new tokens that are real, write_slots (N,) their
-    slots; read_slots (B, P+T) the slot of every key column; key_mask (B, P+T) or None when all are real."""
+    slots; read_slots (B, P+T) the slot of every key column; key_mask (B, P+T) or None when all are real;
+    key_positions (B, P+T): every key column's position, given when the model's attention caches keys
+    unrotated (the step then says `stores_unrotated_keys`)."""
 
     def __init__(self, cache: PagedKVCache, past: int, write_rows: torch.Tensor | None, write_slots: torch.Tensor,
-                 read_slots: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+                 read_slots: torch.Tensor, key_mask: torch.Tensor | None,
+                 key_positions: torch.Tensor | None = None) -> None:
         self.cache = cache
+        self.key_positions = key_positions
+        self.stores_unrotated_keys = key_positions is not None
         self.length = past
         self.write_rows = write_rows  # None: every new token is real
         self.write_slots = write_slots
@@ -74,6 +83,13 @@ class PagedStep:
 
     def key_mask(self, new_tokens_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
         return self._key_mask
+
+    def positions_for(self, positions: torch.Tensor) -> torch.Tensor:
+        """Every key column's position (B, P+T) (the new tokens' `positions` are already among them)."""
+        if self.key_positions is None:
+            raise ValueError("this PagedStep caches rotated keys: build it with key_positions for a backend that "
+                             "rotates at attention time")
+        return self.key_positions
 
     def commit(self, T: int) -> None:
         self.length += T

@@ -6,7 +6,9 @@ config, the attention kind, the KV cache's dtype); otherwise the PyTorch modules
 unpadded pass that reads and writes the paged cache in place. On the PyTorch path a step's rows are split into
 a few passes of similar new-token counts (decodes together, prefill chunks together) so that a 1-token decode
 is not left-padded to a 512-token chunk: each extra pass costs one more read of the weights, padding costs
-compute per padded token, and a tiny DP over the sorted counts picks the cheaper split.
+compute per padded token, and a tiny DP over the sorted counts picks the cheaper split. When the model's
+attention rotates keys itself (dynamic YaRN, Dual Chunk Attention: `needs_unrotated_keys`), the paged cache holds
+keys before rotation and each pass hands the backend every key's position, so both are exact at any length.
 
 Sampling: each row samples with `sample_next` and its own `torch.Generator` (seeded from params.seed), only when
 all its tokens are computed (a prefill chunk that is not the last samples nothing). A row with speculative
@@ -27,6 +29,7 @@ from qwen25.engine.scheduler import ScheduledBatch
 from qwen25.engine.sequence import Sequence
 from qwen25.engine.speculative import Proposer, SpeculativeConfig, make_proposer, speculation_applies
 from qwen25.kernels.native import KVView, NativeForward
+from qwen25.model.long_context import needs_unrotated_keys
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 
 Logprob = tuple[float, list[tuple[int, float]]]
@@ -153,6 +156,7 @@ class ModelRunner:
         is_past = col < P
         tok = torch.where(is_past, col - (P - st), col - (P + T - n) + st)  # (B, P+T)
         valid = torch.where(is_past, tok >= 0, tok >= st)
+        key_positions = tok.clamp(min=0) if needs_unrotated_keys(self.model.config) else None
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
         # Masked columns read the row's token 0: already in the cache, or written by this very step before
@@ -164,7 +168,7 @@ class ModelRunner:
         write_slots = new_slots.index_select(0, write_rows) if padded else new_slots
         key_mask = None if bool(valid.all()) else valid
 
-        step = PagedStep(self.cache, P, write_rows, write_slots, slots, key_mask)
+        step = PagedStep(self.cache, P, write_rows, write_slots, slots, key_mask, key_positions)
         width_kept = max(keep)
         logits = self.model(torch.tensor(ids), positions=torch.tensor(pos), cache=step, padding_mask=new_mask,
                             logits_to_keep=width_kept)

@@ -23,8 +23,8 @@ the same config applies its frequencies and attention factor to every rotation.
 Costs: a key is stored once, unrotated (`UnrotatedKVCache`); each pass rotates the context's keys and computes
 up to three logit blocks per query, in query blocks that bound the memory of long prompts. The sparse prefill
 (MInference's vertical-slash pattern) is not implemented: `sparse_attention_*` fields are accepted and the dense
-DCA runs. On a cache that stores rotated keys (the paged engine cache) it runs plain attention while that is
-exact and raises NotImplementedError beyond.
+DCA runs. The engine's paged cache stores keys unrotated for it; on a cache that stores rotated keys
+(`ContiguousKVCache`) it runs plain attention while that is exact and raises NotImplementedError beyond.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def spec_positions(spec: AttentionSpec, B: int, T: int) -> torch.Tensor:
 
 class DualChunkAttention:
     """The DCA backend for a model config carrying `dual_chunk_attention_config`: cache-less passes, or an
-    `UnrotatedKVCache` (prefill + decode equal one full pass while no length scaling applies)."""
+    `UnrotatedKVCache` or the engine's paged cache, which store keys unrotated (prefill + decode equal one full
+    pass while no length scaling applies)."""
 
     def __init__(self, config: ModelConfig) -> None:
         dca = config.dual_chunk_attention_config
@@ -146,8 +147,8 @@ class DualChunkAttention:
             if longest <= self.plain_length:
                 return sdpa_attention(layer, q, k, v, cos, sin, cache, spec)
             raise NotImplementedError(
-                f"Dual Chunk Attention over a cache of rotated keys ({type(cache).__name__}, e.g. the paged engine "
-                f"cache) is not implemented: a sequence of {longest} tokens is longer than {self.plain_length}, "
+                f"Dual Chunk Attention over a cache of rotated keys ({type(cache).__name__}) is not "
+                f"implemented: a sequence of {longest} tokens is longer than {self.plain_length}, "
                 "up to which DCA equals plain attention. Use qwen25.model.attention.UnrotatedKVCache or a "
                 "cache-less pass.")
         if self.original and longest > self.original:

@@ -6,10 +6,10 @@
 - dynamic YaRN (`rope_scaling.dynamic`): `DynamicYarnAttention`;
 - `dual_chunk_attention_config`: `DualChunkAttention` (`qwen25.model.dca`).
 
-The last two rotate with positions of their own, so they need the keys unrotated: cache-less passes, or an
-`UnrotatedKVCache`. Over a cache of rotated keys (the engine's paged cache, `ContiguousKVCache`) they run plain
-attention while it is exactly what they compute (`plain_attention_limit`) and raise NotImplementedError beyond,
-never silently running something else.
+The last two rotate with positions of their own, so they need the keys unrotated (`needs_unrotated_keys`):
+cache-less passes, an `UnrotatedKVCache`, or the engine's paged cache, which then stores keys before rotation.
+Over a cache of rotated keys (`ContiguousKVCache`) they run plain attention while it is exactly what they compute
+(`plain_attention_limit`) and raise NotImplementedError beyond, never silently running something else.
 """
 
 from __future__ import annotations
@@ -61,10 +61,9 @@ class DynamicYarnAttention:
                 return sdpa_attention(layer, q, k, v, *self._cos_sin(positions, long_rows, q.dtype), cache, spec)
             if cache is not None:
                 raise NotImplementedError(
-                    f"dynamic YaRN over a cache of rotated keys ({type(cache).__name__}, e.g. the paged engine "
-                    f"cache) is not implemented past the native window of {self.window} tokens (the cached keys "
-                    "would need re-rotating). Use qwen25.model.attention.UnrotatedKVCache, a cache-less pass, or "
-                    "static YaRN.")
+                    f"dynamic YaRN over a cache of rotated keys ({type(cache).__name__}) is not implemented past "
+                    f"the native window of {self.window} tokens (the cached keys would need re-rotating). Use "
+                    "qwen25.model.attention.UnrotatedKVCache, the engine, a cache-less pass, or static YaRN.")
         if cache is None:
             k_pos = positions
         else:
@@ -86,10 +85,16 @@ def attention_for_config(config: ModelConfig) -> AttentionBackend:
     return sdpa_attention
 
 
+def needs_unrotated_keys(config: ModelConfig) -> bool:
+    """Whether the config's attention rotates keys at attention time (DCA, dynamic YaRN), so a KV cache must
+    store them before rotation, with their positions."""
+    return bool(config.dual_chunk_attention_config) or is_dynamic(config.rope_scaling)
+
+
 def plain_attention_limit(config: ModelConfig) -> int | None:
-    """The longest sequence the config's attention can run over a cache of rotated keys (the paged engine
-    cache): None when unlimited (default RoPE, static YaRN), else the length up to which DCA or dynamic YaRN
-    equals plain attention. An engine caps its max_model_len at this to refuse longer prompts up front."""
+    """The longest sequence the config's attention can run over a cache of rotated keys (`ContiguousKVCache`):
+    None when unlimited (default RoPE, static YaRN), else the length up to which DCA or dynamic YaRN equals plain
+    attention. (The engine's paged cache stores unrotated keys for these configs and has no such limit.)"""
     if config.dual_chunk_attention_config:
         return DualChunkAttention(config).plain_length
     if is_dynamic(config.rope_scaling):
