@@ -15,6 +15,13 @@ one process with the whole batch and N ranks with a slice each compute the same 
 metrics.jsonl (`qwen25.train.metrics`), evaluate every `eval_every` steps, checkpoint every `save_every` steps
 and at the end. The data stream moves through epochs on its own (`DataStream`), and its position is saved in
 each checkpoint, so a resumed run sees exactly the batches the uninterrupted one would have.
+
+Other objectives (DPO, the reward model, GRPO) plug in through `objective=`: a callable
+`(model, batch, ctx, dtype) -> (loss_sum, extras)` returning the micro-batch's *summed* loss over its loss units
+and a dict of detached metric sums over the same units; `batch.num_loss_units` (falling back to
+`num_loss_tokens`) counts those units (tokens for CE, pairs for DPO and the reward model). The loop divides by
+the global count of units exactly as above, logs each extra as its mean per unit, and evaluates with the same
+objective (`eval_loss`, `eval_<extra>`).
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ IGNORE_INDEX = -100
 LOSS_LOGITS_BYTES = 2**30  # above this, the loss logits are computed in chunks and recomputed in backward
 LOSS_CHUNK = 1024  # loss tokens per chunk
 
-__all__ = ["DataStream", "TrainResult", "enable_activation_checkpointing", "evaluate", "seed_everything",
-           "token_loss_sum", "train"]
+__all__ = ["DataStream", "Objective", "TrainResult", "enable_activation_checkpointing", "evaluate",
+           "evaluate_metrics", "loss_units", "seed_everything", "token_ce_objective", "token_loss_sum", "train"]
 
 
 class BatchLike(Protocol):  # qwen25.train.data.Batch
@@ -53,6 +60,22 @@ class BatchLike(Protocol):  # qwen25.train.data.Batch
     labels: torch.Tensor
     document_ids: torch.Tensor
     num_loss_tokens: int
+
+
+class Objective(Protocol):
+    def __call__(self, model: nn.Module, batch: Any, ctx: DistContext,
+                 dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def loss_units(batch: Any) -> int:
+    """How many units a micro-batch's summed loss is over (`num_loss_units`, else `num_loss_tokens`)."""
+    return int(getattr(batch, "num_loss_units", batch.num_loss_tokens))
+
+
+def token_ce_objective(model: nn.Module, batch: BatchLike, ctx: DistContext,
+                       dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The default objective: summed token cross-entropy (`token_loss_sum`), no extras."""
+    return token_loss_sum(model, batch, ctx, dtype), {}
 
 
 class Loader(Protocol):  # qwen25.train.data.PackedLoader / SFTLoader
@@ -134,17 +157,37 @@ def evaluate(model: nn.Module, batches: Iterable[BatchLike], ctx: DistContext, d
              max_batches: int | None = None) -> float:
     """Mean token CE over `batches` on every rank (at most max_batches each; all ranks must pass the same
     count, because FSDP2's forward is collective)."""
+    return evaluate_metrics(model, batches, ctx, dtype, max_batches)["eval_loss"]
+
+
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, batches: Iterable[Any], ctx: DistContext, dtype: str = "float32",
+                     max_batches: int | None = None, objective: Objective | None = None) -> dict[str, float]:
+    """{"eval_loss": mean loss per unit, "eval_<extra>": each extra's mean per unit} of `objective` (default:
+    token CE) over `batches`, on every rank (same batch-count rule as `evaluate`)."""
+    objective = objective or token_ce_objective
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    names: list[str] | None = None
+    total: torch.Tensor | None = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        total[0] += token_loss_sum(model, batch, ctx, dtype).double()
-        total[1] += batch.num_loss_tokens
-    total = all_reduce_sum(ctx, total)
+        loss, extras = objective(model, batch, ctx, dtype)
+        if names is None:
+            names = sorted(extras)
+            total = torch.zeros(2 + len(names), dtype=torch.float64, device=ctx.device)
+        total[0] += loss.detach().double()
+        total[1] += loss_units(batch)
+        for j, name in enumerate(names):
+            total[2 + j] += extras[name].detach().double()
+    names = names or []
+    total = all_reduce_sum(ctx, total if total is not None else torch.zeros(2, dtype=torch.float64, device=ctx.device))
     model.train(was_training)
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    units = float(total[1])
+    out = {"eval_loss": float(total[0]) / units if units > 0 else float("nan")}
+    out |= {f"eval_{name}": float(total[2 + j]) / units if units > 0 else float("nan") for j, name in enumerate(names)}
+    return out
 
 
 class DataStream:
@@ -215,9 +258,11 @@ def optim_settings(args: TrainArgs, total_steps: int) -> OptimSettings:
 
 def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext, fingerprint: dict[str, Any],
           eval_loader: Loader | None = None, write_model: Callable[[nn.Module, Path], None] | None = None,
-          description: str = "train") -> TrainResult:
+          description: str = "train", objective: Objective | None = None) -> TrainResult:
     """Train `model` (already sharded under FSDP2) on `loader` as `args` says; returns the losses and the last
-    checkpoint. Claims args.output (see `checkpointing.prepare_output`) before anything else."""
+    checkpoint. Claims args.output (see `checkpointing.prepare_output`) before anything else. objective: what
+    to minimise (default: token CE; see the module docstring)."""
+    objective = objective or token_ce_objective
     output = Path(args.output)
     resume_from = ckpt.prepare_output(ctx, output, fingerprint, args.resume)
     seed_everything(args.seed)
@@ -241,9 +286,9 @@ def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext
     params = [p for p in model.parameters() if p.requires_grad]
     eval_start = eval_loader.state_dict() if eval_loader is not None else None
 
-    def held_out_loss() -> float:
+    def held_out() -> dict[str, float]:
         eval_loader.load_state_dict(eval_start)  # every evaluation sees the same batches
-        return evaluate(model, eval_loader, ctx, args.dtype, args.eval_batches)
+        return evaluate_metrics(model, eval_loader, ctx, args.dtype, args.eval_batches, objective)
     last_checkpoint = resume_from
     started = time.perf_counter()
     elapsed_before = next((r["elapsed_s"] for r in reversed(history) if "elapsed_s" in r), 0.0)
@@ -260,31 +305,38 @@ def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             micro = [stream.next() for _ in range(args.grad_accum)]
-            counts = all_reduce_sum(ctx, torch.tensor([sum(b.num_loss_tokens for b in micro),
+            counts = all_reduce_sum(ctx, torch.tensor([sum(loss_units(b) for b in micro),
                                                        sum(b.input_ids.numel() for b in micro)], dtype=torch.int64,
                                                      device=ctx.device))
             loss_tokens, tokens = int(counts[0]), int(counts[1])
             # FSDP2 averages gradients over ranks; x world_size makes it the sum the objective asks for
             scale = ctx.world_size / max(loss_tokens, 1)
             loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            extra_sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro):
                 set_gradient_sync(model, i == len(micro) - 1)
-                part = token_loss_sum(model, batch, ctx, args.dtype)
+                part, extras = objective(model, batch, ctx, args.dtype)
                 (part * scale).backward()
                 loss_sum += part.detach().double()
+                for name, value in extras.items():
+                    extra_sums[name] = extra_sums.get(name, 0.0) + value.detach().double()
             grad_norm = clip_gradients(params, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = float(all_reduce_sum(ctx, loss_sum)) / max(loss_tokens, 1)
+            names = sorted(extra_sums)
+            sums = all_reduce_sum(ctx, torch.stack([loss_sum] + [torch.as_tensor(extra_sums[n], dtype=torch.float64,
+                                                                                   device=ctx.device) for n in names]))
+            loss = float(sums[0]) / max(loss_tokens, 1)
             seconds = time.perf_counter() - t0
             log.log({"step": step, "epoch": stream.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens": tokens, "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds,
+                     **{n: float(sums[1 + j]) / max(loss_tokens, 1) for j, n in enumerate(names)},
                      "elapsed_s": round(elapsed_before + time.perf_counter() - started, 3)})
             last = step == total_steps
             if eval_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last):
-                log.log({"step": step, "eval_loss": held_out_loss()})
+                log.log({"step": step, **held_out()})
             if (args.save_every and step % args.save_every == 0) or last:
                 last_checkpoint = checkpoint_now()
     finally:
