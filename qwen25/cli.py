@@ -21,6 +21,7 @@ from typing import Any, Literal, NoReturn
 
 from qwen25.cli_args import add_command, arg, parse_args
 from qwen25.cli_input import check_text, one_line, read_stdin
+from qwen25.context_args import ContextArgs
 from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
 from qwen25.export_cli import add_export_parser
@@ -52,7 +53,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 # --- option groups ---------------------------------------------------------------------------------
 @dataclass
-class ModelArgs:
+class ModelArgs(ContextArgs):
     model: str = arg(DEFAULT_MODEL, short="-m")
     """model name, .gguf file, HF directory or HF repo id"""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -80,10 +81,12 @@ class ModelArgs:
 
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        self.check_context_flags()  # a bad JSON is a usage error before the (slow) load
         configure_runtime(self.threads)
         try:
             return LLM(self.model, dtype=self.dtype, quantization=self.quantization, lora=self.lora,
-                       allow_special_tokens_in_content=self.allow_special_tokens_in_content)
+                       allow_special_tokens_in_content=self.allow_special_tokens_in_content,
+                       engine_kwargs=self.engine_settings(), **self.long_context())
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.model}: a file of the model is not UTF-8 text ({e.reason} at byte {e.start})") \
                 from None
@@ -308,6 +311,7 @@ def cmd_serve(cfg: ServeConfig) -> int:
     llm = cfg.load()
     name = cfg.served_model_name or cfg.model
     extra = {} if speculative is None else {"speculative_config": speculative}  # only when asked for
+    extra.update(cfg.engine_settings())
     if cfg.allow_special_tokens_in_content:
         extra["allow_special_tokens_in_content"] = True
     app = create_app_from_checkpoint(llm.checkpoint, served_model_name=name, aliases=[cfg.model, str(llm.path)],

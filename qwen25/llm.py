@@ -19,7 +19,9 @@ from qwen25.chat.prompt import ChatPrompt, chat_prompt
 from qwen25.checkpoint import default_sampling_params, is_instruct, stop_token_ids
 from qwen25.checkpoint import load as load_checkpoint
 from qwen25.engine.engine import LLMEngine, StepOutput, accumulate
+from qwen25.config import ModelConfig
 from qwen25.engine.speculative import SpeculativeConfig
+from qwen25.model.long_context import LongContextSetting, set_long_context
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
@@ -81,12 +83,16 @@ class LLM:
     the base, one adapter per LLM.
     allow_special_tokens_in_content: chat prompts (chat, chat_stream, chat_prompt) tokenize control-token spellings
     in message contents, tools and tool results as plain text, so a message cannot forge a turn or a tool call
-    (`qwen25.chat.prompt`); True restores the transformers/vLLM behaviour of matching them as control tokens."""
+    (`qwen25.chat.prompt`); True restores the transformers/vLLM behaviour of matching them as control tokens.
+    rope_scaling, dual_chunk_attention_config: long context (see `set_long_context`); None keeps the checkpoint's.
+    engine_kwargs["max_model_len"] caps prompt + output per request (default: the model's max_position_embeddings,
+    which a YaRN rope_scaling lengthens to factor x its native window)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", download: bool = True,
                  quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
                  speculative_config: dict[str, Any] | None = None, lora: str | os.PathLike | None = None,
-                 allow_special_tokens_in_content: bool = False) -> None:
+                 allow_special_tokens_in_content: bool = False, rope_scaling: LongContextSetting = None,
+                 dual_chunk_attention_config: LongContextSetting = None) -> None:
         self.engine_kwargs = dict(engine_kwargs or {})
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -112,8 +118,21 @@ class LLM:
         self.name = str(model)
         if speculative_config is not None:  # validated now, the draft checkpoint loaded with the engine
             self.engine_kwargs["speculative_config"] = SpeculativeConfig.from_dict(dict(speculative_config))
+        if rope_scaling is not None or dual_chunk_attention_config is not None:
+            self.set_long_context(rope_scaling, dual_chunk_attention_config)
 
     # --- settings ----------------------------------------------------------------------------------
+    def set_long_context(self, rope_scaling: LongContextSetting = None,
+                         dual_chunk_attention_config: LongContextSetting = None) -> ModelConfig:
+        """Switch the model to YaRN (static, or "dynamic": true) and/or Dual Chunk Attention, before the first
+        generation. Each setting is None (keep), a dict (vLLM's `rope_scaling` JSON shape; a config.json's
+        `dual_chunk_attention_config`), {} (remove), or a flag's text ("none"; "on"/"off" for DCA). Returns the
+        new config; the engine, created afterwards, admits prompts up to its max_position_embeddings."""
+        if "_engine" in self.__dict__:
+            raise RuntimeError("set_long_context after the engine was created: set it when constructing the LLM")
+        self.config = self.checkpoint.config = set_long_context(self.model, rope_scaling, dual_chunk_attention_config)
+        return self.config
+
     @property
     def speculative_stats(self) -> SpeculativeStats | None:
         """The engine's speculative-decoding counters (None without a speculative_config)."""

@@ -90,6 +90,9 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.cache_capacity = num_blocks * block_size
+        if max_model_len is not None and not 2 <= max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} must be in [2, {config.max_position_embeddings}] (the "
+                             "model's max_position_embeddings; a YaRN rope_scaling lengthens it)")
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_capacity)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager)

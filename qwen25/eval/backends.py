@@ -59,13 +59,14 @@ class Backend:
 class Qwen25Backend(Backend):
     name = "qwen25"
 
-    def __init__(self, model: str, dtype: str = "float32") -> None:
+    def __init__(self, model: str, dtype: str = "float32", **llm_kwargs: Any) -> None:
+        """llm_kwargs: further `LLM` arguments (engine_kwargs, rope_scaling, dual_chunk_attention_config)."""
         from qwen25 import LLM
 
-        self.llm = LLM(model, dtype=dtype)
+        self.llm = LLM(model, dtype=dtype, **llm_kwargs)
         self.tokenizer = self.llm.tokenizer
         self.model_path = str(self.llm.path)
-        self.max_context = self.llm.max_context
+        self.max_context = self.llm.engine_kwargs.get("max_model_len") or self.llm.max_context
 
     def generate(self, prompts: list[list[int]], max_tokens: int, stop: list[str],
                  stop_token_ids: list[int]) -> list[Generation]:
@@ -177,9 +178,9 @@ class LlamaCppBackend(Backend):
 
 
 def make_backend(name: str, model: str, *, dtype: str = "float32", n_ctx: int = 8192, logits_all: bool = False,
-                 threads: int | None = None) -> Backend:
+                 threads: int | None = None, llm_kwargs: dict[str, Any] | None = None) -> Backend:
     if name == "qwen25":
-        return Qwen25Backend(model, dtype=dtype)
+        return Qwen25Backend(model, dtype=dtype, **(llm_kwargs or {}))
     if name == "llamacpp":
         return LlamaCppBackend(model, n_ctx=n_ctx, logits_all=logits_all, threads=threads)
     raise ValueError(f"unknown backend {name!r} (choose qwen25 or llamacpp)")

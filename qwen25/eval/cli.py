@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from qwen25.cli_args import add_command, arg
+from qwen25.context_args import ContextArgs
 from qwen25.weights.registry import DEFAULT_MODEL
 
 TASKS = ("humaneval", "humaneval-fim", "mmlu", "math", "perplexity")
@@ -32,8 +33,8 @@ TASKS = ("humaneval", "humaneval-fim", "mmlu", "math", "perplexity")
 
 # --- one config per task (the fields are the flags) -------------------------------------------------------------
 @dataclass
-class EvalConfig:
-    """The options every task takes."""
+class EvalConfig(ContextArgs):
+    """The options every task takes (the context-length flags apply to the qwen25 backend)."""
 
     TASK: ClassVar[str] = ""
     model: str = arg(DEFAULT_MODEL, short="-m")
@@ -186,6 +187,10 @@ def main(cfg: EvalConfig) -> int:
         raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    cfg.check_context_flags()
+    long_context = {k: v for k, v in cfg.long_context().items() if v is not None}
+    if cfg.backend == "llamacpp" and (long_context or cfg.max_model_len is not None):
+        raise ValueError("--rope-scaling, --dual-chunk-attention and --max-model-len apply to --backend qwen25")
     threads = configure_runtime(cfg.threads)
     task = cfg.make_task()
     if cfg.TASK == "perplexity":
@@ -194,6 +199,7 @@ def main(cfg: EvalConfig) -> int:
     meta = {"task": task.name, "model": cfg.model, "backend": cfg.backend, "dtype": cfg.dtype,
             **task.settings(), "limit": cfg.limit, "batch_size": cfg.batch_size,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta.update(long_context, **cfg.engine_settings())
     if cfg.backend == "llamacpp":
         meta.pop("dtype")
     results = ResultsFile(output, meta, resume=cfg.resume)
@@ -203,7 +209,8 @@ def main(cfg: EvalConfig) -> int:
             logits_all = cfg.TASK == "perplexity"
             n_ctx = cfg.window if logits_all else 8192
             return make_backend("llamacpp", cfg.model, n_ctx=n_ctx, logits_all=logits_all, threads=threads)
-        return make_backend("qwen25", cfg.model, dtype=cfg.dtype)
+        return make_backend("qwen25", cfg.model, dtype=cfg.dtype, llm_kwargs=dict(
+            engine_kwargs=cfg.engine_settings(), **long_context))
 
     try:
         report = run_task(task, backend_factory, results, batch_size=cfg.batch_size, progress=not cfg.no_progress)

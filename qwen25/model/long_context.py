@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qwen25.config import ModelConfig, yarn_window
+from qwen25.config import ModelConfig, parse_dual_chunk_attention, parse_rope_scaling, yarn_window
 from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, sdpa_attention, stores_unrotated_keys
 from qwen25.model.dca import DualChunkAttention, spec_positions
 from qwen25.model.rope import apply_rope, is_dynamic, rope_cos_sin, rope_inv_freq, yarn_inv_freq
@@ -102,12 +102,39 @@ def plain_attention_limit(config: ModelConfig) -> int | None:
     return None
 
 
-def set_long_context(model: torch.nn.Module, rope_scaling: dict[str, Any] | None = None,
-                     dual_chunk_attention_config: dict[str, Any] | None = None) -> ModelConfig:
-    """Apply `--rope-scaling` / DCA settings to a loaded Qwen2ForCausalLM in place (validated; frequencies and the
-    default backend recomputed) and return its new config. A native forward built for the old config no longer
-    `supports()` it, so the PyTorch path runs."""
-    config = model.config.with_long_context(rope_scaling, dual_chunk_attention_config)
+LongContextSetting = dict[str, Any] | str | None
+
+
+def resolve_long_context(config: ModelConfig, rope_scaling: LongContextSetting = None,
+                         dual_chunk_attention_config: LongContextSetting = None) -> ModelConfig:
+    """`config` with long-context settings applied, each one of: None (keep the checkpoint's), a dict (set it),
+    {} (remove it), or a flag's text: `--rope-scaling` JSON or "none", `--dual-chunk-attention` JSON, "on" or
+    "off" (`qwen25.config.parse_rope_scaling` / `parse_dual_chunk_attention`). Validated; removing YaRN brings
+    max_position_embeddings back to its native window. The DCA setting is checked against the config with the
+    new rope_scaling (a YaRN factor lengthens the distances DCA may present)."""
+    if isinstance(rope_scaling, str):
+        rope_scaling = parse_rope_scaling(rope_scaling) or {}
+    if rope_scaling == {}:
+        window = yarn_window(config.rope_scaling)
+        longest = config.max_position_embeddings if window is None else min(config.max_position_embeddings, window)
+        config = config.replace(rope_scaling=None, max_position_embeddings=longest)
+    elif rope_scaling is not None:
+        config = config.with_long_context(rope_scaling=rope_scaling)
+    if isinstance(dual_chunk_attention_config, str):
+        dual_chunk_attention_config = parse_dual_chunk_attention(dual_chunk_attention_config, config) or {}
+    if dual_chunk_attention_config == {}:
+        return config.replace(dual_chunk_attention_config=None)
+    if dual_chunk_attention_config is not None:
+        return config.with_long_context(dual_chunk_attention_config=dual_chunk_attention_config)
+    return config
+
+
+def set_long_context(model: torch.nn.Module, rope_scaling: LongContextSetting = None,
+                     dual_chunk_attention_config: LongContextSetting = None) -> ModelConfig:
+    """Apply `--rope-scaling` / DCA settings (as `resolve_long_context` takes them) to a loaded Qwen2ForCausalLM
+    in place (frequencies and the default backend recomputed) and return its new config. A native forward built
+    for the old config no longer `supports()` it, so the PyTorch path runs."""
+    config = resolve_long_context(model.config, rope_scaling, dual_chunk_attention_config)
     model.config = model.model.config = config
     model.model.reset_rope()
     return config
