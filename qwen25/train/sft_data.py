@@ -13,6 +13,9 @@ where the turn ends. Both must be prefixes of the full render; a template that r
 ones exist is refused. The rendered text is then tokenized segment by segment (untrained, trained, untrained...)
 and the ids concatenated, so no token straddles a span edge and each assistant turn is tokenized exactly as
 generation would produce it after the prompt (for ordinary text this equals tokenizing the whole render).
+Content is plain text (`qwen25.chat.prompt`'s control-token policy, as at inference): a `<|im_start|>system`
+typed inside a message of the data is trained as the characters it is, never as a forged turn; only the
+template's own markup becomes control tokens.
 
 A malformed line (bad JSON, neither form, an invalid message) raises ValueError naming file and line: training
 silently on part of a data set is worse than stopping. A conversation without an assistant turn is skipped and
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from qwen25.chat import render_chat
+from qwen25.chat.prompt import chat_prompt
 from qwen25.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -128,30 +132,24 @@ def assistant_spans(chat_template: str | None, messages: Sequence[Mapping[str, A
 def encode_conversations(tokenizer: Tokenizer, chat_template: str | None,
                          conversations: Sequence[Conversation]) -> list[EncodedConversation | None]:
     """Encode each conversation (None for one without an assistant turn); ValueError names the bad one."""
-    segments: list[str] = []
-    layout: list[list[bool] | None] = []  # per conversation: the trained flag of each of its segments
+    control_tokens = tuple(getattr(tokenizer, "added_tokens", ()))
+    out: list[EncodedConversation | None] = []
     for conv in conversations:
         try:
             text, spans = assistant_spans(chat_template, conv.messages, conv.tools)
+            prompt = chat_prompt(chat_template, conv.messages, conv.tools, add_generation_prompt=False,
+                                 control_tokens=control_tokens)
         except ValueError as e:
             raise ValueError(f"{conv.where}: {e}") from None
         if not spans:
-            layout.append(None)
-            continue
-        flags, pos = [], 0
-        for start, end in spans:
-            segments += [text[pos:start], text[start:end]]
-            flags += [False, True]
-            pos = end
-        segments.append(text[pos:])
-        layout.append([*flags, False])
-    encoded = iter(tokenizer.encode_batch(segments))
-    out: list[EncodedConversation | None] = []
-    for flags in layout:
-        if flags is None:
             out.append(None)
             continue
-        parts = [next(encoded) for _ in flags]
+        if prompt.text != text:
+            raise ValueError(f"{conv.where}: the chat template renders differently once control-token spellings "
+                             "in content are escaped; cannot keep content plain")
+        pieces = prompt.cut([edge for span in spans for edge in span])
+        parts = [piece.token_ids(tokenizer) for piece in pieces]
+        flags = [False, True] * len(spans) + [False]
         ids = np.fromiter((t for p in parts for t in p), dtype=np.int64)
         trained = np.fromiter((f for p, f in zip(parts, flags) for _ in p), dtype=bool, count=ids.size)
         labels = np.full(ids.size, IGNORE_INDEX, dtype=np.int64)
