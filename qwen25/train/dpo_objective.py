@@ -11,7 +11,8 @@ Extras (per-pair means in metrics.jsonl): rewards_chosen / rewards_rejected (bet
 computed once before training with the starting weights, in eval mode, without gradients, pairs batched by
 length. `cached_reference_logps` keeps them in a .npz file keyed by a SHA-256 of the pairs' token ids, the
 reference checkpoint (path, size and modification time of its files) and the dtype: a rerun or a --resume reads
-the file instead of recomputing (a file whose key differs is recomputed and replaced), and the reference model is never resident while the policy trains.
+the file instead of recomputing (a file whose key differs is recomputed and replaced), and the reference model
+is never resident while the policy trains.
 """
 
 from __future__ import annotations

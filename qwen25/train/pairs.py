@@ -11,9 +11,10 @@ Records (one per line), in either form:
 The prompt and each response are tokenized separately, so no token straddles the boundary and a response is
 tokenized as generation would produce it.
 
-Skipped and counted, never silently: a pair with an empty prompt, a pair with an empty side (no response tokens), identical sides, a prompt
-that leaves no room for a response within `max_length`, and (with overlong="drop", the default) a pair whose
-prompt + longer response exceeds `max_length`; overlong="truncate" cuts the responses to fit instead. A line
+Skipped and counted, never silently: a pair with an empty prompt, a pair with an empty side (no response
+tokens), identical sides, a prompt that leaves no room for a response within `max_length`, and (with
+overlong="drop", the default) a pair whose prompt + longer response exceeds `max_length`; overlong="truncate"
+cuts the responses to fit instead. A line
 that is not such a record is a ValueError naming file and line. `PairLoader` deals pairs to ranks and batches:
 rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], right-padded to the longest row (causal attention
 keeps padding out of every real position), `labels` = the next token on response positions and -100
