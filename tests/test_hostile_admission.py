@@ -68,7 +68,7 @@ def test_a_long_prompt_yields_to_decodes_and_shorter_prompts() -> None:
 
 def test_a_long_prompt_runs_in_small_chunks_that_shrink_with_depth() -> None:
     sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, block_manager=BlockManager(512, 4),
-                      long_prefill_tokens=100, long_prefill_chunk=8)
+                      long_prefill_tokens=100, long_prefill_chunk=8, long_prefill_pairs=800)
     long = make_seq("long", 1000, max_tokens=1)
     sched.add(long)
     chunks = []
@@ -81,6 +81,8 @@ def test_a_long_prompt_runs_in_small_chunks_that_shrink_with_depth() -> None:
     assert step(sched) == {"long": 1} and long.is_finished
     sched.add(make_seq("normal", 90))
     assert step(sched) == {"normal": 64}  # prompts under the threshold are not limited
+    default = Scheduler(max_num_seqs=8, max_num_batched_tokens=512, block_manager=BlockManager(16, 16))
+    assert (default.long_prefill_tokens, default.long_prefill_chunk, default.long_prefill_pairs) == (4096, 32, 65536)
 
 
 def test_without_waiting_prompts_a_prefill_takes_the_whole_budget() -> None:
