@@ -218,3 +218,22 @@ def test_train_dpo_end_to_end(dirs, tmp_path, capsys):
     assert main(cfg2) == 0
     assert "read from" in capsys.readouterr().out  # the second run reuses the cached reference log-probs
     assert (tmp_path / "run2" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_help_and_one_line_errors(tmp_path, capsys, tiny_hf_dir):
+    from qwen25.cli import main as cli_main
+
+    for stage in ("rm", "dpo"):
+        with pytest.raises(SystemExit):
+            cli_main(["train", stage, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:" in out and "--resume" in out and '"chosen"' in out and "skipped and counted" in out
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    for stage in ("rm", "dpo"):
+        code = cli_main(["train", stage, "--model", str(tiny_hf_dir), "--data", str(bad), "--output",
+                         str(tmp_path / stage)])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and err.startswith("qwen25: error: ") and err.count("\n") == 0 and "pairs.jsonl:2" in err
+    code = cli_main(["train", "dpo", "--data", str(bad), "--output", str(tmp_path / "o"), "--beta", "0"])
+    assert code != 0 and "--beta must be > 0" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`qwen25 train pretrain|sft`: the training commands (`add_train_parser` registers them with the qwen25 CLI).
+"""`qwen25 train pretrain|sft|rm|dpo`: the training commands (`add_train_parser` registers them with the qwen25 CLI).
 
 Each is a config dataclass whose fields are its flags (`qwen25.cli_args`; `--config FILE` reads the same keys
 from TOML/JSON/YAML, flags winning) and the stage's `main(cfg)`. Errors a user can fix — a wrong model path, a
@@ -12,15 +12,19 @@ import argparse
 from typing import Any
 
 from qwen25.cli_args import add_command
+from qwen25.train.dpo import DPOConfig
 from qwen25.train.pretrain import PretrainConfig
+from qwen25.train.rm import RMConfig
 from qwen25.train.sft import SFTConfig
 
 TRAIN_DESCRIPTION = """Train Qwen2.5 models.
 
   qwen25 train pretrain --data SHARDS --output DIR    from scratch on packed token shards, in two context stages
   qwen25 train sft --model BASE --data train.jsonl --output DIR [--lora]    fine-tune on chat conversations
+  qwen25 train rm --model BASE --data pairs.jsonl --output DIR      a reward model (Bradley-Terry) on preference pairs
+  qwen25 train dpo --model BASE --data pairs.jsonl --output DIR [--lora]    DPO on preference pairs
 
-Both write checkpoints, metrics.jsonl and loss.png into --output and continue a killed run with --resume. Run
+Each writes checkpoints, metrics.jsonl and loss.png into --output and continues a killed run with --resume. Run
 them under `torchrun --nproc_per_node N -m qwen25.cli train ...` to shard the model over N processes (FSDP2)."""
 
 COMMON = """
@@ -57,6 +61,26 @@ data: one conversation per line, {"messages": [{"role": "system"|"user"|"assista
 assistant turns only. A malformed line is an error naming its line; conversations without an assistant turn are
 skipped and counted; longer than --seq-len ones are truncated (or dropped: --overlong drop) and counted.""" + COMMON
 
+PAIRS = """data: one pair per line, {"prompt": "...", "chosen": "...", "rejected": "..."} as plain text (tokenized as
+is, end-of-sequence appended to each response), or {"prompt": [messages], "chosen": [assistant message] or "...",
+"rejected": ...} rendered with the chat template (content stays plain text). Pairs with an empty side, identical
+sides, a prompt with no room within --seq-len, or (--overlong drop) too long are skipped and counted; a malformed
+line is an error naming it."""
+
+RM_EPILOG = """examples:
+  qwen25 train rm --model qwen2.5-coder-0.5b-instruct --data pairs.jsonl --eval-data heldout.jsonl --output runs/rm
+      prints the held-out pairwise accuracy; the output loads in transformers as
+      AutoModelForSequenceClassification and scores GRPO rollouts with --reward rm:runs/rm
+""" + PAIRS + COMMON
+
+DPO_EPILOG = """examples:
+  qwen25 train dpo --model qwen2.5-coder-0.5b-instruct --data pairs.jsonl --output runs/dpo
+      full DPO with the Qwen2.5 report's settings (beta 0.1, 1 epoch, lr 7e-7); reference log-probs are computed
+      once and cached next to the data (pairs.jsonl.ref-<key>.npz)
+  qwen25 train dpo --data pairs.jsonl --eval-data heldout.jsonl --output runs/dpo-lora --lora --loss-type ipo
+      a LoRA adapter (lr 5e-6) with the IPO loss; metrics.jsonl has reward_accuracy and reward_margin
+""" + PAIRS + COMMON
+
 
 def _resume_flag_takes_an_optional_value(parser: argparse.ArgumentParser) -> None:
     """`--resume` alone means "latest" (the newest checkpoint in --output); `--resume DIR` names one."""
@@ -66,17 +90,20 @@ def _resume_flag_takes_an_optional_value(parser: argparse.ArgumentParser) -> Non
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `train` with its `pretrain` and `sft` sub-commands to the qwen25 CLI."""
-    from qwen25.train import pretrain, sft
+    """Add `train` with its `pretrain`, `sft`, `rm` and `dpo` sub-commands to the qwen25 CLI."""
+    from qwen25.train import dpo, pretrain, rm, sft
 
-    p = subparsers.add_parser("train", help="train models: pretrain from scratch, sft (full or LoRA)",
+    p = subparsers.add_parser("train", help="train models: pretrain from scratch, sft (full or LoRA), rm, dpo",
                               description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     for name, cls, main, help_text, epilog in (
             ("pretrain", PretrainConfig, pretrain.main, "pretrain a Qwen2 model from scratch on packed token shards "
              "(two context stages)", PRETRAIN_EPILOG),
-            ("sft", SFTConfig, sft.main, "fine-tune a checkpoint on chat conversations (full or LoRA)", SFT_EPILOG)):
+            ("sft", SFTConfig, sft.main, "fine-tune a checkpoint on chat conversations (full or LoRA)", SFT_EPILOG),
+            ("rm", RMConfig, rm.main, "train a reward model on preference pairs (Bradley-Terry)", RM_EPILOG),
+            ("dpo", DPOConfig, dpo.main, "align a checkpoint on preference pairs with DPO / IPO (full or LoRA)",
+             DPO_EPILOG)):
         sub = add_command(stages, name, cls, main, help=help_text, epilog=epilog)
         _resume_flag_takes_an_optional_value(sub)
     return p

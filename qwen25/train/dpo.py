@@ -103,7 +103,7 @@ def main(cfg: DPOConfig) -> int:
     from qwen25.train.distributed import init_distributed, shard_model, shutdown
     from qwen25.train.dpo_objective import DPOObjective, cached_reference_logps
     from qwen25.train.loop import train
-    from qwen25.train.pairs import PairLoader, load_pairs, read_template
+    from qwen25.train.pairs import PairLoader, describe_stats, load_pairs, read_template
     from qwen25.weights.registry import resolve_model
 
     objective = DPOObjective(cfg.beta, cfg.loss_type)
@@ -125,7 +125,8 @@ def main(cfg: DPOConfig) -> int:
         eval_pairs, eval_stats = (load_pairs(cfg.eval_data, tokenizer, template, cfg.seq_len, cfg.overlong)
                                   if cfg.eval_data else (None, None))
         if ctx.is_main:
-            print(f"dpo data: {_stats(stats)}" + (f"; held-out: {_stats(eval_stats)}" if eval_stats else ""),
+            print(f"dpo data: {describe_stats(stats)}"
+                  + (f"; held-out: {describe_stats(eval_stats)}" if eval_stats else ""),
                   flush=True)
         checkpoint = load(path, torch.float32, quantization="none", trainable=not cfg.lora)
         model = checkpoint.model.to(ctx.device)
@@ -177,6 +178,3 @@ def main(cfg: DPOConfig) -> int:
         shutdown(ctx)
     return 0
 
-
-def _stats(stats: dict) -> str:
-    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items())

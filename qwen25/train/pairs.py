@@ -37,8 +37,8 @@ from qwen25.chat import chat_prompt
 from qwen25.tokenizer import Tokenizer
 from qwen25.train.sft_data import IGNORE_INDEX, read_sft_jsonl
 
-__all__ = ["EncodedPair", "PairBatch", "PairLoader", "collate_pairs", "encode_pair_record", "load_pairs",
-           "read_template"]
+__all__ = ["EncodedPair", "PairBatch", "PairLoader", "collate_pairs", "describe_stats", "encode_pair_record",
+           "load_pairs", "read_template"]
 
 
 def read_template(path: str | None) -> str | None:
@@ -166,6 +166,11 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str | None, max
     if not pairs:
         raise ValueError(f"{path}: no usable preference pair ({dict(stats) or 'the file is empty'})")
     return pairs, stats
+
+
+def describe_stats(stats: dict[str, int]) -> str:
+    """load_pairs' counters as one line: "pairs 65, skipped empty side 1"."""
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items())
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], pair_ids: Sequence[int], pad_id: int,

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from qwen25.train.rewards.answer import MathAnswerReward, final_answer
 from qwen25.train.rewards.base import Reward, RewardScores, score_rewards
 from qwen25.train.rewards.code import CodeTestReward
@@ -31,8 +33,9 @@ REWARD_SPECS = """reward specs (NAME[:ARG][=WEIGHT], weight 1.0 by default):
   rm:DIR          a reward model trained with `qwen25 train rm` scores prompt + completion"""
 
 
-def build_reward(spec: str) -> tuple[Reward, float]:
-    """One reward and its weight from a spec (see REWARD_SPECS); ValueError naming the spec when it is bad."""
+def build_reward(spec: str, *, policy_tokenizer: Any = None) -> tuple[Reward, float]:
+    """One reward and its weight from a spec (see REWARD_SPECS); ValueError naming the spec when it is bad.
+    policy_tokenizer: the policy's, so that a reward model of another tokenizer is refused."""
     body, weight = spec, 1.0
     head, sep, tail = spec.rpartition("=")
     if sep:
@@ -54,15 +57,15 @@ def build_reward(spec: str) -> tuple[Reward, float]:
     if name == "rm" and arg:
         from qwen25.train.rewards.reward_model import RewardModelReward
 
-        return RewardModelReward.load(arg), weight
+        return RewardModelReward.load(arg, policy_tokenizer=policy_tokenizer), weight
     raise ValueError(f"reward spec {spec!r} is not one of:\n{REWARD_SPECS}")
 
 
-def build_rewards(specs: list[str]) -> tuple[list[Reward], list[float]]:
+def build_rewards(specs: list[str], *, policy_tokenizer: Any = None) -> tuple[list[Reward], list[float]]:
     """Rewards and weights from several specs; ValueError for an empty list or a duplicate name."""
     if not specs:
         raise ValueError(f"no reward given; {REWARD_SPECS}")
-    built = [build_reward(s) for s in specs]
+    built = [build_reward(s, policy_tokenizer=policy_tokenizer) for s in specs]
     rewards, weights = [r for r, _ in built], [w for _, w in built]
     names = [r.name for r in rewards]
     if len(set(names)) != len(names):
