@@ -9,7 +9,9 @@ shifted), -100 where there is no loss. For every labelled position
 `sequence_logps(...)` their per-row sums and counts. Only the labelled positions' hidden states go through
 `lm_head`, `chunk` positions at a time; with gradients on, each chunk runs under activation checkpointing, so
 its (chunk, vocab) logits and softmax are recomputed in backward instead of kept: for 0.5B's 151,936-token
-vocabulary a chunk of 1,024 positions is 0.6 GB of fp32 logits, whatever the batch or sequence length. Under
+vocabulary a chunk of 256 positions is 156 MB of fp32 logits (about three such buffers live at once: logits,
+log-softmax, their gradient), whatever the batch or sequence length; the lm_head matmul is as efficient in
+chunks of 256 rows as whole. Under
 FSDP2 the root module must run whole (its hooks gather the embedding and lm_head), so there the logits are
 materialised (tiny test models only).
 """
@@ -28,7 +30,7 @@ from qwen25.train.loop import IGNORE_INDEX, autocast
 
 __all__ = ["LOGP_CHUNK", "TokenLogps", "sequence_logps", "token_logps"]
 
-LOGP_CHUNK = 1024
+LOGP_CHUNK = 256
 
 
 @dataclass
