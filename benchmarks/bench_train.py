@@ -4,6 +4,7 @@ Each case trains one epoch over the same chat conversations, in its own process,
   small    a small random Qwen2 (4 layers, hidden 256, the real 151,936-token vocabulary), full fine-tune
   0.5b-lora  the real Qwen2.5-Coder-0.5B-Instruct (dequantized to an fp32 HF directory), LoRA r 16 on every
            linear layer of the decoder
+  0.5b-full  the same model, every weight trained (AdamW state included: ~8 GB per engine)
 
 Both engines: fp32, 2 threads, AdamW, cosine schedule, rows of --seq-len tokens with conversations packed into
 them (qwen25: per-document attention; TRL: `packing=True`, its best-fit packing with position ids, which on CPU
@@ -14,7 +15,7 @@ Throughput is the conversations' token count (the chat template's render) times 
 (model loading excluded: qwen25 from `elapsed_s` of its metrics, TRL from `train_runtime`). Peak RSS is the
 child's ru_maxrss.
 
-  python benchmarks/bench_train.py                        # both cases
+  python benchmarks/bench_train.py                        # every case
   python benchmarks/bench_train.py --cases small --conversations 64
 """
 
@@ -31,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import child_env, cpu_flags, cpu_model, load_average, peak_rss_mb, run_child  # noqa: E402
 
-CASES = {"small": {"lora": False, "lr": 1e-4}, "0.5b-lora": {"lora": True, "lr": 1e-4}}
+CASES = {"small": {"lora": False, "lr": 1e-4}, "0.5b-lora": {"lora": True, "lr": 1e-4},
+         "0.5b-full": {"lora": False, "lr": 7e-6}}
 TOPICS = ["sorting a list", "reading a file", "a binary search", "string reversal", "a REST request", "unit tests",
           "list comprehensions", "a context manager", "regular expressions", "a dataclass", "recursion", "JSON"]
 
@@ -135,7 +137,8 @@ def token_count(model_dir: Path, data: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="small,0.5b-lora", help="comma-separated: small, 0.5b-lora")
+    parser.add_argument("--cases", default="small,0.5b-lora,0.5b-full",
+                        help="comma-separated: small, 0.5b-lora, 0.5b-full (default: all)")
     parser.add_argument("--engines", default="qwen25,trl", help="comma-separated: qwen25, trl")
     parser.add_argument("--conversations", type=int, default=48, help="conversations in the epoch (default: 48)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (default: 512)")
