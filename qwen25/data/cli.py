@@ -1,8 +1,8 @@
-"""`qwen25 data pack INPUT... --output DIR`: tokenize text, jsonl and parquet into packed token shards.
+"""`qwen25 data run CONFIG` (the pipeline, `qwen25.data.pipeline`) and `qwen25 data pack INPUT... --output DIR`
+(tokenize text, jsonl and parquet into packed token shards, `qwen25.data.pack`).
 
-A config dataclass (its fields are the flags, `qwen25.cli_args`) and `main_pack(cfg)`, which resolves the
-tokenizer, shows a progress bar and prints one summary line; `add_data_parser` registers `qwen25 data` with its
-sub-commands. The work itself is `qwen25.data.pack.pack`.
+Config dataclasses (their fields are the flags, `qwen25.cli_args`) and `main_run` / `main_pack`, which show
+progress bars and print one summary line; `add_data_parser` registers `qwen25 data` with its sub-commands.
 """
 
 from __future__ import annotations
@@ -34,7 +34,46 @@ same pack is a no-op, a different pack into the same directory needs --overwrite
 
 DATA_DESCRIPTION = """Prepare training data.
 
+  qwen25 data run CONFIG                    filter, dedup, decontaminate, score, mix and pack (see its --help)
   qwen25 data pack INPUT... --output DIR    tokenize text/jsonl/parquet into packed token shards (see its --help)"""
+
+RUN_EPILOG = """a minimal config (TOML; every table and key is described in qwen25/data/run_config.py):
+
+  inputs = ["corpus/", {path = "web.jsonl", source = "web"}]
+  output = "shards/mix"
+  [filters]
+  min_doc_words = 50
+  [decontaminate]
+  benchmarks = ["humaneval", "mmlu", "champ"]     # n-gram overlap with qwen25's eval sets (10-grams)
+  [quality]
+  enabled = true                                   # Qwen2.5 judge on qwen25's model, then a fast classifier
+  [mixture]
+  weights = {web = 0.5, code = 2.0}
+
+stages: ingest -> heuristic filters (Gopher quality + repetition, C4 lines, code rules, language ID) and
+decontamination -> exact + MinHash dedup -> quality -> mixture -> tokenize and pack. Stage outputs are kept in
+work_dir (default <output>.work): a killed run started again with the same config resumes from the finished
+shards. The output holds the token shards (train them with `qwen25 train pretrain --data DIR`), manifest.json,
+removed.jsonl, report.md and report.png.
+
+examples:
+  qwen25 data run mix.toml
+  qwen25 data run mix.toml --ray local --num-cpus 2      the same stages on a local Ray
+  qwen25 data run mix.toml --ray ray://head:10001         on a Ray cluster (work_dir on a shared file system)"""
+
+
+@dataclass
+class RunCommandConfig:
+    """Run the data pipeline of a TOML/JSON config: filter, dedup, decontaminate, score, mix, pack."""
+
+    pipeline: str = arg(positional=True, metavar="CONFIG")
+    """the pipeline config (.toml or .json)"""
+    ray: str | None = arg(None, metavar="ADDRESS")
+    """run the per-shard stages as Ray tasks: 'local' starts a Ray for this run, else a cluster address"""
+    num_cpus: int | None = arg(None, metavar="N")
+    """CPUs of the local Ray (default: all)"""
+    no_progress: bool = False
+    """no progress bars"""
 
 
 @dataclass
@@ -97,12 +136,37 @@ def main_pack(cfg: PackConfig) -> int:
     return 0
 
 
+def main_run(cfg: RunCommandConfig) -> int:
+    from qwen25.data.executor import make_executor
+    from qwen25.data.pipeline import run
+    from qwen25.data.run_config import load_run_config
+
+    config = load_run_config(cfg.pipeline)
+    executor = make_executor(cfg.ray, cfg.num_cpus)
+    try:
+        result = run(config, executor, progress=not cfg.no_progress,
+                     warn=lambda m: print(f"qwen25: warning: {m}", file=sys.stderr))
+    finally:
+        executor.close()
+    m = result.manifest
+    c = m["pipeline"]["counts"]
+    resumed = sum(result.resumed.values())
+    print(f"{c['documents_in']:,} documents in, {c['kept_documents']:,} kept; packed {m['num_documents']:,} "
+          f"documents, {m['num_tokens']:,} tokens into {result.output} in {sum(result.seconds.values()):.1f} s"
+          + (f" ({resumed} shard stages resumed)" if resumed else "") + f"; report: {result.output / 'report.md'}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `qwen25 data` (sub-commands: pack) to the qwen25 command line."""
-    p = subparsers.add_parser("data", help="prepare training data: pack text/jsonl/parquet into token shards",
+    """Add `qwen25 data` (sub-commands: run, pack) to the qwen25 command line."""
+    p = subparsers.add_parser("data", help="prepare training data: filter, dedup, mix and pack into token shards",
                               description=DATA_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     commands = p.add_subparsers(dest="data_command", metavar="COMMAND")
+    add_command(commands, "run", RunCommandConfig, main_run, help=RunCommandConfig.__doc__.strip().rstrip("."),
+                epilog=RUN_EPILOG)
     add_command(commands, "pack", PackConfig, main_pack, help=PackConfig.__doc__.strip().rstrip("."),
                 epilog=PACK_EPILOG)
     return p
