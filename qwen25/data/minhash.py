@@ -42,7 +42,7 @@ def normalize(text: str) -> str:
 
 def exact_key(text: str) -> str:
     """A 128-bit hash of the whitespace-collapsed, lower-cased text (exact duplicates up to case and spacing)."""
-    return xxhash.xxh3_128_hexdigest(_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip())
+    return xxhash.xxh3_128_hexdigest(_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip().encode())
 
 
 class MinHasher:
