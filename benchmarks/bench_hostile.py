@@ -5,6 +5,7 @@ list whose client left, and a full-context request.
   python benchmarks/bench_hostile.py [--model M --threads 2 --repeats 3 --classes body,stops,list,full]
   python benchmarks/bench_hostile.py --url http://127.0.0.1:8000   # an already running server (its own limits)
   python benchmarks/bench_hostile.py --classes full --full-seconds 1800  # probe through the whole 32K prefill
+  python benchmarks/bench_hostile.py --full-warmup 240   # the full-context prompt prefills alone 240 s first (deep)
 
 It starts `qwen25 serve` on a free loopback port with the limits raised far enough for every class to reach the
 engine (--max-body-size 16 MiB, --max-stop-length 200000, --max-queue 512; with the defaults the first two are
@@ -123,7 +124,7 @@ def probe_through(server: Server, thread: threading.Thread | None, seconds: floa
 
 
 def run_class(server: Server, name: str, repeats: int, max_model_len: int,
-              full_seconds: float = 0) -> tuple[list[float], str]:
+              full_seconds: float = 0, full_warmup: float = 0) -> tuple[list[float], str]:
     """The probe latencies with `name` in flight, and the engine queue (running/waiting) when probing began.
     With full_seconds > 0 the full-context class probes through its whole prefill (up to that many seconds)."""
     if name == "body":
@@ -161,7 +162,7 @@ def run_class(server: Server, name: str, repeats: int, max_model_len: int,
             if queue.get("running", 0) + queue.get("waiting", 0) >= 1:
                 break
             time.sleep(0.2)
-        time.sleep(2.0)  # into its prefill
+        time.sleep(max(2.0, full_warmup))  # into its prefill (alone: as deep as the warm-up lets it get)
     else:
         raise ValueError(name)
     queue = server.health().get("queue", {})
@@ -211,6 +212,9 @@ def main() -> int:
     parser.add_argument("--full-seconds", type=float, default=0,
                         help="full class: probe back to back through its whole prefill, up to this many seconds "
                              "(default 0: --repeats probes ~2 s into it); reports the median and the worst probe")
+    parser.add_argument("--full-warmup", type=float, default=0,
+                        help="full class: let the full-context prompt prefill alone this many seconds before the "
+                             "probes, so they meet its deep (slowest) chunks (default: 2 s)")
     args = parser.parse_args()
     classes = [c for c in args.classes.split(",") if c]
     unknown = [c for c in classes if c not in CLASSES]
@@ -231,7 +235,8 @@ def main() -> int:
         rows = []
         for name in classes:
             print(f"  {CLASSES[name]} ...", file=sys.stderr)
-            times, queue = run_class(server, name, args.repeats, max_model_len, args.full_seconds)
+            times, queue = run_class(server, name, args.repeats, max_model_len, args.full_seconds,
+                                     args.full_warmup)
             rows.append((CLASSES[name], statistics.median(times), queue))
             if name == "full" and args.full_seconds > 0:
                 rows.append((f"  worst of {len(times)} probes", max(times), queue))
