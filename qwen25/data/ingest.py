@@ -21,7 +21,7 @@ from typing import Any
 
 from qwen25.data.pack import DEFAULT_INCLUDE, find_sources
 
-__all__ = ["Document", "Malformed", "iter_documents"]
+__all__ = ["Document", "Malformed", "input_specs", "iter_documents"]
 
 
 @dataclass
@@ -52,19 +52,15 @@ class Malformed:
 Item = Document | Malformed | None  # None: an empty document (counted, not kept)
 
 
-def iter_documents(inputs: Sequence[str | Path | dict[str, str]], include: Sequence[str] = DEFAULT_INCLUDE,
+def iter_documents(inputs: Sequence[str | Path | dict[str, Any]], include: Sequence[str] = DEFAULT_INCLUDE,
                    text_field: str = "text") -> Iterator[tuple[Item, str]]:
     """(document | Malformed | None for an empty one, input file path) for every record of `inputs` in order.
 
-    An input is a path or `{"path": ..., "source": ...}`; `source` names the documents' source (default: the
-    input's file or directory name) unless a jsonl/parquet record carries its own `source`."""
-    for given in inputs:
-        spec = given if isinstance(given, dict) else {"path": str(given)}
-        if "path" not in spec:
-            raise ValueError(f"input {given!r}: needs a 'path'")
-        root = Path(spec["path"]).expanduser()
-        default_source = spec.get("source") or root.stem
-        for src in find_sources([root], include):
+    An input is a path or `{"path": ..., "source": ..., "include": [globs]}`; `source` names the documents'
+    source (default: the input's file or directory name) unless a jsonl/parquet record carries its own
+    `source`; `include` replaces the run's file-name globs for a directory input."""
+    for root, default_source, globs in input_specs(inputs, include):
+        for src in find_sources([root], globs):
             rel = str(src.path.relative_to(root)) if root.is_dir() else src.path.name
             name = str(src.path)
             if src.kind == "jsonl":
@@ -75,6 +71,22 @@ def iter_documents(inputs: Sequence[str | Path | dict[str, str]], include: Seque
                     yield item, name
             else:
                 yield _text_file(src.path, rel, default_source), name
+
+
+def input_specs(inputs: Sequence[str | Path | dict[str, Any]],
+                include: Sequence[str]) -> list[tuple[Path, str, list[str]]]:
+    """(path, source, include globs) of each input: a path, or {"path", "source"?, "include"?}."""
+    out = []
+    for given in inputs:
+        spec = given if isinstance(given, dict) else {"path": str(given)}
+        if not isinstance(spec.get("path"), str):
+            raise ValueError(f"input {given!r}: needs a 'path' string")
+        unknown = set(spec) - {"path", "source", "include"}
+        if unknown:
+            raise ValueError(f"input {given!r}: unknown key {', '.join(sorted(unknown))} (path, source, include)")
+        root = Path(spec["path"]).expanduser()
+        out.append((root, str(spec.get("source") or root.stem), list(spec.get("include") or include)))
+    return out
 
 
 def _text_file(path: Path, rel: str, source: str) -> Item:

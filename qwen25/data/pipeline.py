@@ -36,7 +36,7 @@ from qwen25.data import stages
 from qwen25.data.decontam import Decontaminator
 from qwen25.data.executor import Executor, LocalExecutor
 from qwen25.data.filters import load_langid
-from qwen25.data.ingest import Document, Malformed, iter_documents
+from qwen25.data.ingest import Document, Malformed, input_specs, iter_documents
 from qwen25.data.minhash import lsh_clusters
 from qwen25.data.pack import _replace_dir, find_sources
 from qwen25.data.run_config import RunConfig, fingerprint
@@ -183,7 +183,7 @@ def run(cfg: RunConfig, executor: Executor | None = None, progress: bool = True,
         clock = time.perf_counter()
 
     inputs = [{"path": str(s.path), "bytes": s.bytes, "sha256": _sha256(s.path)}
-              for i in cfg.inputs for s in find_sources([i["path"] if isinstance(i, dict) else i], cfg.include)]
+              for root, _, globs in input_specs(cfg.inputs, cfg.include) for s in find_sources([root], globs)]
     fp = fingerprint(cfg, [i["sha256"] for i in inputs])
     work.mkdir(parents=True, exist_ok=True)
     state = work / "run.json"
