@@ -195,7 +195,7 @@ def test_packed_output_trains_with_pretrain_unchanged(local_run, tmp_path, tiny_
                      str(tiny_hf_dir / "config.json"), "--output", str(tmp_path / "run"), "--seq-len", "32",
                      "--batch-size", "2", "--max-steps", "3", "--threads", "2", "--no-progress"])
     assert code == 0
-    records = [json.loads(x) for x in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for r in records if "loss" in r) == 3
 
 
