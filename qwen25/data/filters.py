@@ -8,9 +8,13 @@ so the report counts removals per stage and per rule. The order is fixed: code r
 Gopher repetition, language ID. Code is not put through the prose filters (a `{` or a missing full stop says
 nothing about code quality).
 
-Words are whitespace-separated tokens; for the stop-word and alphabetic rules the punctuation around a word is
-stripped. The Gopher defaults are the paper's (the same as datatrove's GopherQualityFilter and
-GopherRepetitionFilter); C4's are the paper's, less the curly-bracket rule, which is off by default because
+Words are whitespace-separated tokens (datatrove uses spaCy's tokenizer, which makes punctuation words of its
+own); for word lengths and stop words the punctuation around a word is stripped; `min_stop_words` counts
+distinct stop words. Repetition fractions are over the document's characters, as in the paper; an n-gram
+counts as a top repeated n-gram only when it occurs more than once (datatrove also counts a single
+occurrence); the duplicate n-gram fraction counts repeats greedily left to right without overlap, as datatrove
+does. The Gopher defaults are the paper's (the
+same as datatrove's GopherQualityFilter and GopherRepetitionFilter); C4's are the paper's, less the curly-bracket rule, which is off by default because
 technical prose quotes code. Language ID uses py3langid (its model ships inside the wheel); when it is not
 installed the filter is skipped and the report says so.
 """
@@ -149,13 +153,13 @@ def gopher_quality(text: str, cfg: FilterConfig) -> str | None:
         return "max_ellipsis_lines_ratio"
     if sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_words_ratio:
         return "min_alpha_words_ratio"
-    if sum(w.lower() in STOP_WORDS for w in stripped) < cfg.min_stop_words:
+    if len(STOP_WORDS.intersection(w.lower() for w in stripped)) < cfg.min_stop_words:
         return "min_stop_words"
     return None
 
 
-def _dup_stats(items: list[str]) -> tuple[float, float]:
-    """(fraction of items that repeat an earlier one, fraction of characters in those repeats)."""
+def _dup_stats(items: list[str], chars: int) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, their characters over the document's `chars`)."""
     seen: set[str] = set()
     dup = dup_chars = 0
     for x in items:
@@ -164,48 +168,49 @@ def _dup_stats(items: list[str]) -> tuple[float, float]:
             dup_chars += len(x)
         else:
             seen.add(x)
-    total_chars = sum(map(len, items))
-    return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
+    return dup / max(len(items), 1), dup_chars / max(chars, 1)
 
 
-def _ngram_dup_frac(words: list[str], n: int) -> float:
-    """Characters of the words covered by n-grams that occur more than once, over all words' characters."""
-    total = sum(map(len, words))
-    if len(words) < n or not total:
+def _ngram_dup_frac(words: list[str], n: int, chars: int) -> float:
+    """Characters (spaces excluded) of repeated word n-grams over the document's `chars`: scanning left to right,
+    an n-gram seen before counts its characters and the scan jumps past it (so no character counts twice)."""
+    if len(words) < n or not chars:
         return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = [False] * len(words)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
-    return sum(len(w) for w, c in zip(words, covered) if c) / total
+    seen: set[tuple[str, ...]] = set()
+    repeated = i = 0
+    while i <= len(words) - n:
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            repeated += sum(map(len, gram))
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated / chars
 
 
 def gopher_repetition(text: str, cfg: FilterConfig) -> str | None:
     paragraphs = [p.strip() for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
-    frac, char_frac = _dup_stats(paragraphs)
+    frac, char_frac = _dup_stats(paragraphs, len(text))
     if frac > cfg.dup_para_frac:
         return "dup_para_frac"
     if char_frac > cfg.dup_para_char_frac:
         return "dup_para_char_frac"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    frac, char_frac = _dup_stats(lines)
+    frac, char_frac = _dup_stats(lines, len(text))
     if frac > cfg.dup_line_frac:
         return "dup_line_frac"
     if char_frac > cfg.dup_line_char_frac:
         return "dup_line_char_frac"
     words = _WORD.findall(text.lower())
-    total = sum(map(len, words))
     for n, limit in cfg.top_n_grams:
         n = int(n)
-        if len(words) >= n and total:
+        if len(words) >= n and text:
             gram, count = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
-            if count > 1 and sum(map(len, gram)) * count / total > limit:
+            if count > 1 and (sum(map(len, gram)) + n - 1) * count / len(text) > limit:
                 return f"top_{n}_gram"
     for n, limit in cfg.dup_n_grams:
-        if _ngram_dup_frac(words, int(n)) > limit:
+        if _ngram_dup_frac(words, int(n), len(text)) > limit:
             return f"dup_{int(n)}_gram"
     return None
 
