@@ -9,7 +9,8 @@ Same inputs on both sides: the model as one fp32 HF directory (a GGUF is dequant
 cached in ~/.cache/qwen25/bench-dpo/), the same chat-format pairs (synthetic arithmetic word problems, a correct
 worked answer chosen and a wrong one rejected, responses of about --response-words words), the same batch of
 --batch-size pairs, LoRA r 16 / alpha 32 / dropout 0.05 on q/k/v/o/gate/up/down, beta 0.1, lr 5e-6, fp32, no
-gradient accumulation, --threads torch threads. Each side runs in its own child process, one after the other:
+gradient accumulation, activation checkpointing (TRL's DPOConfig default; qwen25's --activation-checkpointing),
+--threads torch threads. Each side runs in its own child process, one after the other:
   qwen25  `qwen25.train.dpo.main(DPOConfig(lora=True, ...))`: reference log-probs (timed apart: a one-off cost,
           cached next to the data), then --steps optimizer steps; seconds per step from its metrics.jsonl
   trl     `trl.DPOTrainer(model, ref_model=None, peft_config=...)` (TRL's own memory-saving setting: the
@@ -105,7 +106,8 @@ def run_qwen25(spec: dict[str, Any]) -> dict[str, Any]:
                         lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target_modules=LORA["targets"],
                         beta=BETA, lr=LR, batch_size=spec["batch_size"], seq_len=spec["seq_len"],
                         max_steps=spec["steps"], warmup_ratio=0.0, threads=spec["threads"], no_progress=True,
-                        ref_cache=str(Path(tmp) / "ref.npz"), ref_batch_size=spec["batch_size"])
+                        ref_cache=str(Path(tmp) / "ref.npz"), ref_batch_size=spec["batch_size"],
+                        activation_checkpointing=True)
         t0 = time.perf_counter()
         main(cfg)
         wall = time.perf_counter() - t0

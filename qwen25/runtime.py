@@ -1,4 +1,4 @@
-"""Process-wide runtime settings: torch's thread count and the OpenMP wait policy.
+"""Process-wide runtime settings: torch's thread count, the OpenMP wait policy, and (training) glibc's heap.
 
 Nothing happens on import. Entry points (the `qwen25` command, `qwen25 eval`, benchmarks) call
 `configure_runtime` once, before any model work; library code never does.
@@ -27,3 +27,30 @@ def configure_runtime(threads: int | None = None) -> int:
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def limit_heap_retention(mmap_threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of at least `mmap_threshold` bytes from its own mapping, which goes back
+    to the OS when freed. Returns whether the setting was applied (not on other C libraries, nor when the
+    environment already sets MALLOC_MMAP_THRESHOLD_).
+
+    Why (training entry points call it): glibc raises its mmap threshold to 32 MB after freeing a large block, so
+    the per-layer temporaries of a backward pass or of activation recomputation (tens of MB each) then come from
+    the heap, fragment it and stay resident: a checkpointed LoRA forward of the 0.5B over 1,072 tokens grew RSS
+    by 3 GB with the default and by 0.2 GB with a 1 MB threshold. The cost is a page fault per fresh page of
+    those blocks, small next to the matmuls that fill them."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))

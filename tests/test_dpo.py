@@ -237,3 +237,19 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys, tiny_hf_dir):
         assert code == 1 and err.startswith("qwen25: error: ") and err.count("\n") == 0 and "pairs.jsonl:2" in err
     code = cli_main(["train", "dpo", "--data", str(bad), "--output", str(tmp_path / "o"), "--beta", "0"])
     assert code != 0 and "--beta must be > 0" in capsys.readouterr().err
+
+
+def test_limit_heap_retention(monkeypatch):
+    import subprocess
+    import sys
+
+    from qwen25.runtime import limit_heap_retention
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert limit_heap_retention() is False  # the environment's choice stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    code = "from qwen25.runtime import limit_heap_retention as f; print(f())"  # in a child: a process-wide setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import platform
+
+    assert out == ("True" if platform.libc_ver()[0] == "glibc" else out)

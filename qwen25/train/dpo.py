@@ -9,7 +9,8 @@ Objective (per optimizer step, over the pairs of the global batch; `qwen25.train
 log pi(y|x) is the summed log-probability of the response tokens (for chat data: the assistant turn and its
 <|im_end|>) given the prompt. The reference is the starting checkpoint: its log-probs are computed once before
 training and cached next to the data (`<data>.ref-<key>.npz`), so only the policy is in memory while it trains.
-Log-probs are gathered chunk by chunk over the response positions, never as (batch, length, 151,936) logits.
+Log-probs are gathered chunk by chunk over the response positions, never as (batch, length, 151,936) logits,
+and glibc is told to hand large freed blocks back (`qwen25.runtime.limit_heap_retention`).
 Kept from the DPO paper: the loss, beta, a frozen reference. Not done: label smoothing / cDPO, reference-model
 syncing (TR-DPO), the SFT term (RPO). Qwen2.5's report trains 1 epoch at lr 7e-7 (the default; with --lora 5e-6,
 since a low-rank update needs a larger step).
@@ -98,7 +99,7 @@ def main(cfg: DPOConfig) -> int:
     import torch
 
     from qwen25.checkpoint import load, load_tokenizer
-    from qwen25.runtime import configure_runtime
+    from qwen25.runtime import configure_runtime, limit_heap_retention
     from qwen25.train.checkpointing import adapter_writer, hf_writer, save_final_model
     from qwen25.train.distributed import init_distributed, shard_model, shutdown
     from qwen25.train.dpo_objective import DPOObjective, cached_reference_logps
@@ -117,6 +118,7 @@ def main(cfg: DPOConfig) -> int:
     path = resolve_model(cfg.model)
     ctx = init_distributed()
     configure_runtime(cfg.threads)
+    limit_heap_retention()
     try:
         tokenizer = load_tokenizer(path)
         template = template or tokenizer.chat_template

@@ -74,7 +74,7 @@ def main(cfg: RMConfig) -> int:
     import torch
 
     from qwen25.checkpoint import load, load_tokenizer
-    from qwen25.runtime import configure_runtime
+    from qwen25.runtime import configure_runtime, limit_heap_retention
     from qwen25.train.checkpointing import save_final_model
     from qwen25.train.distributed import init_distributed, shard_model, shutdown
     from qwen25.train.loop import train
@@ -87,6 +87,7 @@ def main(cfg: RMConfig) -> int:
     path = resolve_model(cfg.model)
     ctx = init_distributed()
     configure_runtime(cfg.threads)
+    limit_heap_retention()
     try:
         tokenizer = load_tokenizer(path)
         template = template or tokenizer.chat_template
