@@ -4,7 +4,7 @@ Plumbing on a tiny random Qwen2 (real tokenizer): the judge's probabilities are 
 tokens of the logits a plain full forward of the same prompt gives at its last position (the reference: no
 engine, no cache), for several documents batched together; the classifier fits a closed-form ridge problem
 (checked against numpy's least squares on the same features); a data run with [quality] judges, trains,
-reports agreement and removes documents below the threshold. Slow (real Qwen2.5-Coder-0.5B-Instruct): clean
+reports agreement and removes documents below the threshold. Slow (real Qwen2.5-Coder-1.5B-Instruct): clean
 text (Shakespeare, Python stdlib source, Debian documentation) against planted junk (navigation boilerplate,
 keyword spam, random characters), with the classifier's agreement printed.
 """
@@ -98,7 +98,7 @@ def test_data_run_with_the_quality_stage(judge_dir, tmp_path, tiny_hf_dir):
     assert again.manifest == result.manifest and again.processed["quality"] == 0
 
 
-CLEAN_DOCS = 6
+CLEAN_DOCS = 8
 
 
 def _clean_and_junk() -> tuple[list[str], list[str]]:
@@ -119,17 +119,23 @@ def _clean_and_junk() -> tuple[list[str], list[str]]:
     junk = ["Home | About us | Products | Cart | Login | Register | Privacy | Terms | Cookies | Sitemap | " * 6,
             "cheap watches best price cheap watches online discount watches sale buy watches now " * 8,
             "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789 !@#$%&*") for _ in range(600)),
-            "click here click here subscribe now free free free win a prize today limited offer " * 8]
+            "click here click here subscribe now free free free win a prize today limited offer " * 8,
+            "Copyright 2024 All rights reserved. | Contact | Careers | Press | Advertise | Site map | RSS " * 6,
+            "best loans fast loans easy loans cash now no credit check loans online approval loans " * 8,
+            " ".join("".join(rng.choice("qwrtzpsdfghjklxcvbnm") for _ in range(rng.randint(2, 9))) for _ in range(120)),
+            "Tags: shoes, sneakers, boots, sale, cheap, outlet, discount, buy, online, free shipping, " * 8]
     return clean, junk
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_judge_scores_clean_text_above_junk(real_gguf):
+def test_real_judge_scores_clean_text_above_junk():
+    """The 1.5B instruct judge (the default): the 0.5B did not separate them (mean 3.18 on both, measured)."""
     from qwen25.data.quality import Judge
+    from qwen25.weights.registry import KNOWN_MODELS, fetch_known_model
 
     clean, junk = _clean_and_junk()
-    judge = Judge(str(real_gguf), doc_tokens=256)
+    judge = Judge(str(fetch_known_model(KNOWN_MODELS["qwen2.5-coder-1.5b-instruct"], progress=False)), doc_tokens=256)
     s = judge.scores(clean + junk)
     sc, sj = s[:len(clean)], s[len(clean):]
     model = HashedLinear(1 << 16, 1.0).fit(clean[::2] + junk[::2], list(sc[::2]) + list(sj[::2]))
@@ -137,4 +143,4 @@ def test_real_judge_scores_clean_text_above_junk(real_gguf):
     agreement = spearman(model.predict(held), list(sc[1::2]) + list(sj[1::2]))
     print(f"\njudge: clean {np.round(sc, 2)} (mean {sc.mean():.2f}), junk {np.round(sj, 2)} (mean {sj.mean():.2f}); "
           f"classifier Spearman on held-out half {agreement:.2f}")
-    assert sc.mean() > sj.mean()
+    assert sc.mean() > sj.mean() + 0.5
