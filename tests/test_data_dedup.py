@@ -1,10 +1,10 @@
 """MinHash dedup and decontamination on planted corpora.
 
-Dedup: base documents with planted copies at known similarity (2-12 word substitutions of 200, J 0.55-0.9, a reordered paragraph, a
-changed boilerplate header/footer, exact copies with other case and spacing). The truth for every pair is the
-exact Jaccard similarity of the two documents' shingle sets (computed from the sets, no MinHash); precision and
-recall are measured over pairs above the 0.8 threshold against the clusters `lsh_clusters` forms. The signature
-estimates are checked against the exact Jaccard and against datasketch's MinHash on the same shingles.
+Dedup: base documents with planted copies at known similarity (2-12 word substitutions of 200, J 0.55-0.9, a
+reordered paragraph, a changed boilerplate header/footer, exact copies with other case and spacing). The truth for
+every pair is the exact Jaccard similarity of the two documents' shingle sets (computed from the sets, no MinHash);
+precision and recall are measured over pairs above the 0.8 threshold against the clusters `lsh_clusters` forms. The
+signature estimates are checked against the exact Jaccard and against datasketch's MinHash on the same shingles.
 
 Decontamination: HumanEval- and MMLU-shaped items (written here; the real sets are not needed) planted verbatim
 and reformatted (re-wrapped, re-cased, re-punctuated, embedded in other text) are all found with their item;

@@ -47,7 +47,8 @@ def test_gopher_filters_decide_like_datatrove():
     q, r = filters.GopherQualityFilter(), filters.GopherRepetitionFilter()
     disagree = []
     for i, text in enumerate(docs):
-        theirs = q.filter(DTDocument(text=text, id=str(i))) is True and r.filter(DTDocument(text=text, id=str(i))) is True
+        doc = DTDocument(text=text, id=str(i))
+        theirs = q.filter(doc) is True and r.filter(doc) is True
         ours = gopher_quality(text, cfg) is None and gopher_repetition(text, cfg) is None
         if theirs != ours:
             disagree.append(text[:60])

@@ -8,15 +8,14 @@ so the report counts removals per stage and per rule. The order is fixed: code r
 Gopher repetition, language ID. Code is not put through the prose filters (a `{` or a missing full stop says
 nothing about code quality).
 
-Words are whitespace-separated tokens (datatrove uses spaCy's tokenizer, which makes punctuation words of its
-own); for word lengths and stop words the punctuation around a word is stripped; `min_stop_words` counts
-distinct stop words. Repetition fractions are over the document's characters, as in the paper; an n-gram
-counts as a top repeated n-gram only when it occurs more than once (datatrove also counts a single
-occurrence); the duplicate n-gram fraction counts repeats greedily left to right without overlap, as datatrove
-does. The Gopher defaults are the paper's (the
-same as datatrove's GopherQualityFilter and GopherRepetitionFilter); C4's are the paper's, less the curly-bracket rule, which is off by default because
-technical prose quotes code. Language ID uses py3langid (its model ships inside the wheel); when it is not
-installed the filter is skipped and the report says so.
+Words are whitespace-separated tokens (datatrove uses spaCy's tokenizer, which makes punctuation words of its own);
+for word lengths and stop words the punctuation around a word is stripped; `min_stop_words` counts distinct stop
+words. Repetition fractions are over the document's characters, as in the paper; an n-gram counts as a top repeated
+n-gram only when it occurs more than once (datatrove also counts a single occurrence); the duplicate n-gram fraction
+counts repeats greedily left to right without overlap, as datatrove does. The Gopher defaults are the paper's (the
+same as datatrove's GopherQualityFilter and GopherRepetitionFilter); C4's are the paper's, less the curly-bracket
+rule, which is off by default because technical prose quotes code. Language ID uses py3langid (its model ships
+inside the wheel); when it is not installed the filter is skipped and the report says so.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """MinHash signatures (vectorised in numpy) and LSH clustering with verification; exact normalised-text hashes.
 
-Text is normalised (`normalize`: lower case, punctuation dropped, runs of whitespace -> one space) and cut into
-word shingles of `shingle_size` words (default 5). Each word is hashed once with xxh32 (seeded, so the same on
-every machine and process); a shingle's hash mixes its words' hashes in uint64 arithmetic and keeps 32 bits.
-Permutation k maps a shingle hash h to the top 32 bits of (a_k * h + b_k) mod 2^64 (multiply-shift hashing,
-a_k odd; a_k, b_k drawn from a seeded generator): only multiplies, adds and shifts, no division, so numpy runs
-it at memory speed. The signature keeps each permutation's minimum. The fraction of equal positions of two signatures estimates their shingle sets'
-Jaccard similarity (standard error sqrt(J (1 - J) / num_perm), 0.035 at J = 0.8 with 128 permutations).
+Text is normalised (`normalize`: lower case, punctuation dropped, runs of whitespace -> one space) and cut into word
+shingles of `shingle_size` words (default 5). Each word is hashed once with xxh32 (seeded, so the same on every
+machine and process); a shingle's hash mixes its words' hashes in uint64 arithmetic and keeps 32 bits. Permutation k
+maps a shingle hash h to the top 32 bits of (a_k * h + b_k) mod 2^64 (multiply-shift hashing, a_k odd; a_k, b_k
+drawn from a seeded generator): only multiplies, adds and shifts, no division, so numpy runs it at memory speed. The
+signature keeps each permutation's minimum. The fraction of equal positions of two signatures estimates their
+shingle sets' Jaccard similarity (standard error sqrt(J (1 - J) / num_perm), 0.035 at J = 0.8 with 128
+permutations).
 
 LSH: the signature is cut into `bands` x `rows` (defaults 16 x 8 = 128): two documents sharing one whole band are
 candidates. A pair at Jaccard J becomes a candidate with probability 1 - (1 - J^rows)^bands: 0.92 at 0.8, 0.99 at
