@@ -1,8 +1,8 @@
 """Data pipeline throughput: qwen25's filters + exact + MinHash dedup next to datatrove's equivalent pipeline on the
 same corpus, in one run; plus qwen25's vectorised MinHash against datasketch's, and the judge's documents/s.
 
-Corpus (built here, deterministic): windows of 150-800 words cut from real text on this machine (Python stdlib
-source and docstrings, the Debian licence texts and /usr/share/doc READMEs, Shakespeare when cached), with about
+Corpus (built here, deterministic): windows of 150-800 words cut from real prose on this machine (Python stdlib
+docstrings, the Debian licence texts and /usr/share/doc READMEs, Shakespeare when cached), with about
 10% near-duplicates (a few words changed) and 5% exact copies, written as one jsonl.
 
   qwen25:    `qwen25.data.pipeline.run` with only Gopher quality + repetition filters, exact dedup and MinHash
@@ -39,7 +39,6 @@ def _texts() -> list[str]:
     out = []
     for p in sorted(stdlib.glob("*.py")):
         src = p.read_text(errors="replace")
-        out.append(src)
         try:
             doc = ast.get_docstring(ast.parse(src))
         except SyntaxError:
@@ -98,7 +97,25 @@ def run_qwen25(corpus: Path, work: Path, tokenizer: str) -> tuple[float, int]:
         "dedup": {"num_perm": 112, "bands": 14, "rows": 8, "shingle_size": 5}})
     result = run(cfg, progress=False)
     seconds = sum(result.seconds[s] for s in ("ingest", "filter", "dedup"))
-    return seconds, result.manifest["pipeline"]["counts"]["kept_documents"]
+    c = result.manifest["pipeline"]["counts"]
+    after_filters = c["documents_in"] - sum(v for k, v in c["removed_by_stage"].items() if k.startswith("gopher"))
+    return seconds, after_filters, c["kept_documents"]
+
+
+def _xxhash_str_shim() -> None:
+    """datatrove 0.10 hands str to xxhash, which xxhash 4 refuses ("Strings must be encoded"); xxhash 3 hashed
+    the UTF-8 bytes, so encode them the same way (the hash values are those datatrove was written for)."""
+    import types
+
+    import xxhash
+
+    import datatrove.utils.hashes.xxhash as dt_xxhash
+
+    def enc(f):
+        return lambda data, *a: f(data.encode() if isinstance(data, str) else data, *a)
+
+    dt_xxhash.xxhash = types.SimpleNamespace(xxh32_intdigest=enc(xxhash.xxh32_intdigest),
+                                             xxh64_intdigest=enc(xxhash.xxh64_intdigest))
 
 
 def run_datatrove(corpus: Path, work: Path) -> tuple[float, int]:
@@ -109,6 +126,10 @@ def run_datatrove(corpus: Path, work: Path) -> tuple[float, int]:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
+    from loguru import logger
+
+    logger.remove()  # datatrove's per-step stats to stderr
+    _xxhash_str_shim()
     cfg = MinhashConfig()
     w = str(work / "dt")
     start = time.perf_counter()
@@ -125,9 +146,12 @@ def run_datatrove(corpus: Path, work: Path) -> tuple[float, int]:
         tasks = cfg.num_buckets if i == 2 else 1
         LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=f"{w}/logs{i}").run()
     seconds = time.perf_counter() - start
-    kept = sum(1 for f in Path(f"{w}/out").rglob("*.jsonl*")
-               for _ in (gzip.open(f, "rt") if f.suffix == ".gz" else open(f)))
-    return seconds, kept
+
+    def count(folder: str) -> int:
+        return sum(1 for f in Path(folder).rglob("*.jsonl*") for _ in (gzip.open(f, "rt") if f.suffix == ".gz"
+                                                                      else open(f)))
+
+    return seconds, count(f"{w}/filtered"), count(f"{w}/out")
 
 
 def minhash_peer(corpus: Path, limit: int = 2000) -> dict[str, float]:
@@ -176,23 +200,25 @@ def main() -> None:
     model = args.model or str(fetch_known_model(KNOWN_MODELS[DEFAULT_MODEL], progress=False))
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
-        corpus = work / "corpus.jsonl"
+        (work / "corpus").mkdir()
+        corpus = work / "corpus" / "corpus.jsonl"
         size = build_corpus(args.docs, corpus)
         mb = size / 1e6
         print(f"corpus: {args.docs:,} documents, {mb:.1f} MB; {os.cpu_count()} CPUs, {args.threads} thread(s)")
-        q_s, q_kept = run_qwen25(corpus, work, model)
-        d_s, d_kept = run_datatrove(corpus, work)
-        rows = {"qwen25": (q_s, q_kept), "datatrove": (d_s, d_kept)}
-        print(f"{'pipeline':<10} {'seconds':>8} {'docs/s':>9} {'MB/s':>7} {'kept':>7}")
-        for name, (s, kept) in rows.items():
-            print(f"{name:<10} {s:8.2f} {args.docs / s:9.0f} {mb / s:7.2f} {kept:7,}")
+        q_s, q_filtered, q_kept = run_qwen25(corpus, work, model)
+        d_s, d_filtered, d_kept = run_datatrove(corpus, work)
+        rows = {"qwen25": (q_s, q_filtered, q_kept), "datatrove": (d_s, d_filtered, d_kept)}
+        print(f"{'pipeline':<10} {'seconds':>8} {'docs/s':>9} {'MB/s':>7} {'after filters':>14} {'after dedup':>12}")
+        for name, (s, filtered, kept) in rows.items():
+            print(f"{name:<10} {s:8.2f} {args.docs / s:9.0f} {mb / s:7.2f} {filtered:14,} {kept:12,}")
         print(f"ratio qwen25/datatrove docs/s: {d_s / q_s:.2f}")
         mh = minhash_peer(corpus)
         print(f"MinHash signatures ({mh['docs']} docs, 112 perms): qwen25 numpy {mh['qwen25_docs_per_s']:.0f} docs/s, "
               f"datasketch {mh['datasketch_docs_per_s']:.0f} docs/s, ratio "
               f"{mh['qwen25_docs_per_s'] / mh['datasketch_docs_per_s']:.2f}")
         result = {"docs": args.docs, "mb": mb, "qwen25_s": q_s, "datatrove_s": d_s, "qwen25_kept": q_kept,
-                  "datatrove_kept": d_kept, "minhash": mh}
+                  "datatrove_kept": d_kept, "qwen25_after_filters": q_filtered,
+                  "datatrove_after_filters": d_filtered, "minhash": mh}
         if args.judge:
             result["judge_docs_per_s"] = judge_speed(corpus, args.judge, model)
             print(f"judge ({args.judge} docs, <= 384 document tokens each): {result['judge_docs_per_s']:.2f} docs/s")
