@@ -57,7 +57,7 @@ def corpus(tmp_path_factory) -> Path:
     prose = _docstrings()
     assert len(prose) == 24
     lines = [json.dumps({"id": name, "text": text, "lang": "en"}) for name, text in prose]
-    lines.append(json.dumps({"id": "copy-of-" + prose[3][0], "text": "  ".join(prose[3][1].upper().split())}))
+    lines.append(json.dumps({"id": "copy-of-" + prose[3][0], "text": prose[3][1].upper().replace(" ", "  ")}))
     text = prose[5][1]
     i = text.index(" ", len(text) // 2)
     j = text.index(" ", i + 1)  # one word in the middle replaced, the layout kept
