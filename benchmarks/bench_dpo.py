@@ -143,7 +143,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory(prefix="bench-dpo-trl-") as tmp:
-        args = trl.DPOConfig(output_dir=tmp, beta=BETA, learning_rate=LR, per_device_train_batch_size=spec["batch_size"],
+        args = trl.DPOConfig(output_dir=tmp, beta=BETA, learning_rate=LR,
+                             per_device_train_batch_size=spec["batch_size"],
                              max_steps=spec["steps"], max_length=spec["seq_len"], bf16=False, use_cpu=True,
                              report_to="none", logging_steps=1, save_strategy="no", warmup_steps=0,
                              lr_scheduler_type="constant", dataloader_num_workers=0)
