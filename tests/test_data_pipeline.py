@@ -16,6 +16,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,33 @@ def test_bad_config_and_work_dir_of_another_run(corpus, tmp_path, tiny_hf_dir):
     (tmp_path / "w" / "run.json").write_text(json.dumps({"fingerprint": "other"}))
     with pytest.raises(ValueError, match="another config"):
         run(load_run_config(cfg), progress=False)
+
+
+def test_cli_runs_a_toml_config_with_relative_paths(local_run, corpus, tmp_path, tiny_hf_dir, capsys):
+    from qwen25.cli import main as cli_main
+
+    shutil.copytree(corpus, tmp_path / "corpus")
+    (tmp_path / "mix.toml").write_text(f"""
+inputs = [{{path = "corpus/prose.jsonl", source = "prose"}},
+          {{path = "corpus/code", source = "code", include = ["*.py"]}},
+          {{path = "corpus/more.parquet", source = "prose"}}]
+output = "out"
+tokenizer = "{tiny_hf_dir}"
+docs_per_shard = 5
+seed = 3
+[decontaminate]
+benchmarks = []
+extra = ["corpus/items.jsonl"]
+[mixture]
+weights = {{code = 2.0, prose = 0.5}}
+[pack]
+max_tokens_per_file = 4000
+""")
+    assert cli_main(["data", "run", str(tmp_path / "mix.toml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert f"packed {m['num_documents']:,} documents, {m['num_tokens']:,} tokens into {tmp_path / 'out'}" in out
+    same = {k: v for k, v in local_run.manifest.items() if k not in ("inputs", "config", "fingerprint")}
+    assert {k: v for k, v in m.items() if k not in ("inputs", "config", "fingerprint")} == same
+    assert all(i["path"].startswith(str(tmp_path / "corpus")) for i in m["inputs"])
+    assert (tmp_path / "out.work" / "run.json").is_file()

@@ -39,14 +39,14 @@ DATA_DESCRIPTION = """Prepare training data.
 
 RUN_EPILOG = """a minimal config (TOML; every table and key is described in qwen25/data/run_config.py):
 
-  inputs = ["corpus/", {path = "web.jsonl", source = "web"}]
+  inputs = ["corpus/", {path = "web.jsonl", source = "web"}, {path = "src/", source = "code", include = ["*.py"]}]
   output = "shards/mix"
   [filters]
   min_doc_words = 50
   [decontaminate]
   benchmarks = ["humaneval", "mmlu", "champ"]     # n-gram overlap with qwen25's eval sets (10-grams)
   [quality]
-  enabled = true                                   # Qwen2.5 judge on qwen25's model, then a fast classifier
+  enabled = true                                   # Qwen2.5 judge on qwen25's engine, then a fast classifier
   [mixture]
   weights = {web = 0.5, code = 2.0}
 

@@ -119,7 +119,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def load_run_config(path: str | Path | dict[str, Any]) -> RunConfig:
-    """A RunConfig from a .toml/.json file (relative paths are relative to the file) or a dict."""
+    """A RunConfig from a .toml/.json file or a dict. In a file, relative paths (inputs, output, work_dir,
+    decontamination extras, a classifier; a tokenizer or judge model that exists there) are relative to it."""
     if isinstance(path, dict):
         return _build(RunConfig, path, "top level")
     path = Path(path)
@@ -138,6 +139,14 @@ def load_run_config(path: str | Path | dict[str, Any]) -> RunConfig:
             data[key] = rel(data[key])
     data["inputs"] = [{**i, "path": rel(i["path"])} if isinstance(i, dict) and "path" in i else
                       rel(i) if isinstance(i, str) else i for i in data.get("inputs", [])]
+    decon, quality = data.get("decontaminate"), data.get("quality")
+    if isinstance(decon, dict) and isinstance(decon.get("extra"), list):
+        decon["extra"] = [rel(p) if isinstance(p, str) else p for p in decon["extra"]]
+    if isinstance(quality, dict) and quality.get("classifier"):
+        quality["classifier"] = rel(quality["classifier"])
+    for table, key in ((data, "tokenizer"), (quality, "judge_model")):  # a model name, or a path next to the file
+        if isinstance(table, dict) and isinstance(table.get(key), str) and (base / table[key]).exists():
+            table[key] = rel(table[key])
     return _build(RunConfig, data, "top level")
 
 
