@@ -1,5 +1,5 @@
-"""The context-length flags every command that loads a model takes: --max-model-len, --rope-scaling, and
---dual-chunk-attention (vLLM's and transformers' names and JSON shapes).
+"""The context-length flags every command that loads a model takes: --max-model-len, --rope-scaling,
+--dual-chunk-attention and --kv-cache-dtype (vLLM's and transformers' names and JSON shapes).
 
 A dataclass mixin for `qwen25.cli_args` (generate, chat, serve and eval inherit it). It only parses and checks
 the flags; `qwen25.model.long_context.resolve_long_context` applies them to a model's config, and `LLMEngine`
@@ -9,7 +9,7 @@ refuses a prompt longer than max_model_len with both counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from qwen25.cli_args import arg
 from qwen25.config import parse_rope_scaling
@@ -17,7 +17,7 @@ from qwen25.config import parse_rope_scaling
 
 @dataclass
 class ContextArgs:
-    cli_group = "context length"
+    cli_group = "context length and KV cache"
 
     max_model_len: int | None = None
     """longest prompt + output a request may use, in tokens; longer prompts are refused with both counts
@@ -31,6 +31,11 @@ class ContextArgs:
     """Dual Chunk Attention (Qwen2.5-1M): a dual_chunk_attention_config JSON object ({"chunk_size": ...,
     "local_size": ..., "original_max_position_embeddings": ...}), "on" (chunk_size = the native window), or "off"
     (default: the checkpoint's config.json)"""
+    kv_cache_dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "int8"] = "auto"
+    """KV cache storage: float16/bfloat16 halve an fp32 cache, int8 (one scale per token and head, keys smoothed
+    per channel) takes 27% of it, so about 2x/3.7x the context fits the same memory, at a perplexity cost under
+    0.1% on the 0.5B; they run on the PyTorch path, not the fused native forward (default: auto, the compute
+    dtype)"""
 
     def check_context_flags(self) -> None:
         """Raise ValueError for a flag that is wrong whatever the model (before loading it)."""
@@ -42,7 +47,10 @@ class ContextArgs:
     def engine_settings(self) -> dict[str, Any]:
         """The LLMEngine settings these flags set (only those given)."""
         self.check_context_flags()
-        return {} if self.max_model_len is None else {"max_model_len": self.max_model_len}
+        settings: dict[str, Any] = {} if self.max_model_len is None else {"max_model_len": self.max_model_len}
+        if self.kv_cache_dtype != "auto":
+            settings["kv_cache_dtype"] = self.kv_cache_dtype
+        return settings
 
     def long_context(self) -> dict[str, Any]:
         """`LLM`'s rope_scaling / dual_chunk_attention_config keyword arguments (flag text, or None: keep)."""

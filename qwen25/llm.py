@@ -19,6 +19,7 @@ from qwen25.chat.prompt import ChatPrompt, chat_prompt
 from qwen25.checkpoint import default_sampling_params, is_instruct, stop_token_ids
 from qwen25.checkpoint import load as load_checkpoint
 from qwen25.engine.engine import LLMEngine, StepOutput, accumulate
+from qwen25.engine.kv_quant import resolve_kv_cache_dtype
 from qwen25.config import ModelConfig
 from qwen25.engine.speculative import SpeculativeConfig
 from qwen25.model.long_context import LongContextSetting, set_long_context
@@ -72,6 +73,9 @@ class LLM:
     `self.quantization` then reports that format.
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, kv_cache_memory, ...).
+    kv_cache_dtype: the KV cache's storage, as vLLM's keyword: "auto" (the compute dtype), "float32"/"fp32",
+    "float16"/"fp16", "bfloat16"/"bf16" (half the memory) or "int8" (27%); not auto runs attention on the PyTorch
+    path rather than the fused native forward (`qwen25.engine.kv_quant`; engine_kwargs may set it too).
     speculative_config: speculative decoding in the engine for plain greedy requests (temperature 0, no
     penalties, logprobs or logits processors), vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3, "prompt_lookup_min": 1} or {"model": DRAFT, "num_speculative_tokens": 4} (a draft
@@ -92,8 +96,11 @@ class LLM:
                  quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
                  speculative_config: dict[str, Any] | None = None, lora: str | os.PathLike | None = None,
                  allow_special_tokens_in_content: bool = False, rope_scaling: LongContextSetting = None,
-                 dual_chunk_attention_config: LongContextSetting = None) -> None:
+                 dual_chunk_attention_config: LongContextSetting = None, kv_cache_dtype: str | None = None) -> None:
         self.engine_kwargs = dict(engine_kwargs or {})
+        if kv_cache_dtype is not None:
+            resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)  # a bad name fails before the (slow) load
+            self.engine_kwargs["kv_cache_dtype"] = kv_cache_dtype
         self.allow_special_tokens_in_content = allow_special_tokens_in_content
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:

@@ -21,6 +21,7 @@ import torch
 from qwen25.engine.block_manager import BlockManager
 from qwen25.engine.errors import ContextLengthError
 from qwen25.engine.kv_cache import activation_dtype
+from qwen25.engine.kv_quant import resolve_kv_cache_dtype
 from qwen25.engine.paged_cache import PagedKVCache
 from qwen25.engine.runner import Logprob, ModelRunner
 from qwen25.engine.sampler import top_logprobs
@@ -73,12 +74,13 @@ class LLMEngine:
                  kv_cache_memory: int = 512 << 20, enable_prefix_caching: bool = True,
                  stop_token_ids: Iterable[int] = (), max_model_len: int | None = None, use_native: bool = True,
                  speculative_config: SpeculativeConfig | dict[str, Any] | None = None,
-                 draft_model: Qwen2ForCausalLM | None = None) -> None:
+                 draft_model: Qwen2ForCausalLM | None = None, kv_cache_dtype: str = "auto") -> None:
         """speculative_config: vLLM's keys ({"method": "ngram", "num_speculative_tokens": 4, ...} or
         {"model": DRAFT, ...} with the loaded draft passed as `draft_model`); use_native: run the fused native
-        forward where the model's weights and the pass allow it."""
+        forward where the model's weights and the pass allow it (an fp32 KV cache only); kv_cache_dtype: "auto"
+        (the activations' dtype), "float32", "float16", "bfloat16" or "int8" (`qwen25.engine.kv_quant`)."""
         config = model.config
-        dtype = activation_dtype(model)
+        dtype = resolve_kv_cache_dtype(kv_cache_dtype, activation_dtype(model))
         if num_blocks is None:
             num_blocks = kv_cache_memory // PagedKVCache.bytes_per_block(config, block_size, dtype)
         if num_blocks < 1:
@@ -120,8 +122,9 @@ class LLMEngine:
         settings.setdefault("max_model_len", checkpoint.config.max_position_embeddings)
         if "num_blocks" not in settings and "kv_cache_memory" not in settings:
             block_size = settings.get("block_size", 16)
-            per_block = PagedKVCache.bytes_per_block(checkpoint.model.config, block_size,
-                                                     activation_dtype(checkpoint.model))
+            kv_dtype = resolve_kv_cache_dtype(settings.get("kv_cache_dtype", "auto"),
+                                              activation_dtype(checkpoint.model))
+            per_block = PagedKVCache.bytes_per_block(checkpoint.model.config, block_size, kv_dtype)
             full = settings["max_model_len"] // block_size + 1
             settings["kv_cache_memory"] = max(512 << 20, per_block * 2 * full)
         spec = settings.get("speculative_config")

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
+from qwen25.engine.kv_quant import key_smoothing
 from qwen25.engine.paged_cache import PagedKVCache, PagedStep
 from qwen25.engine.sampler import apply_penalties, sample_next, top_logprobs
 from qwen25.engine.scheduler import ScheduledBatch
@@ -59,7 +60,8 @@ class ModelRunner:
                  speculative: SpeculativeConfig | None = None, draft_model: Qwen2ForCausalLM | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype)
+        smoothing = key_smoothing(model) if dtype == torch.int8 else None
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype, key_smoothing=smoothing)
         self.pass_cost = pass_cost  # one forward pass ~ this many padded tokens of compute
         self.native = NativeForward.for_model(model) if use_native else None
         self.speculative = speculative
@@ -198,8 +200,7 @@ class ModelRunner:
 
     def copy_block(self, source: int, destination: int) -> None:
         """Copy one block's keys and values (a forked sample's partial prompt block)."""
-        self.cache.keys[:, :, destination] = self.cache.keys[:, :, source]
-        self.cache.values[:, :, destination] = self.cache.values[:, :, source]
+        self.cache.copy_block(source, destination)
 
     def verify_greedy(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
         """The tokens a speculative step emits: drafts while each equals the greedy choice at its position, then
