@@ -78,13 +78,13 @@ def test_engine_answers_at_length_past_the_window_with_yarn_and_dca(tiny_hf_dir)
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_model_finds_the_key_inside_its_window(real_gguf):
-    """Qwen2.5-Coder-0.5B-Instruct (q8, plain attention, 32K native window) at 1K and 4K tokens, 5 depths each.
-    Scaled down from the issue's 4K..32K for this CPU's test budget; benchmarks/bench_long.py runs the long
-    lengths."""
+    """Qwen2.5-Coder-0.5B-Instruct (q8, plain attention, 32K native window) at 1K tokens (5 depths) and 4K (3).
+    Scaled down from the issue's 4K..32K for this CPU's test budget (a 4K prefill took 25-74 s on the shared 2
+    cores); benchmarks/bench_long.py runs the long lengths. Measured: found at 1K and 4K at all 5 depths."""
     from qwen25.llm import LLM
 
     llm = LLM(str(real_gguf))
-    cases = [(length, depth) for length in (1024, 4096) for depth in DEPTHS]
+    cases = [(1024, depth) for depth in DEPTHS] + [(4096, depth) for depth in (0.0, 0.5, 1.0)]
     prompts = [passkey_prompt(llm.tokenizer, n, d, k) for (n, d), k in zip(cases, passkey_keys(len(cases)))]
     found = []
     for prompt in prompts:

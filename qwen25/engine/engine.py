@@ -185,7 +185,8 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             limit = (f"the model's context window is {self.max_model_len} tokens"
                      if self.max_model_len < self.cache_capacity else
-                     f"the KV cache holds {self.max_model_len} tokens (raise kv_cache_memory or num_blocks)")
+                     f"the KV cache holds {self.max_model_len} tokens (raise kv_cache_memory or num_blocks, or "
+                     "store it in fewer bytes: kv_cache_dtype bfloat16 or int8)")
             raise ContextLengthError(f"prompt has {len(prompt_token_ids)} tokens; {limit} (at least 1 must remain "
                                      "for the output)")
 
