@@ -4,7 +4,8 @@ For each engine, in its own process and one at a time: load time, prefill tok/s 
 empty cache), decode tok/s (128 greedy single-token steps, EOS ignored, after a 49-token ChatML prompt), RSS
 after load and peak RSS, and the decode's weight-read bandwidth against the machine's 22.6 GB/s ceiling
 (see /work/shared/BASELINE.md for the methodology and BENCHMARKS.md for results). Prompt ids are tokenized
-once here and shared by every engine. Engines: qwen25 (`LLM` defaults: q8 weights from the GGUF), qwen25-q4
+once here and shared by every engine. Engines: qwen25 (`LLM` defaults: q8 weights from the GGUF, kernels of the
+best ISA the CPU runs), qwen25-avx2 (the same, QWEN25_ISA=avx2: the baseline kernels), qwen25-q4
 (`quantization="q4"`: int4 layers, int8 table), qwen25-ref (`quantization="none"`: dequantized fp32), llama.cpp
 (llama-cpp-python), transformers (fp32, dequantized). The qwen25 paths load from the repack cache: run
 `qwen25 quantize MODEL --bits 4` (or one q4 load) first, or the first load time includes building it.
@@ -14,7 +15,7 @@ Two ways to drive an engine:
   forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each.
 
     python benchmarks/bench_decode.py [--model NAME|PATH.gguf] [--skip transformers] [--reps 3] [--procs 1]
-                                      [--engines qwen25,qwen25-q4,qwen25-ref,llamacpp,transformers] [--json out.json]
+                                      [--engines qwen25,qwen25-avx2,qwen25-q4,qwen25-ref,llamacpp,transformers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any
 from _bench_common import (MB, child_env, cpu_flags, cpu_model, gguf_weight_bytes, load_average, log, min_median,
                            peak_rss_mb, pool, rss_mb, run_child, setup_torch, torch_weight_bytes)
 
-ENGINES = ("qwen25", "qwen25-q4", "qwen25-ref", "llamacpp", "transformers")  # qwen25: the default q8 path; -ref: fp32
+ENGINES = ("qwen25", "qwen25-avx2", "qwen25-q4", "qwen25-ref", "llamacpp", "transformers")  # qwen25: the default
+# q8 path on the CPU's best kernels; -avx2: the same with QWEN25_ISA=avx2; -ref: fp32
 MODE_LABELS = {("qwen25", "generate"): "LLM.generate", ("qwen25-q4", "generate"): "LLM.generate",
+               ("qwen25-avx2", "generate"): "LLM.generate",
                ("qwen25-ref", "generate"): "LLM.generate",
                ("llamacpp", "forward"): "eval() loop",
                ("transformers", "generate"): "generate()"}  # others: "forward loop"
@@ -94,13 +97,14 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
     import qwen25
     from qwen25 import LLM, SamplingParams
     from qwen25.engine.kv_cache import ContiguousKVCache
+    from qwen25.kernels import kernels_line
 
     t0 = perf_counter()
     # No prefix caching: every repetition must prefill from an empty cache, as llama.cpp's eval loop does.
     llm = LLM(spec["model_path"], dtype="float32", quantization=quantization,
               engine_kwargs={"enable_prefix_caching": False})
     out = {"load_s": perf_counter() - t0, "rss_load_mb": rss_mb(), "version": f"qwen25 {qwen25.__version__}, "
-           f"torch {torch.__version__}", "bytes_per_token": torch_weight_bytes(llm.model)}
+           f"torch {torch.__version__}; {kernels_line()}", "bytes_per_token": torch_weight_bytes(llm.model)}
     state: dict[str, Any] = {}
 
     native = llm.engine.runner.native_for_pass()  # the fast path the engine runs, on a contiguous cache here
@@ -186,6 +190,7 @@ def child_transformers(spec: dict) -> dict:
 def child_main(engine: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     children = {"qwen25": child_qwen25, "qwen25-q4": lambda s: child_qwen25(s, "q4", "qwen25-q4"),
+                "qwen25-avx2": lambda s: child_qwen25(s, "auto", "qwen25-avx2"),
                 "qwen25-ref": lambda s: child_qwen25(s, "none", "qwen25-ref"),
                 "llamacpp": child_llamacpp, "transformers": child_transformers}
     result = children[engine](spec)
@@ -215,10 +220,13 @@ def thread_setup(engine: str, threads: int) -> tuple[dict[str, str], str]:
         env = child_env({}, ["OMP_WAIT_POLICY", "OMP_NUM_THREADS"])
         return env, f"n_threads={threads}, n_threads_batch={threads}, OMP env unset (llama.cpp defaults)"
     policy = {"OMP_WAIT_POLICY": "PASSIVE"} if engine.startswith("qwen25") else {}
+    if engine == "qwen25-avx2":
+        policy["QWEN25_ISA"] = "avx2"
     quiet = {"TQDM_DISABLE": "1"} if engine == "transformers" else {}  # its GGUF conversion bar floods the log
     env = child_env({"OMP_NUM_THREADS": str(threads), **policy, **quiet}, ["OMP_WAIT_POLICY"])
     desc = f"torch threads {threads}, interop 1, OMP_NUM_THREADS={threads}"
-    return env, desc + (", OMP_WAIT_POLICY=PASSIVE" if policy else ", OMP_WAIT_POLICY unset")
+    forced = ", QWEN25_ISA=avx2" if engine == "qwen25-avx2" else ""
+    return env, desc + (", OMP_WAIT_POLICY=PASSIVE" if policy else ", OMP_WAIT_POLICY unset") + forced
 
 
 def fmt(pair: tuple[float, float], digits: int) -> str:

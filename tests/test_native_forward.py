@@ -17,6 +17,7 @@ import torch
 
 from qwen25.config import ModelConfig
 from qwen25.engine.kv_cache import ContiguousKVCache
+from qwen25.kernels.isa import missing
 from qwen25.kernels.native import KVView, NativeForward
 from qwen25.kernels.quant import Q4Linear, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
@@ -44,12 +45,22 @@ def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
     return tiny_q8_model(bits=bits, group=group)
 
 
-@pytest.fixture(scope="module")
-def native(model) -> NativeForward:  # noqa: ANN001
-    fwd = NativeForward.for_model(model)
+def build_or_skip(model: Qwen2ForCausalLM, level: str) -> NativeForward:
+    """The native forward of `level`; skips (naming the missing CPU features) where the CPU cannot run it."""
+    lacking = missing(level)
+    if lacking:
+        pytest.skip(f"the {level} kernels need {', '.join(lacking)}, which this CPU lacks")
+    fwd = NativeForward.for_model(model, level=level)
     if fwd is None:
-        pytest.skip("the native forward kernel did not build here (no AVX2 or no compiler)")
+        pytest.skip(f"the {level} build of the native forward kernel did not build here (no compiler)")
     return fwd
+
+
+@pytest.fixture(scope="module", params=["avx512", "avx2"])
+def native(model, request) -> NativeForward:  # noqa: ANN001
+    """Every test below runs on each ISA build (qwen25.kernels.isa) the CPU can run, against the same reference
+    and tolerances."""
+    return build_or_skip(model, request.param)
 
 
 def kernel_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -127,12 +138,11 @@ def test_matches_torch_path_on_contiguous_cache(model, native, chunks) -> None: 
     assert_matches_reference(cache.values[:, :, :, :total], ref_cache.values[:, :, :, :total], model)
 
 
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (6, 2, 64), (8, 1, 32)])
-def test_head_layouts(heads, kv_heads, head_dim) -> None:  # noqa: ANN001
+def test_head_layouts(heads, kv_heads, head_dim, level) -> None:  # noqa: ANN001
     model = tiny_q8_model(1, heads, kv_heads, head_dim)
-    native = NativeForward.for_model(model)
-    if native is None:
-        pytest.skip("no native kernel")
+    native = build_or_skip(model, level)
     chunks = [[7, 8, 9, 10, 200], [31], [32]]
     ref = torch_logits(model, chunks, ContiguousKVCache(model.config, 1, 16))
     assert_matches_reference(native_contiguous(native, chunks, ContiguousKVCache(model.config, 1, 16)), ref, model)

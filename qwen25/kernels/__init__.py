@@ -1,8 +1,9 @@
 """Native CPU kernels: C sources compiled on first use with the system C compiler, cached, loaded via ctypes.
 
-A kernel library is built once per source version into the qwen25 cache (`<cache>/kernels/`), so a fresh clone
-needs only gcc (or cc) with AVX2 support. When no compiler or no AVX2 is available, `load_q8_kernels()` /
-`load_q4_kernels()` return None and callers use their pure-torch fallback.
+A kernel library is built once per source version and ISA level into the qwen25 cache (`<cache>/kernels/`), with
+that level's `-m` flags; the level is the best the CPU supports, or $QWEN25_ISA (`qwen25.kernels.isa`). A fresh
+clone needs only gcc (or cc). When no compiler, no AVX2 or QWEN25_ISA=none, the loaders return None and callers
+use their pure-torch fallback. `kernels_line()` says which kernels run here.
 """
 
 from __future__ import annotations
@@ -18,27 +19,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from qwen25.kernels.isa import COMPILE_FLAGS, describe, selected_level
 from qwen25.paths import kernels_dir
 
 _HERE = Path(__file__).parent
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 
 
-def _cpu_has_avx2() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags and " f16c" in flags  # the q4 kernels convert fp16 scales
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def _build(source: Path, defines: tuple[str, ...] = ()) -> Path | None:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def _build(source: Path, level: str, defines: tuple[str, ...] = ()) -> Path | None:
+    compiler = _compiler()
     if compiler is None:
         return None
-    flags = [*_FLAGS, *(f"-D{d}" for d in defines)]
+    flags = [*_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
     digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = kernels_dir() / f"{source.stem}-{digest}.so"
+    target = kernels_dir() / f"{source.stem}-{level}-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,19 +51,49 @@ def _build(source: Path, defines: tuple[str, ...] = ()) -> Path | None:
     return target
 
 
-def _load(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    if os.environ.get("QWEN25_NO_NATIVE") or not _cpu_has_avx2():
+def _level(level: str | None) -> str:
+    """`level`, or the selected one; a level the CPU lacks raises ValueError naming the missing features."""
+    if level is None:
+        return selected_level()
+    from qwen25.kernels.isa import missing
+
+    lacking = missing(level)
+    if lacking:
+        raise ValueError(f"the {level} kernels cannot run on this CPU: it lacks {', '.join(lacking)}")
+    return level
+
+
+@functools.lru_cache(maxsize=16)
+def _load_level(source: Path, level: str, defines: tuple[str, ...]) -> ctypes.CDLL | None:
+    if level == "none":
         return None
-    path = _build(source, defines)
+    path = _build(source, level, defines)
     return None if path is None else ctypes.CDLL(str(path))
+
+
+def _load(source: Path, defines: tuple[str, ...] = (), level: str | None = None) -> ctypes.CDLL | None:
+    return _load_level(source, _level(level), defines)
+
+
+def kernels_line() -> str:
+    """Which kernels run here, for `qwen25 models --paths` and the benchmarks: the CPU, its features, the level
+    and whether its build works (no compiler, or a failed build: the PyTorch modules)."""
+    line = describe()
+    try:
+        level = selected_level()
+    except ValueError:
+        return line
+    if level != "none" and load_forward_kernel() is None:
+        line += "; the build failed or no C compiler: PyTorch modules run"
+    return line
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
-def _load_declared(source: Path, functions: dict[str, tuple[list, Any]]) -> ctypes.CDLL | None:
+def _load_declared(source: Path, functions: dict[str, tuple[list, Any]], level: str | None) -> ctypes.CDLL | None:
     """_load(source) with each function's (argtypes, restype) declared."""
-    lib = _load(source)
+    lib = _load(source, level=level)
     if lib is None:
         return None
     for name, (argtypes, restype) in functions.items():
@@ -73,23 +101,23 @@ def _load_declared(source: Path, functions: dict[str, tuple[list, Any]]) -> ctyp
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def load_q8_kernels() -> ctypes.CDLL | None:
-    """The int8 weight-only matmul library, or None when it cannot be built here."""
+def load_q8_kernels(level: str | None = None) -> ctypes.CDLL | None:
+    """The int8 weight-only matmul library for `level` (default: the selected one), or None when it cannot be
+    built here."""
     return _load_declared(_HERE / "q8_matmul.c", {"q8_matmul": ([_P, _P, _P, _I, _P, _P, _I, _I, _I], None),
-                                                   "q8_dequantize": ([_P, _P, _I, _P, _I, _I], None)})
+                                                   "q8_dequantize": ([_P, _P, _I, _P, _I, _I], None)}, level)
 
 
-@functools.lru_cache(maxsize=1)
-def load_q4_kernels() -> ctypes.CDLL | None:
-    """The int4 weight-only matmul library, or None when it cannot be built here."""
+def load_q4_kernels(level: str | None = None) -> ctypes.CDLL | None:
+    """The int4 weight-only matmul library for `level` (default: the selected one), or None when it cannot be
+    built here."""
     return _load_declared(_HERE / "q4_matmul.c", {"q4_matmul": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I], _I),
-                                                   "q4_dequantize": ([_P, _P, _P, _I, _P, _I, _I], None)})
+                                                   "q4_dequantize": ([_P, _P, _P, _I, _P, _I, _I], None)}, level)
 
 
-@functools.lru_cache(maxsize=2)
-def load_forward_kernel(streaming: bool = False) -> ctypes.CDLL | None:
-    """The fused whole-model forward (`forward.c`), or None when it cannot be built here. `streaming`: the build
-    for decode-sized passes, whose tiles prefetch the weight rows ahead (see QWEN25_PREFETCH in forward.c).
-    Argument types are declared by its caller, `qwen25.kernels.native`, next to the mirrored structs."""
-    return _load(_HERE / "forward.c", ("QWEN25_PREFETCH=1",) if streaming else ())
+def load_forward_kernel(streaming: bool = False, level: str | None = None) -> ctypes.CDLL | None:
+    """The fused whole-model forward (`forward.c`) built for `level` (default: the selected one), or None when it
+    cannot be built here. `streaming`: the build for decode-sized passes, whose tiles prefetch the weight rows
+    ahead (see QWEN25_PREFETCH in forward.c). Argument types are declared by its caller,
+    `qwen25.kernels.native`, next to the mirrored structs."""
+    return _load(_HERE / "forward.c", ("QWEN25_PREFETCH=1",) if streaming else (), level)

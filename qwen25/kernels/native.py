@@ -155,8 +155,9 @@ class NativeForward:
         self._work = torch.empty(0)
 
     @classmethod
-    def for_model(cls, model: Qwen2ForCausalLM) -> NativeForward | None:
-        """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel)."""
+    def for_model(cls, model: Qwen2ForCausalLM, level: str | None = None) -> NativeForward | None:
+        """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel).
+        level: the ISA build to run (`qwen25.kernels.isa`; default the selected one, e.g. the CPU's best)."""
         inner, config = model.model, model.config
         if not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding):
             return None
@@ -179,8 +180,8 @@ class NativeForward:
             return None  # the kernel quantizes activation rows 16 values at a time
         if config.head_dim % 8:
             return None
-        lib = load_forward_kernel()
-        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True))
+        lib = load_forward_kernel(level=level)
+        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True, level=level))
 
     def supports(self, config: Any, attention: str, kv_dtype: torch.dtype) -> bool:
         """Whether a pass with this model config, attention kind and KV-cache dtype can run natively: the kernel

@@ -35,7 +35,7 @@ class ModelsConfig:
     """List known models, their sizes and whether they are cached."""
 
     paths: bool = False
-    """also print the paths of cached files"""
+    """also print the paths of cached files, and the CPU's features and the native kernels that run on it"""
 
 
 @dataclass
@@ -74,9 +74,12 @@ def main_models(cfg: ModelsConfig) -> int:
         print(f"{name:32} {m.size / 1e6:7.0f}MB  {mark:6}  {m.description}{default}")
     print(f"\ncache: {cache_dir()}")
     if cfg.paths:
+        from qwen25.kernels import kernels_line
+
         for m in KNOWN_MODELS.values():
             if is_cached(m):
                 print(f"  {cached_path(m)}")
+        print(kernels_line())
     return 0
 
 
