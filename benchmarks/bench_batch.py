@@ -102,6 +102,7 @@ def child_qwen25(spec: dict) -> dict:
     torch = setup_torch(spec["threads"])
     import qwen25
     from qwen25 import LLM, SamplingParams
+    from qwen25.kernels import kernels_line
 
     prompts, n = spec["prompts"], len(spec["prompts"])
     t0 = time.perf_counter()
@@ -110,7 +111,8 @@ def child_qwen25(spec: dict) -> dict:
     llm = LLM(spec["model_path"], dtype="float32", engine_kwargs={"enable_prefix_caching": False,
                                                                    "max_num_seqs": max(n, 1)})
     out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "rss_load_mb": rss_mb(),
-                           "version": f"qwen25 {qwen25.__version__} ({llm.quantization}), torch {torch.__version__}"}
+                           "version": f"qwen25 {qwen25.__version__} ({llm.quantization}), torch {torch.__version__}; "
+                                      f"{kernels_line()}"}
     first = instrument_first_tokens(llm.engine)
 
     def run(batch: list[list[int]], max_tokens: int) -> dict:
