@@ -1,6 +1,6 @@
 """Long prompts on a CPU: qwen25 next to llama.cpp on the same GGUF, one run, passkey prompts as the workload.
 
-For each length (default 4K, 16K, 32K tokens) and each engine, in a fresh process (so peak RSS belongs to that
+For each length (default 4K, 16K and 32,704 tokens: 32K less room for the answer inside the native window) and each engine, in a fresh process (so peak RSS belongs to that
 length): passkey prompts (`qwen25.eval.passkey`, a 5-digit key at each --depths, exactly `length` tokens of
 the model's tokenizer, tokenized once here and shared), each prefilled from an empty cache, then greedy decoding.
 Reported: prefill tok/s (prompt tokens / time to the first token), decode tok/s at that context (the steps
@@ -12,7 +12,7 @@ ratios to llama.cpp (each child warms up on a 64-token prompt first). Engines:
 Beyond the native window pass --yarn 4 (static YaRN on both, vLLM's/llama.cpp's) and --dca (qwen25 only: Dual
 Chunk Attention, which llama.cpp lacks).
 
-    python benchmarks/bench_long.py [--lengths 4096,16384,32768] [--depths 0,0.25,0.5,0.75,1] [--threads 2]
+    python benchmarks/bench_long.py [--lengths 4096,16384,32704] [--depths 0,0.25,0.5,0.75,1] [--threads 2]
                                     [--engines qwen25,llamacpp] [--kv-cache-dtype auto|bf16|int8] [--yarn 4] [--dca]
     python benchmarks/bench_long.py --lengths 512 --depths 0.5 --decode-steps 8     # a quick check
 """
@@ -42,6 +42,9 @@ def child_qwen25(spec: dict) -> dict:
     from qwen25 import LLM, SamplingParams
 
     length, steps = spec["length"], spec["decode_steps"]
+    window = int(NATIVE_WINDOW * spec["yarn"]) if spec["yarn"] else NATIVE_WINDOW
+    if length + steps + 1 > window:
+        raise SystemExit(f"{length} + {steps} decode steps exceed the {window}-token window (pass --yarn 4)")
     settings: dict[str, Any] = {"enable_prefix_caching": False, "max_model_len": length + steps + 1,
                                 "kv_cache_dtype": spec["kv_cache_dtype"]}
     rope = ({"rope_type": "yarn", "factor": spec["yarn"], "original_max_position_embeddings": NATIVE_WINDOW}
@@ -151,7 +154,7 @@ def table(results: dict[int, dict[str, dict]], keys: dict[int, list[str]]) -> li
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="known model name or a .gguf path")
-    p.add_argument("--lengths", default="4096,16384,32768", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--lengths", default="4096,16384,32704", help="comma-separated prompt lengths in tokens")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated key depths in [0, 1]")
     p.add_argument("--decode-steps", type=int, default=32, help=f"greedy tokens per prompt (>= {ANSWER_TOKENS})")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))

@@ -91,3 +91,22 @@ def test_real_model_finds_the_key_inside_its_window(real_gguf):
         out = llm.generate([prompt.ids], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
         found.append(is_found(out, prompt.key))
     assert sum(found) >= len(found) - 1, list(zip(cases, found))
+
+
+@pytest.mark.real_model
+def test_eval_passkey_writes_a_record_per_length_and_depth(tiny_hf_dir, tmp_path, capsys):
+    import json
+
+    from qwen25.cli import main
+
+    out = tmp_path / "pk.jsonl"
+    rc = main(["eval", "passkey", "-m", str(tiny_hf_dir), "--lengths", "80,86", "--depths", "0,1", "-o", str(out),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()][1:]  # after the meta record
+    assert sorted((r["length"], r["depth"]) for r in records) == [(80, 0.0), (80, 1.0), (86, 0.0), (86, 1.0)]
+    assert all(len(r["key"]) == 5 and r["found"] == (r["number"] == r["key"]) for r in records)
+    summary = json.loads((tmp_path / "pk.jsonl.summary.json").read_text())
+    assert set(summary["by_length"]) == {"80", "86"} and "80 tokens" in capsys.readouterr().out
+    rc = main(["eval", "passkey", "-m", str(tiny_hf_dir), "--lengths", "80,x", "-o", str(out)])
+    assert rc != 0 and "--lengths takes integers" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     qwen25 eval mmlu [--shots 0..5]                       multiple choice by answer-letter logits
     qwen25 eval math [--mode cot|pot]                     CHAMP competition math
     qwen25 eval perplexity [--text FILE] [--window W] [--stride S]
+    qwen25 eval passkey [--lengths 4096,8192] [--depths 0,0.25,0.5,0.75,1]   passkey retrieval by length and depth
     qwen25 eval compare A.jsonl B.jsonl                   per-sample agreement of two runs (e.g. two backends)
 
 Common options: --model, --backend qwen25|llamacpp, --limit N, --output FILE, --resume, --batch-size B.
@@ -28,7 +29,7 @@ from qwen25.cli_args import add_command, arg
 from qwen25.context_args import ContextArgs
 from qwen25.weights.registry import DEFAULT_MODEL
 
-TASKS = ("humaneval", "humaneval-fim", "mmlu", "math", "perplexity")
+TASKS = ("humaneval", "humaneval-fim", "mmlu", "math", "perplexity", "passkey")
 
 
 # --- one config per task (the fields are the flags) -------------------------------------------------------------
@@ -139,6 +140,27 @@ class PerplexityConfig(EvalConfig):
 
 
 @dataclass
+class PasskeyConfig(EvalConfig):
+    TASK: ClassVar[str] = "passkey"
+    lengths: str = "4096,8192,16384"
+    """comma-separated prompt lengths in the model's tokens (the model's context must hold each + 8)"""
+    depths: str = "0,0.25,0.5,0.75,1"
+    """comma-separated key depths, 0 (start of the filler) to 1 (end)"""
+    seed: int = 0
+    """seed of the 5-digit keys"""
+
+    def make_task(self) -> Any:
+        from qwen25.eval.passkey_task import PasskeyTask
+
+        try:
+            lengths = [int(x) for x in self.lengths.split(",") if x.strip()]
+            depths = [float(x) for x in self.depths.split(",") if x.strip()]
+        except ValueError as e:
+            raise ValueError(f"--lengths takes integers and --depths numbers, comma-separated: {e}") from None
+        return PasskeyTask(lengths, depths, self.seed, self.limit)
+
+
+@dataclass
 class CompareConfig:
     files: list[str] = arg(positional=True, nargs=2, metavar="RESULTS.jsonl")
     """two results files of the same task"""
@@ -148,12 +170,14 @@ TASK_HELP = {HumanEvalConfig: "HumanEval pass@1 (164 problems), greedy, sandboxe
              HumanEvalFimConfig: "HumanEval single-line fill-in-the-middle: exact match and pass@1",
              MMLUConfig: "MMLU (57 subjects) by answer-letter logits; --limit is per subject",
              MathConfig: "CHAMP competition math: chain-of-thought with \\boxed{} answers, or program-of-thought",
-             PerplexityConfig: "token-level NLL and perplexity of a text, sliding window"}
+             PerplexityConfig: "token-level NLL and perplexity of a text, sliding window",
+             PasskeyConfig: "passkey retrieval: a 5-digit key hidden in filler at each length and depth"}
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `eval` subcommand (with one sub-subcommand per task) to the qwen25 CLI."""
-    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, humaneval-fim, mmlu, math, perplexity",
+    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, humaneval-fim, mmlu, math, perplexity, "
+                              "passkey",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     tasks = p.add_subparsers(dest="task", metavar="TASK")
@@ -195,6 +219,8 @@ def main(cfg: EvalConfig) -> int:
     task = cfg.make_task()
     if cfg.TASK == "perplexity":
         task.tokens(load_tokenizer(cfg.model))
+    elif cfg.TASK == "passkey":
+        task.prepare(load_tokenizer(cfg.model))
     output = cfg.output or f"eval-results/{task.name}-{_slug(cfg.model)}-{cfg.backend}.jsonl"
     meta = {"task": task.name, "model": cfg.model, "backend": cfg.backend, "dtype": cfg.dtype,
             **task.settings(), "limit": cfg.limit, "batch_size": cfg.batch_size,
@@ -207,7 +233,7 @@ def main(cfg: EvalConfig) -> int:
     def backend_factory() -> Any:
         if cfg.backend == "llamacpp":
             logits_all = cfg.TASK == "perplexity"
-            n_ctx = cfg.window if logits_all else 8192
+            n_ctx = cfg.window if logits_all else max(8192, getattr(task, "n_ctx", 0))
             return make_backend("llamacpp", cfg.model, n_ctx=n_ctx, logits_all=logits_all, threads=threads)
         return make_backend("qwen25", cfg.model, dtype=cfg.dtype, llm_kwargs=dict(
             engine_kwargs=cfg.engine_settings(), **long_context))
