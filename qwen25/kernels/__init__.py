@@ -121,3 +121,10 @@ def load_forward_kernel(streaming: bool = False, level: str | None = None) -> ct
     ahead (see QWEN25_PREFETCH in forward.c). Argument types are declared by its caller,
     `qwen25.kernels.native`, next to the mirrored structs."""
     return _load(_HERE / "forward.c", ("QWEN25_PREFETCH=1",) if streaming else (), level)
+
+
+def load_ggml_kernels(level: str | None = None) -> ctypes.CDLL | None:
+    """The matmuls on ggml weight blocks (`ggml_dot.c`) built for `level` (default: the selected one), or None
+    when they cannot be built here."""
+    return _load_declared(_HERE / "ggml_dot.c", {"ggml_matmul": ([_I, _P, _I, _I, _P, _I, _P], _I),
+                                                  "ggml_dot_supports": ([_I], _I)}, level)

@@ -1,0 +1,201 @@
+/* Matmuls on ggml's own weight blocks (Q4_K, Q6_K, Q5_0, Q8_0), against activations quantized to 8 bits per block.
+ *
+ * out[i][r] = x_i . W-row r, where W is the file's bytes (rows of blocks, unchanged) and x_i is first quantized:
+ *   - for Q4_K / Q6_K weights (256-value super-blocks): per 256 values, scale d = absmax / 127, q = round(x / d)
+ *     in [-127, 127], plus the sum of q over each 16 values (to fold the weights' offsets: Q4_K's minimums,
+ *     Q6_K's -32) — the layout of ggml's q8_K activation blocks, written here from the format;
+ *   - for Q5_0 / Q8_0 weights (32-value blocks): per 32 values, d = absmax / 127, q as above, and the sum of q.
+ * Every block's dot product is then an exact integer sum of (unsigned weight quant) x (signed activation quant)
+ * products, scaled once in fp32 per (sub-)block: the only rounding besides the activation quantization is the fp32
+ * accumulation of those per-block terms, in block order. A row of the result does not depend on the other rows.
+ *
+ * The integer dot products run on 16 / 32 bytes at a time for the build's ISA (qwen25.kernels.isa): maddubs + madd
+ * on the avx2 build, vpdpbusd on the avx512 (VNNI) one; the weight quants are unpacked to bytes per block first. Rows of W are split across OpenMP threads;
+ * each weight row is read once for all activation rows (decode: 1 row; batches and tiles: a few).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+#define QK_K 256
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* one activation block: n values -> q (int8), returns the scale; sums[k] = sum of q over each `sub` values */
+static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *sums) {
+    float amax = 0.0f;
+    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int k = 0; k < n; k++) q[k] = (int8_t)lrintf(x[k] * inv);
+    for (int s = 0; s < n / sub; s++) {
+        int t = 0;
+        for (int k = 0; k < sub; k++) t += q[s * sub + k];
+        sums[s] = (int16_t)t;
+    }
+    return d;
+}
+
+static inline int hsum_i32x8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* sum of u[k] * s[k] over 32 bytes (u unsigned, s signed): exact, as u[k] * s[k] pairs fit int16 unsaturated for
+ * every caller (u <= 128, |s| <= 127) */
+static inline int dot32_u8_s8(const uint8_t *u, const int8_t *s) {
+    const __m256i a = _mm256_loadu_si256((const __m256i *)u), b = _mm256_loadu_si256((const __m256i *)s);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return hsum_i32x8(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b));
+#else
+    return hsum_i32x8(_mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline int dot16_u8_s8(const uint8_t *u, const int8_t *s) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)u), b = _mm_loadu_si128((const __m128i *)s);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m128i t = _mm_dpbusd_epi32(_mm_setzero_si128(), a, b);
+#else
+    __m128i t = _mm_madd_epi16(_mm_maddubs_epi16(a, b), _mm_set1_epi16(1));
+#endif
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    return _mm_cvtsi128_si32(t);
+}
+
+/* signed x signed over 32 bytes: |a| times b with a's sign moved onto b */
+static inline int dot32_s8_s8(const int8_t *a, const int8_t *b) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)a), y = _mm256_loadu_si256((const __m256i *)b);
+    uint8_t u[32];
+    int8_t s[32];
+    _mm256_storeu_si256((__m256i *)u, _mm256_abs_epi8(x));
+    _mm256_storeu_si256((__m256i *)s, _mm256_sign_epi8(y, x));
+    return dot32_u8_s8(u, s);
+}
+
+/* Q4_K: d, dmin (f16), 12 bytes of 6-bit (scale, min) pairs, 128 bytes of nibbles; 8 sub-blocks of 32 */
+static float dot_q4_k(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+    const uint8_t *s = b + 4, *qs = b + 16;
+    uint8_t u[QK_K];
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) {
+            u[64 * c + l] = qs[32 * c + l] & 0x0F;
+            u[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+        }
+    float acc = 0.0f, mins = 0.0f;
+    for (int j = 0; j < 8; j++) {
+        int sc, mn;
+        if (j < 4) {
+            sc = s[j] & 63;
+            mn = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+        acc += (float)(sc * dot32_u8_s8(u + 32 * j, q + 32 * j));
+        mins += (float)(mn * (sums[2 * j] + sums[2 * j + 1]));
+    }
+    return dx * (f16(b) * acc - f16(b + 2) * mins);
+}
+
+/* Q6_K: ql[128] low nibbles, qh[64] high crumbs, 16 int8 scales, d (f16); value (q6 - 32) * d * scale per 16 */
+static float dot_q6_k(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    uint8_t u[QK_K];
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t lo0 = ql[64 * h + l], lo1 = ql[64 * h + 32 + l], hi = qh[32 * h + l];
+            u[128 * h + l] = (lo0 & 0x0F) | ((hi & 3) << 4);
+            u[128 * h + 32 + l] = (lo1 & 0x0F) | (((hi >> 2) & 3) << 4);
+            u[128 * h + 64 + l] = (lo0 >> 4) | (((hi >> 4) & 3) << 4);
+            u[128 * h + 96 + l] = (lo1 >> 4) | (((hi >> 6) & 3) << 4);
+        }
+    float acc = 0.0f;
+    for (int i = 0; i < 16; i++) acc += (float)(sc[i] * (dot16_u8_s8(u + 16 * i, q + 16 * i) - 32 * sums[i]));
+    return dx * f16(b + 208) * acc;
+}
+
+/* Q5_0: d (f16), 32 high bits, 16 bytes of nibbles; value (q5 - 16) * d */
+static float dot_q5_0(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const uint8_t *qs = b + 6;
+    uint8_t u[32];
+    for (int j = 0; j < 16; j++) {
+        u[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+        u[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+    }
+    return dx * f16(b) * (float)(dot32_u8_s8(u, q) - 16 * sums[0]);
+}
+
+/* Q8_0: d (f16), 32 int8 */
+static float dot_q8_0(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+    (void)sums;
+    return dx * f16(b) * (float)dot32_s8_s8((const int8_t *)(b + 2), q);
+}
+
+typedef float (*dot_fn)(const uint8_t *, const int8_t *, float, const int16_t *);
+
+/* block size (values), block bytes, activation sums per block, dot; 0 for a type this file does not run */
+static int layout(int type, int *qk, int *bytes, int *nsums, dot_fn *fn) {
+    switch (type) {
+    case T_Q4_K: *qk = QK_K, *bytes = 144, *nsums = 16, *fn = dot_q4_k; return 1;
+    case T_Q6_K: *qk = QK_K, *bytes = 210, *nsums = 16, *fn = dot_q6_k; return 1;
+    case T_Q5_0: *qk = 32, *bytes = 22, *nsums = 1, *fn = dot_q5_0; return 1;
+    case T_Q8_0: *qk = 32, *bytes = 34, *nsums = 1, *fn = dot_q8_0; return 1;
+    default: return 0;
+    }
+}
+
+/* Supported weight type? (ggml type id) */
+int ggml_dot_supports(int type) {
+    int qk, bytes, nsums;
+    dot_fn fn;
+    return layout(type, &qk, &bytes, &nsums, &fn);
+}
+
+/* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
+ * Returns 0, or -1 for an unsupported type, n not a multiple of the block, or no memory. */
+int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int m, float *out) {
+    int qk, bytes, nsums;
+    dot_fn fn;
+    if (!layout(type, &qk, &bytes, &nsums, &fn) || n % qk || rows < 0 || m < 0) return -1;
+    const int nb = n / qk;
+    const size_t row_bytes = (size_t)nb * bytes;
+    int8_t *q = malloc((size_t)m * n);
+    float *d = malloc(sizeof(float) * (size_t)m * nb + 1);
+    int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * nsums + 1);
+    if (!q || !d || !sums) {
+        free(q), free(d), free(sums);
+        return -1;
+    }
+    for (int i = 0; i < m; i++)
+        for (int b = 0; b < nb; b++) {
+            const size_t at = (size_t)i * nb + b;
+            d[at] = quantize_block(x + (size_t)i * n + (size_t)b * qk, qk, qk / nsums, q + at * qk, sums + at * nsums);
+        }
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (int i = 0; i < m; i++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const size_t at = (size_t)i * nb + b;
+                acc += fn(row + (size_t)b * bytes, q + at * qk, d[at], sums + at * nsums);
+            }
+            out[(size_t)i * rows + r] = acc;
+        }
+    }
+    free(q), free(d), free(sums);
+    return 0;
+}
