@@ -82,77 +82,101 @@ static inline int dot32_s8_s8(const int8_t *a, const int8_t *b) {
     return dot32_u8_s8(u, s);
 }
 
-/* Q4_K: d, dmin (f16), 12 bytes of 6-bit (scale, min) pairs, 128 bytes of nibbles; 8 sub-blocks of 32 */
-static float dot_q4_k(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
-    const uint8_t *s = b + 4, *qs = b + 16;
+/* A weight block unpacked once and then dotted with every activation row: quants as bytes, the integer scales
+ * (and Q4_K's minimums) of its sub-blocks, and its fp16 scale(s) as floats. */
+typedef struct {
     uint8_t u[QK_K];
+    int sc[16], mn[8];
+    float d, dmin;
+} Block;
+
+/* Q4_K: d, dmin (f16), 12 bytes of 6-bit (scale, min) pairs, 128 bytes of nibbles; 8 sub-blocks of 32 */
+static void unpack_q4_k(const uint8_t *b, Block *k) {
+    const uint8_t *s = b + 4, *qs = b + 16;
     for (int c = 0; c < 4; c++)
         for (int l = 0; l < 32; l++) {
-            u[64 * c + l] = qs[32 * c + l] & 0x0F;
-            u[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+            k->u[64 * c + l] = qs[32 * c + l] & 0x0F;
+            k->u[64 * c + 32 + l] = qs[32 * c + l] >> 4;
         }
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) {
+            k->sc[j] = s[j] & 63;
+            k->mn[j] = s[j + 4] & 63;
+        } else {
+            k->sc[j] = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+            k->mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    k->d = f16(b), k->dmin = f16(b + 2);
+}
+
+static float dot_q4_k(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
     float acc = 0.0f, mins = 0.0f;
     for (int j = 0; j < 8; j++) {
-        int sc, mn;
-        if (j < 4) {
-            sc = s[j] & 63;
-            mn = s[j + 4] & 63;
-        } else {
-            sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-        acc += (float)(sc * dot32_u8_s8(u + 32 * j, q + 32 * j));
-        mins += (float)(mn * (sums[2 * j] + sums[2 * j + 1]));
+        acc += (float)(k->sc[j] * dot32_u8_s8(k->u + 32 * j, q + 32 * j));
+        mins += (float)(k->mn[j] * (sums[2 * j] + sums[2 * j + 1]));
     }
-    return dx * (f16(b) * acc - f16(b + 2) * mins);
+    return dx * (k->d * acc - k->dmin * mins);
 }
 
 /* Q6_K: ql[128] low nibbles, qh[64] high crumbs, 16 int8 scales, d (f16); value (q6 - 32) * d * scale per 16 */
-static float dot_q6_k(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+static void unpack_q6_k(const uint8_t *b, Block *k) {
     const uint8_t *ql = b, *qh = b + 128;
-    const int8_t *sc = (const int8_t *)(b + 192);
-    uint8_t u[QK_K];
     for (int h = 0; h < 2; h++)
         for (int l = 0; l < 32; l++) {
             const uint8_t lo0 = ql[64 * h + l], lo1 = ql[64 * h + 32 + l], hi = qh[32 * h + l];
-            u[128 * h + l] = (lo0 & 0x0F) | ((hi & 3) << 4);
-            u[128 * h + 32 + l] = (lo1 & 0x0F) | (((hi >> 2) & 3) << 4);
-            u[128 * h + 64 + l] = (lo0 >> 4) | (((hi >> 4) & 3) << 4);
-            u[128 * h + 96 + l] = (lo1 >> 4) | (((hi >> 6) & 3) << 4);
+            k->u[128 * h + l] = (lo0 & 0x0F) | ((hi & 3) << 4);
+            k->u[128 * h + 32 + l] = (lo1 & 0x0F) | (((hi >> 2) & 3) << 4);
+            k->u[128 * h + 64 + l] = (lo0 >> 4) | (((hi >> 4) & 3) << 4);
+            k->u[128 * h + 96 + l] = (lo1 >> 4) | (((hi >> 6) & 3) << 4);
         }
+    for (int i = 0; i < 16; i++) k->sc[i] = ((const int8_t *)(b + 192))[i];
+    k->d = f16(b + 208);
+}
+
+static float dot_q6_k(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
     float acc = 0.0f;
-    for (int i = 0; i < 16; i++) acc += (float)(sc[i] * (dot16_u8_s8(u + 16 * i, q + 16 * i) - 32 * sums[i]));
-    return dx * f16(b + 208) * acc;
+    for (int i = 0; i < 16; i++) acc += (float)(k->sc[i] * (dot16_u8_s8(k->u + 16 * i, q + 16 * i) - 32 * sums[i]));
+    return dx * k->d * acc;
 }
 
 /* Q5_0: d (f16), 32 high bits, 16 bytes of nibbles; value (q5 - 16) * d */
-static float dot_q5_0(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+static void unpack_q5_0(const uint8_t *b, Block *k) {
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     const uint8_t *qs = b + 6;
-    uint8_t u[32];
     for (int j = 0; j < 16; j++) {
-        u[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
-        u[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        k->u[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+        k->u[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
     }
-    return dx * f16(b) * (float)(dot32_u8_s8(u, q) - 16 * sums[0]);
+    k->d = f16(b);
 }
 
-/* Q8_0: d (f16), 32 int8 */
-static float dot_q8_0(const uint8_t *b, const int8_t *q, float dx, const int16_t *sums) {
+static float dot_q5_0(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
+    return dx * k->d * (float)(dot32_u8_s8(k->u, q) - 16 * sums[0]);
+}
+
+/* Q8_0: d (f16), 32 int8; kept signed (u holds the bytes as they are) */
+static void unpack_q8_0(const uint8_t *b, Block *k) {
+    memcpy(k->u, b + 2, 32);
+    k->d = f16(b);
+}
+
+static float dot_q8_0(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
     (void)sums;
-    return dx * f16(b) * (float)dot32_s8_s8((const int8_t *)(b + 2), q);
+    return dx * k->d * (float)dot32_s8_s8((const int8_t *)k->u, q);
 }
 
-typedef float (*dot_fn)(const uint8_t *, const int8_t *, float, const int16_t *);
+typedef void (*unpack_fn)(const uint8_t *, Block *);
+typedef float (*dot_fn)(const Block *, const int8_t *, float, const int16_t *);
 
-/* block size (values), block bytes, activation sums per block, dot; 0 for a type this file does not run */
-static int layout(int type, int *qk, int *bytes, int *nsums, dot_fn *fn) {
+/* block size (values), block bytes, activation sums per block, unpack, dot; 0 for a type this file does not run */
+static int layout(int type, int *qk, int *bytes, int *nsums, unpack_fn *un, dot_fn *fn) {
     switch (type) {
-    case T_Q4_K: *qk = QK_K, *bytes = 144, *nsums = 16, *fn = dot_q4_k; return 1;
-    case T_Q6_K: *qk = QK_K, *bytes = 210, *nsums = 16, *fn = dot_q6_k; return 1;
-    case T_Q5_0: *qk = 32, *bytes = 22, *nsums = 1, *fn = dot_q5_0; return 1;
-    case T_Q8_0: *qk = 32, *bytes = 34, *nsums = 1, *fn = dot_q8_0; return 1;
+    case T_Q4_K: *qk = QK_K, *bytes = 144, *nsums = 16, *un = unpack_q4_k, *fn = dot_q4_k; return 1;
+    case T_Q6_K: *qk = QK_K, *bytes = 210, *nsums = 16, *un = unpack_q6_k, *fn = dot_q6_k; return 1;
+    case T_Q5_0: *qk = 32, *bytes = 22, *nsums = 1, *un = unpack_q5_0, *fn = dot_q5_0; return 1;
+    case T_Q8_0: *qk = 32, *bytes = 34, *nsums = 1, *un = unpack_q8_0, *fn = dot_q8_0; return 1;
     default: return 0;
     }
 }
@@ -160,16 +184,18 @@ static int layout(int type, int *qk, int *bytes, int *nsums, dot_fn *fn) {
 /* Supported weight type? (ggml type id) */
 int ggml_dot_supports(int type) {
     int qk, bytes, nsums;
+    unpack_fn un;
     dot_fn fn;
-    return layout(type, &qk, &bytes, &nsums, &fn);
+    return layout(type, &qk, &bytes, &nsums, &un, &fn);
 }
 
 /* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
  * Returns 0, or -1 for an unsupported type, n not a multiple of the block, or no memory. */
 int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int m, float *out) {
     int qk, bytes, nsums;
+    unpack_fn un;
     dot_fn fn;
-    if (!layout(type, &qk, &bytes, &nsums, &fn) || n % qk || rows < 0 || m < 0) return -1;
+    if (!layout(type, &qk, &bytes, &nsums, &un, &fn) || n % qk || rows < 0 || m < 0) return -1;
     const int nb = n / qk;
     const size_t row_bytes = (size_t)nb * bytes;
     int8_t *q = malloc((size_t)m * n);
@@ -184,18 +210,28 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
             const size_t at = (size_t)i * nb + b;
             d[at] = quantize_block(x + (size_t)i * n + (size_t)b * qk, qk, qk / nsums, q + at * qk, sums + at * nsums);
         }
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        for (int i = 0; i < m; i++) {
-            float acc = 0.0f;
-            for (int b = 0; b < nb; b++) {
-                const size_t at = (size_t)i * nb + b;
-                acc += fn(row + (size_t)b * bytes, q + at * qk, d[at], sums + at * nsums);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        Block blk;
+        float *acc = malloc(sizeof(float) * (size_t)m + 1);
+        failed = acc == NULL;
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            if (failed) continue;
+            const uint8_t *row = w + (size_t)r * row_bytes;
+            for (int i = 0; i < m; i++) acc[i] = 0.0f;
+            for (int b = 0; b < nb; b++) {  /* unpack once, dot with every activation row; sums in block order */
+                un(row + (size_t)b * bytes, &blk);
+                for (int i = 0; i < m; i++) {
+                    const size_t at = (size_t)i * nb + b;
+                    acc[i] += fn(&blk, q + at * qk, d[at], sums + at * nsums);
+                }
             }
-            out[(size_t)i * rows + r] = acc;
+            for (int i = 0; i < m; i++) out[(size_t)i * rows + r] = acc[i];
         }
+        free(acc);
     }
     free(q), free(d), free(sums);
-    return 0;
+    return failed ? -1 : 0;
 }
