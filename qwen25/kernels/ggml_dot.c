@@ -189,6 +189,20 @@ int ggml_dot_supports(int type) {
     return layout(type, &qk, &bytes, &nsums, &un, &fn);
 }
 
+/* acc[i] = activation row i . this weight row: each block unpacked once and dotted with every activation row,
+ * the per-block terms summed in block order */
+#define ROW_LOOP(UNPACK, DOT)                                                                                         \
+    do {                                                                                                              \
+        for (int i = 0; i < m; i++) acc[i] = 0.0f;                                                                    \
+        for (int b = 0; b < nb; b++) {                                                                                \
+            UNPACK(row + (size_t)b * bytes, &blk);                                                                    \
+            for (int i = 0; i < m; i++) {                                                                             \
+                const size_t at = (size_t)i * nb + b;                                                                 \
+                acc[i] += DOT(&blk, q + at * qk, d[at], sums + at * nsums);                                           \
+            }                                                                                                         \
+        }                                                                                                             \
+    } while (0)
+
 /* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
  * Returns 0, or -1 for an unsupported type, n not a multiple of the block, or no memory. */
 int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int m, float *out) {
@@ -220,13 +234,11 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
         for (int r = 0; r < rows; r++) {
             if (failed) continue;
             const uint8_t *row = w + (size_t)r * row_bytes;
-            for (int i = 0; i < m; i++) acc[i] = 0.0f;
-            for (int b = 0; b < nb; b++) {  /* unpack once, dot with every activation row; sums in block order */
-                un(row + (size_t)b * bytes, &blk);
-                for (int i = 0; i < m; i++) {
-                    const size_t at = (size_t)i * nb + b;
-                    acc[i] += fn(&blk, q + at * qk, d[at], sums + at * nsums);
-                }
+            switch (type) {  /* one loop per type, so its unpack and dot inline (no call per block) */
+            case T_Q4_K: ROW_LOOP(unpack_q4_k, dot_q4_k); break;
+            case T_Q6_K: ROW_LOOP(unpack_q6_k, dot_q6_k); break;
+            case T_Q5_0: ROW_LOOP(unpack_q5_0, dot_q5_0); break;
+            default: ROW_LOOP(unpack_q8_0, dot_q8_0); break;
             }
             for (int i = 0; i < m; i++) out[(size_t)i * rows + r] = acc[i];
         }
