@@ -204,6 +204,26 @@ def test_the_flag_and_the_llm_keyword_reach_the_engine(tiny_hf_dir):
         LLM(str(tiny_hf_dir), kv_cache_dtype="fp8_e4m3")
 
 
+@pytest.mark.real_model
+def test_server_with_an_int8_cache_refuses_what_the_cache_cannot_hold_and_keeps_serving(tiny_hf_dir):
+    """serve --kv-cache-dtype int8 with a small pool: a prompt beyond what the cache holds is a 400 naming both
+    counts (OpenAI's context_length_exceeded); a prompt that fits is then served."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qwen25.checkpoint import load
+    from qwen25.server.app import create_app_from_checkpoint
+
+    app = create_app_from_checkpoint(load(tiny_hf_dir), served_model_name="tiny", kv_cache_dtype="int8",
+                                     num_blocks=4, block_size=16)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": list(range(1000, 1070)), "max_tokens": 2})
+        assert r.status_code == 400 and "70 tokens" in r.text and "is 64 tokens" in r.text, r.text
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": list(range(1000, 1040)), "max_tokens": 2,
+                                                 "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 40, r.text
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_perplexity_cost_on_the_real_model(real_gguf):
