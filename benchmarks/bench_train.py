@@ -76,7 +76,7 @@ def build_real_model(directory: Path) -> None:
 def child_qwen25(spec: dict) -> dict:
     from qwen25.train.sft import SFTConfig, main
 
-    out = Path(spec["tmp"]) / "qwen25-run"
+    out = Path(tempfile.mkdtemp(prefix="qwen25-run-", dir=spec["tmp"]))  # a fresh run directory per child
     cfg = SFTConfig(model=spec["model"], data=spec["data"], output=str(out), lora=spec["lora"], lr=spec["lr"],
                     epochs=1, seq_len=spec["seq_len"], batch_size=spec["batch_size"], save_every=0,
                     threads=spec["threads"], no_progress=True, seed=0)
@@ -105,7 +105,8 @@ def child_trl(spec: dict) -> dict:
         peft_config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                       "down_proj"])
-    args = trl.SFTConfig(output_dir=str(Path(spec["tmp"]) / "trl-run"), per_device_train_batch_size=spec["batch_size"],
+    args = trl.SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-run-", dir=spec["tmp"]),
+                         per_device_train_batch_size=spec["batch_size"],
                          num_train_epochs=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
                          weight_decay=0.1, max_grad_norm=1.0, max_length=spec["seq_len"], packing=True,
                          gradient_checkpointing=False, save_strategy="no", report_to="none", use_cpu=True,
