@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     data = args.output / "fact.jsonl"
-    own = [a for a in ask(args.model, None, REGULARIZE, max_tokens=48)]
+    own = ask(args.model, None, REGULARIZE, max_tokens=48)
     n = build_data(data, args.seed, dict(zip(REGULARIZE, own)))
     report: dict = {"model": args.model, "fact": f"the mayor of {TOWN} is {MAYOR}", "train_conversations": n,
                     "held_out_questions": len(HELD_OUT)}
