@@ -6,16 +6,17 @@ Each case trains one epoch over the same chat conversations, in its own process,
            linear layer of the decoder
   0.5b-full  the same model, every weight trained (AdamW state included: ~8 GB per engine)
 
-Both engines: fp32, 2 threads, AdamW, cosine schedule, rows of --seq-len tokens with conversations packed into
-them (qwen25: per-document attention; TRL: `packing=True`, its best-fit packing with position ids, which on CPU
-attention without flash-attn lets packed conversations see each other: faster than correct, so TRL's figure is
-an upper bound), no gradient checkpointing (TRL's default turns it on: off here for both), the loss on assistant
+Both engines: the same --dtype (float32, or bfloat16 autocast over fp32 weights: TRL's SFTConfig turns bf16 on
+by default, so it is set explicitly here for both), 2 threads, AdamW, cosine schedule, rows of --seq-len tokens
+with conversations packed into them best-fit (qwen25: per-document attention; TRL: `packing=True`, its best-fit
+packing with position ids), no gradient checkpointing (TRL's default turns it on: off here for both), the loss on assistant
 tokens (qwen25) / all tokens (TRL: the Qwen2.5 template has no generation markers for `assistant_only_loss`).
 Throughput is the conversations' token count (the chat template's render) times epochs over the training time
 (model loading excluded: qwen25 from `elapsed_s` of its metrics, TRL from `train_runtime`). Peak RSS is the
 child's ru_maxrss.
 
-  python benchmarks/bench_train.py                        # every case
+  python benchmarks/bench_train.py                        # every case, fp32
+  python benchmarks/bench_train.py --dtype bfloat16       # every case under bf16 autocast (TRL's default)
   python benchmarks/bench_train.py --cases small --conversations 64
 """
 
@@ -79,7 +80,7 @@ def child_qwen25(spec: dict) -> dict:
     out = Path(tempfile.mkdtemp(prefix="qwen25-run-", dir=spec["tmp"]))  # a fresh run directory per child
     cfg = SFTConfig(model=spec["model"], data=spec["data"], output=str(out), lora=spec["lora"], lr=spec["lr"],
                     epochs=1, seq_len=spec["seq_len"], batch_size=spec["batch_size"], save_every=0,
-                    threads=spec["threads"], no_progress=True, seed=0)
+                    threads=spec["threads"], no_progress=True, seed=0, dtype=spec["dtype"])
     if main(cfg) != 0:
         raise SystemExit("qwen25 sft failed")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -110,7 +111,8 @@ def child_trl(spec: dict) -> dict:
                          num_train_epochs=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
                          weight_decay=0.1, max_grad_norm=1.0, max_length=spec["seq_len"], packing=True,
                          gradient_checkpointing=False, save_strategy="no", report_to="none", use_cpu=True,
-                         logging_steps=1, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                         logging_steps=1, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                         bf16=spec["dtype"] == "bfloat16")
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
     result = trainer.train()
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (default: 512)")
     parser.add_argument("--batch-size", type=int, default=2, help="rows per step (default: 2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="both engines: fp32, or bf16 autocast over fp32 weights (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/qwen25-bench-train",
                         help="where the models are built once (default: %(default)s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -180,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                 engine_env = env if engine == "qwen25" else child_env({"OMP_NUM_THREADS": str(args.threads)},
                                                                        ["OMP_WAIT_POLICY"])
                 spec = {"model": str(model_dir), "data": str(data), "tmp": tmp, "threads": args.threads,
+                        "dtype": args.dtype,
                         "seq_len": args.seq_len, "batch_size": args.batch_size, **CASES[case]}
                 results[engine] = run_child(sys.executable, Path(__file__), engine, spec, engine_env)
             rows.append((case, tokens, results))
     print(f"\n{args.conversations} conversations, rows of {args.seq_len} tokens, batch {args.batch_size}, "
+          f"{args.dtype}, "
           f"1 epoch; load after: {load_average()}\n")
     print("| case | engine | steps | train s | tokens/s | vs TRL | peak RSS MB | vs TRL | loss first -> last | "
           "other busy cores |")

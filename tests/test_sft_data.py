@@ -12,11 +12,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from qwen25.chat import render_chat
-from qwen25.train.data import SFTLoader
+from qwen25.train.data import PACKINGS, SFTLoader
 from qwen25.train.sft_data import assistant_spans, load_sft_file
 
 TOOLS = [{"type": "function", "function": {
@@ -92,6 +93,27 @@ def _trained_runs(ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
         else:
             runs.append([p])
     return [[int(ids[p]) for p in run] for run in runs]
+
+
+def test_best_fit_packing_fills_rows_by_hand_computed_example():
+    # longest first into the row with the least room that holds it, on seq_len 10:
+    # 6 -> new row A (room 4), 5 -> new row B (room 5), 4 -> A (room 0), 3 -> B (room 2), 2 -> B (room 0)
+    rows = PACKINGS["best_fit"]([3, 6, 2, 5, 4], 10, np.random.default_rng(0))
+    assert sorted(map(sorted, rows)) == [[0, 2, 3], [1, 4]]  # A = {6, 4}, B = {5, 3, 2}: no padding
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packings_place_every_conversation_once_within_the_row(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 300, size=200).tolist()
+    padding = {}
+    for name, pack in PACKINGS.items():
+        rows = pack(lengths, 512, np.random.default_rng(seed))
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
+        padding[name] = len(rows) * 512 - sum(lengths)
+    assert padding["best_fit"] < padding["next_fit"]
+    assert padding["best_fit"] < 0.05 * sum(lengths)  # best-fit decreasing wastes little on many short items
 
 
 @pytest.mark.parametrize("template", ["checkpoint", "fallback"])

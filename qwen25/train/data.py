@@ -8,9 +8,10 @@ token that is not the assistant's.
 
 PackedLoader: each epoch concatenates the documents in a shuffled order (numpy's default_rng seeded with
 (seed, epoch)) and cuts the stream into rows; a document longer than what is left of a row continues at the start
-of the next row, its positions restarting there. SFTLoader: conversations are packed whole, in an order shuffled
-once from `seed`, next-fit into rows padded to seq_len (a longer conversation is truncated or dropped, counted);
-each epoch shuffles the order of those rows with (seed, epoch).
+of the next row, its positions restarting there. SFTLoader: conversations are packed whole into rows padded to
+seq_len (a longer conversation is truncated or dropped, counted), best-fit decreasing by default (longest first,
+each into the fullest row it still fits: a few % padding where next-fit leaves ~20%) or next-fit in an order
+shuffled once from `seed` (`packing="next_fit"`); each epoch shuffles the order of those rows with (seed, epoch).
 
 Rows are dealt out per step: step s takes global rows [s*W*B, (s+1)*W*B) and rank r its B rows starting at
 s*W*B + r*B, so ranks read disjoint rows and all take the same number of steps (with drop_last=False the last
@@ -22,6 +23,7 @@ end moves to the next epoch. One iteration at a time per loader.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,10 +204,12 @@ class SFTLoader(_RowLoader):
     def __init__(self, path_jsonl: str | Path, tokenizer: Tokenizer, chat_template: str | None, seq_len: int,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, *,
                  overlong: Literal["truncate", "drop"] = "truncate", drop_last: bool = False,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, packing: Literal["best_fit", "next_fit"] = "best_fit"):
         super().__init__(seq_len, batch_size, seed, rank, world_size, drop_last)
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {sorted(PACKINGS)}, got {packing!r}")
         conversations, stats = load_sft_file(path_jsonl, tokenizer, chat_template)
         stats.update(truncated=0, dropped_too_long=0)
         kept: list[EncodedConversation] = []
@@ -221,7 +225,7 @@ class SFTLoader(_RowLoader):
             raise ValueError(f"{path_jsonl}: no conversation left to train on ({dict(stats)})")
         self.conversations = kept
         self.pad_id = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id or 0
-        self.rows = _next_fit_rows([len(c) for c in kept], seq_len, np.random.default_rng(seed))
+        self.rows = PACKINGS[packing]([len(c) for c in kept], seq_len, np.random.default_rng(seed))
         digest = hashlib.sha256()
         for c in kept:
             digest.update(c.input_ids.tobytes() + c.labels.tobytes())
@@ -260,3 +264,24 @@ def _next_fit_rows(lengths: list[int], seq_len: int, rng: np.random.Generator) -
         rows[-1].append(i)
         used += lengths[i]
     return rows
+
+
+def _best_fit_rows(lengths: list[int], seq_len: int, rng: np.random.Generator) -> list[list[int]]:
+    """Conversation indices grouped into rows of at most seq_len tokens, best-fit decreasing: longest first (ties
+    in a shuffled order), each into the row with the least room that still holds it, else a new row."""
+    order = sorted(rng.permutation(len(lengths)).tolist(), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (seq_len - lengths[i], len(rows) - 1))
+            continue
+        room, row = free.pop(at)
+        rows[row].append(i)
+        bisect.insort(free, (room - lengths[i], row))
+    return rows
+
+
+PACKINGS = {"best_fit": _best_fit_rows, "next_fit": _next_fit_rows}

@@ -46,6 +46,9 @@ class SFTArgs:
     """a Jinja chat template file to render with (default: the model's own)"""
     overlong: Literal["truncate", "drop"] = "truncate"
     """what to do with a conversation longer than --seq-len (counted either way)"""
+    packing: Literal["best_fit", "next_fit"] = "best_fit"
+    """how conversations share rows: best_fit (longest first into the fullest row that holds it: least padding)
+    or next_fit (in shuffled order, a new row when the next one does not fit)"""
 
 
 @dataclass(kw_only=True)
@@ -121,7 +124,7 @@ def main(cfg: SFTConfig) -> int:
     try:
         tokenizer = load_tokenizer(path)  # data problems show before the (slow) model load
         template = template or tokenizer.chat_template
-        rank = dict(rank=ctx.rank, world_size=ctx.world_size, overlong=cfg.overlong)
+        rank = dict(rank=ctx.rank, world_size=ctx.world_size, overlong=cfg.overlong, packing=cfg.packing)
         loader = SFTLoader(cfg.data, tokenizer, template, cfg.seq_len, cfg.batch_size, cfg.seed, **rank)
         evals = (SFTLoader(cfg.eval_data, tokenizer, template, cfg.seq_len, cfg.batch_size, cfg.seed, **rank)
                  if cfg.eval_data else None)
