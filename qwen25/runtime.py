@@ -54,3 +54,21 @@ def limit_heap_retention(mmap_threshold: int = 1 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+
+
+def release_free_heap() -> bool:
+    """glibc only: give the heap's free pages back to the OS (malloc_trim); returns whether it ran.
+
+    The training loop calls it after each optimizer step: the step's freed temporaries then stop counting as
+    resident between steps, while the allocator keeps reusing heap memory inside a step (unlike
+    `limit_heap_retention`, whose fresh mapping per large block costs a page fault per page: +40-50% time per
+    step of a 0.5B LoRA fine-tune on this CPU, measured)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True

@@ -1,21 +1,21 @@
 """Training batches: `Batch`, `PackedLoader` (pretraining, from token shards) and `SFTLoader` (chat jsonl).
 
-Both loaders yield rows of exactly `seq_len` tokens holding several documents each; `document_ids` numbers the
-documents of a row 0, 1, 2, ... (padding is one more document of its own), and the model restarts positions and
+Both loaders fill rows of up to `seq_len` tokens with several documents each; a batch is as wide as its
+longest row (at least 2), the shorter rows padded; `document_ids` numbers the documents of a row 0, 1, 2, ...
+(padding is one more document of its own), and the model restarts positions and
 masks attention at each change (`qwen25.model.rope.positions_in_documents`, `qwen25.model.attention`). labels[t]
 is the token after t in the same document, -100 at each document's last token, on padding and (SFT) on every
 token that is not the assistant's.
 
 PackedLoader: each epoch concatenates the documents in a shuffled order (numpy's default_rng seeded with
 (seed, epoch)) and cuts the stream into rows; a document longer than what is left of a row continues at the start
-of the next row, its positions restarting there. SFTLoader: conversations are packed whole into rows padded to
-seq_len (a longer conversation is truncated or dropped, counted), best-fit decreasing by default (longest first,
+of the next row, its positions restarting there. SFTLoader: conversations are packed whole into rows (a longer conversation is truncated or dropped, counted), best-fit decreasing by default (longest first,
 each into the fullest row it still fits: a few % padding where next-fit leaves ~20%) or next-fit in an order
 shuffled once from `seed` (`packing="next_fit"`); each epoch shuffles the order of those rows with (seed, epoch).
 
 Rows are dealt out per step: step s takes global rows [s*W*B, (s+1)*W*B) and rank r its B rows starting at
-s*W*B + r*B, so ranks read disjoint rows and all take the same number of steps (with drop_last=False the last
-steps are filled with padding rows that train nothing). The position is the number of global rows consumed in the
+s*W*B + r*B, so ranks read disjoint rows and all take the same number of steps (with drop_last=False a rank past
+the last row takes its step on one 2-token padding row that trains nothing). The position is the number of global rows consumed in the
 current epoch: `state_dict()` after k batches and `load_state_dict` into a fresh loader continue with batch k + 1
 (at another world size or batch size too: the next step starts at the first row not consumed). Iterating to the
 end moves to the next epoch. One iteration at a time per loader.
@@ -51,18 +51,28 @@ class Batch:
 Piece = tuple[np.ndarray, np.ndarray]  # (input ids, labels) of one document (or part of one) in a row
 
 
-def _assemble(pieces: list[Piece], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One row: the pieces side by side, then padding (its own document, no labels) up to seq_len."""
-    ids = np.full(seq_len, pad_id, dtype=np.int64)
-    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    docs = np.full(seq_len, len(pieces), dtype=np.int64)
-    pos = 0
-    for d, (piece_ids, piece_labels) in enumerate(pieces):
-        n = piece_ids.size
-        ids[pos:pos + n], labels[pos:pos + n], docs[pos:pos + n] = piece_ids, piece_labels, d
-        pos += n
-    assert pos <= seq_len
+def _assemble(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row's content: the pieces side by side, their documents numbered 0, 1, 2... (no padding yet)."""
+    if not pieces:
+        return (np.zeros(0, np.int64),) * 3
+    ids = np.concatenate([piece_ids for piece_ids, _ in pieces]).astype(np.int64, copy=False)
+    labels = np.concatenate([piece_labels for _, piece_labels in pieces]).astype(np.int64, copy=False)
+    docs = np.repeat(np.arange(len(pieces), dtype=np.int64), [piece_ids.size for piece_ids, _ in pieces])
     return ids, labels, docs
+
+
+def _pad_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """The rows padded to the longest of them (at least 2 columns): padding is one more document of its own, with
+    no labels. Trailing padding trains nothing, so the batch is only as wide as its content."""
+    width = max(2, *(ids.size for ids, _, _ in rows))
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    docs = np.empty((len(rows), width), dtype=np.int64)
+    for r, (row_ids, row_labels, row_docs) in enumerate(rows):
+        n = row_ids.size
+        ids[r, :n], labels[r, :n], docs[r, :n] = row_ids, row_labels, row_docs
+        docs[r, n:] = row_docs[-1] + 1 if n else 0
+    return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(docs)
 
 
 class _RowLoader:
@@ -121,9 +131,9 @@ class _RowLoader:
         epoch, start = self.epoch, self._consumed
         for step in range(self._steps_from(start)):
             first = start + step * per_step + self.rank * self.batch_size
-            built = [self._build_row(epoch, r) if r < rows else _assemble([], self.seq_len, self.pad_id)
-                     for r in range(first, first + self.batch_size)]
-            ids, labels, docs = (torch.from_numpy(np.stack(x)) for x in zip(*built))
+            built = [self._build_row(epoch, r) for r in range(first, min(first + self.batch_size, rows))]
+            # past the last row: one padding row, so every rank still takes the step
+            ids, labels, docs = _pad_batch(built or [_assemble([])], self.pad_id)
             self._consumed = start + (step + 1) * per_step
             yield Batch(ids, labels, docs, int((labels != IGNORE_INDEX).sum()))
         if self.epoch == epoch:
@@ -189,7 +199,7 @@ class PackedLoader(_RowLoader):
                 labels = np.append(labels, IGNORE_INDEX)
             pieces.append((doc[s:e], labels))
             i += 1
-        return _assemble(pieces, self.seq_len, self.pad_id)
+        return _assemble(pieces)
 
 
 class SFTLoader(_RowLoader):
@@ -249,7 +259,7 @@ class SFTLoader(_RowLoader):
             self._row_order_epoch = epoch
         shuffled = int(self._row_order[row])
         pieces = [(self.conversations[c].input_ids, self.conversations[c].labels) for c in self.rows[shuffled]]
-        return _assemble(pieces, self.seq_len, self.pad_id)
+        return _assemble(pieces)
 
 
 def _next_fit_rows(lengths: list[int], seq_len: int, rng: np.random.Generator) -> list[list[int]]:

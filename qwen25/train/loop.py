@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from qwen25.runtime import release_free_heap
 from qwen25.train import checkpointing as ckpt
 from qwen25.train.config import TrainArgs
 from qwen25.train.distributed import DistContext, all_reduce_sum, is_sharded, set_gradient_sync
@@ -324,6 +325,7 @@ def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            release_free_heap()  # the step's temporaries stop counting as resident (see qwen25.runtime)
             step += 1
             names = sorted(extra_sums)
             sums = all_reduce_sum(ctx, torch.stack([loss_sum] + [torch.as_tensor(extra_sums[n], dtype=torch.float64,
