@@ -245,3 +245,20 @@ def test_cli_lora_flag(tiny_hf_dir, tiny_adapter, capsys):
                  "--temperature", "0", "--max-tokens", "3"]) == 0
     assert main(["chat", "--model", str(tiny_hf_dir), "--lora", str(tiny_hf_dir), "--prompt", "hi"]) == 1
     assert "not a LoRA adapter directory" in capsys.readouterr().err
+
+
+def test_mask_dropout_is_dropout_with_a_one_byte_mask():
+    from qwen25.train.lora import MaskDropout
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 512, requires_grad=True)
+    drop = MaskDropout(0.25)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # the drop rate
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)  # survivors scaled by 1 / (1 - p), as nn.Dropout
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.bool]  # all that backward keeps
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)  # the gradient flows through the same mask
+    drop.eval()
+    assert drop(x) is x

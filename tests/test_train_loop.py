@@ -191,8 +191,8 @@ def test_chunked_loss_equals_the_full_logits_loss_in_value_and_gradient(monkeypa
     logits = full_model(batch.input_ids, document_ids=batch.document_ids)
     full = F.cross_entropy(logits.reshape(-1, 256), batch.labels.reshape(-1), ignore_index=-100, reduction="sum")
     full.backward()
-    monkeypatch.setattr(loop, "LOSS_CHUNK", 7)  # several chunks and a ragged last one
-    monkeypatch.setattr(loop, "LOSS_LOGITS_BYTES", 0)
+    fused = loop.linear_cross_entropy
+    monkeypatch.setattr(loop, "linear_cross_entropy", lambda *a, **k: fused(*a, **k, chunk=7))  # ragged last chunk
     chunked = token_loss_sum(chunked_model, batch, CTX)
     chunked.backward()
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)

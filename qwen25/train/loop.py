@@ -38,19 +38,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from qwen25.runtime import release_free_heap
 from qwen25.train import checkpointing as ckpt
 from qwen25.train.config import TrainArgs
+from qwen25.train.linear_ce import linear_cross_entropy
 from qwen25.train.distributed import DistContext, all_reduce_sum, is_sharded, set_gradient_sync
 from qwen25.train.metrics import MetricsLog
 from qwen25.train.optim import OptimSettings, build_optimizer, build_scheduler, clip_gradients
 
 IGNORE_INDEX = -100
-LOSS_LOGITS_BYTES = 2**30  # above this, the loss logits are computed in chunks and recomputed in backward
-LOSS_CHUNK = 1024  # loss tokens per chunk
 
 __all__ = ["DataStream", "Objective", "TrainResult", "enable_activation_checkpointing", "evaluate",
            "evaluate_metrics", "loss_units", "seed_everything", "token_ce_objective", "token_loss_sum", "train"]
@@ -117,14 +115,14 @@ def autocast(ctx: DistContext, dtype: str) -> contextlib.AbstractContextManager:
 def token_loss_sum(model: nn.Module, batch: BatchLike, ctx: DistContext, dtype: str = "float32") -> torch.Tensor:
     """Summed token cross-entropy of one micro-batch (fp32 scalar; -100 labels excluded).
 
-    On an unsharded model only the loss positions go through lm_head (SFT: the assistant tokens), and when their
-    fp32 logits would pass LOSS_LOGITS_BYTES they go LOSS_CHUNK tokens at a time, recomputed in backward: the
-    (B, T, vocab) logits — 2.5 GB for 4 x 1,024 tokens of Qwen2.5's vocabulary, times three with their softmax
-    and gradient — never exist (for a third more lm_head compute). Under FSDP2 the root module's forward must
-    run whole (its hooks gather the embedding, final norm and lm_head), so the logits are materialised there."""
+    On an unsharded model only the loss positions go through lm_head (SFT: the assistant tokens), in chunks whose
+    logits are dropped as soon as their gradient is taken (`qwen25.train.linear_ce`): the (B, T, vocab) logits —
+    2.5 GB for 4 x 1,024 tokens of Qwen2.5's vocabulary, times three with their softmax and gradient — never
+    exist, and no matmul is recomputed. Under FSDP2 the root module's forward must run whole (its hooks gather the
+    embedding, final norm and lm_head), so the logits are materialised there."""
     input_ids, labels = batch.input_ids.to(ctx.device), batch.labels.to(ctx.device)
     document_ids = batch.document_ids.to(ctx.device)
-    if is_sharded(model) or not hasattr(model, "lm_head"):
+    if is_sharded(model) or not hasattr(model, "lm_head") or model.lm_head.bias is not None:
         with autocast(ctx, dtype):
             logits = model(input_ids, document_ids=document_ids)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -135,22 +133,9 @@ def token_loss_sum(model: nn.Module, batch: BatchLike, ctx: DistContext, dtype: 
     hidden, targets = hidden[keep], labels[keep]  # (N, H), (N,)
     if targets.numel() == 0:
         return hidden.sum().float() * 0.0  # no loss token: zero, still connected to the graph
-    chunk_loss = functools.partial(_chunk_loss, model.lm_head, ctx, dtype)
-    if targets.numel() * model.lm_head.out_features * 4 <= LOSS_LOGITS_BYTES or not torch.is_grad_enabled():
-        return chunk_loss(hidden, targets)  # small enough: no recomputation
-    total = None
-    for i in range(0, targets.numel(), LOSS_CHUNK):
-        part = torch.utils.checkpoint.checkpoint(chunk_loss, hidden[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK],
-                                                 use_reentrant=False)
-        total = part if total is None else total + part
-    return total
-
-
-def _chunk_loss(lm_head: nn.Module, ctx: DistContext, dtype: str, hidden: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
-    with autocast(ctx, dtype):
-        logits = lm_head(hidden)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    weight = model.lm_head.weight
+    return linear_cross_entropy(hidden, weight, targets,
+                                compute_dtype=torch.bfloat16 if dtype == "bfloat16" else weight.dtype)
 
 
 @torch.no_grad()

@@ -68,6 +68,40 @@ class LoraConfig:
         return self.alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
+class _BoolMaskDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x * keep * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None
+
+
+class MaskDropout(nn.Module):
+    """nn.Dropout's function (zero each element with probability p, scale the rest by 1/(1-p); identity in eval
+    mode) keeping a 1-byte mask for backward where CPU dropout keeps a mask of the input's dtype: an fp32 mask per
+    adapted projection is ~1 GB for 1,024 tokens of the 0.5B with LoRA on every linear layer."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return _BoolMaskDropout.apply(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LoraLinear(nn.Linear):
     """An `nn.Linear` (sharing the base's weight and bias) plus a low-rank update B A scaled by `scaling`."""
 
@@ -81,7 +115,7 @@ class LoraLinear(nn.Linear):
         kw = dict(device=base.weight.device, dtype=dtype, bias=False)
         self.lora_A = nn.Linear(base.in_features, r, **kw)
         self.lora_B = nn.Linear(r, base.out_features, **kw)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.scaling = r, scaling
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
