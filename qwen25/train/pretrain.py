@@ -163,7 +163,7 @@ def main(cfg: PretrainConfig) -> int:
     from qwen25.checkpoint import load_tokenizer
     from qwen25.data.shards import read_manifest
     from qwen25.model.init import model_from_config
-    from qwen25.runtime import configure_runtime
+    from qwen25.runtime import TRAINING_MMAP_THRESHOLD, configure_runtime, limit_heap_retention
     from qwen25.train.checkpointing import TrainingRunError, hf_writer, save_final_model
     from qwen25.train.data import PackedLoader
     from qwen25.train.distributed import init_distributed, shard_model, shutdown
@@ -185,6 +185,7 @@ def main(cfg: PretrainConfig) -> int:
                                "empty directory")
     ctx = init_distributed()
     configure_runtime(cfg.threads)
+    limit_heap_retention(TRAINING_MMAP_THRESHOLD)  # freed activations go back instead of piling up
     try:
         model = model_from_config(config, seed=cfg.seed, device=ctx.device)
         if ctx.distributed:

@@ -98,7 +98,7 @@ def main(cfg: SFTConfig) -> int:
     import torch
 
     from qwen25.checkpoint import load, load_tokenizer
-    from qwen25.runtime import configure_runtime
+    from qwen25.runtime import TRAINING_MMAP_THRESHOLD, configure_runtime, limit_heap_retention
     from qwen25.train.checkpointing import adapter_writer, hf_writer, save_final_model
     from qwen25.train.data import SFTLoader
     from qwen25.train.distributed import init_distributed, shard_model, shutdown
@@ -120,6 +120,7 @@ def main(cfg: SFTConfig) -> int:
     path = resolve_model(cfg.model)  # a wrong path fails here, in one line, before anything loads
     ctx = init_distributed()
     configure_runtime(cfg.threads)
+    limit_heap_retention(TRAINING_MMAP_THRESHOLD)  # freed activations go back instead of piling up
     try:
         tokenizer = load_tokenizer(path)  # data problems show before the (slow) model load
         template = template or tokenizer.chat_template
