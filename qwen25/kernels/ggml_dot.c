@@ -10,7 +10,8 @@
  * accumulation of those per-block terms, in block order. A row of the result does not depend on the other rows.
  *
  * The integer dot products run on 16 / 32 bytes at a time for the build's ISA (qwen25.kernels.isa): maddubs + madd
- * on the avx2 build, vpdpbusd on the avx512 (VNNI) one; the weight quants are unpacked to bytes per block first. Rows of W are split across OpenMP threads;
+ * on the avx2 build, vpdpbusd on the avx512 (VNNI) one; the weight quants are unpacked to bytes per block first
+ * (Q5_0's fifth bits by a byte shuffle + compare on avx2, a mask move on avx512). Rows of W are split across OpenMP threads;
  * each weight row is read once for all activation rows (decode: 1 row; batches and tiles: a few).
  */
 #include <immintrin.h>
@@ -72,14 +73,15 @@ static inline int dot16_u8_s8(const uint8_t *u, const int8_t *s) {
     return _mm_cvtsi128_si32(t);
 }
 
-/* signed x signed over 32 bytes: |a| times b with a's sign moved onto b */
+/* signed x signed over 32 bytes: |a| times b with a's sign moved onto b, in registers */
 static inline int dot32_s8_s8(const int8_t *a, const int8_t *b) {
     const __m256i x = _mm256_loadu_si256((const __m256i *)a), y = _mm256_loadu_si256((const __m256i *)b);
-    uint8_t u[32];
-    int8_t s[32];
-    _mm256_storeu_si256((__m256i *)u, _mm256_abs_epi8(x));
-    _mm256_storeu_si256((__m256i *)s, _mm256_sign_epi8(y, x));
-    return dot32_u8_s8(u, s);
+    const __m256i u = _mm256_abs_epi8(x), s = _mm256_sign_epi8(y, x);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return hsum_i32x8(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#else
+    return hsum_i32x8(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
 }
 
 /* A weight block unpacked once and then dotted with every activation row: quants as bytes, the integer scales
@@ -140,15 +142,27 @@ static float dot_q6_k(const Block *k, const int8_t *q, float dx, const int16_t *
     return dx * k->d * acc;
 }
 
-/* Q5_0: d (f16), 32 high bits, 16 bytes of nibbles; value (q5 - 16) * d */
+/* Q5_0: d (f16), 32 high bits, 16 bytes of nibbles; value (q5 - 16) * d. Value j < 16 is byte j's low nibble,
+ * value j + 16 its high one; bit j of the 32 high bits is value j's fifth bit (0x10). */
+static inline __m256i fifth_bits(uint32_t qh) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
+#else
+    /* byte j <- byte j / 8 of qh, then keep bit j % 8: all-ones where set, 0x10 of that */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+                                               _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                  0x0303030303030303LL));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+}
+
 static void unpack_q5_0(const uint8_t *b, Block *k) {
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
-    const uint8_t *qs = b + 6;
-    for (int j = 0; j < 16; j++) {
-        k->u[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
-        k->u[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-    }
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6)), low = _mm_set1_epi8(0x0F);
+    const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+    _mm256_storeu_si256((__m256i *)k->u, _mm256_or_si256(nibbles, fifth_bits(qh)));
     k->d = f16(b);
 }
 
