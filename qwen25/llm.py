@@ -23,6 +23,7 @@ from qwen25.engine.kv_quant import resolve_kv_cache_dtype
 from qwen25.config import ModelConfig
 from qwen25.engine.speculative import SpeculativeConfig
 from qwen25.model.long_context import LongContextSetting, set_long_context
+from qwen25.model.sparse_prefill import SparsePrefillConfig, SparsePrefillSetting, enable_sparse_prefill
 from qwen25.sampling_params import SamplingParams
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
@@ -89,6 +90,9 @@ class LLM:
     in message contents, tools and tool results as plain text, so a message cannot forge a turn or a tool call
     (`qwen25.chat.prompt`); True restores the transformers/vLLM behaviour of matching them as control tokens.
     rope_scaling, dual_chunk_attention_config: long context (see `set_long_context`); None keeps the checkpoint's.
+    sparse_prefill: MInference's vertical-slash sparse attention for long prefill chunks (True, "on", a dict or
+    JSON text of `qwen25.model.sparse_prefill.SparsePrefillConfig` fields; None/False/"off": dense); default RoPE
+    or static YaRN only. Such chunks run on the PyTorch path (the native forward has no sparse attention).
     engine_kwargs["max_model_len"] caps prompt + output per request (default: the model's max_position_embeddings,
     which a YaRN rope_scaling lengthens to factor x its native window)."""
 
@@ -96,8 +100,10 @@ class LLM:
                  quantization: str = "auto", engine_kwargs: dict[str, Any] | None = None,
                  speculative_config: dict[str, Any] | None = None, lora: str | os.PathLike | None = None,
                  allow_special_tokens_in_content: bool = False, rope_scaling: LongContextSetting = None,
-                 dual_chunk_attention_config: LongContextSetting = None, kv_cache_dtype: str | None = None) -> None:
+                 dual_chunk_attention_config: LongContextSetting = None, kv_cache_dtype: str | None = None,
+                 sparse_prefill: SparsePrefillSetting = None) -> None:
         self.engine_kwargs = dict(engine_kwargs or {})
+        self.sparse_prefill = SparsePrefillConfig.from_setting(sparse_prefill)  # a bad setting fails before the load
         if kv_cache_dtype is not None:
             resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)  # a bad name fails before the (slow) load
             self.engine_kwargs["kv_cache_dtype"] = kv_cache_dtype
@@ -127,6 +133,8 @@ class LLM:
             self.engine_kwargs["speculative_config"] = SpeculativeConfig.from_dict(dict(speculative_config))
         if rope_scaling is not None or dual_chunk_attention_config is not None:
             self.set_long_context(rope_scaling, dual_chunk_attention_config)
+        elif self.sparse_prefill is not None:
+            enable_sparse_prefill(self.model, self.sparse_prefill)
 
     # --- settings ----------------------------------------------------------------------------------
     def set_long_context(self, rope_scaling: LongContextSetting = None,
@@ -138,6 +146,8 @@ class LLM:
         if "_engine" in self.__dict__:
             raise RuntimeError("set_long_context after the engine was created: set it when constructing the LLM")
         self.config = self.checkpoint.config = set_long_context(self.model, rope_scaling, dual_chunk_attention_config)
+        if self.__dict__.get("sparse_prefill") is not None:  # the new config's backend, made sparse again
+            enable_sparse_prefill(self.model, self.sparse_prefill)
         return self.config
 
     @property
