@@ -1,4 +1,4 @@
-"""`qwen25 train pretrain|sft|rm|dpo`: the training commands (`add_train_parser` registers them with the qwen25 CLI).
+"""`qwen25 train pretrain|sft|rm|dpo|grpo`: the training commands (`add_train_parser` registers them with the qwen25 CLI).
 
 Each is a config dataclass whose fields are its flags (`qwen25.cli_args`; `--config FILE` reads the same keys
 from TOML/JSON/YAML, flags winning) and the stage's `main(cfg)`. Errors a user can fix — a wrong model path, a
@@ -13,6 +13,7 @@ from typing import Any
 
 from qwen25.cli_args import add_command
 from qwen25.train.dpo import DPOConfig
+from qwen25.train.grpo import GRPOConfig
 from qwen25.train.pretrain import PretrainConfig
 from qwen25.train.rm import RMConfig
 from qwen25.train.sft import SFTConfig
@@ -23,6 +24,7 @@ TRAIN_DESCRIPTION = """Train Qwen2.5 models.
   qwen25 train sft --model BASE --data train.jsonl --output DIR [--lora]    fine-tune on chat conversations
   qwen25 train rm --model BASE --data pairs.jsonl --output DIR      a reward model (Bradley-Terry) on preference pairs
   qwen25 train dpo --model BASE --data pairs.jsonl --output DIR [--lora]    DPO on preference pairs
+  qwen25 train grpo --model BASE --data tasks.jsonl --reward math --output DIR [--lora]    online RL (GRPO)
 
 Each writes checkpoints, metrics.jsonl and loss.png into --output and continues a killed run with --resume. Run
 them under `torchrun --nproc_per_node N -m qwen25.cli train ...` to shard the model over N processes (FSDP2)."""
@@ -81,6 +83,19 @@ DPO_EPILOG = """examples:
       a LoRA adapter (lr 5e-6) with the IPO loss; metrics.jsonl has reward_accuracy and reward_margin
 """ + PAIRS + COMMON
 
+GRPO_EPILOG = """examples:
+  python scripts/make_rl_tasks.py /tmp/rg/reasoning_gym-*.whl --output data/rl     verifiable math/code tasks
+  qwen25 train grpo --model qwen2.5-coder-0.5b-instruct --data data/rl/gsm_train.jsonl \\
+      --eval-data data/rl/gsm_heldout.jsonl --reward math --reward format:boxed=0.1 --lora --output runs/grpo
+      8 completions per prompt sampled by qwen25's engine from the policy being trained; LoRA lr 1e-5
+  qwen25 train grpo --data tasks.jsonl --reward rm:runs/rm --output runs/grpo-rm --lora --loss-type dr_grpo \\
+      --scale-rewards none       the reward model as the reward, Dr. GRPO's normalisation
+data: one task per line, {"messages": [...]} or {"prompt": "..."} plus what the rewards check ("answer" for
+math, "tests" for code, "schema" for json). Prompts with no room within --seq-len are skipped and counted; a
+reward that raises or times out scores 0 (reward_failures in metrics.jsonl). metrics.jsonl also has reward,
+kl, clip_fraction, entropy, completion_length, truncated_share, all_equal_share and rollout/reward/ref/sync
+seconds; reward.png shows the reward curve, heldout.json the held-out mean reward before and after.""" + COMMON
+
 
 def _resume_flag_takes_an_optional_value(parser: argparse.ArgumentParser) -> None:
     """`--resume` alone means "latest" (the newest checkpoint in --output); `--resume DIR` names one."""
@@ -91,9 +106,9 @@ def _resume_flag_takes_an_optional_value(parser: argparse.ArgumentParser) -> Non
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `train` with its `pretrain`, `sft`, `rm` and `dpo` sub-commands to the qwen25 CLI."""
-    from qwen25.train import dpo, pretrain, rm, sft
+    from qwen25.train import dpo, grpo, pretrain, rm, sft
 
-    p = subparsers.add_parser("train", help="train models: pretrain from scratch, sft (full or LoRA), rm, dpo",
+    p = subparsers.add_parser("train", help="train models: pretrain from scratch, sft (full or LoRA), rm, dpo, grpo",
                               description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
@@ -103,7 +118,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
             ("sft", SFTConfig, sft.main, "fine-tune a checkpoint on chat conversations (full or LoRA)", SFT_EPILOG),
             ("rm", RMConfig, rm.main, "train a reward model on preference pairs (Bradley-Terry)", RM_EPILOG),
             ("dpo", DPOConfig, dpo.main, "align a checkpoint on preference pairs with DPO / IPO (full or LoRA)",
-             DPO_EPILOG)):
+             DPO_EPILOG),
+            ("grpo", GRPOConfig, grpo.main, "online RL with GRPO, rollouts from qwen25's engine (full or LoRA)",
+             GRPO_EPILOG)):
         sub = add_command(stages, name, cls, main, help=help_text, epilog=epilog)
         _resume_flag_takes_an_optional_value(sub)
     return p

@@ -26,21 +26,31 @@ Kept from the papers: group advantages, PPO-style token clip, k3 KL to a frozen 
 Dropped: DAPO's dynamic sampling (degenerate groups are counted, not re-sampled) and its soft overlong
 penalty; PPO's value function (none in GRPO); sequence-level ratios (GSPO). `mask_truncated` (TRL issue
 5697) zeroes the loss mask of completions the length limit cut, so they add no gradient: their reward is
-not about a finished answer. The computation matches TRL 1.16's GRPOTrainer._compute_loss value for value and
+not about a finished answer.
+
+`GRPOObjective` plugs this into the shared training loop (`qwen25.train.loop`), which divides the summed loss
+of the global batch by its count of loss units: for "grpo" and "dr_grpo" the unit is a sequence (each
+micro-batch returns the sum over its rows of the row's loss), for "dapo" a masked token (the sum over tokens),
+so the loop's division reproduces each normalisation over the whole global batch (all micro-batches and
+ranks). "bnpo" (a per-micro-batch token mean) is dapo's with one micro-batch on one process, so the trainer
+offers grpo, dr_grpo and dapo. The computation matches TRL 1.16's GRPOTrainer._compute_loss value for value and
 gradient for gradient (tests/test_grpo_objective.py calls TRL's own code).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
-__all__ = ["ADV_EPS", "GRPO_LOSS_TYPES", "GRPOLoss", "group_advantages", "grpo_token_loss", "mask_truncated"]
+__all__ = ["ADV_EPS", "GRPO_LOSS_TYPES", "TRAINER_LOSS_TYPES", "GRPOLoss", "GRPOObjective", "group_advantages",
+           "grpo_token_loss", "loss_units_for", "mask_truncated"]
 
 ADV_EPS = 1e-4
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+TRAINER_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 Scale = Literal["group", "batch", "none"]
 
@@ -127,3 +137,55 @@ def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advanta
     region = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
     return GRPOLoss(loss, mask.sum().detach(), (kl * mask).sum().detach(),
                     (region.to(mask.dtype) * mask).sum().detach())
+
+
+def loss_units_for(loss_type: str, labels: torch.Tensor, truncated: torch.Tensor, drop_truncated: bool) -> int:
+    """The loss units of a micro-batch for the loop: rows for grpo / dr_grpo, masked tokens for dapo."""
+    if loss_type in ("grpo", "dr_grpo"):
+        return int(labels.size(0))
+    mask = (labels != -100).float()
+    if drop_truncated:
+        mask = mask_truncated(mask, truncated)
+    return int(mask.sum())
+
+
+class GRPOObjective:
+    """The loop's objective over `RolloutBatch`es (`qwen25.train.grpo_rollout`): policy log-probs chunked over
+    the completion positions (`qwen25.train.logprobs.token_logps`), then `grpo_token_loss` summed over the
+    batch's loss units. Extras (the loop logs each as its mean per unit, so they are passed as value x units):
+    kl and clip_fraction and entropy (token means), and the batch's rollout statistics."""
+
+    def __init__(self, loss_type: LossType = "dapo", *, beta: float = 0.0, eps_low: float = 0.2,
+                 eps_high: float | None = None, max_completion_length: int | None = None,
+                 drop_truncated: bool = False) -> None:
+        if loss_type not in TRAINER_LOSS_TYPES:
+            raise ValueError(f"--loss-type {loss_type!r}: use one of {', '.join(TRAINER_LOSS_TYPES)}")
+        if loss_type == "dr_grpo" and not max_completion_length:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        if eps_low <= 0 or (eps_high is not None and eps_high <= 0):
+            raise ValueError(f"clip epsilons must be > 0, got {eps_low} / {eps_high}")
+        self.loss_type, self.beta, self.eps_low, self.eps_high = loss_type, beta, eps_low, eps_high
+        self.max_completion_length, self.drop_truncated = max_completion_length, drop_truncated
+
+    def __call__(self, model: nn.Module, batch: Any, ctx: Any,
+                 dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from qwen25.train.logprobs import token_logps
+
+        out = token_logps(model, batch.input_ids, batch.labels, ctx, dtype, entropy=True)
+        mask = out.mask.float()
+        if self.drop_truncated:
+            mask = mask_truncated(mask, batch.truncated.to(mask.device))
+        rows = batch.input_ids.size(0)
+        ref = None if batch.ref_logps is None else batch.ref_logps.to(out.logps.device)
+        old = None if batch.old_logps is None else batch.old_logps.to(out.logps.device)
+        kind = "dapo" if self.loss_type == "dapo" else self.loss_type
+        result = grpo_token_loss(out.logps, old, batch.advantages.to(out.logps.device), mask, ref_logps=ref,
+                                 beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high, loss_type=kind,
+                                 max_completion_length=self.max_completion_length, num_items=1.0)
+        loss_sum = result.loss if kind == "dapo" else result.loss * rows
+        units = float(batch.num_loss_units)
+        tokens = result.tokens.clamp(min=1.0)
+        entropy = (out.entropy.detach() * mask).sum() / tokens if out.entropy is not None else torch.zeros(())
+        per_unit = {"kl": result.kl_sum / tokens, "clip_fraction": result.clipped_sum / tokens,
+                    "entropy": entropy, **{k: torch.tensor(v) for k, v in batch.stats.items()}}
+        return loss_sum, {k: v.detach().double().cpu() * units for k, v in per_unit.items()}
