@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +36,9 @@ def _build(source: Path, level: str, defines: tuple[str, ...] = ()) -> Path | No
     if compiler is None:
         return None
     flags = [*_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    text = source.read_bytes()
+    included = b"".join((source.parent / name.decode()).read_bytes() for name in re.findall(rb'#include "([^"]+)"', text))
+    digest = hashlib.sha256(text + included + " ".join(flags).encode()).hexdigest()[:16]  # a changed include rebuilds
     target = kernels_dir() / f"{source.stem}-{level}-{digest}.so"
     if target.is_file():
         return target
@@ -127,4 +130,5 @@ def load_ggml_kernels(level: str | None = None) -> ctypes.CDLL | None:
     """The matmuls on ggml weight blocks (`ggml_dot.c`) built for `level` (default: the selected one), or None
     when they cannot be built here."""
     return _load_declared(_HERE / "ggml_dot.c", {"ggml_matmul": ([_I, _P, _I, _I, _P, _I, _P], _I),
-                                                  "ggml_dot_supports": ([_I], _I)}, level)
+                                                  "ggml_dot_supports": ([_I], _I),
+                                                  "ggml_dequantize_rows": ([_I, _P, _I, _P, _I, _P], _I)}, level)

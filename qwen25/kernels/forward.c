@@ -24,6 +24,7 @@
 #include <string.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include "ggml_dot.c"  /* matmuls on the GGUF file's own blocks (bits 0 below) */
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -31,7 +32,9 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
 }
 
-/* A weight matrix (N, K) in one of two formats, with `group` consecutive weights of a row per scale:
+/* A weight matrix (N, K) in one of three formats, with `group` consecutive weights of a row per scale:
+ *   bits 0: w the GGUF tensor's bytes, rows of ggml blocks of `ggml_type` (Q4_K, Q6_K, Q5_0, Q8_0; ggml_dot.c),
+ *           activations quantized to int8 per block of the type (32 or 256 values); s, mins, group unused
  *   bits 8: w int8 (N, K), s fp32 (N, K / group); w = s * q; wsum int32 (N, K / group): each group's sum of q
  *   bits 4: w uint8 (N, K / 2), byte j of a row holding codes 2j (low nibble) and 2j + 1 (high nibble);
  *           s and mins fp16 (N, K / group); w = s * code + min */
@@ -42,13 +45,15 @@ typedef struct {
     const float *bias;   /* (N,) or NULL */
     int group, N, K;
     const int32_t *wsum; /* bits 8 only */
+    int ggml_type;       /* bits 0 only */
 } QMat;
 
 typedef struct {
     const float *input_norm, *post_norm;
-    QMat qkv[2];   /* row blocks (the second may be empty, N = 0): q (H*D), k (Hkv*D), v (Hkv*D) */
+    QMat qkv[3];   /* row blocks (the later ones may be empty, N = 0): q (H*D), k (Hkv*D), v (Hkv*D) */
     QMat o;
-    QMat gate_up;  /* rows: gate (I), up (I) */
+    QMat gate_up;  /* rows: gate (I), up (I); or gate only when `up` is not empty */
+    QMat up;       /* N = 0, or the up rows (I) as their own matrix (GGUF blocks: gate and up are two tensors) */
     QMat down;
 } QLayer;
 
@@ -204,6 +209,10 @@ typedef struct {
     uint8_t *u;
     float *us;
     int has_u;
+    int8_t *g8;      /* GGUF-block weights: int8 per block of has_g values, scales gd, sums gsum (see ggml_dot.c) */
+    float *gd;
+    int16_t *gsum;
+    int has_g;
 } QAct;
 
 /* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
@@ -211,7 +220,25 @@ static void set_rows(const float *x, int R, int K, QAct *a) {
     a->src = x;
     a->R = R;
     a->K = K;
-    a->has_q16 = a->has_q4 = a->has_u = 0;
+    a->has_q16 = a->has_q4 = a->has_u = a->has_g = 0;
+}
+
+static void prepare_g(QAct *a, int ggml_type) {
+    const int qk = ggml_block_values(ggml_type);
+    if (a->has_g == qk) return;
+    ggml_quantize_rows(a->src, a->R, a->K, qk, a->g8, a->gd, a->gsum);
+    a->has_g = qk;
+}
+
+/* Weight row n of a GGUF-block matrix against activation rows [m_lo, m_hi) (at most 64), results at out
+ * (stride ldo). */
+static inline void ggml_rows(const QMat *W, int n, const QAct *x, int m_lo, int m_hi, float *out, long ldo) {
+    int qk = 32, bytes = 34, nsums = 1;
+    unpack_fn un;
+    dot_fn fn;
+    ggml_layout(W->ggml_type, &qk, &bytes, &nsums, &un, &fn);
+    const uint8_t *row = (const uint8_t *)W->w + (size_t)n * (W->K / qk) * bytes;
+    ggml_row_dot(W->ggml_type, row, W->K, x->g8, x->gd, x->gsum, m_lo, m_hi, out, ldo);
 }
 
 static float absmax(const float *x, int n) {  /* n: a multiple of 8 */
@@ -552,6 +579,21 @@ static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int
 /* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's rows n. */
 static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
     if (W->N == 0) return;
+    if (W->bits == 0) {
+        prepare_g(x, W->ggml_type);
+        int n0, n1;
+        share(W->N, tid, nt, &n0, &n1);
+        for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
+            int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
+            for (int m0 = 0; m0 < R; m0 += 64) {
+                int m1 = R - m0 < 64 ? R : m0 + 64;
+                for (int n = b0; n < b1; n++) ggml_rows(W, n, x, m0, m1, y + (long)m0 * ldy + n, ldy);
+            }
+            if (W->bias)
+                for (int r = 0; r < R; r++) for (int n = b0; n < b1; n++) y[(long)r * ldy + n] += W->bias[n];
+        }
+        return;
+    }
     if (W->bits == 4) prepare_q4(x, W->group); else prepare_u8(x, W->group);
     int n0, n1;
     share(W->N / 2, tid, nt, &n0, &n1);  /* in pairs of rows */
@@ -581,7 +623,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus; } Layout;
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -601,7 +643,10 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.bsum = o.xp + up16((size_t)R * max_input(m) / 2);
     o.xu = o.bsum + up16((size_t)R * max_input(m) / 32);
     o.xus = o.xu + up16((size_t)R * max_input(m) / 4);    /* bytes */
-    o.private_ = o.xus + up16((size_t)R * max_input(m) / 32);
+    o.g8 = o.xus + up16((size_t)R * max_input(m) / 32);
+    o.gd = o.g8 + up16((size_t)R * max_input(m) / 4);       /* bytes */
+    o.gsum = o.gd + up16((size_t)R * max_input(m) / 32);
+    o.private_ = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
     return o;
 }
 
@@ -650,10 +695,15 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
-                   .u = (uint8_t *)(x + o.xu), .us = x + o.xus};
+                   .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
+                   .gsum = (int16_t *)(x + o.gsum)};
 
         for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
             const QMat *E = &m->embed;
+            if (E->bits == 0) {
+                ggml_dequantize_rows(E->ggml_type, (const uint8_t *)E->w, h, tokens + r, 1, x + (size_t)r * h);
+                continue;
+            }
             int groups = E->K / E->group;
             const int8_t *wr = (const int8_t *)E->w + tokens[r] * (long)E->K;
             const float *sr = (const float *)E->s + tokens[r] * (long)groups;
@@ -666,6 +716,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             set_rows(xn, R, h, &xa);
             matmul_share(&L->qkv[0], &xa, R, qkv, QKVW, tid, nt);
             matmul_share(&L->qkv[1], &xa, R, qkv + L->qkv[0].N, QKVW, tid, nt);
+            matmul_share(&L->qkv[2], &xa, R, qkv + L->qkv[0].N + L->qkv[1].N, QKVW, tid, nt);
             #pragma omp barrier
 
             /* RoPE on q heads and k heads, k/v into the cache. */
@@ -702,16 +753,21 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             set_rows(xn, R, h, &xa);
 
             {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
-                const QMat *W = &L->gate_up;
+                const QMat *W = &L->gate_up, *U = &L->up;
                 int n0, n1;
-                if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
+                if (U->N) { prepare_g(&xa, W->ggml_type); prepare_g(&xa, U->ggml_type); }  /* same block: one pass */
+                else if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
                 share(I, tid, nt, &n0, &n1);
                 for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
                     int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
                     for (int m0 = 0; m0 < R; m0 += 64) {
                         int mr = R - m0 < 64 ? R - m0 : 64;
                         float *gate = act + (size_t)m0 * I;  /* gate into act, up into gu (64, NBLOCK) */
-                        for (int n = b0; n < b1; n++) {
+                        for (int n = b0; n < b1 && U->N; n++) {
+                            ggml_rows(W, n, &xa, m0, m0 + mr, gate + n, I);
+                            ggml_rows(U, n, &xa, m0, m0 + mr, gu + (n - b0), NBLOCK);
+                        }
+                        for (int n = b0; n < b1 && !U->N; n++) {
                             float *out[2] = {gate + n, gu + (n - b0)};
                             const long ldo[2] = {I, NBLOCK};
                             rows_dot(W, n, n + I, &xa, m0, m0 + mr, out, ldo);

@@ -185,7 +185,7 @@ typedef void (*unpack_fn)(const uint8_t *, Block *);
 typedef float (*dot_fn)(const Block *, const int8_t *, float, const int16_t *);
 
 /* block size (values), block bytes, activation sums per block, unpack, dot; 0 for a type this file does not run */
-static int layout(int type, int *qk, int *bytes, int *nsums, unpack_fn *un, dot_fn *fn) {
+static int ggml_layout(int type, int *qk, int *bytes, int *nsums, unpack_fn *un, dot_fn *fn) {
     switch (type) {
     case T_Q4_K: *qk = QK_K, *bytes = 144, *nsums = 16, *un = unpack_q4_k, *fn = dot_q4_k; return 1;
     case T_Q6_K: *qk = QK_K, *bytes = 210, *nsums = 16, *un = unpack_q6_k, *fn = dot_q6_k; return 1;
@@ -200,7 +200,7 @@ int ggml_dot_supports(int type) {
     int qk, bytes, nsums;
     unpack_fn un;
     dot_fn fn;
-    return layout(type, &qk, &bytes, &nsums, &un, &fn);
+    return ggml_layout(type, &qk, &bytes, &nsums, &un, &fn);
 }
 
 /* acc[i] = activation row i . this weight row: each block unpacked once and dotted with every activation row,
@@ -223,7 +223,7 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
     int qk, bytes, nsums;
     unpack_fn un;
     dot_fn fn;
-    if (!layout(type, &qk, &bytes, &nsums, &un, &fn) || n % qk || rows < 0 || m < 0) return -1;
+    if (!ggml_layout(type, &qk, &bytes, &nsums, &un, &fn) || n % qk || rows < 0 || m < 0) return -1;
     const int nb = n / qk;
     const size_t row_bytes = (size_t)nb * bytes;
     int8_t *q = malloc((size_t)m * n);
@@ -260,4 +260,68 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
     }
     free(q), free(d), free(sums);
     return failed ? -1 : 0;
+}
+
+/* out[j] (n values) = the weight row ids[j] of W (rows of n values as ggml blocks of `type`), dequantized:
+ * the embedding lookup. Returns 0, or -1 for an unsupported type or n not a multiple of the block. */
+int ggml_dequantize_rows(int type, const uint8_t *w, int n, const int64_t *ids, int count, float *out) {
+    int qk, bytes, nsums;
+    unpack_fn un;
+    dot_fn fn;
+    if (!ggml_layout(type, &qk, &bytes, &nsums, &un, &fn) || n % qk) return -1;
+    const int nb = n / qk;
+    for (int j = 0; j < count; j++) {
+        const uint8_t *row = w + (size_t)ids[j] * nb * bytes;
+        float *o = out + (size_t)j * n;
+        Block k;
+        for (int b = 0; b < nb; b++) {
+            un(row + (size_t)b * bytes, &k);
+            float *ob = o + (size_t)b * qk;
+            for (int v = 0; v < qk; v++) {
+                switch (type) {
+                case T_Q4_K: ob[v] = k.d * (float)k.sc[v / 32] * k.u[v] - k.dmin * (float)k.mn[v / 32]; break;
+                case T_Q6_K: ob[v] = k.d * (float)(k.sc[v / 16] * (k.u[v] - 32)); break;
+                case T_Q5_0: ob[v] = k.d * (float)(k.u[v] - 16); break;
+                default: ob[v] = k.d * (float)(int8_t)k.u[v]; break;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* For the fused forward (forward.c includes this file): activation rows quantized once per pass and weight type
+ * family (q: R x n int8, d: one scale per block, sums: per 16 (K types) or 32 values), and one weight row
+ * against activation rows [m_lo, m_hi): out[(i - m_lo) * ldo] = x_i . W-row, with the same per-block terms
+ * in the same order as ggml_matmul, so both give the same bits. */
+static int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
+
+static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, float *d, int16_t *sums) {
+    const int nb = n / qk, nsums = qk == QK_K ? 16 : 1;
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < nb; b++) {
+            const size_t at = (size_t)i * nb + b;
+            d[at] = quantize_block(x + (size_t)i * n + (size_t)b * qk, qk, qk / nsums, q + at * qk, sums + at * nsums);
+        }
+}
+
+static void ggml_row_dot(int type, const uint8_t *row, int n, const int8_t *xq, const float *xd,
+                         const int16_t *xsums, int m_lo, int m_hi, float *out, long ldo) {
+    int qk = 32, bytes = 34, nsums = 1;
+    unpack_fn un;
+    dot_fn fn;
+    ggml_layout(type, &qk, &bytes, &nsums, &un, &fn);
+    const int nb = n / qk, m = m_hi - m_lo;
+    const int8_t *q = xq + (size_t)m_lo * n;
+    const float *d = xd + (size_t)m_lo * nb;
+    const int16_t *sums = xsums + (size_t)m_lo * nb * nsums;
+    float acc[64];
+    Block blk;
+    switch (type) {
+    case T_Q4_K: ROW_LOOP(unpack_q4_k, dot_q4_k); break;
+    case T_Q6_K: ROW_LOOP(unpack_q6_k, dot_q6_k); break;
+    case T_Q5_0: ROW_LOOP(unpack_q5_0, dot_q5_0); break;
+    default: ROW_LOOP(unpack_q8_0, dot_q8_0); break;
+    }
+    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = acc[i];
 }

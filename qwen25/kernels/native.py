@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from qwen25.kernels import load_forward_kernel
+from qwen25.kernels.ggml_linear import GGMLEmbedding, GGMLLinear
+from qwen25.kernels.ggml_matmul import BLOCK
 from qwen25.model.layers import RMSNorm
 from qwen25.model.rope import rope_cos_sin
 from qwen25.kernels.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
@@ -40,12 +42,12 @@ _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
 class _QMat(ctypes.Structure):
     _fields_ = [("bits", _int), ("w", _ptr), ("s", _ptr), ("mins", _ptr), ("bias", _ptr), ("group", _int),
-                ("N", _int), ("K", _int), ("wsum", _ptr)]
+                ("N", _int), ("K", _int), ("wsum", _ptr), ("ggml_type", _int)]
 
 
 class _QLayer(ctypes.Structure):
-    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _QMat * 2), ("o", _QMat), ("gate_up", _QMat),
-                ("down", _QMat)]
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _QMat * 3), ("o", _QMat), ("gate_up", _QMat),
+                ("up", _QMat), ("down", _QMat)]
 
 
 class _QModel(ctypes.Structure):
@@ -89,6 +91,10 @@ def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[torch.Tensor]) -> _QMa
     weights that the q8 tiles need, kept alive in `keep`."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
+    if isinstance(module, (GGMLLinear, GGMLEmbedding)):  # the file's bytes, read in place
+        N, K = (module.num_embeddings, module.embedding_dim) if isinstance(module, GGMLEmbedding) else \
+            (module.out_features, module.in_features)
+        return _QMat(0, module.raw.ctypes.data, None, None, bias_ptr, 0, N, K, None, module.ggml_type)
     if isinstance(module, Q4Linear):
         N, K = module.out_features, module.in_features
         return _QMat(4, module.weight_p.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr,
@@ -112,7 +118,7 @@ def _parts(module: nn.Module) -> list[nn.Module]:
 def _supported(module: nn.Module) -> bool:
     if isinstance(module, Q4Linear) and module.in_features % 64:
         return False  # the q4 tiles take 64 weights (two 32-blocks) of a row at a time
-    return isinstance(module, (Q8Linear, Q4Linear)) and all(t.is_contiguous() for t in module.buffers())
+    return isinstance(module, (Q8Linear, Q4Linear, GGMLLinear)) and all(t.is_contiguous() for t in module.buffers())
 
 
 class NativeForward:
@@ -136,11 +142,12 @@ class NativeForward:
         layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = [qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat()]  # N = 0: no second block
+            qkv = [qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat(), _QMat()]  # N = 0: no such block
+            gate_up = [qmat(part) for part in _parts(mlp.gate_up_proj)] + [_QMat()]  # GGUF: gate, up apart
             layers.append(_QLayer(layer.input_layernorm.weight.data_ptr(),
                                   layer.post_attention_layernorm.weight.data_ptr(),
-                                  (_QMat * 2)(qkv[0], qkv[1]), qmat(attn.o_proj),
-                                  qmat(mlp.gate_up_proj), qmat(mlp.down_proj)))
+                                  (_QMat * 3)(*qkv[:3]), qmat(attn.o_proj), gate_up[0], gate_up[1],
+                                  qmat(mlp.down_proj)))
         self._layers = (_QLayer * len(layers))(*layers)
         self._struct = _QModel(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
@@ -159,7 +166,8 @@ class NativeForward:
         """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel).
         level: the ISA build to run (`qwen25.kernels.isa`; default the selected one, e.g. the CPU's best)."""
         inner, config = model.model, model.config
-        if not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding):
+        blocks = isinstance(model.lm_head, GGMLLinear) and isinstance(inner.embed_tokens, GGMLEmbedding)
+        if not blocks and (not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding)):
             return None
         if model.lm_head.out_features != config.vocab_size or inner.embed_tokens.num_embeddings != config.vocab_size:
             return None
@@ -168,10 +176,16 @@ class NativeForward:
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _parts(attn.qkv_proj) if attn.qkv_proj is not None else []
-            if not (1 <= len(qkv) <= 2 and all(map(_supported, qkv + [attn.o_proj, mlp.gate_up_proj, mlp.down_proj]))):
+            gate_up = _parts(mlp.gate_up_proj)
+            if not (1 <= len(qkv) <= 3 and all(map(_supported, qkv + gate_up + [attn.o_proj, mlp.down_proj]))):
+                return None
+            if len(gate_up) == 2 and not (all(isinstance(p, GGMLLinear) for p in gate_up)
+                                          and BLOCK[gate_up[0].ggml_type] == BLOCK[gate_up[1].ggml_type]):
+                return None  # separate gate/up: GGUF blocks of one activation block size (quantized once)
+            if len(gate_up) not in (1, 2) or any(p.bias is not None for p in gate_up):
                 return None
             if sum(part.out_features for part in qkv) != (config.num_attention_heads + 2 * config.num_key_value_heads) \
-                    * config.head_dim or mlp.gate_up_proj.bias is not None:
+                    * config.head_dim:
                 return None  # the kernel writes q, k, v side by side and applies no gate/up bias
         if config.num_attention_heads % config.num_key_value_heads:
             return None

@@ -18,7 +18,7 @@ from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.weights.errors import CheckpointError
 from qwen25.weights.safetensors import load_safetensors
 
-QUANTIZATIONS = ("none", "q8", "q4")
+QUANTIZATIONS = ("none", "q8", "q4", "gguf")  # gguf: a GGUF file's own blocks (weights.gguf_blocks)
 
 __all__ = ["QUANTIZATIONS", "CheckpointError", "LoadedWeights", "load_weights", "model_from_state_dict"]
 
@@ -87,7 +87,11 @@ def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None,
 
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf)
-    if quantization in ("q8", "q4"):
+    if quantization == "gguf":
+        from qwen25.weights.gguf_blocks import load_gguf_blocks
+
+        model = load_gguf_blocks(gguf, config)
+    elif quantization in ("q8", "q4"):
         from qwen25.weights.quantized import load_quantized
 
         model = load_quantized(path, config, bits=int(quantization[1]), gguf=gguf)

@@ -1,0 +1,67 @@
+"""Layers whose weights are a GGUF tensor's own bytes (rows of ggml blocks: Q4_K, Q6_K, Q5_0, Q8_0), used as they
+lie in the memory-mapped file: `GGMLLinear` (x @ W.T + bias through `ggml_matmul`, activations rounded to 8 bits
+per block) and `GGMLEmbedding` (looked-up rows dequantized). Nothing is copied or requantized; the arrays are the
+file's mapping, kept as plain attributes (not buffers: they are read-only and never saved). The fused native
+forward (`qwen25.kernels.native`) reads the same bytes. Inference only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from qwen25.kernels import load_ggml_kernels
+from qwen25.kernels.ggml_matmul import TYPES, ggml_matmul
+
+
+def _check(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> np.ndarray:
+    if int(ggml_type) not in TYPES:
+        raise ValueError(f"no block kernel for ggml type {int(ggml_type)}; supported: "
+                         f"{', '.join(t[0] for t in TYPES.values())}")
+    name, qk, block_bytes = TYPES[int(ggml_type)]
+    raw = raw.reshape(-1)
+    if cols % qk or raw.size != rows * (cols // qk) * block_bytes or raw.dtype != np.uint8:
+        raise ValueError(f"{raw.size} bytes ({raw.dtype}) are not a {name} tensor of shape ({rows}, {cols})")
+    return raw
+
+
+class GGMLLinear(nn.Module):
+    """Drop-in for nn.Linear(in, out, bias) over a (out, in) GGUF tensor's bytes `raw` of type `ggml_type`."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.raw = _check(raw, ggml_type, out_features, in_features)
+        self.ggml_type, self.in_features, self.out_features = int(ggml_type), in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ggml_matmul(x, self.raw, self.ggml_type, (self.out_features, self.in_features))
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{TYPES[self.ggml_type][0]} (file bytes)")
+
+
+class GGMLEmbedding(nn.Module):
+    """Embedding table over a (num_embeddings, dim) GGUF tensor's bytes: only the looked-up rows are dequantized."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.raw = _check(raw, ggml_type, num_embeddings, embedding_dim)
+        self.ggml_type, self.num_embeddings, self.embedding_dim = int(ggml_type), num_embeddings, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lib = load_ggml_kernels()
+        if lib is None:
+            raise RuntimeError("the ggml block kernels could not be built here (no C compiler or no AVX2)")
+        flat = ids.reshape(-1).long().contiguous()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings})")
+        out = torch.empty(flat.numel(), self.embedding_dim)
+        if lib.ggml_dequantize_rows(self.ggml_type, self.raw.ctypes.data, self.embedding_dim, flat.data_ptr(),
+                                    flat.numel(), out.data_ptr()):
+            raise RuntimeError("ggml_dequantize_rows failed")
+        return out.reshape(*ids.shape, self.embedding_dim)
