@@ -152,8 +152,11 @@ def loss_units_for(loss_type: str, labels: torch.Tensor, truncated: torch.Tensor
 class GRPOObjective:
     """The loop's objective over `RolloutBatch`es (`qwen25.train.grpo_rollout`): policy log-probs chunked over
     the completion positions (`qwen25.train.logprobs.token_logps`), then `grpo_token_loss` summed over the
-    batch's loss units. Extras (the loop logs each as its mean per unit, so they are passed as value x units):
-    kl and clip_fraction and entropy (token means), and the batch's rollout statistics."""
+    batch's loss units. Extras: kl, clip_fraction and entropy as sums over the masked tokens, logged as
+    global token means through `ratio_extras`; the batch's rollout statistics as value x units (the loop logs
+    their mean per unit); masked_tokens per unit."""
+
+    ratio_extras = {"kl": "masked_tokens", "clip_fraction": "masked_tokens", "entropy": "masked_tokens"}
 
     def __init__(self, loss_type: LossType = "dapo", *, beta: float = 0.0, eps_low: float = 0.2,
                  eps_high: float | None = None, max_completion_length: int | None = None,
@@ -184,8 +187,9 @@ class GRPOObjective:
                                  max_completion_length=self.max_completion_length, num_items=1.0)
         loss_sum = result.loss if kind == "dapo" else result.loss * rows
         units = float(batch.num_loss_units)
-        tokens = result.tokens.clamp(min=1.0)
-        entropy = (out.entropy.detach() * mask).sum() / tokens if out.entropy is not None else torch.zeros(())
-        per_unit = {"kl": result.kl_sum / tokens, "clip_fraction": result.clipped_sum / tokens,
-                    "entropy": entropy, **{k: torch.tensor(v) for k, v in batch.stats.items()}}
-        return loss_sum, {k: v.detach().double().cpu() * units for k, v in per_unit.items()}
+        entropy = (out.entropy.detach() * mask).sum() if out.entropy is not None else torch.zeros(())
+        token_sums = {"kl": result.kl_sum, "clip_fraction": result.clipped_sum, "entropy": entropy,
+                      "masked_tokens": result.tokens}
+        extras = {k: v.detach().double().cpu() for k, v in token_sums.items()}
+        extras.update({k: torch.tensor(v, dtype=torch.float64) * units for k, v in batch.stats.items()})
+        return loss_sum, extras

@@ -21,7 +21,8 @@ Other objectives (DPO, the reward model, GRPO) plug in through `objective=`: a c
 and a dict of detached metric sums over the same units; `batch.num_loss_units` (falling back to
 `num_loss_tokens`) counts those units (tokens for CE, pairs for DPO and the reward model). The loop divides by
 the global count of units exactly as above, logs each extra as its mean per unit, and evaluates with the same
-objective (`eval_loss`, `eval_<extra>`).
+objective (`eval_loss`, `eval_<extra>`). An objective may name `ratio_extras` ({extra: denominator extra}):
+those are logged as the ratio of the two global sums instead (GRPO's per-token KL when its unit is a sequence).
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ class BatchLike(Protocol):  # qwen25.train.data.Batch
 class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: Any, ctx: DistContext,
                  dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def _extra_means(objective: Any, sums: dict[str, float], units: int) -> dict[str, float]:
+    """Each extra's global sum per loss unit, or per its denominator extra (`objective.ratio_extras`)."""
+    ratios = getattr(objective, "ratio_extras", {})
+    return {n: v / max(sums[ratios[n]], 1e-12) if n in ratios and ratios[n] in sums else v / max(units, 1)
+            for n, v in sums.items()}
 
 
 def loss_units(batch: Any) -> int:
@@ -319,7 +327,7 @@ def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext
             seconds = time.perf_counter() - t0
             log.log({"step": step, "epoch": stream.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens": tokens, "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds,
-                     **{n: float(sums[1 + j]) / max(loss_tokens, 1) for j, n in enumerate(names)},
+                     **_extra_means(objective, dict(zip(names, sums[1:].tolist())), loss_tokens),
                      "elapsed_s": round(elapsed_before + time.perf_counter() - started, 3)})
             last = step == total_steps
             if eval_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last):
