@@ -235,8 +235,7 @@ static void prepare_g(QAct *a, int ggml_type) {
 static inline void ggml_rows(const QMat *W, int n, const QAct *x, int m_lo, int m_hi, float *out, long ldo) {
     int qk = 32, bytes = 34, nsums = 1;
     unpack_fn un;
-    dot_fn fn;
-    ggml_layout(W->ggml_type, &qk, &bytes, &nsums, &un, &fn);
+    ggml_layout(W->ggml_type, &qk, &bytes, &nsums, &un);
     const uint8_t *row = (const uint8_t *)W->w + (size_t)n * (W->K / qk) * bytes;
     ggml_row_dot(W->ggml_type, row, W->K, x->g8, x->gd, x->gsum, m_lo, m_hi, out, ldo);
 }

@@ -50,40 +50,6 @@ static inline int hsum_i32x8(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* sum of u[k] * s[k] over 32 bytes (u unsigned, s signed): exact, as u[k] * s[k] pairs fit int16 unsaturated for
- * every caller (u <= 128, |s| <= 127) */
-static inline int dot32_u8_s8(const uint8_t *u, const int8_t *s) {
-    const __m256i a = _mm256_loadu_si256((const __m256i *)u), b = _mm256_loadu_si256((const __m256i *)s);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return hsum_i32x8(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b));
-#else
-    return hsum_i32x8(_mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
-
-static inline int dot16_u8_s8(const uint8_t *u, const int8_t *s) {
-    const __m128i a = _mm_loadu_si128((const __m128i *)u), b = _mm_loadu_si128((const __m128i *)s);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    __m128i t = _mm_dpbusd_epi32(_mm_setzero_si128(), a, b);
-#else
-    __m128i t = _mm_madd_epi16(_mm_maddubs_epi16(a, b), _mm_set1_epi16(1));
-#endif
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
-    return _mm_cvtsi128_si32(t);
-}
-
-/* signed x signed over 32 bytes: |a| times b with a's sign moved onto b, in registers */
-static inline int dot32_s8_s8(const int8_t *a, const int8_t *b) {
-    const __m256i x = _mm256_loadu_si256((const __m256i *)a), y = _mm256_loadu_si256((const __m256i *)b);
-    const __m256i u = _mm256_abs_epi8(x), s = _mm256_sign_epi8(y, x);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return hsum_i32x8(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
-#else
-    return hsum_i32x8(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
 /* A weight block unpacked once and then dotted with every activation row: quants as bytes, the integer scales
  * (and Q4_K's minimums) of its sub-blocks, and its fp16 scale(s) as floats. */
 typedef struct {
@@ -112,15 +78,6 @@ static void unpack_q4_k(const uint8_t *b, Block *k) {
     k->d = f16(b), k->dmin = f16(b + 2);
 }
 
-static float dot_q4_k(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
-    float acc = 0.0f, mins = 0.0f;
-    for (int j = 0; j < 8; j++) {
-        acc += (float)(k->sc[j] * dot32_u8_s8(k->u + 32 * j, q + 32 * j));
-        mins += (float)(k->mn[j] * (sums[2 * j] + sums[2 * j + 1]));
-    }
-    return dx * (k->d * acc - k->dmin * mins);
-}
-
 /* Q6_K: ql[128] low nibbles, qh[64] high crumbs, 16 int8 scales, d (f16); value (q6 - 32) * d * scale per 16 */
 static void unpack_q6_k(const uint8_t *b, Block *k) {
     const uint8_t *ql = b, *qh = b + 128;
@@ -134,12 +91,6 @@ static void unpack_q6_k(const uint8_t *b, Block *k) {
         }
     for (int i = 0; i < 16; i++) k->sc[i] = ((const int8_t *)(b + 192))[i];
     k->d = f16(b + 208);
-}
-
-static float dot_q6_k(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
-    float acc = 0.0f;
-    for (int i = 0; i < 16; i++) acc += (float)(k->sc[i] * (dot16_u8_s8(k->u + 16 * i, q + 16 * i) - 32 * sums[i]));
-    return dx * k->d * acc;
 }
 
 /* Q5_0: d (f16), 32 high bits, 16 bytes of nibbles; value (q5 - 16) * d. Value j < 16 is byte j's low nibble,
@@ -166,31 +117,21 @@ static void unpack_q5_0(const uint8_t *b, Block *k) {
     k->d = f16(b);
 }
 
-static float dot_q5_0(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
-    return dx * k->d * (float)(dot32_u8_s8(k->u, q) - 16 * sums[0]);
-}
-
 /* Q8_0: d (f16), 32 int8; kept signed (u holds the bytes as they are) */
 static void unpack_q8_0(const uint8_t *b, Block *k) {
     memcpy(k->u, b + 2, 32);
     k->d = f16(b);
 }
 
-static float dot_q8_0(const Block *k, const int8_t *q, float dx, const int16_t *sums) {
-    (void)sums;
-    return dx * k->d * (float)dot32_s8_s8((const int8_t *)k->u, q);
-}
-
 typedef void (*unpack_fn)(const uint8_t *, Block *);
-typedef float (*dot_fn)(const Block *, const int8_t *, float, const int16_t *);
 
 /* block size (values), block bytes, activation sums per block, unpack, dot; 0 for a type this file does not run */
-static int ggml_layout(int type, int *qk, int *bytes, int *nsums, unpack_fn *un, dot_fn *fn) {
+static int ggml_layout(int type, int *qk, int *bytes, int *nsums, unpack_fn *un) {
     switch (type) {
-    case T_Q4_K: *qk = QK_K, *bytes = 144, *nsums = 16, *un = unpack_q4_k, *fn = dot_q4_k; return 1;
-    case T_Q6_K: *qk = QK_K, *bytes = 210, *nsums = 16, *un = unpack_q6_k, *fn = dot_q6_k; return 1;
-    case T_Q5_0: *qk = 32, *bytes = 22, *nsums = 1, *un = unpack_q5_0, *fn = dot_q5_0; return 1;
-    case T_Q8_0: *qk = 32, *bytes = 34, *nsums = 1, *un = unpack_q8_0, *fn = dot_q8_0; return 1;
+    case T_Q4_K: *qk = QK_K, *bytes = 144, *nsums = 16, *un = unpack_q4_k; return 1;
+    case T_Q6_K: *qk = QK_K, *bytes = 210, *nsums = 16, *un = unpack_q6_k; return 1;
+    case T_Q5_0: *qk = 32, *bytes = 22, *nsums = 1, *un = unpack_q5_0; return 1;
+    case T_Q8_0: *qk = 32, *bytes = 34, *nsums = 1, *un = unpack_q8_0; return 1;
     default: return 0;
     }
 }
@@ -199,67 +140,7 @@ static int ggml_layout(int type, int *qk, int *bytes, int *nsums, unpack_fn *un,
 int ggml_dot_supports(int type) {
     int qk, bytes, nsums;
     unpack_fn un;
-    dot_fn fn;
-    return ggml_layout(type, &qk, &bytes, &nsums, &un, &fn);
-}
-
-/* acc[i] = activation row i . this weight row: each block unpacked once and dotted with every activation row,
- * the per-block terms summed in block order */
-#define ROW_LOOP(UNPACK, DOT)                                                                                         \
-    do {                                                                                                              \
-        for (int i = 0; i < m; i++) acc[i] = 0.0f;                                                                    \
-        for (int b = 0; b < nb; b++) {                                                                                \
-            UNPACK(row + (size_t)b * bytes, &blk);                                                                    \
-            for (int i = 0; i < m; i++) {                                                                             \
-                const size_t at = (size_t)i * nb + b;                                                                 \
-                acc[i] += DOT(&blk, q + at * qk, d[at], sums + at * nsums);                                           \
-            }                                                                                                         \
-        }                                                                                                             \
-    } while (0)
-
-/* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
- * Returns 0, or -1 for an unsupported type, n not a multiple of the block, or no memory. */
-int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int m, float *out) {
-    int qk, bytes, nsums;
-    unpack_fn un;
-    dot_fn fn;
-    if (!ggml_layout(type, &qk, &bytes, &nsums, &un, &fn) || n % qk || rows < 0 || m < 0) return -1;
-    const int nb = n / qk;
-    const size_t row_bytes = (size_t)nb * bytes;
-    int8_t *q = malloc((size_t)m * n);
-    float *d = malloc(sizeof(float) * (size_t)m * nb + 1);
-    int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * nsums + 1);
-    if (!q || !d || !sums) {
-        free(q), free(d), free(sums);
-        return -1;
-    }
-    for (int i = 0; i < m; i++)
-        for (int b = 0; b < nb; b++) {
-            const size_t at = (size_t)i * nb + b;
-            d[at] = quantize_block(x + (size_t)i * n + (size_t)b * qk, qk, qk / nsums, q + at * qk, sums + at * nsums);
-        }
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        Block blk;
-        float *acc = malloc(sizeof(float) * (size_t)m + 1);
-        failed = acc == NULL;
-#pragma omp for schedule(static)
-        for (int r = 0; r < rows; r++) {
-            if (failed) continue;
-            const uint8_t *row = w + (size_t)r * row_bytes;
-            switch (type) {  /* one loop per type, so its unpack and dot inline (no call per block) */
-            case T_Q4_K: ROW_LOOP(unpack_q4_k, dot_q4_k); break;
-            case T_Q6_K: ROW_LOOP(unpack_q6_k, dot_q6_k); break;
-            case T_Q5_0: ROW_LOOP(unpack_q5_0, dot_q5_0); break;
-            default: ROW_LOOP(unpack_q8_0, dot_q8_0); break;
-            }
-            for (int i = 0; i < m; i++) out[(size_t)i * rows + r] = acc[i];
-        }
-        free(acc);
-    }
-    free(q), free(d), free(sums);
-    return failed ? -1 : 0;
+    return ggml_layout(type, &qk, &bytes, &nsums, &un);
 }
 
 /* out[j] (n values) = the weight row ids[j] of W (rows of n values as ggml blocks of `type`), dequantized:
@@ -267,8 +148,7 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
 int ggml_dequantize_rows(int type, const uint8_t *w, int n, const int64_t *ids, int count, float *out) {
     int qk, bytes, nsums;
     unpack_fn un;
-    dot_fn fn;
-    if (!ggml_layout(type, &qk, &bytes, &nsums, &un, &fn) || n % qk) return -1;
+    if (!ggml_layout(type, &qk, &bytes, &nsums, &un) || n % qk) return -1;
     const int nb = n / qk;
     for (int j = 0; j < count; j++) {
         const uint8_t *row = w + (size_t)ids[j] * nb * bytes;
@@ -305,23 +185,171 @@ static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, 
         }
 }
 
+
+/* --- row kernels: one weight row against up to 64 activation rows. Per block, the weight quants are unpacked
+ * once into registers and dotted with each row; the exact int32 lanes (scaled by the integer sub-block scales)
+ * are converted once per block and accumulated with fma into 8 fp32 lanes per row, summed across lanes at the
+ * end. Every build runs these same float steps, so the bits do not depend on the ISA. */
+
+static inline float hsum_ps(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
+
+/* int32 lane j = sum of u[4j..4j+3] * s[4j..4j+3], u unsigned bytes (<= 128), s signed: exact (pairs fit int16) */
+static inline __m256i dot_us(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* signed weights w and activations x: |w| times x with w's sign */
+static inline __m256i dot_ss(__m256i w, __m256i x) { return dot_us(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
+
+static void row_q5_0_q8_0(int type, const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out,
+                          long ldo) {
+    __m256 acc[64];
+    const int bytes = type == T_Q5_0 ? 22 : 34;
+    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * bytes;
+        __m256i w;
+        if (type == T_Q5_0) {  /* q5 - 16, signed */
+            uint32_t qh;
+            memcpy(&qh, blk + 2, 4);
+            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6)), low = _mm_set1_epi8(0x0F);
+            w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+            w = _mm256_sub_epi8(_mm256_or_si256(w, fifth_bits(qh)), _mm256_set1_epi8(16));
+        } else {
+            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        }
+        const float dw = f16(blk);
+        const __m256i u = _mm256_abs_epi8(w);
+        for (int i = 0; i < m; i++) {
+            const size_t at = (size_t)i * nb + b;
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + at * 32));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(u, _mm256_sign_epi8(x, w))), _mm256_set1_ps(dw * d[at]),
+                                     acc[i]);
+        }
+    }
+    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]);
+}
+
+static void row_q4_k(const uint8_t *row, int nb, const int8_t *q, const float *d, const int16_t *sums, int m,
+                     float *out, long ldo) {
+    __m256 acc[64];
+    float mins[64];
+    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps(), mins[i] = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * 144, *s = blk + 4, *qs = blk + 16;
+        int sc[8], mn[8];
+        for (int j = 0; j < 4; j++) {
+            sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
+            sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+            mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+        }
+        __m256i w[8], scv[8];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            w[2 * c] = _mm256_and_si256(v, low);
+            w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+        for (int j = 0; j < 8; j++) scv[j] = _mm256_set1_epi32(sc[j]);
+        const float dd = f16(blk), dmin = f16(blk + 2);
+        for (int i = 0; i < m; i++) {
+            const size_t at = (size_t)i * nb + b;
+            const int8_t *x = q + at * QK_K;
+            const int16_t *xs = sums + at * 16;
+            __m256i isum = _mm256_setzero_si256();
+            int ms = 0;
+            for (int j = 0; j < 8; j++) {
+                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_us(w[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))),
+                                                                 scv[j]));
+                ms += mn[j] * (xs[2 * j] + xs[2 * j + 1]);
+            }
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd * d[at]), acc[i]);
+            mins[i] += dmin * d[at] * (float)ms;
+        }
+    }
+    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]) - mins[i];
+}
+
+static void row_q6_k(const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out, long ldo) {
+    __m256 acc[64];
+    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * 210, *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        __m256i w[8], scv[8];
+        for (int h = 0; h < 2; h++) {
+            const __m256i lo0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            const __m256i lo1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+#define HI2(k) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * (k)), two), 4)
+            w[4 * h + 0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo0, low), HI2(0)), off);
+            w[4 * h + 1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo1, low), HI2(1)), off);
+            w[4 * h + 2] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), low), HI2(2)), off);
+            w[4 * h + 3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low), HI2(3)), off);
+#undef HI2
+            for (int k = 0; k < 4; k++) {  /* vector 4h + k: sub-blocks 8h + 2k (lanes 0-3) and 8h + 2k + 1 */
+                const int s0 = sc[8 * h + 2 * k], s1 = sc[8 * h + 2 * k + 1];
+                scv[4 * h + k] = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
+            }
+        }
+        const float dd = f16(blk + 208);
+        for (int i = 0; i < m; i++) {
+            const size_t at = (size_t)i * nb + b;
+            const int8_t *x = q + at * QK_K;
+            __m256i isum = _mm256_setzero_si256();
+            for (int v = 0; v < 8; v++)
+                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_ss(w[v], _mm256_loadu_si256((const __m256i *)(x + 32 * v))),
+                                                                 scv[v]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd * d[at]), acc[i]);
+        }
+    }
+    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]);
+}
+
+/* One weight row (n values of `type`) against activation rows [m_lo, m_hi), m_hi - m_lo <= 64, quantized by
+ * ggml_quantize_rows: out[(i - m_lo) * ldo] = x_i . row. */
 static void ggml_row_dot(int type, const uint8_t *row, int n, const int8_t *xq, const float *xd,
                          const int16_t *xsums, int m_lo, int m_hi, float *out, long ldo) {
-    int qk = 32, bytes = 34, nsums = 1;
-    unpack_fn un;
-    dot_fn fn;
-    ggml_layout(type, &qk, &bytes, &nsums, &un, &fn);
-    const int nb = n / qk, m = m_hi - m_lo;
+    const int qk = ggml_block_values(type), nb = n / qk, m = m_hi - m_lo;
     const int8_t *q = xq + (size_t)m_lo * n;
     const float *d = xd + (size_t)m_lo * nb;
-    const int16_t *sums = xsums + (size_t)m_lo * nb * nsums;
-    float acc[64];
-    Block blk;
     switch (type) {
-    case T_Q4_K: ROW_LOOP(unpack_q4_k, dot_q4_k); break;
-    case T_Q6_K: ROW_LOOP(unpack_q6_k, dot_q6_k); break;
-    case T_Q5_0: ROW_LOOP(unpack_q5_0, dot_q5_0); break;
-    default: ROW_LOOP(unpack_q8_0, dot_q8_0); break;
+    case T_Q4_K: row_q4_k(row, nb, q, d, xsums + (size_t)m_lo * nb * 16, m, out, ldo); break;
+    case T_Q6_K: row_q6_k(row, nb, q, d, m, out, ldo); break;
+    default: row_q5_0_q8_0(type, row, nb, q, d, m, out, ldo); break;
     }
-    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = acc[i];
+}
+
+/* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
+ * Returns 0, or -1 for an unsupported type, n not a multiple of the block, or no memory. */
+int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int m, float *out) {
+    int qk, bytes, nsums;
+    unpack_fn un;
+    if (!ggml_layout(type, &qk, &bytes, &nsums, &un) || n % qk || rows < 0 || m < 0) return -1;
+    const int nb = n / qk;
+    const size_t row_bytes = (size_t)nb * bytes;
+    int8_t *q = malloc((size_t)m * n + 1);
+    float *d = malloc(sizeof(float) * (size_t)m * nb + 1);
+    int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * 16 + 1);
+    if (!q || !d || !sums) {
+        free(q), free(d), free(sums);
+        return -1;
+    }
+    ggml_quantize_rows(x, m, n, qk, q, d, sums);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++)
+        for (int m0 = 0; m0 < m; m0 += 64)
+            ggml_row_dot(type, w + (size_t)r * row_bytes, n, q, d, sums, m0, m - m0 < 64 ? m : m0 + 64,
+                         out + (size_t)m0 * rows + r, rows);
+    free(q), free(d), free(sums);
+    return 0;
 }
