@@ -209,7 +209,7 @@ static inline __m256i dot_us(__m256i u, __m256i s) {
 /* signed weights w and activations x: |w| times x with w's sign */
 static inline __m256i dot_ss(__m256i w, __m256i x) { return dot_us(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
 
-static void row_q5_0_q8_0(int type, const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out,
+static inline __attribute__((always_inline)) void row_q5_0_q8_0(int type, const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out,
                           long ldo) {
     __m256 acc[64];
     const int bytes = type == T_Q5_0 ? 22 : 34;
@@ -238,7 +238,7 @@ static void row_q5_0_q8_0(int type, const uint8_t *row, int nb, const int8_t *q,
     for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]);
 }
 
-static void row_q4_k(const uint8_t *row, int nb, const int8_t *q, const float *d, const int16_t *sums, int m,
+static inline __attribute__((always_inline)) void row_q4_k(const uint8_t *row, int nb, const int8_t *q, const float *d, const int16_t *sums, int m,
                      float *out, long ldo) {
     __m256 acc[64];
     float mins[64];
@@ -278,7 +278,7 @@ static void row_q4_k(const uint8_t *row, int nb, const int8_t *q, const float *d
     for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]) - mins[i];
 }
 
-static void row_q6_k(const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out, long ldo) {
+static inline __attribute__((always_inline)) void row_q6_k(const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out, long ldo) {
     __m256 acc[64];
     for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
@@ -322,11 +322,31 @@ static void ggml_row_dot(int type, const uint8_t *row, int n, const int8_t *xq, 
     const int qk = ggml_block_values(type), nb = n / qk, m = m_hi - m_lo;
     const int8_t *q = xq + (size_t)m_lo * n;
     const float *d = xd + (size_t)m_lo * nb;
+    const int16_t *sums = xsums + (size_t)m_lo * nb * 16;
+    /* in tiles of a constant number of rows (8 for the 32-value types, 4 for the K types: their accumulators stay
+     * in registers), then single rows; a row's steps are the same in every case, so its bits are too */
+#define TILES(CALL, T)                                                                                                \
+    do {                                                                                                              \
+        int i = 0;                                                                                                    \
+        for (; i + (T) <= m; i += (T)) CALL(i, T);                                                                    \
+        for (; i < m; i++) CALL(i, 1);                                                                                \
+    } while (0)
+#define Q4K(i, T) row_q4_k(row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, sums + (size_t)(i) * nb * 16, T, \
+                           out + (size_t)(i) * ldo, ldo)
+#define Q6K(i, T) row_q6_k(row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, T, out + (size_t)(i) * ldo, ldo)
+#define Q50(i, T) row_q5_0_q8_0(T_Q5_0, row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, T, out + (size_t)(i) * ldo, ldo)
+#define Q80(i, T) row_q5_0_q8_0(T_Q8_0, row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, T, out + (size_t)(i) * ldo, ldo)
     switch (type) {
-    case T_Q4_K: row_q4_k(row, nb, q, d, xsums + (size_t)m_lo * nb * 16, m, out, ldo); break;
-    case T_Q6_K: row_q6_k(row, nb, q, d, m, out, ldo); break;
-    default: row_q5_0_q8_0(type, row, nb, q, d, m, out, ldo); break;
+    case T_Q4_K: TILES(Q4K, 4); break;
+    case T_Q6_K: TILES(Q6K, 4); break;
+    case T_Q5_0: TILES(Q50, 8); break;
+    default: TILES(Q80, 8); break;
     }
+#undef TILES
+#undef Q4K
+#undef Q6K
+#undef Q50
+#undef Q80
 }
 
 /* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
