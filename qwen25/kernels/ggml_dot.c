@@ -29,12 +29,23 @@ static inline float f16(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* one activation block: n values -> q (int8), returns the scale; sums[k] = sum of q over each `sub` values */
+/* one activation block: n values (a multiple of 16) -> q (int8), returns the scale; sums[k] = sum of q over each
+ * `sub` (16 or 32) values. Rounding: cvtps (to nearest even), as lrintf in the default mode. */
 static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *sums) {
-    float amax = 0.0f;
-    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
-    float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int k = 0; k < n; k++) q[k] = (int8_t)lrintf(x[k] * inv);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int k = 0; k < n; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int k = 0; k < n; k += 16) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
+        const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16 in order */
+        _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+    }
     for (int s = 0; s < n / sub; s++) {
         int t = 0;
         for (int k = 0; k < sub; k++) t += q[s * sub + k];
