@@ -187,3 +187,25 @@ def test_cli_help_and_errors(policy_dir, tmp_path, capsys):
     assert "--reward is required" in capsys.readouterr().err
     assert cli_main(base + ["--reward", "nonsense"]) != 0
     assert "reward spec" in capsys.readouterr().err
+
+
+def test_train_grpo_with_a_reward_model_as_the_reward(policy_dir, tmp_path, real_tokenizer):
+    from qwen25.checkpoint import load
+    from qwen25.cli import main as cli_main
+    from qwen25.train.metrics import read_metrics
+    from qwen25.train.reward_model import reward_model_from_lm, save_reward_model
+
+    rm = reward_model_from_lm(load(policy_dir).model, real_tokenizer.pad_token_id, seed=0, std=1.0)
+    rm_dir = save_reward_model(rm, tmp_path / "rm", real_tokenizer)
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    out = tmp_path / "run"
+    assert cli_main(["train", "grpo", "--model", str(policy_dir), "--data", str(data), "--reward", f"rm:{rm_dir}",
+                     "--output", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
+                     "--max-completion-length", "6", "--seq-len", "96", "--no-progress", "--threads", "1",
+                     "--lora", "--loss-type", "dr_grpo", "--scale-rewards", "none"]) == 0
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 2
+    # a scalar head scores every completion differently: no degenerate group, nothing failed
+    assert all(r["all_equal_share"] == 0 and r["reward_failures"] == 0 for r in steps)
+    assert all(r["reward/rm"] == pytest.approx(r["reward"]) for r in steps)
