@@ -185,3 +185,35 @@ def test_settings_and_errors():
     dynamic = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "dynamic": True}
     with pytest.raises(ValueError, match="dynamic YaRN"):
         enable_sparse_prefill(tiny(rope_scaling=dynamic), True)
+
+
+@pytest.mark.real_model
+def test_cli_flag_reaches_the_model_and_generation_matches_dense(tiny_hf_dir):
+    from qwen25.cli import GenerateConfig
+
+    ids = list(range(1000, 1080))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    dense_llm = GenerateConfig(model=str(tiny_hf_dir)).load()
+    expected = dense_llm.generate([ids], params)[0].outputs[0].token_ids
+    flag = '{"vertical_size": 1000, "slash_size": 2, "block_size": 16, "min_length": 32}'
+    llm = GenerateConfig(model=str(tiny_hf_dir), sparse_prefill=flag).load()
+    assert isinstance(llm.model.model.attention, SparsePrefillAttention)
+    assert llm.generate([ids], params)[0].outputs[0].token_ids == expected
+    yarn = '{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 96}'
+    llm = GenerateConfig(model=str(tiny_hf_dir), rope_scaling=yarn, sparse_prefill="on").load()
+    assert isinstance(llm.model.model.attention, SparsePrefillAttention)  # re-applied after the YaRN switch
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("flags,message", [
+    (["--sparse-prefill", "{bad"], "--sparse-prefill: expected on, off or a JSON object"),
+    (["--sparse-prefill", '{"vertical": 5}'], "unknown keys ['vertical']"),
+    (["--sparse-prefill", "on", "--dual-chunk-attention", "on"], "not implemented with Dual Chunk Attention"),
+])
+def test_bad_flags_are_one_line_errors(tiny_hf_dir, capsys, flags, message):
+    from qwen25.cli import main
+
+    rc = main(["generate", "-m", str(tiny_hf_dir), *flags, "--prompt", "hi", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message in err, err

@@ -21,9 +21,9 @@ logits by s^2 (as YaRN's attention factor does). W = 0 or absent: no scaling. A 
 the same config applies its frequencies and attention factor to every rotation.
 
 Costs: a key is stored once, unrotated (`UnrotatedKVCache`); each pass rotates the context's keys and computes
-up to three logit blocks per query, in query blocks that bound the memory of long prompts. The sparse prefill
-(MInference's vertical-slash pattern) is not implemented: `sparse_attention_*` fields are accepted and the dense
-DCA runs. The engine's paged cache stores keys unrotated for it; on a cache that stores rotated keys
+up to three logit blocks per query, in query blocks that bound the memory of long prompts. Sparse prefill
+(`qwen25.model.sparse_prefill`, MInference's vertical-slash pattern) is not combined with DCA: a checkpoint's
+`sparse_attention_*` fields are accepted and the dense DCA runs; asking for sparse prefill with DCA is refused. The engine's paged cache stores keys unrotated for it; on a cache that stores rotated keys
 (`ContiguousKVCache`) it runs plain attention while that is exact and raises NotImplementedError beyond.
 """
 
