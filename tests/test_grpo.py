@@ -209,3 +209,23 @@ def test_train_grpo_with_a_reward_model_as_the_reward(policy_dir, tmp_path, real
     # a scalar head scores every completion differently: no degenerate group, nothing failed
     assert all(r["all_equal_share"] == 0 and r["reward_failures"] == 0 for r in steps)
     assert all(r["reward/rm"] == pytest.approx(r["reward"]) for r in steps)
+
+
+def test_resume_replays_the_uninterrupted_run(policy_dir, tmp_path):
+    from qwen25.cli import main as cli_main
+    from qwen25.train.metrics import read_metrics
+
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    common = ["train", "grpo", "--model", str(policy_dir), "--data", str(data), "--reward", REWARD,
+              "--max-steps", "3", "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "6",
+              "--seq-len", "96", "--no-progress", "--threads", "1", "--lora", "--lr", "1e-2", "--save-every", "2"]
+    assert cli_main(common + ["--output", str(tmp_path / "whole")]) == 0
+    ckpt = tmp_path / "whole" / "checkpoint-2"
+    assert cli_main(common + ["--output", str(tmp_path / "resumed"), "--resume", str(ckpt)]) == 0
+    whole = [r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
+    resumed = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert whole[-1]["kl"] > 0  # the first two updates moved the policy: step 3 depends on restored weights
+    for key in ("loss", "reward", "kl", "completion_length"):  # same prompts, seeds and weights at step 3
+        assert resumed[-1][key] == pytest.approx(whole[-1][key], abs=1e-6), key
