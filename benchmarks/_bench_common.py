@@ -93,6 +93,11 @@ def torch_weight_bytes(model: Any) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    for module in model.modules():  # GGUF-block layers read the file's bytes (a numpy `raw`), not tensors
+        raw = getattr(module, "raw", None)
+        if raw is not None and module is not model.model.embed_tokens and raw.ctypes.data not in seen:
+            seen.add(raw.ctypes.data)
+            total += raw.nbytes
     return total
 
 
