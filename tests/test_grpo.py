@@ -154,7 +154,8 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
     args = ["train", "grpo", "--model", str(policy_dir), "--data", str(data), "--eval-data", str(data),
             "--reward", REWARD, "--output", str(out), "--max-steps", "3", "--batch-size", "2",
             "--num-generations", "4", "--max-completion-length", "8", "--seq-len", "96", "--no-progress",
-            "--threads", "1", "--lr", "1e-2", "--save-every", "2"] + (["--lora"] if lora else [])
+            "--threads", "1", "--lr", "1e-2", "--save-every", "2"] + (["--lora", "--report-to", "tensorboard"]
+                                                                        if lora else [])
     assert cli_main(args) == 0
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 3
@@ -169,6 +170,14 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
     assert {"before", "after"} <= heldout.keys()
     assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
     assert "held-out mean reward after" in capsys.readouterr().out
+    if lora:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "train/reward", "train/kl", "train/clip_fraction", "train/sync_s"} <= tags
+        assert [e.value for e in events.Scalars("train/reward")] == pytest.approx([r["reward"] for r in steps])
 
 
 def test_cli_help_and_errors(policy_dir, tmp_path, capsys):

@@ -8,8 +8,9 @@ instead. The same records are kept in memory (`history`): a checkpoint stores th
 metrics.jsonl from them, dropping the lines a killed run wrote after its last checkpoint.
 
 The loss curve (`loss.png`, matplotlib's Agg backend) is redrawn with every checkpoint. TensorBoard
-(`--report-to tensorboard`, scalars `train/loss`, `train/lr`, `train/grad_norm`, `train/tokens_per_s`,
-`eval/loss`) is imported only when asked for.
+(`--report-to tensorboard`: every number of a record as a scalar, `train/<key>` — loss, lr, grad_norm,
+tokens_per_s and a stage's extras such as GRPO's reward and kl — or `eval/<key>` for `eval_<key>`) is imported
+only when asked for. The progress bar shows loss, lr, tokens/s and, when a record has one, the reward.
 """
 
 from __future__ import annotations
@@ -62,15 +63,17 @@ class MetricsLog:
         self._file.flush()
         step = record["step"]
         if self._tb is not None:
-            for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
-                             ("tokens_per_s", "train/tokens_per_s"), ("eval_loss", "eval/loss")):
-                if key in record:
-                    self._tb.add_scalar(tag, record[key], step)
+            for key, value in record.items():  # train/<key> or eval/<key without eval_>, every number
+                if key in ("step", "epoch", "elapsed_s") or isinstance(value, bool) or \
+                        not isinstance(value, (int, float)):
+                    continue
+                self._tb.add_scalar(f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}", value, step)
         if self._bar is not None:
             if "loss" in record:
                 self._bar.update(1)
+                extra = {"reward": f"{record['reward']:.3f}"} if "reward" in record else {}
                 self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                      tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                                      tok_s=f"{record['tokens_per_s']:.0f}", **extra, refresh=False)
             else:
                 self._bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
 
