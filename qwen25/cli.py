@@ -58,10 +58,11 @@ class ModelArgs(ContextArgs):
     """model name, .gguf file, HF directory or HF repo id"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute dtype (float32 is fastest on CPUs without native bf16; default: float32)"""
-    quantization: Literal["auto", "q8", "q4", "none"] = arg("auto", short="-q")
-    """weights in memory: q8 = int8 (fast CPU path), q4 = int4 (less memory, slightly lower quality; see
-    `qwen25 quantize --help`), none = dequantized --dtype (reference); auto = q8 for GGUF files, none for HF
-    directories (default: auto)"""
+    quantization: Literal["auto", "gguf", "q8", "q4", "none"] = arg("auto", short="-q")
+    """weights in memory: gguf = a GGUF file's own blocks (memory-mapped, no requantization), q8 = int8
+    requantized (fast prefill), q4 = int4 (less memory, slightly lower quality; see `qwen25 quantize --help`),
+    none = dequantized --dtype (reference); auto = gguf for GGUF files (q8 with --lora), none for HF directories
+    (default: auto)"""
     threads: int | None = None
     """torch threads (default: all cores, at most 8)"""
     lora: str | None = arg(None, metavar="ADAPTER_DIR")
