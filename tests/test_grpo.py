@@ -154,8 +154,8 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
     args = ["train", "grpo", "--model", str(policy_dir), "--data", str(data), "--eval-data", str(data),
             "--reward", REWARD, "--output", str(out), "--max-steps", "3", "--batch-size", "2",
             "--num-generations", "4", "--max-completion-length", "8", "--seq-len", "96", "--no-progress",
-            "--threads", "1", "--lr", "1e-2", "--save-every", "2"] + (["--lora", "--report-to", "tensorboard"]
-                                                                        if lora else [])
+            "--threads", "1", "--lr", "1e-2", "--save-every", "2", "--eval-every", "2", "--eval-batches", "1"]
+    args += ["--lora", "--report-to", "tensorboard"] if lora else []
     assert cli_main(args) == 0
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 3
@@ -166,6 +166,9 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
     assert steps[-1]["kl"] > 0  # and moves away from it
     assert all(r["sync_s"] < 0.1 for r in steps)
     assert (out / "reward.png").is_file() and (out / "loss.png").is_file()
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [2, 3] and all(math.isfinite(r["eval_kl"]) for r in evals)
+    assert evals[0]["eval_completion_length"] > 0
     heldout = json.loads((out / "heldout.json").read_text())
     assert {"before", "after"} <= heldout.keys()
     assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()

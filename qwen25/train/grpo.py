@@ -21,7 +21,9 @@ kl, clip_fraction, entropy, completion_length, truncated_share, all_equal_share,
 rollout_s / reward_s / ref_s / sync_s, rollout_tokens, reward/<name>), loss.png, reward.png (train reward per
 step and the held-out mean reward before and after), heldout.json, and the final model or adapter.
 Held-out reward: one greedy completion per --eval-data prompt (at most --eval-prompts), scored by the same
-rewards. Single process: the engine cannot run FSDP2-sharded parameters (the objective itself can: see
+rewards, before and after (heldout.json); with --eval-every N also every N steps and at the end, sampled
+rollouts of the first --eval-batches x --batch-size held-out prompts (same prompts and seeds each time) through
+the objective: eval_reward, eval_kl, eval_loss... in metrics.jsonl. Single process: the engine cannot run FSDP2-sharded parameters (the objective itself can: see
 tests/test_grpo_distributed.py).
 """
 
@@ -126,6 +128,8 @@ class GRPOConfig(TrainArgs, LoraArgs, GRPOSampling, GRPOArgs):
         if self.max_completion_length < 1 or self.max_completion_length >= self.seq_len:
             raise ValueError(f"--max-completion-length must be in [1, --seq-len {self.seq_len}), got "
                              f"{self.max_completion_length}")
+        if self.eval_every and self.eval_batches is None:
+            self.eval_batches = 4  # each held-out batch is a full rollout: keep periodic evaluation affordable
         if self.eval_prompts < 1:
             raise ValueError(f"--eval-prompts must be >= 1, got {self.eval_prompts}")
 
@@ -155,6 +159,9 @@ def plot_rewards(history: list[dict[str, Any]], heldout: dict[str, float], path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if steps:
         ax.plot(*zip(*steps), label="train (mean of the rollouts)", linewidth=1)
+    sampled = [(r["step"], r["eval_reward"]) for r in history if "eval_reward" in r]
+    if sampled:
+        ax.plot(*zip(*sampled), "s-", markersize=3, label="held-out (sampled rollouts)")
     if "before" in heldout and "after" in heldout:
         last = steps[-1][0] if steps else 1
         ax.plot([0, last], [heldout["before"], heldout["after"]], "o--", label="held-out (greedy)")
@@ -237,6 +244,13 @@ def main(cfg: GRPOConfig) -> int:
     if heldout_prompts and not cfg.resume:
         heldout["before"] = heldout_reward(engine, heldout_prompts, rewards, weights, room, cfg.reward_timeout)
         print(f"held-out mean reward before: {heldout['before']:.4f}", flush=True)
+    evals = None
+    if heldout_prompts and cfg.eval_every:  # sampled held-out rollouts every --eval-every steps: eval_reward, ...
+        evals = GRPOLoader(heldout_prompts, engine, rewards, weights, params,
+                           prompts_per_batch=min(cfg.batch_size, len(heldout_prompts)), ctx=ctx, pad_id=pad_id,
+                           seed=cfg.seed + 1, scale=cfg.scale_rewards, beta=cfg.beta, ref_model=ref_model,
+                           dtype=cfg.dtype, reward_timeout_s=cfg.reward_timeout, shuffle=False,
+                           loss_type=cfg.loss_type, mask_truncated=cfg.mask_truncated_completions)
     writer = (adapter_writer(ctx, lora_config, str(cfg.model)) if lora_config is not None else
               hf_writer(ctx, tokenizer, checkpoint.generation_defaults))
     fingerprint = {"kind": "grpo", "model": checkpoint.config.to_dict(), "beta": cfg.beta, "loss_type": cfg.loss_type,
@@ -245,7 +259,7 @@ def main(cfg: GRPOConfig) -> int:
                        "target_modules": list(lora_config.target_modules)},
                    "data": {"prompts": len(prompts), "name": Path(cfg.data).name}}
     try:
-        result = train(model, loader, cfg, ctx=ctx, fingerprint=fingerprint, write_model=writer,
+        result = train(model, loader, cfg, ctx=ctx, fingerprint=fingerprint, eval_loader=evals, write_model=writer,
                        description="grpo", objective=objective)
         save_final_model(ctx, Path(cfg.output), model, writer)
     finally:
