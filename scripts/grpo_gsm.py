@@ -10,7 +10,7 @@
    by qwen25's engine at temperature 1.0, at most 256 tokens; reward = `math` (the final \\boxed{} / number
    equals the answer; nothing for format, so the held-out score is accuracy); beta 0.04, dapo normalisation.
 3. The held-out mean reward of one greedy completion per prompt on 100 held-out problems, before and after
-   (heldout.json), the reward curve (reward.png) and metrics.jsonl in --output. The acceptance goal: after -
+   (heldout.json), sampled held-out rollouts of 4 problems every 20 steps (eval_reward in metrics.jsonl), the reward curve (reward.png) and metrics.jsonl in --output. The acceptance goal: after -
    before >= 0.15.
 """
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                "--max-steps", str(a.steps), "--batch-size", str(a.prompts), "--num-generations", str(a.generations),
                "--max-completion-length", str(a.max_tokens), "--seq-len", str(a.max_tokens + 384),
                "--lr", str(a.lr), "--beta", "0.04", "--loss-type", "dapo", "--save-every", "10",
+               "--eval-every", "20", "--eval-batches", "2",
                "--threads", str(a.threads)]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
