@@ -9,7 +9,9 @@ mean, then mean over sequences) or dr_grpo (sum / (sequences x --max-completion-
 per rollout, so the ratio is 1 with the gradient of log pi (TRL's num_iterations = 1). Kept: group advantages,
 token clip, k3 KL, clip-higher. Dropped: DAPO's dynamic sampling (degenerate groups are counted in
 all_equal_share) and soft overlong penalty, multiple updates per rollout. --mask-truncated-completions drops
-completions the length limit cut from the loss (TRL issue 5697).
+completions the length limit cut from the loss (TRL issue 5697). log pi is the model's own distribution
+(temperature 1) whatever --temperature the rollouts sample at; TRL divides the logits by the sampling
+temperature first, so the two agree at the default --temperature 1.0 only.
 
 Rollouts: `qwen25.train.grpo_rollout` (the engine shares the policy's tensors: the weight sync after each
 update is a prefix-cache reset, measured as sync_s). Reference: the starting weights; with --lora the same
