@@ -15,7 +15,6 @@ every token after the first.
 from __future__ import annotations
 
 import argparse
-import argparse as _argparse_module
 import math
 import platform
 import sys
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="known model name or a .gguf path")
     p.add_argument("--tokens", type=int, default=2048, help="length of the text in tokens (within the window)")
     p.add_argument("--factor", type=float, default=4.0, help="YaRN factor")
-    p.add_argument("--text", default=_argparse_module.__file__, help="text file (default: stdlib argparse.py)")
+    p.add_argument("--text", default=argparse.__file__, help="text file (default: stdlib argparse.py)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if not 2 <= args.tokens <= NATIVE_WINDOW:

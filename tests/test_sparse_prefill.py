@@ -224,8 +224,8 @@ def test_bad_flags_are_one_line_errors(tiny_hf_dir, capsys, flags, message):
 def test_real_model_finds_the_passkey_with_sparse_prefill(real_gguf, monkeypatch):
     """Qwen2.5-Coder-0.5B-Instruct, 2,048-token passkey prompts at 3 depths, budgets scaled down with the length
     (MInference's are for 100K+ prompts): 128 columns, 256 diagonals from the last 64 queries of each 512-token
-    chunk from 1,024 keys on. Measured: found at all 3 depths (242 s on the shared host). benchmarks/bench_long.py --sparse-prefill runs
-    the long lengths and times them."""
+    chunk from 1,024 keys on. Measured: found at all 3 depths (242 s on the shared host).
+    benchmarks/bench_long.py --sparse-prefill runs the long lengths and times them."""
     from qwen25.eval.passkey import is_found, passkey_keys, passkey_prompt
     from qwen25.llm import LLM
 
