@@ -131,11 +131,22 @@ def load_quantized_file(path: Path, quantization: str | None, trainable: bool = 
     return LoadedWeights(config, model, path, "hf" if source.is_dir() else "gguf", kind, source, metadata)
 
 
+def _is_gguf(path: Path) -> bool:
+    """A GGUF file, by its magic bytes or its name."""
+    if path.suffix == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load_weights(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
                  trainable: bool = False) -> LoadedWeights:
     """Load the model of a .gguf file or an HF directory (config.json + safetensors).
 
-    quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "q8" / "q4" give
+    quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "gguf" runs a GGUF
+    file's own blocks, memory-mapped (see `weights.gguf_blocks`); "q8" / "q4" give
     the fast int8 / int4 model with fused projections, memory-mapped from the repack cache when `qwen25 quantize`
     (or an earlier load) wrote it, else streamed from the checkpoint and cached (see `weights.quantized`).
     A .safetensors file written by `qwen25 quantize --output` loads as the format it holds.
@@ -149,11 +160,13 @@ def load_weights(path: str | Path, dtype: torch.dtype = torch.float32, quantizat
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    is_gguf = _is_gguf(path)
+    if quantization == "gguf" and not is_gguf:
+        raise ValueError(f"{path}: quantization 'gguf' runs a GGUF file's own blocks; this is not a GGUF file "
+                         "(use 'q8', 'q4' or 'none')")
     if path.is_dir():
         return load_hf_directory(path, dtype, quantization, trainable)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF" or path.suffix == ".gguf":
+    if is_gguf:
         return load_gguf(path, dtype, quantization, trainable)
     if path.suffix == ".safetensors":
         return load_quantized_file(path, quantization, trainable)
