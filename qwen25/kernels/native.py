@@ -1,4 +1,4 @@
-"""`NativeForward`: the whole q8 / q4 model forward in one native call.
+"""`NativeForward`: the whole model forward in one native call, on a GGUF file's own blocks or on q8 / q4 weights.
 
 Every pass of a quantized model on a KV cache (decode steps, speculative verification, prompt chunks) runs
 through `qwen25/kernels/forward.c` instead of ~45 PyTorch ops per layer (measured against the PyTorch path and
@@ -10,7 +10,9 @@ A row's result depends only on its own token and the cached keys/values, never o
 outputs are identical whether a sequence runs alone or batched, with its prompt in one chunk or several, with or
 without prefix-cache hits.
 
-Available for models loaded with q8 or q4 weights (fused qkv / gate_up `Q8Linear` / `Q4Linear` projections, qkv
+Available for models loaded with `quantization="gguf"` (`GGMLLinear` parts: q, k, v and gate, up as separate
+tensors of Q4_K / Q6_K / Q5_0 / Q8_0 blocks read in place, activations rounded to 8 bits per block; `GGMLEmbedding`)
+and for models loaded with q8 or q4 weights (fused qkv / gate_up `Q8Linear` / `Q4Linear` projections, qkv
 possibly a `ConcatLinear` of two formats, `Q8Embedding`; q4 rows a multiple of 64 weights) when the kernel builds;
 `NativeForward.for_model` returns None otherwise and callers keep the PyTorch path. Two builds of forward.c are
 used: passes of up to STREAMING_ROWS rows run the one whose tiles prefetch the weight streams (decode), longer
