@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from qwen25.config import ModelConfig
 from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, sdpa_attention
@@ -98,14 +99,18 @@ def estimate_pattern(q_last: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillCo
     (H, n, D) at positions S-n..S-1 over its keys k (H_kv, S, D), both rotated."""
     H, n, D = q_last.shape
     H_kv, S = k.shape[0], k.shape[1]
-    logits = (q_last.view(H_kv, H // H_kv, n, D) @ k.unsqueeze(1).transpose(-1, -2)).view(H, n, S)
-    q_pos = torch.arange(S - n, S, device=k.device).unsqueeze(1)
-    k_pos = torch.arange(S, device=k.device).unsqueeze(0)
-    probs = torch.softmax((logits.float() / math.sqrt(D)).masked_fill(k_pos > q_pos, float("-inf")), dim=-1)
+    q_last = q_last.float() / math.sqrt(D)
+    logits = (q_last.view(H_kv, H // H_kv, n, D) @ k.float().unsqueeze(1).transpose(-1, -2)).view(H, n, S)
+    future = torch.ones(n, n, dtype=torch.bool, device=k.device).triu(1)  # only the last n keys can be ahead
+    logits[:, :, S - n:].masked_fill_(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     vertical = probs.sum(1)  # (H, S)
     vertical[:, :cfg.sink_size] = float("inf")
-    distance = (q_pos - k_pos).clamp(min=0).expand(H, n, S).reshape(H, -1)  # masked entries carry probability 0
-    slash = torch.zeros(H, S, device=k.device).scatter_add_(1, distance, probs.reshape(H, -1))
+    # slash[d] sums probs[i, p_i - d] over the last queries p_i = S-n+i: row i read backwards from its own position
+    slash = torch.zeros(H, S, device=k.device)
+    for i in range(n):
+        p = S - n + i
+        slash[:, :p + 1] += probs[:, i, :p + 1].flip(-1)
     slash[:, :cfg.local_size] = float("inf")
     return vertical.topk(min(cfg.vertical_size, S)).indices, slash.topk(min(cfg.slash_size, S)).indices
 
@@ -133,36 +138,26 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q_blocks = torch.zeros(H, n_qb * bs, D, dtype=q.dtype, device=dev)
     q_blocks[:, lead:lead + T] = q
     q_blocks = q_blocks.view(H, n_qb, bs, D)
-    k_blocks = torch.zeros(H_kv, n_kb * bs, D, dtype=k.dtype, device=dev)
-    k_blocks[:, :S] = k
-    v_blocks = torch.zeros_like(k_blocks)
-    v_blocks[:, :S] = v
-    k_blocks, v_blocks = k_blocks.view(H_kv, n_kb, bs, D), v_blocks.view(H_kv, n_kb, bs, D)
-    kv_head = torch.arange(H, device=dev) // (H // H_kv)
-    col_k, col_v = k[kv_head.unsqueeze(1), columns], v[kv_head.unsqueeze(1), columns]  # (H, nv, D)
-    scale = 1.0 / math.sqrt(D)
+    kv_head = (torch.arange(H, device=dev) // (H // H_kv)).view(-1, 1, 1)
+    n_col = columns.shape[1]
     out = torch.empty(H, n_qb, bs, D, dtype=q.dtype, device=dev)
-    group = max(1, GROUP_ELEMENTS // (H * (n_off * bs + columns.shape[1]) * max(bs, D)))
+    group = max(1, GROUP_ELEMENTS // (H * (n_off * bs + n_col) * max(bs, D)))
     for g0 in range(0, n_qb, group):
         qb = torch.arange(first_qb + g0, first_qb + min(g0 + group, n_qb), device=dev)  # absolute query blocks
-        q_pos = qb.unsqueeze(1) * bs + torch.arange(bs, device=dev)  # (g, bs)
+        q_pos = (qb.unsqueeze(1) * bs + torch.arange(bs, device=dev)).view(1, -1, bs, 1)  # (1, g, bs, 1)
         kb = qb.view(1, -1, 1) - offsets.unsqueeze(1)  # (H, g, n_off)
-        kb_ok = kb >= 0
-        kb = kb.clamp(min=0)
-        sel_k = k_blocks[kv_head.view(-1, 1, 1), kb].flatten(2, 3)  # (H, g, n_off*bs, D)
-        sel_v = v_blocks[kv_head.view(-1, 1, 1), kb].flatten(2, 3)
-        k_pos = (kb.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(2)  # (H, g, n_off*bs)
-        sel_ok = kb_ok.repeat_interleave(bs, dim=2).unsqueeze(2) & (k_pos.unsqueeze(2) <= q_pos.view(1, -1, bs, 1))
+        block_ok = (kb >= 0).repeat_interleave(bs, dim=2)
+        k_pos = (kb.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(2)  # (H, g, n_off*bs)
         # a column inside a block the slashes already selected for this query block is counted there
         col_offset = (qb.view(1, -1, 1) - columns.unsqueeze(1) // bs).clamp(min=0)  # (H, g, nv)
         duplicate = block_offsets.gather(1, col_offset.flatten(1).clamp(max=n_kb - 1)).view_as(col_offset)
-        col_ok = (~duplicate).unsqueeze(2) & (columns.view(H, 1, 1, -1) <= q_pos.view(1, -1, bs, 1))
-        qg = q_blocks[:, g0:g0 + qb.shape[0]]
-        logits = torch.cat([qg @ sel_k.transpose(-1, -2), qg @ col_k.unsqueeze(1).transpose(-1, -2)], dim=-1)
-        logits = (logits * scale).masked_fill(~torch.cat([sel_ok, col_ok], dim=-1), float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # padding queries before `past` see nothing
-        n_sel = sel_k.shape[2]
-        out[:, g0:g0 + qb.shape[0]] = probs[..., :n_sel] @ sel_v + probs[..., n_sel:] @ col_v.unsqueeze(1)
+        key_pos = torch.cat([k_pos, columns.unsqueeze(1).expand(-1, qb.shape[0], -1)], dim=2)  # (H, g, n)
+        usable = torch.cat([block_ok, ~duplicate], dim=2).unsqueeze(2) & (key_pos.unsqueeze(2) <= q_pos)
+        index = key_pos.clamp(max=S - 1)  # a last block's tail past S is masked (its position exceeds every query)
+        # Key 0 (a forced sink column, or inside block 0) is visible to every query row, so no row is all-masked.
+        out[:, g0:g0 + qb.shape[0]] = F.scaled_dot_product_attention(
+            q_blocks[:, g0:g0 + qb.shape[0]], k[kv_head, index], v[kv_head, index], attn_mask=usable,
+            scale=1.0 / math.sqrt(D))
     return out.view(H, n_qb * bs, D)[:, lead:lead + T]
 
 
