@@ -2,8 +2,8 @@
 
 For each engine, in its own process and one at a time: load time, prefill tok/s (512-token prompt from an
 empty cache), decode tok/s (128 greedy single-token steps, EOS ignored, after a 49-token ChatML prompt), RSS
-after load and peak RSS, and the decode's weight-read bandwidth against the machine's 22.6 GB/s ceiling
-(see /work/shared/BASELINE.md for the methodology and BENCHMARKS.md for results). Prompt ids are tokenized
+after load and peak RSS, and the decode's weight-read bandwidth as a share of the machine's read bandwidth,
+measured in the same run (see /work/shared/BASELINE.md for the methodology and BENCHMARKS.md for results). Prompt ids are tokenized
 once here and shared by every engine. Engines: qwen25 (`LLM` defaults: the GGUF's own blocks, memory-mapped, kernels
 of the best ISA the CPU runs), qwen25-avx2 (the same, QWEN25_ISA=avx2: the baseline kernels), qwen25-q8
 (`quantization="q8"`: the earlier requantized int8 path; -q8-avx2 likewise), qwen25-q4
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +43,19 @@ MODE_LABELS = {("qwen25", "generate"): "LLM.generate", ("qwen25-q4", "generate")
                ("qwen25-ref", "generate"): "LLM.generate",
                ("llamacpp", "forward"): "eval() loop",
                ("transformers", "generate"): "generate()"}  # others: "forward loop"
-CEILING_GBPS = 22.6  # torch `sum` over a 2 GiB buffer, 2 threads, median (BASELINE.md)
+# The machine's read bandwidth, measured in the same run (each round, before the engines): torch `sum` over a
+# 1 GiB fp32 buffer on the benchmark's threads, median of 7 (BASELINE.md's method; it found 22.6 GB/s on 2 threads
+# of the first machine). Each engine's decode GB/s is printed as a share of it.
+BANDWIDTH_SCRIPT = """
+import statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+x = torch.ones(1 << 28)
+x.sum()
+times = []
+for _ in range(7):
+    t = time.perf_counter(); x.sum(); times.append(time.perf_counter() - t)
+print(x.numel() * 4 / statistics.median(times) / 1e9)
+"""
 PREFILL_TOKENS, DECODE_STEPS = 512, 128
 CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number, computed iteratively, and explain it."
 REF_PYTHON = Path.home() / ".cache/qwen25-ref/bin/python"
@@ -238,7 +252,18 @@ def fmt(pair: tuple[float, float], digits: int) -> str:
     return f"{pair[0]:.{digits}f} / **{pair[1]:.{digits}f}**"
 
 
-def table(results: dict[str, dict]) -> list[str]:
+def read_bandwidth_gbps(threads: int) -> float | None:
+    """The machine's read bandwidth now (GB/s), from a child process (see BANDWIDTH_SCRIPT); None if it failed."""
+    env = child_env({"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}, [])
+    result = subprocess.run([sys.executable, "-c", BANDWIDTH_SCRIPT, str(threads)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    try:
+        return float(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def table(results: dict[str, dict], ceiling_gbps: float | None) -> list[str]:
     """Markdown rows, one per (engine, mode); ratios are medians over llama.cpp's medians. Load: min / median over
     processes; RSS and busy cores: the maximum over processes; n = processes x repetitions per process."""
     ref = results.get("llamacpp", {}).get("modes", {}).get("forward")
@@ -246,7 +271,7 @@ def table(results: dict[str, dict]) -> list[str]:
     ref_tokens = ref["tokens"] if ref else None
     lines = ["| engine | mode | load s | RSS after load MB | peak RSS MB | prefill 512 tok/s min / med "
              "| decode 128 tok/s min / med | prefill / llama.cpp | decode / llama.cpp | weights/token MB "
-             "| decode GB/s | % of 22.6 GB/s | greedy = llama.cpp | busy cores: others / steal | n |",
+             f"| decode GB/s | % of {ceiling_gbps or 0:.1f} GB/s read | greedy = llama.cpp | busy cores: others / steal | n |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for engine, r in results.items():
         for mode, m in r["modes"].items():
@@ -259,7 +284,7 @@ def table(results: dict[str, dict]) -> list[str]:
                      fmt(prefill, 1), fmt(decode, 2),
                      f"{prefill[1] / ref_prefill:.2f}x" if ref_prefill else "-",
                      f"{decode[1] / ref_decode:.2f}x" if ref_decode else "-",
-                     f"{r['bytes_per_token'] / MB:.1f}", f"{gbps:.2f}", f"{100 * gbps / CEILING_GBPS:.0f}%",
+                     f"{r['bytes_per_token'] / MB:.1f}", f"{gbps:.2f}", f"{100 * gbps / ceiling_gbps:.0f}%" if ceiling_gbps else "-",
                      f"{same}/{len(m['tokens'])}" if same is not None else "-",
                      f"{max(r['other_cpu_cores']):.2f} / {max(r['steal_cores']):.2f}",
                      f"{len(r['load_s'])}x{len(m['decode']) // len(r['load_s'])}"]
@@ -306,7 +331,11 @@ def main(argv: list[str] | None = None) -> None:
               f"machine: {cpu_model()}, {cpu_flags()}; prompts: prefill {len(long_ids)} tokens, decode "
               f"{DECODE_STEPS} steps after a {len(chat_ids)}-token ChatML prompt; {args.reps} reps per process"]
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    bandwidths: list[float] = []
     for proc in range(args.procs):  # round-robin, so slow drift of the (shared, virtual) machine hits all engines
+        gbps = read_bandwidth_gbps(args.threads)
+        log("bandwidth", f"read {gbps:.1f} GB/s" if gbps else "measurement failed")
+        bandwidths += [gbps] if gbps else []
         for engine in engines:
             env, threads = thread_setup(engine, args.threads)
             python = args.llamacpp_python if engine == "llamacpp" else sys.executable
@@ -318,9 +347,13 @@ def main(argv: list[str] | None = None) -> None:
     for engine in engines:
         r = results.get(engine)
         header.append(f"{engine}: FAILED" if r is None else f"{engine}: {r['version']}; {r['threads']}")
-    print("\n".join(header + [""] + table(results)))
+    ceiling = statistics.median(bandwidths) if bandwidths else None
+    header.append(f"read bandwidth: {', '.join(f'{b:.1f}' for b in bandwidths) or 'not measured'} GB/s "
+                  f"(torch sum over 1 GiB, {args.threads} threads, each round)")
+    print("\n".join(header + [""] + table(results, ceiling)))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "spec": spec, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"header": header, "spec": spec, "results": results,
+                                               "read_bandwidth_gbps": bandwidths}, indent=1))
 
 
 if __name__ == "__main__":
