@@ -6,7 +6,9 @@ Nothing happens on import. Entry points (the `qwen25` command, `qwen25 eval`, be
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 MAX_DEFAULT_THREADS = 8
 
@@ -50,31 +52,30 @@ def limit_heap_retention(mmap_threshold: int = 1 << 20) -> bool:
     choice)."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
 
 
 def release_free_heap() -> bool:
     """glibc only: give the heap's free pages back to the OS (malloc_trim); returns whether it ran.
 
     The training loop calls it after each optimizer step: the step's freed temporaries then stop counting as
-    resident between steps, while the allocator keeps reusing heap memory inside a step (unlike
-    `limit_heap_retention`, whose fresh mapping per large block costs a page fault per page: +40-50% time per
-    step of a 0.5B LoRA fine-tune on this CPU, measured)."""
+    resident between steps, while the allocator keeps reusing heap memory inside the next one."""
+    trim = _libc_function("malloc_trim")
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str) -> Any:
+    """The C library's function `name`, or None (not glibc, or no such function). Looked up once: find_library
+    runs ldconfig, too slow for a per-step call."""
     import ctypes
     import ctypes.util
 
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
-    trim(0)
-    return True
+        return None
