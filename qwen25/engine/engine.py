@@ -215,6 +215,12 @@ class LLMEngine:
         """Drop every cached prompt block (after a weight update; requests in flight keep their blocks)."""
         self.block_manager.reset_prefix_cache()
 
+    def weights_updated(self) -> None:
+        """The model's weights were overwritten in place (same tensors, new values; e.g. an RL trainer's sync):
+        refresh what the fast path derived from them and drop the prefix cache their old values computed."""
+        self.runner.weights_updated()
+        self.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished()
 

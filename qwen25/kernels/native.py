@@ -88,9 +88,9 @@ class KVView:
                        tables.shape[1], bs)
 
 
-def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[torch.Tensor]) -> _QMat:
+def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[tuple[nn.Module, torch.Tensor]]) -> _QMat:
     """The C view of a Q8Linear, Q4Linear or Q8Embedding. For a Q8Linear, lib computes the group sums of its
-    weights that the q8 tiles need, kept alive in `keep`."""
+    weights that the q8 tiles need, kept alive in `keep` beside their module."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(module, (GGMLLinear, GGMLEmbedding)):  # the file's bytes, read in place
@@ -107,7 +107,7 @@ def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[torch.Tensor]) -> _QMa
     if isinstance(module, Q8Linear):
         sums = torch.empty(N, K // group, dtype=torch.int32)
         lib.q8_group_sums(module.weight_q.data_ptr(), N, K, group, sums.data_ptr())
-        keep.append(sums)
+        keep.append((module, sums))
         wsum = sums.data_ptr()
     return _QMat(8, module.weight_q.data_ptr(), module.scales.data_ptr(), None, bias_ptr, group, N, K, wsum)
 
@@ -136,7 +136,7 @@ class NativeForward:
         inner = model.model
         lib.q8_group_sums.argtypes = [_ptr, ctypes.c_long, _int, _int, _ptr]
         lib.q8_group_sums.restype = None
-        self._group_sums: list[torch.Tensor] = []  # QMat.wsum arrays of the q8 matrices
+        self._group_sums: list[tuple[nn.Module, torch.Tensor]] = []  # (Q8Linear, its QMat.wsum array)
 
         def qmat(module: nn.Module) -> _QMat:
             return _qmat(module, lib, self._group_sums)
@@ -162,6 +162,13 @@ class NativeForward:
                                             _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
             build.qwen2_forward.restype = None
         self._work = torch.empty(0)
+
+    def refresh(self) -> None:
+        """Recompute what was derived from the weights (the q8 group sums) after they were overwritten in place.
+        Replacing a weight tensor instead of writing into it leaves this forward reading the old memory."""
+        for module, sums in self._group_sums:
+            N, K = module.weight_q.shape
+            self.lib.q8_group_sums(module.weight_q.data_ptr(), N, K, K // module.scales.shape[-1], sums.data_ptr())
 
     @classmethod
     def for_model(cls, model: Qwen2ForCausalLM, level: str | None = None) -> NativeForward | None:

@@ -13,8 +13,9 @@ completions the length limit cut from the loss (TRL issue 5697). log pi is the m
 (temperature 1) whatever --temperature the rollouts sample at; TRL divides the logits by the sampling
 temperature first, so the two agree at the default --temperature 1.0 only.
 
-Rollouts: `qwen25.train.grpo_rollout` (the engine shares the policy's tensors: the weight sync after each
-update is a prefix-cache reset, measured as sync_s). Reference: the starting weights; with --lora the same
+Rollouts: `qwen25.train.grpo_rollout`, on the weights `qwen25.train.rollout_weights` keeps in step with the
+policy (--rollout-weights q8: a q8 copy on the native kernels re-quantized in place after each update; policy:
+the policy's own tensors, a prefix-cache reset); the sync is measured as sync_s. Reference: the starting weights; with --lora the same
 model with its adapters switched off, otherwise a frozen copy (only when --beta > 0). Rewards:
 `qwen25.train.rewards` specs (--reward math, --reward format:boxed=0.2, --reward rm:DIR...).
 
@@ -84,6 +85,10 @@ class GRPOSampling:
     """top-k sampling of the rollouts (0: off)"""
     max_num_seqs: int = 64
     """sequences the engine decodes together"""
+    rollout_weights: Literal["q8", "policy"] = "q8"
+    """what the rollout engine runs: q8 (a q8 copy of the policy on the native kernels, re-quantized in place
+    after every update; several times faster) or policy (the policy's own fp32 tensors on the PyTorch path:
+    exact sampling log-probs, sync = a prefix-cache reset)"""
 
 
 @dataclass(kw_only=True)
@@ -194,6 +199,7 @@ def main(cfg: GRPOConfig) -> int:
     from qwen25.train.loop import train
     from qwen25.train.pairs import read_template
     from qwen25.train.rewards import build_rewards
+    from qwen25.train.rollout_weights import QuantizedCopy, SharedWeights
     from qwen25.weights.registry import resolve_model
 
     objective = GRPOObjective(cfg.loss_type, beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high,
@@ -232,16 +238,22 @@ def main(cfg: GRPOConfig) -> int:
     elif cfg.beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = LLMEngine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=max(512, cfg.seq_len),
+    source = QuantizedCopy(model) if cfg.rollout_weights == "q8" else SharedWeights(model)
+    engine = LLMEngine(source.model, tokenizer, max_num_seqs=cfg.max_num_seqs,
+                       max_num_batched_tokens=max(512, cfg.seq_len),
                        max_model_len=min(cfg.seq_len, checkpoint.config.max_position_embeddings),
-                       kv_cache_memory=max(64 << 20, _kv_bytes(model, cfg)), use_native=False,
+                       kv_cache_memory=max(64 << 20, _kv_bytes(model, cfg)), use_native=cfg.rollout_weights == "q8",
                        stop_token_ids=stop_token_ids(checkpoint))
+    source.engine = engine
+    if cfg.rollout_weights == "q8" and engine.runner.native is None:
+        print("rollouts: no native kernel here (no C compiler or AVX2); the q8 copy runs on the PyTorch path",
+              flush=True)
     params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_tokens=room, logprobs=0)
     loader = GRPOLoader(prompts, engine, rewards, weights, params, prompts_per_batch=cfg.batch_size, ctx=ctx,
                         pad_id=pad_id, seed=cfg.seed, scale=cfg.scale_rewards, beta=cfg.beta, ref_model=ref_model,
                         dtype=cfg.dtype, reward_timeout_s=cfg.reward_timeout, loss_type=cfg.loss_type,
-                        mask_truncated=cfg.mask_truncated_completions)
+                        mask_truncated=cfg.mask_truncated_completions, weights_source=source)
     heldout: dict[str, float] = {}
     if heldout_prompts and not cfg.resume:
         heldout["before"] = heldout_reward(engine, heldout_prompts, rewards, weights, room, cfg.reward_timeout)
@@ -252,7 +264,8 @@ def main(cfg: GRPOConfig) -> int:
                            prompts_per_batch=min(cfg.batch_size, len(heldout_prompts)), ctx=ctx, pad_id=pad_id,
                            seed=cfg.seed + 1, scale=cfg.scale_rewards, beta=cfg.beta, ref_model=ref_model,
                            dtype=cfg.dtype, reward_timeout_s=cfg.reward_timeout, shuffle=False,
-                           loss_type=cfg.loss_type, mask_truncated=cfg.mask_truncated_completions)
+                           loss_type=cfg.loss_type, mask_truncated=cfg.mask_truncated_completions,
+                           weights_source=source)
     writer = (adapter_writer(ctx, lora_config, str(cfg.model)) if lora_config is not None else
               hf_writer(ctx, tokenizer, checkpoint.generation_defaults))
     fingerprint = {"kind": "grpo", "model": checkpoint.config.to_dict(), "beta": cfg.beta, "loss_type": cfg.loss_type,
@@ -268,6 +281,7 @@ def main(cfg: GRPOConfig) -> int:
         shutdown(ctx)
     output = Path(cfg.output)
     if heldout_prompts:
+        source.sync()  # the last update is not in the rollout weights yet
         heldout["after"] = heldout_reward(engine, heldout_prompts, rewards, weights, room, cfg.reward_timeout)
         print(f"held-out mean reward after: {heldout['after']:.4f}", flush=True)
     (output / "heldout.json").write_text(json.dumps({**heldout, "prompts": len(heldout_prompts or [])}) + "\n")

@@ -1,13 +1,12 @@
 """GRPO's rollouts: G samples per prompt from qwen25's own engine with the current policy, scored, as batches.
 
-Weight sync: the engine *shares the policy's tensors*. `LLMEngine` is built on the very `Qwen2ForCausalLM`
-being trained (its PyTorch path; with LoRA the `LoraLinear` modules run B A x beside the frozen base, so the
-adapter is live without a merge), so the optimizer's in-place update is already what the next rollout samples
-from; the only thing left to do after an update is to drop the engine's prefix cache, whose keys/values the old
-weights computed. That is the measured `sync_s` (microseconds, against a copy of 494M parameters or a LoRA
-merge into a second model otherwise). The cost: no native q8/q4 decode kernel for rollouts (those need
-requantized weights, which would be a real sync each step), and no FSDP2 (sharded parameters are not a model
-the engine can run), so rollouts are single-process.
+Weight sync: the engine runs the weights a `qwen25.train.rollout_weights` source keeps in step with the policy:
+the policy's own tensors (`SharedWeights`, the default here: with LoRA the `LoraLinear` modules run B A x beside
+the frozen base, and a sync only drops the prefix cache) or a q8 copy on the native kernels that each sync
+re-quantizes in place (`QuantizedCopy`, what `qwen25 train grpo` uses by default). `sync()` runs before every
+rollout and its seconds are the measured `sync_s`. Reference and policy log-probs always come from the policy
+module (`weights_source.policy`), never from the copy. No FSDP2 here (sharded parameters are not a model the
+engine can run), so rollouts are single-process.
 
 `GRPOLoader` follows the training loop's loader contract (`qwen25.train.loop`: set_epoch, __iter__, __len__,
 state_dict / load_state_dict). Each micro-batch takes the next `prompts_per_batch` prompts of the epoch's
@@ -39,6 +38,7 @@ from qwen25.train.grpo_objective import Scale, group_advantages, loss_units_for
 from qwen25.train.logprobs import token_logps
 from qwen25.train.loop import IGNORE_INDEX
 from qwen25.train.rewards import Reward, score_rewards
+from qwen25.train.rollout_weights import QuantizedCopy, SharedWeights
 
 __all__ = ["GRPOLoader", "RolloutBatch", "Sample", "adapters_disabled", "collate_rollouts", "sample_groups"]
 
@@ -123,7 +123,10 @@ class GRPOLoader:
                  weights: Sequence[float], params: SamplingParams, *, prompts_per_batch: int, ctx: DistContext,
                  pad_id: int, seed: int = 0, scale: Scale = "group", beta: float = 0.0,
                  ref_model: nn.Module | None = None, dtype: str = "float32", reward_timeout_s: float = 60.0,
-                 shuffle: bool = True, loss_type: str = "dapo", mask_truncated: bool = False) -> None:
+                 shuffle: bool = True, loss_type: str = "dapo", mask_truncated: bool = False,
+                 weights_source: SharedWeights | QuantizedCopy | None = None) -> None:
+        """weights_source: what the engine runs and how it follows the policy (`qwen25.train.rollout_weights`;
+        default: the engine runs the policy itself, `engine.model`)."""
         if params.n < 2:
             raise ValueError(f"GRPO needs at least 2 samples per prompt (--num-generations), got {params.n}")
         if prompts_per_batch < 1:
@@ -136,6 +139,10 @@ class GRPOLoader:
         self.reward_timeout_s, self.shuffle = reward_timeout_s, shuffle
         self.loss_type, self.mask_truncated = loss_type, mask_truncated
         self.epoch, self.position = 0, 0  # position: micro-batches consumed in this epoch
+        if weights_source is None:
+            weights_source = SharedWeights(engine.model)
+            weights_source.engine = engine
+        self.weights_source = weights_source
 
     def __len__(self) -> int:
         return len(self.prompts) // self.per_batch
@@ -165,14 +172,12 @@ class GRPOLoader:
 
     def sync(self) -> float:
         """Make the engine sample from the weights as they are now; returns the seconds it took."""
-        start = time.perf_counter()
-        self.engine.reset_prefix_cache()  # the engine shares the policy's tensors: only cached K/V are stale
-        return time.perf_counter() - start
+        return self.weights_source.sync()
 
     @torch.no_grad()
     def reference_logps(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, T) reference log-probs on the labelled positions: adapters off (LoRA) or the frozen copy."""
-        policy = self.engine.model
+        policy = self.weights_source.policy
         was_training = policy.training
         policy.eval()
         try:

@@ -1,0 +1,137 @@
+"""The rollout engine's weights follow the policy: `QuantizedCopy.sync` rewrites the q8 copy in place so that the
+engine's native forward computes exactly what a q8 model freshly quantized from the merged policy computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_config(**kw):
+    return transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, **kw)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, real_tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rollout-policy")
+    transformers.Qwen2ForCausalLM(_tiny_config()).save_pretrained(path)
+    real_tokenizer.save(path)
+    return path
+
+
+def _load(policy_dir, lora: bool):
+    from qwen25.checkpoint import load
+    from qwen25.train.lora import LoraConfig, apply_lora
+
+    ckpt = load(policy_dir, torch.float32, quantization="none", trainable=not lora)
+    if lora:
+        apply_lora(ckpt.model, LoraConfig(r=4, alpha=8))
+    return ckpt
+
+
+def _engine(model, tokenizer):
+    from qwen25.engine.engine import LLMEngine
+
+    return LLMEngine(model, tokenizer, max_num_seqs=8, max_model_len=128, kv_cache_memory=8 << 20, use_native=True)
+
+
+def _update(model: torch.nn.Module, seed: int) -> None:
+    """An optimizer-like in-place change of every trainable parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _fresh_q8(policy: torch.nn.Module) -> torch.nn.Module:
+    """The reference: the policy with its adapters merged into a copy, quantized from scratch."""
+    from qwen25.train.lora import merge_lora
+    from qwen25.weights.quantized import quantize_loaded_model
+
+    merged = copy.deepcopy(policy)
+    if any(n.endswith("lora_A.weight") for n, _ in merged.named_parameters()):
+        with torch.no_grad():
+            merge_lora(merged)
+    return quantize_loaded_model(merged.eval(), bits=8)
+
+
+def _greedy(engine, prompts):
+    from qwen25.sampling_params import SamplingParams
+
+    engine.reset_prefix_cache()
+    out = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0))
+    return [(r.token_ids, [lp[0] for lp in r.logprobs]) for r in out]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_sync_equals_a_fresh_quantization_of_the_updated_policy(policy_dir, lora):
+    from qwen25.train.rollout_weights import QuantizedCopy
+
+    ckpt = _load(policy_dir, lora)
+    policy, tok = ckpt.model, ckpt.tokenizer
+    source = QuantizedCopy(policy)
+    source.engine = engine = _engine(source.model, tok)
+    assert engine.runner.native is not None, "the q8 copy must run on the native forward"
+    pointers = {k: v.data_ptr() for k, v in source.model.state_dict().items()}
+    prompts = [tok.encode("Hello there"), tok.encode("def add(a, b):")]
+    before = _greedy(engine, prompts)
+    for step in range(2):
+        _update(policy, seed=step)
+        assert source.sync() >= 0.0
+        reference = _fresh_q8(policy)
+        ours = source.model.state_dict()
+        for name, value in reference.state_dict().items():
+            assert torch.equal(ours[name], value), name
+        expected = _greedy(_engine(reference, tok), prompts)
+        assert _greedy(engine, prompts) == expected  # tokens and logprobs, bit for bit: group sums refreshed too
+    assert _greedy(engine, prompts) != before  # the updates changed what the engine samples
+    assert {k: v.data_ptr() for k, v in source.model.state_dict().items()} == pointers  # written in place
+
+
+def test_lora_sync_leaves_the_frozen_tables_alone(policy_dir):
+    from qwen25.train.rollout_weights import QuantizedCopy
+
+    ckpt = _load(policy_dir, lora=True)
+    source = QuantizedCopy(ckpt.model)
+    table = source.model.lm_head.weight_q.clone()
+    with torch.no_grad():
+        ckpt.model.lm_head.weight.add_(1.0)  # frozen under LoRA: a sync must not spend time re-quantizing it
+    source.sync()
+    assert torch.equal(source.model.lm_head.weight_q, table)
+
+
+def test_grpo_loader_scores_rollouts_from_the_q8_copy_and_reference_from_the_policy(policy_dir):
+    """With a QuantizedCopy the loader samples from the copy but takes reference log-probs from the policy."""
+    from qwen25.sampling_params import SamplingParams
+    from qwen25.train.distributed import DistContext
+    from qwen25.train.grpo_data import PromptRecord
+    from qwen25.train.grpo_rollout import GRPOLoader
+    from qwen25.train.logprobs import token_logps
+    from qwen25.train.rewards import build_rewards
+    from qwen25.train.rollout_weights import QuantizedCopy
+
+    ckpt = _load(policy_dir, lora=True)
+    policy, tok = ckpt.model, ckpt.tokenizer
+    _update(policy, seed=7)
+    source = QuantizedCopy(policy)
+    source.engine = engine = _engine(source.model, tok)
+    rewards, weights = build_rewards(["format:/a/"], policy_tokenizer=tok)
+    prompts = [PromptRecord(tok.encode(f"Say {c}."), f"Say {c}.", {}) for c in "ab"]
+    loader = GRPOLoader(prompts, engine, rewards, weights, SamplingParams(n=2, temperature=1.0, max_tokens=6),
+                        prompts_per_batch=2, ctx=DistContext(), pad_id=tok.eos_token_id, beta=0.1,
+                        weights_source=source)
+    batch = next(iter(loader))
+    from qwen25.train.grpo_rollout import adapters_disabled
+
+    with torch.no_grad(), adapters_disabled(policy):
+        expected = token_logps(policy.eval(), batch.input_ids, batch.labels, DistContext()).logps
+    assert torch.equal(batch.ref_logps, expected)
+    assert batch.stats["sync_s"] >= 0.0 and batch.stats["rollout_tokens"] > 0
