@@ -6,7 +6,9 @@ on every linear layer of the decoder, beta 0.04 (reference = the base with the a
 G = --generations completions of each of --prompts prompts per optimizer step, at most --max-tokens tokens
 each, temperature 1.0, top-p 1.0, no top-k, the `math` reward (qwen25's MathAnswerReward on both sides),
 --threads threads, fp32, no activation checkpointing (TRL's default turns it on: off here, as qwen25's).
-The prompts are GSM-style arithmetic word problems built here with a fixed seed.
+The prompts are GSM-style arithmetic word problems built here with a fixed seed. Engines: qwen25 (rollouts on a
+q8 copy of the policy on the native kernels, re-quantized after each update: `--rollout-weights q8`, the
+default), qwen25-policy (rollouts on the fp32 policy itself, PyTorch path), trl.
 
 Reported per side: rollout tokens/s (completion tokens generated / seconds inside generation: qwen25's
 `rollout_s` from metrics.jsonl; TRL's `_generate_single_turn` timed by a wrapper), seconds per GRPO step
@@ -33,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import child_env, cpu_flags, cpu_model, load_average, log, peak_rss_mb, run_child  # noqa: E402
 
-ENGINES = ("qwen25", "trl")
+ENGINES = ("qwen25", "qwen25-policy", "trl")  # qwen25: q8 copy on the native kernels; -policy: fp32 policy
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 BETA, LR = 0.04, 1e-5
@@ -89,7 +91,8 @@ def run_qwen25(spec: dict[str, Any]) -> dict[str, Any]:
                          lora_target_modules=LORA["targets"], beta=BETA, lr=LR, batch_size=spec["prompts"],
                          num_generations=spec["generations"], max_completion_length=spec["max_tokens"],
                          seq_len=spec["max_tokens"] + 256, temperature=1.0, top_p=1.0, top_k=0,
-                         max_steps=spec["steps"], threads=spec["threads"], no_progress=True, loss_type="dapo")
+                         max_steps=spec["steps"], threads=spec["threads"], no_progress=True, loss_type="dapo",
+                         rollout_weights=spec.get("rollout_weights", "q8"))
         main(cfg)
         steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     step_s = [r["tokens"] / r["tokens_per_s"] for r in steps]
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens per completion")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per side")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--engines", default=",".join(ENGINES), help="which sides to run, comma-separated")
+    p.add_argument("--engines", default="qwen25,trl", help=f"which sides to run, comma-separated: {', '.join(ENGINES)}")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -180,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.child:
         spec = json.loads(Path(a.spec).read_text())
-        result = {"qwen25": run_qwen25, "trl": run_trl}[a.child](spec)
+        runs = {"qwen25": run_qwen25, "qwen25-policy": lambda s: run_qwen25({**s, "rollout_weights": "policy"}),
+                "trl": run_trl}
+        result = runs[a.child](spec)
         Path(a.out).write_text(json.dumps(result))
         return 0
 
@@ -200,16 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         results[engine] = run_child(sys.executable, Path(__file__).resolve(), engine, spec, env)
     print(f"\nGRPO, LoRA r {LORA['r']}, {a.prompts} prompts x G {a.generations}, <= {a.max_tokens} tokens, "
           f"{a.threads} threads, fp32; {cpu_model()} ({cpu_flags()}); load {load_average()}")
-    print(f"{'':8} {'rollout tok/s':>14} {'rollout tokens':>15} {'s/step':>8} {'sync s':>8} {'peak RSS MB':>12} "
+    print(f"{'':13} {'rollout tok/s':>14} {'rollout tokens':>15} {'s/step':>8} {'sync s':>8} {'peak RSS MB':>12} "
           f"{'other cores':>12}")
     for engine, r in results.items():
         if r is None:
-            print(f"{engine:8} failed (see above)")
+            print(f"{engine:13} failed (see above)")
             continue
         sync = f"{statistics.median(r['sync_s']):8.4f}" if "sync_s" in r else f"{'-':>8}"
-        print(f"{engine:8} {rollout_tps(r):14.1f} {sum(r['rollout_tokens']):15.0f} "
+        print(f"{engine:13} {rollout_tps(r):14.1f} {sum(r['rollout_tokens']):15.0f} "
               f"{statistics.median(r['step_s']):8.1f} {sync} {r['peak_rss_mb']:12.0f} {r['other_cpu_cores']:12.2f}")
-    q, t = results.get("qwen25"), results.get("trl")
+    q, t = results.get("qwen25") or results.get("qwen25-policy"), results.get("trl")
     if q:
         share = sum(q["sync_s"]) / max(sum(q["step_s"]), 1e-9)
         print(f"qwen25 step parts (s): rollout {sum(q['rollout_s']):.1f}, rewards {sum(q['reward_s']):.2f}, "

@@ -10,7 +10,7 @@ import torch
 
 from qwen25.engine.kv_cache import ContiguousKVCache
 from qwen25.kernels import load_q8_kernels
-from qwen25.kernels.quant import Q8Linear, dequantize_q8, quantize_q8
+from qwen25.kernels.quant import Q8Linear, dequantize_q8, quantize_q8, quantize_q8_
 
 
 @pytest.mark.parametrize("group", [32, 128, 0])
@@ -26,6 +26,21 @@ def test_q8_linear_matches_dequantized_reference(group, rows):
 
 def test_native_kernel_is_built_here():
     assert load_q8_kernels() is not None, "gcc with AVX2 is expected on this machine kind"
+
+
+@pytest.mark.parametrize("group", [32, 128, 256])
+def test_in_place_quantizer_equals_quantize_q8(group):
+    """quantize_q8_ (the RL weight sync's quantizer, into existing buffers) gives quantize_q8's bits, zero groups,
+    ties at .5 and the largest magnitudes included."""
+    torch.manual_seed(group)
+    w = torch.randn(48, 512) * torch.logspace(-3, 2, 48).unsqueeze(1)
+    w[3] = 0.0
+    w[5, :group] = torch.arange(group) * 0.5 - 7.25  # many exact .5 steps of the scale
+    w[7, 0] = -1e4
+    q_ref, s_ref = quantize_q8(w, group)
+    q, s = torch.empty_like(q_ref), torch.empty_like(s_ref)
+    quantize_q8_(w.clone(), q, s)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
 def test_quantizer_error_is_bounded_by_half_a_step():

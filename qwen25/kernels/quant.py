@@ -35,6 +35,17 @@ def quantize_q8(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor,
     return q.reshape(N, K), scales.contiguous()
 
 
+def quantize_q8_(weight: torch.Tensor, out_q: torch.Tensor, out_scales: torch.Tensor) -> None:
+    """`quantize_q8` written into out_q (N, K) int8 and out_scales (N, K/group) fp32, with the group their shapes
+    give: the same values, without full-size temporaries. `weight` (fp32, contiguous) is overwritten."""
+    N, K = weight.shape
+    groups = weight.view(N, out_scales.shape[-1], -1)
+    low, high = torch.aminmax(groups, dim=-1)
+    torch.maximum(high, low.neg_(), out=out_scales).div_(127.0)  # max |w| of each group / 127
+    groups.div_(out_scales.clamp(min=1e-30).unsqueeze(-1)).round_().clamp_(-127, 127)
+    out_q.copy_(weight)
+
+
 def dequantize_q8(weight_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     N, K = weight_q.shape
     G = scales.shape[-1]

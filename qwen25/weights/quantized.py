@@ -85,12 +85,12 @@ def progress_steps(config: ModelConfig) -> int:
 
 
 def quantized_state_dict(config: ModelConfig, get: GetTensor, get_rows: GetRows, bits: int = 8,
-                         group: int | None = None, progress: Callable[[], None] | None = None,
-                         tables: bool = True) -> dict[str, torch.Tensor]:
+                         group: int | None = None,
+                         progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """The fused quantized state dict, built one tensor at a time (big tables in row chunks). Each kind of
     tensor gets the format LAYOUTS[bits] gives it (the last INT8_LAST_LAYERS[bits] layers: int8); `group` applies
     to the tensors stored at `bits`, the others use their format's default. `progress()` is called after each
-    table and each layer. tables=False leaves out the embedding and lm_head (a caller refreshing the layers)."""
+    table and each layer."""
     group = check_settings(bits, group)
     out: dict[str, torch.Tensor] = {}
     tick = progress or (lambda: None)
@@ -125,12 +125,11 @@ def quantized_state_dict(config: ModelConfig, get: GetTensor, get_rows: GetRows,
         out[f"{prefix}.scales"] = torch.cat([s for _, s in rows])
         tick()
 
-    if tables:
-        put_table("lm_head", "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
-        if config.tie_word_embeddings:
-            out.update(_tied_aliases(out))
-        else:
-            put_table("model.embed_tokens", "model.embed_tokens.weight")
+    put_table("lm_head", "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    if config.tie_word_embeddings:
+        out.update(_tied_aliases(out))
+    else:
+        put_table("model.embed_tokens", "model.embed_tokens.weight")
     out["model.norm.weight"] = get("model.norm.weight").float()
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
