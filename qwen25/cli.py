@@ -3,9 +3,9 @@
 Every subcommand is a config dataclass whose fields are its flags (`qwen25.cli_args`) and a `main(cfg)`:
 generate, chat and serve live here; models, download and quantize in `qwen25.weights.cli`; eval in
 `qwen25.eval.cli`. Process-wide settings come from `qwen25.runtime`, called by each command before it loads
-a model. Errors a user can fix print one line and exit non-zero, never a traceback: a bad flag, file or input
-(stdin or a text flag that is not UTF-8) names what is wrong; anything unexpected is one line too, with the
-traceback behind QWEN25_DEBUG=1. Nothing imports this module.
+a model, and put back when `main` returns. Errors a user can fix print one line and exit non-zero, never a
+traceback: a bad flag, file or input (stdin or a text flag that is not UTF-8) names what is wrong; anything
+unexpected is one line too, with the traceback behind QWEN25_DEBUG=1. Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from qwen25.context_args import ContextArgs
 from qwen25.data.cli import add_data_parser
 from qwen25.eval.cli import add_eval_parser
 from qwen25.export_cli import add_export_parser
+from qwen25.runtime import restored_runtime
 from qwen25.server.serve_args import ServeLimitsArgs, is_loopback, serve_api_key
 from qwen25.train.cli import add_train_parser
 from qwen25.weights import cli as weights_cli
@@ -365,13 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `qwen25` command; returns its exit status. The process-wide settings a command makes
+    (`qwen25.runtime.configure_runtime`) are undone on return, so in-process callers keep their own."""
     parser = build_parser()
     try:
         args = parse_args(parser, argv)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return args.func(args)
+        with restored_runtime():
+            return args.func(args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do

@@ -1,13 +1,19 @@
 """Process-wide runtime settings: torch's thread count, the OpenMP wait policy, and (training) glibc's heap.
 
 Nothing happens on import. Entry points (the `qwen25` command, `qwen25 eval`, benchmarks) call
-`configure_runtime` once, before any model work; library code never does.
+`configure_runtime` once, before any model work; library code never does. `restored_runtime` scopes what
+`configure_runtime` changes, so a command run inside a longer-lived process (`qwen25.cli.main` called from a
+test or a notebook) gives the caller back its thread count and environment: CPU results are only reproducible
+at a fixed thread count (matmul reductions are split per thread). glibc's heap setting cannot be read back, so
+`limit_heap_retention` stays in force for the rest of the process; it changes memory use and speed, not results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 MAX_DEFAULT_THREADS = 8
@@ -29,6 +35,24 @@ def configure_runtime(threads: int | None = None) -> int:
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def restored_runtime() -> Iterator[None]:
+    """Run the block, then put back what `configure_runtime` may have changed in it: torch's intra-op thread
+    count and OMP_WAIT_POLICY (restored, or removed when it was unset), also when the block raises."""
+    import torch
+
+    threads = torch.get_num_threads()
+    wait_policy = os.environ.get("OMP_WAIT_POLICY")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if wait_policy is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = wait_policy
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

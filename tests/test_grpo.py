@@ -156,7 +156,9 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
             "--num-generations", "4", "--max-completion-length", "8", "--seq-len", "96", "--no-progress",
             "--threads", "1", "--lr", "1e-2", "--save-every", "2", "--eval-every", "2", "--eval-batches", "1"]
     args += ["--lora", "--report-to", "tensorboard"] if lora else []
+    threads = torch.get_num_threads()
     assert cli_main(args) == 0
+    assert torch.get_num_threads() == threads  # --threads 1 is the run's, not the test process's (later tests)
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 3
     for key in ("reward", "kl", "clip_fraction", "entropy", "completion_length", "truncated_share",
