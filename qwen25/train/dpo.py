@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from qwen25.cli_args import arg
-from qwen25.train.config import TrainArgs
+from qwen25.train.pair_args import PairDataArgs, PairTrainArgs
 from qwen25.train.sft import LoraArgs
 from qwen25.weights.registry import DEFAULT_MODEL
 
@@ -39,23 +39,15 @@ __all__ = ["DPOConfig", "main"]
 
 
 @dataclass(kw_only=True)
-class DPOArgs:
+class DPOArgs(PairDataArgs):
     cli_group = "model and data"
 
     model: str = arg(DEFAULT_MODEL, short="-m")
     """policy to train, also the reference: a known name, a .gguf file (dequantized) or an HF directory"""
-    data: str | None = arg(None, metavar="JSONL")
-    """(required) preference pairs, one per line: {"prompt", "chosen", "rejected"} as text or messages"""
-    eval_data: str | None = arg(None, metavar="JSONL")
-    """held-out pairs: eval loss and reward accuracy"""
-    chat_template: str | None = arg(None, metavar="FILE")
-    """a Jinja chat template file to render message pairs with (default: the model's own)"""
     beta: float = 0.1
     """strength of the pull towards the reference (DPO's beta; IPO's tau)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid (DPO) or ipo (squared, per-token log-ratios)"""
-    overlong: Literal["drop", "truncate"] = "drop"
-    """a pair longer than --seq-len: drop it, or cut its responses to fit (counted either way)"""
     ref_cache: str | None = arg(None, metavar="FILE")
     """where to keep the reference log-probs (default: next to --data, <data>.ref-<key>.npz)"""
     ref_batch_size: int = 8
@@ -63,25 +55,15 @@ class DPOArgs:
 
 
 @dataclass(kw_only=True)
-class DPOConfig(TrainArgs, LoraArgs, DPOArgs):
+class DPOConfig(PairTrainArgs, LoraArgs, DPOArgs):
     """Train a Qwen2.5 checkpoint on preference pairs with DPO (full or LoRA)."""
 
     cli_group = "training"
 
     lr: float | None = None  # type: ignore[assignment]
     """peak learning rate (default: 7e-7 full, as the Qwen2.5 report; 5e-6 with --lora)"""
-    batch_size: int = 4
-    """pairs per micro-batch per process (each pair is two rows); global batch = batch-size x grad-accum x processes"""
-    seq_len: int = 1024
-    """most tokens of prompt + response"""
-    schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after warmup (default: linear)"""
     warmup_ratio: float = 0.1
     """warmup as a fraction of the optimizer steps"""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay on matrices"""
-    adam_beta2: float = 0.999
-    """AdamW beta2"""
 
     def __post_init__(self) -> None:
         if self.lr is None:

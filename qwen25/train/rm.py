@@ -21,53 +21,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from qwen25.cli_args import arg
-from qwen25.train.config import TrainArgs
+from qwen25.train.pair_args import PairDataArgs, PairTrainArgs
 from qwen25.weights.registry import DEFAULT_MODEL
 
 __all__ = ["RMConfig", "main"]
 
 
 @dataclass(kw_only=True)
-class RMArgs:
+class RMArgs(PairDataArgs):
     cli_group = "model and data"
 
     model: str = arg(DEFAULT_MODEL, short="-m")
     """base: a known name, a .gguf file or an HF directory (a causal LM; or a reward model to continue)"""
-    data: str | None = arg(None, metavar="JSONL")
-    """(required) preference pairs, one per line: {"prompt", "chosen", "rejected", "margin"?} as text or messages"""
-    eval_data: str | None = arg(None, metavar="JSONL")
-    """held-out pairs: eval loss and pairwise accuracy"""
-    chat_template: str | None = arg(None, metavar="FILE")
-    """a Jinja chat template file to render message pairs with (default: the model's own)"""
     margin: float = 0.0
-    """added to every pair's margin: the chosen score must beat the rejected one by this much"""
-    overlong: Literal["drop", "truncate"] = "drop"
-    """a pair longer than --seq-len: drop it, or cut its responses to fit (counted either way)"""
+    """added to every pair's margin (a record's optional "margin", else 0): the chosen score must beat the
+    rejected one by this much"""
 
 
 @dataclass(kw_only=True)
-class RMConfig(TrainArgs, RMArgs):
+class RMConfig(PairTrainArgs, RMArgs):
     """Train a reward model on preference pairs (Bradley-Terry)."""
 
     cli_group = "training"
 
     lr: float = 5e-6
     """peak learning rate"""
-    batch_size: int = 4
-    """pairs per micro-batch per process; global batch = batch-size x grad-accum x processes"""
-    seq_len: int = 1024
-    """most tokens of prompt + response"""
-    schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after warmup (default: linear)"""
     warmup_ratio: float = 0.05
     """warmup as a fraction of the optimizer steps"""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay on matrices"""
-    adam_beta2: float = 0.999
-    """AdamW beta2"""
 
 
 def main(cfg: RMConfig) -> int:
