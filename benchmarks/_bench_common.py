@@ -6,6 +6,7 @@ venv), which import this file from the script's directory without qwen25 install
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -142,6 +143,41 @@ def run_child(python: str, script: Path, engine: str, spec: dict[str, Any], env:
             return None
         return {**json.loads(out_path.read_text()), "other_cpu_cores": max(others, 0.0) / wall,
                 "steal_cores": (steal_after - steal) / wall}
+
+
+def add_child_args(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags with which `run_child` starts a script's child side (`run_as_child`)."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+
+
+def run_as_child(args: argparse.Namespace, runs: dict[str, Any]) -> int:
+    """The child side of `run_child`: `runs[args.child]` (a function of the spec) on the JSON spec in --spec, its
+    JSON result written to --out; returns the exit status."""
+    spec = json.loads(Path(args.spec).read_text())
+    Path(args.out).write_text(json.dumps(runs[args.child](spec)))
+    return 0
+
+
+def parse_engines(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated --engines value as a list; a usage error (exit 2) unless every name is in `known`."""
+    engines = [e for e in text.split(",") if e]
+    if not engines or set(engines) - set(known):
+        parser.error(f"--engines: choose from {', '.join(known)}")
+    return engines
+
+
+def run_engines(script: Path, engines: list[str], spec: dict[str, Any], threads: int,
+                what: str) -> dict[str, dict | None]:
+    """Each engine's side of `script` in its own child process (`run_child`, this interpreter, OMP_NUM_THREADS
+    `threads` and passive OpenMP waiting), one after the other: {engine: result, or None if it failed}."""
+    env = child_env({"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}, [])
+    results = {}
+    for engine in engines:
+        log(engine, f"running {what}")
+        results[engine] = run_child(sys.executable, script, engine, spec, env)
+    return results
 
 
 def pool(runs: list[dict]) -> dict:

@@ -43,12 +43,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _bench_common import (child_env, cpu_model, load_average, log, peak_rss_mb, rss_mb, run_child,
-                           setup_torch)
+from _bench_align import LORA, hf_directory, trl_step_timer
+from _bench_common import (add_child_args, cpu_model, load_average, parse_engines, peak_rss_mb, rss_mb,
+                           run_as_child, run_engines, setup_torch)
 
 ENGINES = ("qwen25", "trl")
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 BETA, LR = 0.1, 5e-6
 CACHE = Path.home() / ".cache" / "qwen25" / "bench-dpo"
 
@@ -74,28 +73,6 @@ def make_pairs(n: int, response_words: int, seed: int = 0) -> list[dict[str, Any
                       "chosen": [{"role": "assistant", "content": answer(a * b - c)}],
                       "rejected": [{"role": "assistant", "content": answer(a * b - c + rng.randrange(1, 9))}]})
     return pairs
-
-
-def hf_directory(model: str) -> Path:
-    """The model as an fp32 HF directory: as is when it already is one, else written once by qwen25."""
-    from qwen25.weights.registry import resolve_model
-
-    path = resolve_model(model)
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    out = CACHE / f"{path.stem}-hf"
-    if not (out / "config.json").is_file():
-        import torch
-
-        from qwen25.checkpoint import load
-        from qwen25.weights.save import save_hf_directory
-
-        log("prepare", f"writing {path.name} as an fp32 HF directory in {out}")
-        ckpt = load(path, torch.float32, quantization="none")
-        tmp = out.with_name(out.name + ".tmp")
-        save_hf_directory(ckpt.model, tmp, tokenizer=ckpt.tokenizer, generation_config=ckpt.generation_defaults)
-        tmp.rename(out)
-    return out
 
 
 # --- children -----------------------------------------------------------------------------------------------------
@@ -134,14 +111,6 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     load_s, rss_load = time.perf_counter() - t0, rss_mb()
     pairs = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
     times: list[float] = []
-
-    class StepTimer(transformers.TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            times.append(time.perf_counter() - self.t0)
-
     with tempfile.TemporaryDirectory(prefix="bench-dpo-trl-") as tmp:
         args = trl.DPOConfig(output_dir=tmp, beta=BETA, learning_rate=LR,
                              per_device_train_batch_size=spec["batch_size"],
@@ -151,7 +120,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules=LORA["targets"], task_type="CAUSAL_LM")
         trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, processing_class=tok, peft_config=lora,
-                                 train_dataset=datasets.Dataset.from_list(pairs), callbacks=[StepTimer()])
+                                 train_dataset=datasets.Dataset.from_list(pairs), callbacks=[trl_step_timer(transformers, times)])
         trainer.train()
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"step_s": times, "losses": losses, "load_s": load_s, "rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb()}
@@ -175,30 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default=",".join(ENGINES), help="which sides to run, comma-separated")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_child_args(p)
     a = p.parse_args(argv)
     if a.child:
-        spec = json.loads(Path(a.spec).read_text())
-        result = {"qwen25": run_qwen25, "trl": run_trl}[a.child](spec)
-        Path(a.out).write_text(json.dumps(result))
-        return 0
+        return run_as_child(a, {"qwen25": run_qwen25, "trl": run_trl})
 
-    engines = [e for e in a.engines.split(",") if e]
-    if not engines or set(engines) - set(ENGINES):
-        p.error(f"--engines: choose from {', '.join(ENGINES)}")
-    model_dir = hf_directory(a.model)
+    engines = parse_engines(p, a.engines, ENGINES)
+    model_dir = hf_directory(a.model, CACHE)
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / f"pairs-{a.pairs}-{a.response_words}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(a.pairs, a.response_words)))
     spec = {"model": str(model_dir), "data": str(data), "batch_size": a.batch_size, "steps": a.steps,
             "seq_len": a.seq_len, "threads": a.threads}
-    env = child_env({"OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE"}, [])
-    results = {}
-    for engine in engines:
-        log(engine, f"running {a.steps} step(s) of {a.batch_size} pairs on {model_dir.name}")
-        results[engine] = run_child(sys.executable, Path(__file__).resolve(), engine, spec, env)
+    results = run_engines(Path(__file__).resolve(), engines, spec, a.threads,
+                          f"{a.steps} step(s) of {a.batch_size} pairs on {model_dir.name}")
     print(f"\nDPO, LoRA r {LORA['r']}, {a.batch_size} pairs/step, <= {a.seq_len} tokens, {a.threads} threads, fp32; "
           f"{cpu_model()}; load {load_average()}")
     print(f"{'':10} {'peak RSS MB':>12} {'s/step':>9} {'losses':>24} {'other cores':>12}")

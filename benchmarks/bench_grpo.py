@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import child_env, cpu_flags, cpu_model, load_average, log, peak_rss_mb, run_child  # noqa: E402
+from _bench_align import LORA, hf_directory, trl_step_timer  # noqa: E402
+from _bench_common import (add_child_args, cpu_flags, cpu_model, load_average, parse_engines,  # noqa: E402
+                           peak_rss_mb, run_as_child, run_engines)
 
 ENGINES = ("qwen25", "qwen25-policy", "trl")  # qwen25: q8 copy on the native kernels; -policy: fp32 policy
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 BETA, LR = 0.04, 1e-5
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen25" / "bench"
 
@@ -52,28 +52,6 @@ def make_prompts(n: int, seed: int = 0) -> list[dict[str, Any]]:
         rows.append({"id": i, "messages": [{"role": "user", "content": question}], "prompt": question,
                      "answer": str(a * b - c)})
     return rows
-
-
-def hf_directory(model: str) -> Path:
-    """The model as an fp32 HF directory: as is when it already is one, else written once by qwen25."""
-    from qwen25.weights.registry import resolve_model
-
-    path = resolve_model(model)
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    out = CACHE / f"{path.stem}-hf"
-    if not (out / "config.json").is_file():
-        import torch
-
-        from qwen25.checkpoint import load
-        from qwen25.weights.save import save_hf_directory
-
-        log("prepare", f"writing {path.name} as an fp32 HF directory in {out}")
-        ckpt = load(path, torch.float32, quantization="none")
-        tmp = out.with_name(out.name + ".tmp")
-        save_hf_directory(ckpt.model, tmp, tokenizer=ckpt.tokenizer, generation_config=ckpt.generation_defaults)
-        tmp.rename(out)
-    return out
 
 
 # --- children -----------------------------------------------------------------------------------------------------
@@ -125,14 +103,6 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     data = datasets.Dataset.from_list([{"prompt": r["messages"], "answer": r["answer"]} for r in rows])
     step_times: list[float] = []
     gen = {"s": [], "tokens": []}
-
-    class StepTimer(transformers.TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            step_times.append(time.perf_counter() - self.t0)
-
     with tempfile.TemporaryDirectory(prefix="bench-grpo-trl-") as tmp:
         g, p = spec["generations"], spec["prompts"]
         args = trl.GRPOConfig(output_dir=tmp, beta=BETA, learning_rate=LR, per_device_train_batch_size=g * p,
@@ -144,7 +114,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules=LORA["targets"], task_type="CAUSAL_LM")
         trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                  processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
+                                  processing_class=tok, peft_config=lora, callbacks=[trl_step_timer(transformers, step_times)])
         inner = trainer._generate_single_turn
 
         def timed(*a: Any, **k: Any) -> Any:
@@ -177,32 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default="qwen25,trl", help=f"which sides to run, comma-separated: {', '.join(ENGINES)}")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_child_args(p)
     a = p.parse_args(argv)
     if a.child:
-        spec = json.loads(Path(a.spec).read_text())
-        runs = {"qwen25": run_qwen25, "qwen25-policy": lambda s: run_qwen25({**s, "rollout_weights": "policy"}),
-                "trl": run_trl}
-        result = runs[a.child](spec)
-        Path(a.out).write_text(json.dumps(result))
-        return 0
+        return run_as_child(a, {"qwen25": run_qwen25, "trl": run_trl,
+                                "qwen25-policy": lambda s: run_qwen25({**s, "rollout_weights": "policy"})})
 
-    engines = [e for e in a.engines.split(",") if e]
-    if not engines or set(engines) - set(ENGINES):
-        p.error(f"--engines: choose from {', '.join(ENGINES)}")
-    model_dir = hf_directory(a.model)
+    engines = parse_engines(p, a.engines, ENGINES)
+    model_dir = hf_directory(a.model, CACHE)
     CACHE.mkdir(parents=True, exist_ok=True)
     data = CACHE / f"grpo-prompts-{a.prompts * a.steps}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(a.prompts * a.steps)))
     spec = {"model": str(model_dir), "data": str(data), "prompts": a.prompts, "generations": a.generations,
             "max_tokens": a.max_tokens, "steps": a.steps, "threads": a.threads}
-    env = child_env({"OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE"}, [])
-    results = {}
-    for engine in engines:
-        log(engine, f"running {a.steps} GRPO step(s): {a.prompts} prompts x G {a.generations} on {model_dir.name}")
-        results[engine] = run_child(sys.executable, Path(__file__).resolve(), engine, spec, env)
+    results = run_engines(Path(__file__).resolve(), engines, spec, a.threads,
+                          f"{a.steps} GRPO step(s): {a.prompts} prompts x G {a.generations} on {model_dir.name}")
     print(f"\nGRPO, LoRA r {LORA['r']}, {a.prompts} prompts x G {a.generations}, <= {a.max_tokens} tokens, "
           f"{a.threads} threads, fp32; {cpu_model()} ({cpu_flags()}); load {load_average()}")
     print(f"{'':13} {'rollout tok/s':>14} {'rollout tokens':>15} {'s/step':>8} {'sync s':>8} {'peak RSS MB':>12} "
