@@ -4,7 +4,7 @@ Nothing happens on import. Entry points (the `qwen25` command, `qwen25 eval`, be
 `configure_runtime` once, before any model work; library code never does. `restored_runtime` scopes what
 `configure_runtime` changes, so a command run inside a longer-lived process (`qwen25.cli.main` called from a
 test or a notebook) gives the caller back its thread count and environment: CPU results are only reproducible
-at a fixed thread count (matmul reductions are split per thread). glibc's heap setting cannot be read back, so
+at a fixed thread count (MKL's matmul rounds differently at another one). glibc's heap setting cannot be read back, so
 `limit_heap_retention` stays in force for the rest of the process; it changes memory use and speed, not results.
 """
 
