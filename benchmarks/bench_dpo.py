@@ -120,7 +120,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules=LORA["targets"], task_type="CAUSAL_LM")
         trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, processing_class=tok, peft_config=lora,
-                                 train_dataset=datasets.Dataset.from_list(pairs), callbacks=[trl_step_timer(transformers, times)])
+                                 train_dataset=datasets.Dataset.from_list(pairs),
+                                 callbacks=[trl_step_timer(transformers, times)])
         trainer.train()
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"step_s": times, "losses": losses, "load_s": load_s, "rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb()}

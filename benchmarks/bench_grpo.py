@@ -114,7 +114,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules=LORA["targets"], task_type="CAUSAL_LM")
         trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                  processing_class=tok, peft_config=lora, callbacks=[trl_step_timer(transformers, step_times)])
+                                  processing_class=tok, peft_config=lora,
+                                  callbacks=[trl_step_timer(transformers, step_times)])
         inner = trainer._generate_single_turn
 
         def timed(*a: Any, **k: Any) -> Any:
