@@ -155,7 +155,8 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
             "--reward", REWARD, "--output", str(out), "--max-steps", "3", "--batch-size", "2",
             "--num-generations", "4", "--max-completion-length", "8", "--seq-len", "96", "--no-progress",
             "--threads", "1", "--lr", "1e-2", "--save-every", "2", "--eval-every", "2", "--eval-batches", "1"]
-    args += ["--lora", "--report-to", "tensorboard"] if lora else []
+    # LoRA samples from the q8 copy on the native kernels (the default), the full run from the policy itself
+    args += ["--lora", "--report-to", "tensorboard"] if lora else ["--rollout-weights", "policy"]
     threads = torch.get_num_threads()
     assert cli_main(args) == 0
     assert torch.get_num_threads() == threads  # --threads 1 is the run's, not the test process's (later tests)
@@ -166,7 +167,6 @@ def test_train_grpo_end_to_end(policy_dir, tmp_path, capsys, lora):
         assert all(math.isfinite(r[key]) for r in steps), key
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert steps[-1]["kl"] > 0  # and moves away from it
-    assert all(r["sync_s"] < 0.1 for r in steps)
     assert (out / "reward.png").is_file() and (out / "loss.png").is_file()
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_reward" in r]
     assert [r["step"] for r in evals] == [2, 3] and all(math.isfinite(r["eval_kl"]) for r in evals)
