@@ -135,3 +135,70 @@ def test_equals_trl_loss_and_gradients(loss_type, beta, eps_high, truncate):
     theirs.backward()
     assert ours_in.grad.abs().sum() > 0
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("truncate", [False, True])
+def test_dropping_zero_advantage_rows_changes_no_loss_gradient_or_metric(loss_type, truncate):
+    """beta = 0: the objective over a batch without its zero-advantage rows (the units still the full batch's)
+    gives the full batch's loss, gradients, kl and clip fraction; only the work shrinks."""
+    from qwen25.config import ModelConfig
+    from qwen25.model.qwen2 import Qwen2ForCausalLM
+    from qwen25.train.distributed import DistContext
+    from qwen25.train.grpo_objective import GRPOObjective, loss_units_for
+    from qwen25.train.grpo_rollout import RolloutBatch, drop_zero_advantage_rows
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict(dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = Qwen2ForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (6, 12), generator=g)
+    labels = torch.full_like(ids, -100)
+    for i, (start, stop) in enumerate([(3, 11), (4, 7), (2, 11), (5, 9), (3, 6), (4, 11)]):
+        labels[i, start:stop] = ids[i, start + 1:stop + 1]
+    adv, all_equal = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]), 2)  # groups 2 and 3: equal
+    assert all_equal.tolist() == [False, True, True] and bool((adv[2:] == 0).all())
+    truncated = torch.tensor([True, False, False, True, False, False])
+    objective = GRPOObjective(loss_type, beta=0.0, max_completion_length=8, drop_truncated=truncate)
+
+    def run(batch):
+        model.zero_grad()
+        loss_sum, extras = objective(model, batch, DistContext(), "float32")
+        (loss_sum / batch.num_loss_units).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        ratio = {k: float(extras[k] / extras["masked_tokens"]) for k in ("kl", "clip_fraction")}
+        return float(loss_sum.detach() / batch.num_loss_units), grads, ratio, extras
+
+    from qwen25.train.logprobs import token_logps
+
+    with torch.no_grad():  # a sampling policy near the current one: ratios in and out of the clip range
+        old = token_logps(model, ids, labels, DistContext()).logps + 0.4 * torch.randn(6, 12, generator=g)
+    full = RolloutBatch(ids, labels, adv, truncated, None, old_logps=old)
+    full.num_loss_units = loss_units_for(loss_type, labels, truncated, truncate)
+    full.num_loss_tokens = int((labels != -100).sum())
+    dropped = drop_zero_advantage_rows(full, truncate)
+    assert dropped.input_ids.shape[0] == 2 and dropped.num_loss_units == full.num_loss_units
+    mask = (labels != -100) & ~(truncated.unsqueeze(1) if truncate else torch.zeros(6, 1, dtype=torch.bool))
+    assert dropped.dropped_tokens == int(mask[2:].sum())
+    loss_a, grads_a, ratio_a, extras_a = run(full)
+    loss_b, grads_b, ratio_b, extras_b = run(dropped)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-9)  # grpo: (sum / rows) x rows in fp32
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)  # fp32 sums over 6 vs 2 rows
+    assert (truncate or ratio_a["clip_fraction"] > 0) and ratio_b == pytest.approx(ratio_a, abs=1e-9)
+    assert float(extras_b["masked_tokens"]) == float(extras_a["masked_tokens"])
+    assert float(extras_b["entropy_tokens"]) == float(mask[:2].sum())  # entropy: over the rows that ran
+
+
+def test_dropping_keeps_one_row_and_refuses_kl_batches():
+    from qwen25.train.grpo_rollout import RolloutBatch, drop_zero_advantage_rows
+
+    ids = torch.zeros(4, 5, dtype=torch.long)
+    labels = torch.tensor([[-100, 1, 2, -100, -100]] * 4)
+    batch = RolloutBatch(ids, labels, torch.zeros(4), torch.zeros(4, dtype=torch.bool), None)
+    kept = drop_zero_advantage_rows(batch)
+    assert kept.input_ids.shape[0] == 1 and kept.dropped_tokens == 6
+    with pytest.raises(ValueError, match="KL"):
+        drop_zero_advantage_rows(RolloutBatch(ids, labels, torch.zeros(4), torch.zeros(4, dtype=torch.bool),
+                                              torch.zeros(4, 5)))

@@ -121,6 +121,10 @@ class GRPOConfig(TrainArgs, LoraArgs, GRPOSampling, GRPOArgs):
     """divide advantages by the group's reward std (group), the batch's, or not at all (none: Dr. GRPO)"""
     mask_truncated_completions: bool = False
     """no loss on completions cut by --max-completion-length"""
+    keep_zero_advantage: bool = False
+    """run zero-advantage completions (groups whose rewards are all equal) through the policy's forward and
+    backward anyway; by default they are left out when --beta is 0, since their loss and gradient are exactly
+    zero (the normalisation still counts them; policy_row_share in metrics.jsonl says how many ran)"""
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -253,7 +257,8 @@ def main(cfg: GRPOConfig) -> int:
     loader = GRPOLoader(prompts, engine, rewards, weights, params, prompts_per_batch=cfg.batch_size, ctx=ctx,
                         pad_id=pad_id, seed=cfg.seed, scale=cfg.scale_rewards, beta=cfg.beta, ref_model=ref_model,
                         dtype=cfg.dtype, reward_timeout_s=cfg.reward_timeout, loss_type=cfg.loss_type,
-                        mask_truncated=cfg.mask_truncated_completions, weights_source=source)
+                        mask_truncated=cfg.mask_truncated_completions, weights_source=source,
+                        drop_zero_advantage=not cfg.keep_zero_advantage)
     heldout: dict[str, float] = {}
     if heldout_prompts and not cfg.resume:
         heldout["before"] = heldout_reward(engine, heldout_prompts, rewards, weights, room, cfg.reward_timeout)
@@ -265,7 +270,7 @@ def main(cfg: GRPOConfig) -> int:
                            seed=cfg.seed + 1, scale=cfg.scale_rewards, beta=cfg.beta, ref_model=ref_model,
                            dtype=cfg.dtype, reward_timeout_s=cfg.reward_timeout, shuffle=False,
                            loss_type=cfg.loss_type, mask_truncated=cfg.mask_truncated_completions,
-                           weights_source=source)
+                           weights_source=source, drop_zero_advantage=not cfg.keep_zero_advantage)
     writer = (adapter_writer(ctx, lora_config, str(cfg.model)) if lora_config is not None else
               hf_writer(ctx, tokenizer, checkpoint.generation_defaults))
     fingerprint = {"kind": "grpo", "model": checkpoint.config.to_dict(), "beta": cfg.beta, "loss_type": cfg.loss_type,

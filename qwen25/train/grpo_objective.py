@@ -26,7 +26,10 @@ Kept from the papers: group advantages, PPO-style token clip, k3 KL to a frozen 
 Dropped: DAPO's dynamic sampling (degenerate groups are counted, not re-sampled) and its soft overlong
 penalty; PPO's value function (none in GRPO); sequence-level ratios (GSPO). `mask_truncated` (TRL issue
 5697) zeroes the loss mask of completions the length limit cut, so they add no gradient: their reward is
-not about a finished answer.
+not about a finished answer. With beta = 0 a completion whose advantage is 0 (its group's rewards all equal)
+has l_t = 0 and no gradient, so the rollout may leave it out of the policy pass (`drop_zero_advantage_rows`):
+the loss, its gradient, kl and clip_fraction are unchanged because the loss units (and `dropped_tokens`, the
+masked tokens left out) still count it; entropy is then the mean over the completions that were run.
 
 `GRPOObjective` plugs this into the shared training loop (`qwen25.train.loop`), which divides the summed loss
 of the global batch by its count of loss units: for "grpo" and "dr_grpo" the unit is a sequence (each
@@ -70,6 +73,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
     group_std = grouped.std(dim=1)  # (N / G,), unbiased
     all_equal = torch.isclose(group_std, torch.zeros_like(group_std))
+    centred = centred.masked_fill(all_equal.repeat_interleave(group_size), 0.0)  # exactly 0, not a rounding residue
     if scale == "none":
         return centred, all_equal
     std = group_std.repeat_interleave(group_size) if scale == "group" else rewards.std().expand_as(rewards)
@@ -156,7 +160,7 @@ class GRPOObjective:
     global token means through `ratio_extras`; the batch's rollout statistics as value x units (the loop logs
     their mean per unit); masked_tokens per unit."""
 
-    ratio_extras = {"kl": "masked_tokens", "clip_fraction": "masked_tokens", "entropy": "masked_tokens"}
+    ratio_extras = {"kl": "masked_tokens", "clip_fraction": "masked_tokens", "entropy": "entropy_tokens"}
 
     def __init__(self, loss_type: LossType = "dapo", *, beta: float = 0.0, eps_low: float = 0.2,
                  eps_high: float | None = None, max_completion_length: int | None = None,
@@ -188,8 +192,9 @@ class GRPOObjective:
         loss_sum = result.loss if kind == "dapo" else result.loss * rows
         units = float(batch.num_loss_units)
         entropy = (out.entropy.detach() * mask).sum() if out.entropy is not None else torch.zeros(())
+        dropped = float(getattr(batch, "dropped_tokens", 0))  # masked tokens of rows left out: l_t = kl = clip = 0
         token_sums = {"kl": result.kl_sum, "clip_fraction": result.clipped_sum, "entropy": entropy,
-                      "masked_tokens": result.tokens}
+                      "masked_tokens": result.tokens + dropped, "entropy_tokens": result.tokens}
         extras = {k: v.detach().double().cpu() for k, v in token_sums.items()}
         extras.update({k: torch.tensor(v, dtype=torch.float64) * units for k, v in batch.stats.items()})
         return loss_sum, extras

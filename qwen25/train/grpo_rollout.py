@@ -40,7 +40,8 @@ from qwen25.train.loop import IGNORE_INDEX
 from qwen25.train.rewards import Reward, score_rewards
 from qwen25.train.rollout_weights import QuantizedCopy, SharedWeights
 
-__all__ = ["GRPOLoader", "RolloutBatch", "Sample", "adapters_disabled", "collate_rollouts", "sample_groups"]
+__all__ = ["GRPOLoader", "RolloutBatch", "Sample", "adapters_disabled", "collate_rollouts",
+           "drop_zero_advantage_rows", "sample_groups"]
 
 
 @dataclass
@@ -68,6 +69,34 @@ class RolloutBatch:
     stats: dict[str, float] = field(default_factory=dict)  # rollout-level metrics (means, seconds)
     num_loss_units: int = 0  # set by the objective's unit convention (sequences or tokens)
     num_loss_tokens: int = 0
+    dropped_tokens: int = 0  # masked completion tokens of rows left out (`drop_zero_advantage_rows`)
+
+
+def drop_zero_advantage_rows(batch: RolloutBatch, drop_truncated: bool = False) -> RolloutBatch:
+    """The batch without its zero-advantage rows, for a beta = 0 objective: their loss and gradient are exactly
+    zero, so only the work changes. The loss units stay the full batch's (the normalisation counts every
+    completion) and `dropped_tokens` keeps their masked-token count for the token-mean metrics. At least one
+    row is kept (the loop needs a forward); rows of a ref/old log-prob batch are refused (beta > 0 has a KL
+    term on every row)."""
+    if batch.ref_logps is not None:
+        raise ValueError("zero-advantage rows carry a KL term when beta > 0: they cannot be dropped")
+    keep = batch.advantages != 0
+    if bool(keep.all()):
+        return batch
+    if not bool(keep.any()):
+        keep[0] = True
+    mask = (batch.labels != IGNORE_INDEX)
+    if drop_truncated:
+        mask = mask & ~batch.truncated.unsqueeze(1)
+    dropped = int(mask[~keep].sum())
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[keep]
+
+    return replace(batch, input_ids=batch.input_ids[keep], labels=batch.labels[keep],
+                   advantages=batch.advantages[keep], truncated=batch.truncated[keep],
+                   old_logps=rows(batch.old_logps), rewards=rows(batch.rewards),
+                   dropped_tokens=batch.dropped_tokens + dropped)
 
 
 @contextlib.contextmanager
@@ -124,9 +153,11 @@ class GRPOLoader:
                  pad_id: int, seed: int = 0, scale: Scale = "group", beta: float = 0.0,
                  ref_model: nn.Module | None = None, dtype: str = "float32", reward_timeout_s: float = 60.0,
                  shuffle: bool = True, loss_type: str = "dapo", mask_truncated: bool = False,
-                 weights_source: SharedWeights | QuantizedCopy | None = None) -> None:
+                 weights_source: SharedWeights | QuantizedCopy | None = None,
+                 drop_zero_advantage: bool = False) -> None:
         """weights_source: what the engine runs and how it follows the policy (`qwen25.train.rollout_weights`;
-        default: the engine runs the policy itself, `engine.model`)."""
+        default: the engine runs the policy itself, `engine.model`). drop_zero_advantage: with beta = 0,
+        leave zero-advantage rows out of the batches (`drop_zero_advantage_rows`)."""
         if params.n < 2:
             raise ValueError(f"GRPO needs at least 2 samples per prompt (--num-generations), got {params.n}")
         if prompts_per_batch < 1:
@@ -143,6 +174,7 @@ class GRPOLoader:
             weights_source = SharedWeights(engine.model)
             weights_source.engine = engine
         self.weights_source = weights_source
+        self.drop_zero_advantage = drop_zero_advantage and beta == 0
 
     def __len__(self) -> int:
         return len(self.prompts) // self.per_batch
@@ -219,4 +251,7 @@ class GRPOLoader:
         batch = RolloutBatch(input_ids, labels, advantages, truncated, ref, rewards=rewards, stats=stats,
                              num_loss_tokens=int((labels != IGNORE_INDEX).sum()))
         batch.num_loss_units = loss_units_for(self.loss_type, labels, truncated, self.mask_truncated)
+        if self.drop_zero_advantage:
+            batch = drop_zero_advantage_rows(batch, self.mask_truncated)
+            batch.stats["policy_row_share"] = batch.input_ids.size(0) / input_ids.size(0)
         return batch
