@@ -188,6 +188,18 @@ static void attend(const float *q, int G, int D, float scale, const float *keys,
             _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), _mm256_set1_ps(inv[g])));
 }
 
+/* a[n] = silu(a[n]) * u[n] for n < count: 8 lanes at a time, the tail in scalars (the same steps wherever a value
+ * falls, since every caller starts its runs at a multiple of 8) */
+static void silu_mul(float *a, const float *u, int count) {
+    int n = 0;
+    for (; n + 8 <= count; n += 8) {
+        __m256 g8 = _mm256_loadu_ps(a + n);
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g8)));
+        _mm256_storeu_ps(a + n, _mm256_mul_ps(_mm256_div_ps(g8, den), _mm256_loadu_ps(u + n)));
+    }
+    for (; n < count; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
+}
+
 /* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
 static inline void share(int N, int tid, int nt, int *n0, int *n1) {
     *n0 = (int)((long)N * tid / nt);
@@ -212,7 +224,9 @@ typedef struct {
     int8_t *g8;      /* GGUF-block weights: int8 per block of has_g values, scales gd, sums gsum (see ggml_dot.c) */
     float *gd;
     int16_t *gsum;
+    int32_t *goff;   /* 32-value blocks: the panel kernels' initial sums (panel_offsets) */
     int has_g;
+    uint8_t *panel;  /* this thread's packed-panel scratch (ggml_panel.c) */
 } QAct;
 
 /* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
@@ -227,6 +241,7 @@ static void prepare_g(QAct *a, int ggml_type) {
     const int qk = ggml_block_values(ggml_type);
     if (a->has_g == qk) return;
     ggml_quantize_rows(a->src, a->R, a->K, qk, a->g8, a->gd, a->gsum);
+    if (qk == 32) panel_offsets(a->gsum, a->R, a->K / 32, a->goff);
     a->has_g = qk;
 }
 
@@ -576,8 +591,38 @@ static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int
 #define NBLOCK 32
 
 /* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's rows n. */
+/* Activation rows per panel pass: a chunk of quantized rows stays in L2 while the panels go past it. */
+static int panel_chunk(int K) {
+    const int rows = (512 * 1024 / K) / PANEL_MX * PANEL_MX;
+    return rows < PANEL_MX ? PANEL_MX : rows;
+}
+
+/* This thread's share [n0, n1) of N rows in whole panels (the last thread takes the remainder). */
+static void panel_share(int N, int tid, int nt, int *n0, int *n1) {
+    share(N / PANEL, tid, nt, n0, n1);
+    *n0 *= PANEL;
+    *n1 = tid == nt - 1 ? N : *n1 * PANEL;
+}
+
+/* y[r, n] = x[r] . W[n] for GGUF Q5_0 / Q8_0 weight rows [n0, n1), by packed panels, activation rows in chunks. */
+static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, float *y, long ldy) {
+    const int MC = panel_chunk(W->K);
+    for (int m0 = 0; m0 < R; m0 += MC)
+        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, W->K, x->g8, x->gd, x->goff, m0,
+                     R - m0 < MC ? R : m0 + MC, n0, n1, y + (long)m0 * ldy, ldy, x->panel);
+}
+
 static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
     if (W->N == 0) return;
+    if (W->bits == 0 && panel_type(W->ggml_type)) {
+        prepare_g(x, W->ggml_type);
+        int n0, n1;
+        panel_share(W->N, tid, nt, &n0, &n1);
+        panel_rows(W, x, R, n0, n1, y + n0, ldy);
+        if (W->bias)
+            for (int r = 0; r < R; r++) for (int n = n0; n < n1; n++) y[(long)r * ldy + n] += W->bias[n];
+        return;
+    }
     if (W->bits == 0) {
         prepare_g(x, W->ggml_type);
         int n0, n1;
@@ -622,7 +667,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum, goff, panel; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -636,7 +681,7 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.scores = o.xn + up16(R * h);
     o.slots = o.scores + up16(G * max_positions);
     o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
-    o.xs = o.gu + 64 * NBLOCK;
+    o.xs = o.gu + up16((size_t)(R > 64 ? R : 64) * (NBLOCK > PANEL ? NBLOCK : PANEL));
     o.xq = o.xs + up16(R);
     o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
     o.bsum = o.xp + up16((size_t)R * max_input(m) / 2);
@@ -645,7 +690,9 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.g8 = o.xus + up16((size_t)R * max_input(m) / 32);
     o.gd = o.g8 + up16((size_t)R * max_input(m) / 4);       /* bytes */
     o.gsum = o.gd + up16((size_t)R * max_input(m) / 32);
-    o.private_ = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
+    o.goff = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
+    o.panel = o.goff + up16((size_t)R * max_input(m) / 16);    /* int32, two per 32 values */
+    o.private_ = o.panel + up16(panel_bytes(max_input(m)) / 4);
     return o;
 }
 
@@ -695,7 +742,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
-                   .gsum = (int16_t *)(x + o.gsum)};
+                   .gsum = (int16_t *)(x + o.gsum), .goff = (int32_t *)(x + o.goff), .panel = (uint8_t *)(x + o.panel)};
 
         for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
             const QMat *E = &m->embed;
@@ -751,7 +798,27 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
             set_rows(xn, R, h, &xa);
 
-            {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
+            if (L->up.N && panel_type(L->gate_up.ggml_type) && panel_type(L->up.ggml_type)) {
+                /* GGUF Q5_0 / Q8_0 gate and up: per panel of rows, gate into act and up into gu, then
+                 * act = silu(gate) * up on that panel */
+                const QMat *W = &L->gate_up, *U = &L->up;
+                prepare_g(&xa, W->ggml_type);
+                int n0, n1;
+                panel_share(I, tid, nt, &n0, &n1);
+                const int MC = panel_chunk(h);
+                for (int m0 = 0; m0 < R; m0 += MC) {
+                    const int m1 = R - m0 < MC ? R : m0 + MC;
+                    for (int p0 = n0; p0 < n1; p0 += PANEL) {
+                        const int p1 = n1 - p0 < PANEL ? n1 : p0 + PANEL;
+                        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, m0, m1, p0,
+                                     p1, act + (size_t)m0 * I + p0, I, xa.panel);
+                        panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, m0, m1, p0,
+                                     p1, gu, PANEL, xa.panel);
+                        for (int r = 0; r < m1 - m0; r++)
+                            silu_mul(act + (size_t)(m0 + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0);
+                    }
+                }
+            } else {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
                 const QMat *W = &L->gate_up, *U = &L->up;
                 int n0, n1;
                 if (U->N) { prepare_g(&xa, W->ggml_type); prepare_g(&xa, U->ggml_type); }  /* same block: one pass */
@@ -771,16 +838,8 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                             const long ldo[2] = {I, NBLOCK};
                             rows_dot(W, n, n + I, &xa, m0, m0 + mr, out, ldo);
                         }
-                        for (int r = 0; r < mr; r++) {  /* act = silu(gate) * up */
-                            float *a = gate + (size_t)r * I + b0, *u = gu + r * NBLOCK;
-                            int n = 0;
-                            for (; n + 8 <= b1 - b0; n += 8) {
-                                __m256 g8 = _mm256_loadu_ps(a + n);
-                                __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g8)));
-                                _mm256_storeu_ps(a + n, _mm256_mul_ps(_mm256_div_ps(g8, den), _mm256_loadu_ps(u + n)));
-                            }
-                            for (; n < b1 - b0; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
-                        }
+                        for (int r = 0; r < mr; r++)  /* act = silu(gate) * up */
+                            silu_mul(gate + (size_t)r * I + b0, gu + r * NBLOCK, b1 - b0);
                     }
                 }
             }

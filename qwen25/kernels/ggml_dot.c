@@ -326,6 +326,8 @@ static inline __attribute__((always_inline)) void row_q6_k(const uint8_t *row, i
     for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]);
 }
 
+#include "ggml_panel.c"  /* Q5_0 / Q8_0: packed panels of weight rows */
+
 /* One weight row (n values of `type`) against activation rows [m_lo, m_hi), m_hi - m_lo <= 64, quantized by
  * ggml_quantize_rows: out[(i - m_lo) * ldo] = x_i . row. */
 static void ggml_row_dot(int type, const uint8_t *row, int n, const int8_t *xq, const float *xd,
@@ -371,16 +373,35 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
     int8_t *q = malloc((size_t)m * n + 1);
     float *d = malloc(sizeof(float) * (size_t)m * nb + 1);
     int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * 16 + 1);
-    if (!q || !d || !sums) {
-        free(q), free(d), free(sums);
-        return -1;
+    int32_t *off = malloc(sizeof(int32_t) * (size_t)m * nb * 2 + 1);
+    int failed = !q || !d || !sums || !off;
+    if (!failed) {
+        ggml_quantize_rows(x, m, n, qk, q, d, sums);
+        if (panel_type(type)) panel_offsets(sums, m, nb, off);
     }
-    ggml_quantize_rows(x, m, n, qk, q, d, sums);
+    if (!failed && panel_type(type)) {
+#pragma omp parallel
+        {
+            uint8_t *buf = malloc(panel_bytes(n) + 64);
+            if (!buf) {
+#pragma omp atomic write
+                failed = 1;
+            }
+            const int panels = (rows + PANEL - 1) / PANEL;
+#pragma omp for schedule(static)
+            for (int p = 0; p < panels; p++) {
+                const int p0 = p * PANEL, p1 = p0 + PANEL < rows ? p0 + PANEL : rows;
+                if (buf) panel_matmul(type, w, rows, n, q, d, off, 0, m, p0, p1, out + p0, rows, buf);
+            }
+            free(buf);
+        }
+    } else if (!failed) {
 #pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; r++)
-        for (int m0 = 0; m0 < m; m0 += 64)
-            ggml_row_dot(type, w + (size_t)r * row_bytes, n, q, d, sums, m0, m - m0 < 64 ? m : m0 + 64,
-                         out + (size_t)m0 * rows + r, rows);
-    free(q), free(d), free(sums);
-    return 0;
+        for (int r = 0; r < rows; r++)
+            for (int m0 = 0; m0 < m; m0 += 64)
+                ggml_row_dot(type, w + (size_t)r * row_bytes, n, q, d, sums, m0, m - m0 < 64 ? m : m0 + 64,
+                             out + (size_t)m0 * rows + r, rows);
+    }
+    free(q), free(d), free(sums), free(off);
+    return failed ? -1 : 0;
 }

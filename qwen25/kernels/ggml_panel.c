@@ -1,0 +1,281 @@
+/* Q5_0 / Q8_0 matmuls in panels: PANEL weight rows (16 on the avx512 build, 8 on avx2) are unpacked once from the
+ * file's blocks into a small buffer laid out for the integer dot instruction, and every activation row then runs
+ * against that buffer. Included by ggml_dot.c.
+ *
+ * Layout of a packed panel, per 32-value block b of the rows: 8 vectors, vector c holding values 4c..4c+3 of each
+ * of the PANEL rows (4 bytes per 32-bit lane, lane j = weight row j), then the PANEL weight scales as fp32. An
+ * activation row's 4 values 4c..4c+3 of block b, broadcast to every lane, are multiplied with vector c and the four
+ * products summed into lane j (vpdpbusd; maddubs + madd on avx2); after the 8 steps lane j holds the block's exact
+ * integer dot product for weight row j. It is scaled and accumulated in fp32, one fma per (row pair, block):
+ *     acc = fma((float)S_b, d_w * d_x, acc)    for b = 0, 1, ..., in order
+ * so no horizontal sum is needed, and a (activation row, weight row) result takes the same float steps on every
+ * build, for every number of activation rows and every tile shape: rows stay independent and the builds agree bit
+ * for bit. The unsigned operand of the dot is the weight: Q5_0's q5 in [0, 31] with its offset -16 folded in as
+ * -16 * (the activation block's sum), which initialises the block's integer sum; on avx512 Q8_0 is stored as
+ * w + 128 with -128 * sum folded the same way; on avx2 (maddubs saturates int16 for 255 * 127 pairs) Q8_0 stays
+ * signed and runs as |w| times (x with w's sign).
+ */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define PANEL 16
+#define PANEL_MX 8  /* activation rows per tile: 8 integer + 8 fp32 accumulators of 32 zmm */
+#else
+#define PANEL 8
+#define PANEL_MX 4  /* 4 + 4 accumulators of 16 ymm */
+#endif
+#define PANEL_BLOCK_BYTES (PANEL * 36)  /* 8 vectors of PANEL x 4 bytes, PANEL fp32 scales */
+
+static int panel_type(int type) { return type == T_Q5_0 || type == T_Q8_0; }
+
+/* Bytes of a packed panel of n values per row. */
+static size_t panel_bytes(int n) { return (size_t)(n / 32) * PANEL_BLOCK_BYTES; }
+
+/* Activation offsets for the panel kernels: per block, the initial integer sum for Q5_0 (-16 * sum of q) and for
+ * Q8_0 (-128 * sum on avx512, 0 on avx2). off: (R, n / 32, 2) int32. */
+static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
+    for (size_t at = 0; at < (size_t)R * nb; at++) {
+        off[2 * at] = -16 * (int32_t)sums[at];
+#if PANEL == 16
+        off[2 * at + 1] = -128 * (int32_t)sums[at];
+#else
+        off[2 * at + 1] = 0;
+#endif
+    }
+}
+
+#if PANEL == 16
+typedef __m512i pvi;
+typedef __m512 pvf;
+#define PV_LOADU(p) _mm512_loadu_si512((const void *)(p))
+#define PV_STOREU(p, v) _mm512_storeu_si512((void *)(p), v)
+#define PV_SET1(x) _mm512_set1_epi32(x)
+#define PV_SET1B(x) _mm512_set1_epi8(x)
+#define PV_AND _mm512_and_si512
+#define PV_OR _mm512_or_si512
+#define PV_XOR _mm512_xor_si512
+#define PV_SRLI16 _mm512_srli_epi16
+#define PF_ZERO _mm512_setzero_ps
+#define PF_LOADU _mm512_loadu_ps
+#define PF_STOREU _mm512_storeu_ps
+#define PF_SET1 _mm512_set1_ps
+#define PF_MUL _mm512_mul_ps
+#define PF_FMA _mm512_fmadd_ps
+#define PF_CVT _mm512_cvtepi32_ps
+#define PV_UNPACKLO32 _mm512_unpacklo_epi32
+#define PV_UNPACKHI32 _mm512_unpackhi_epi32
+#define PV_UNPACKLO64 _mm512_unpacklo_epi64
+#define PV_UNPACKHI64 _mm512_unpackhi_epi64
+#define PV_SHUFFLE8 _mm512_shuffle_epi8
+
+/* 16 bytes at p[j] + at for rows j = r, r + 4, r + 8, r + 12 as the four 128-bit lanes */
+static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
+    pvi z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[r] + at)));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 4] + at)), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 8] + at)), 2);
+    return _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 12] + at)), 3);
+}
+
+/* lane j = the 32-bit word at p[j] + at */
+static inline pvi gather_words(const uint8_t *const *p, size_t at) {
+    int32_t t[16];
+    for (int j = 0; j < 16; j++) memcpy(&t[j], p[j] + at, 4);
+    return _mm512_loadu_si512((const void *)t);
+}
+
+/* fp32 lanes from the fp16 scale at p[j] + at */
+static inline pvf gather_f16(const uint8_t *const *p, size_t at) {
+    uint16_t t[16];
+    for (int j = 0; j < 16; j++) memcpy(&t[j], p[j] + at, 2);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t));
+}
+
+/* byte t of each lane = 0x10 where bit (4c + t) of the lane's word is set */
+static inline pvi fifth_bits_c(pvi qh, int c) {
+    const pvi rep = _mm512_set1_epi32(0x01010101 * (c / 2)) ;
+    const pvi lane_base = _mm512_set_epi32(12 * 0x01010101, 8 * 0x01010101, 4 * 0x01010101, 0, 12 * 0x01010101,
+                                           8 * 0x01010101, 4 * 0x01010101, 0, 12 * 0x01010101, 8 * 0x01010101,
+                                           4 * 0x01010101, 0, 12 * 0x01010101, 8 * 0x01010101, 4 * 0x01010101, 0);
+    const pvi y = _mm512_shuffle_epi8(qh, _mm512_add_epi8(lane_base, rep));  /* each byte: byte c/2 of its word */
+    const pvi bits = _mm512_set1_epi32((int)(0x08040201u << (4 * (c % 2))));
+    return _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(y, bits), _mm512_set1_epi8(0x10));
+}
+#else
+typedef __m256i pvi;
+typedef __m256 pvf;
+#define PV_LOADU(p) _mm256_loadu_si256((const __m256i *)(p))
+#define PV_STOREU(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define PV_SET1(x) _mm256_set1_epi32(x)
+#define PV_SET1B(x) _mm256_set1_epi8(x)
+#define PV_AND _mm256_and_si256
+#define PV_OR _mm256_or_si256
+#define PV_XOR _mm256_xor_si256
+#define PV_SRLI16 _mm256_srli_epi16
+#define PF_ZERO _mm256_setzero_ps
+#define PF_LOADU _mm256_loadu_ps
+#define PF_STOREU _mm256_storeu_ps
+#define PF_SET1 _mm256_set1_ps
+#define PF_MUL _mm256_mul_ps
+#define PF_FMA _mm256_fmadd_ps
+#define PF_CVT _mm256_cvtepi32_ps
+#define PV_UNPACKLO32 _mm256_unpacklo_epi32
+#define PV_UNPACKHI32 _mm256_unpackhi_epi32
+#define PV_UNPACKLO64 _mm256_unpacklo_epi64
+#define PV_UNPACKHI64 _mm256_unpackhi_epi64
+
+/* 16 bytes at p[j] + at for rows j = r, r + 4 as the two 128-bit lanes */
+static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[r] + at))),
+                                   _mm_loadu_si128((const __m128i *)(p[r + 4] + at)), 1);
+}
+
+static inline pvi gather_words(const uint8_t *const *p, size_t at) {
+    int32_t t[8];
+    for (int j = 0; j < 8; j++) memcpy(&t[j], p[j] + at, 4);
+    return _mm256_loadu_si256((const __m256i *)t);
+}
+
+static inline pvf gather_f16(const uint8_t *const *p, size_t at) {
+    uint16_t t[8];
+    for (int j = 0; j < 8; j++) memcpy(&t[j], p[j] + at, 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
+
+static inline pvi fifth_bits_c(pvi qh, int c) {
+    const pvi idx = _mm256_add_epi8(_mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404,
+                                                      0x08080808, 0x0C0C0C0C),
+                                    _mm256_set1_epi32(0x01010101 * (c / 2)));
+    const pvi y = _mm256_shuffle_epi8(qh, idx);
+    const pvi bits = _mm256_set1_epi32((int)(0x08040201u << (4 * (c % 2))));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(y, bits), bits), _mm256_set1_epi8(0x10));
+}
+#endif
+
+/* 4 x 4 transposes of 32-bit words within each 128-bit lane: t[c] lane l word r = z[r] lane l word c */
+static inline void transpose4(const pvi *z, pvi *t) {
+    const pvi a = PV_UNPACKLO32(z[0], z[1]), b = PV_UNPACKLO32(z[2], z[3]);
+    const pvi e = PV_UNPACKHI32(z[0], z[1]), f = PV_UNPACKHI32(z[2], z[3]);
+    t[0] = PV_UNPACKLO64(a, b), t[1] = PV_UNPACKHI64(a, b), t[2] = PV_UNPACKLO64(e, f), t[3] = PV_UNPACKHI64(e, f);
+}
+
+/* Pack blocks [b0, b1) of the PANEL rows starting at rows[j] (row pointers; rows past the matrix may repeat its
+ * last row) into dst, block b at dst + (b - b0) * PANEL_BLOCK_BYTES. */
+static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst) {
+    const int bytes = type == T_Q5_0 ? 22 : 34;
+    const pvi low = PV_SET1B(0x0F);
+    for (int b = b0; b < b1; b++) {
+        const size_t at = (size_t)b * bytes;
+        uint8_t *o = dst + (size_t)(b - b0) * PANEL_BLOCK_BYTES;
+        pvi z[4], t[4];
+        if (type == T_Q5_0) {
+            for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 6);
+            transpose4(z, t);
+            const pvi qh = gather_words(rows, at + 2);
+            for (int c = 0; c < 4; c++) {
+                PV_STOREU(o + c * PANEL * 4, PV_OR(PV_AND(t[c], low), fifth_bits_c(qh, c)));
+                PV_STOREU(o + (c + 4) * PANEL * 4, PV_OR(PV_AND(PV_SRLI16(t[c], 4), low), fifth_bits_c(qh, c + 4)));
+            }
+        } else {
+            for (int h = 0; h < 2; h++) {
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 2 + 16 * h);
+                transpose4(z, t);
+                for (int c = 0; c < 4; c++)
+#if PANEL == 16
+                    PV_STOREU(o + (4 * h + c) * PANEL * 4, PV_XOR(t[c], PV_SET1B((char)0x80)));  /* w + 128 */
+#else
+                    PV_STOREU(o + (4 * h + c) * PANEL * 4, t[c]);
+#endif
+            }
+        }
+        PF_STOREU((float *)(o + 8 * PANEL * 4), gather_f16(rows, at));
+    }
+}
+
+/* One tile: MX activation rows (q: int8 rows of stride n, d: one scale per block, off: the initial sums as in
+ * panel_offsets, rows of stride 2 * nb) against a packed panel of nb blocks; out[i * ldo + j] for weight rows
+ * j < nvalid. */
+static inline __attribute__((always_inline)) void panel_tile(int type, const uint8_t *P, int nb, const int8_t *q,
+                                                             int n, const float *d, const int32_t *off, int MX,
+                                                             float *out, long ldo, int nvalid) {
+    pvf facc[PANEL_MX];
+    const int t = type == T_Q8_0;
+    for (int i = 0; i < MX; i++) facc[i] = PF_ZERO();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *pb = P + (size_t)b * PANEL_BLOCK_BYTES;
+        pvi acc[PANEL_MX];
+        for (int i = 0; i < MX; i++) acc[i] = PV_SET1(off[(size_t)i * 2 * nb + 2 * b + t]);
+#if PANEL == 16
+        for (int c = 0; c < 8; c++) {
+            const pvi w = PV_LOADU(pb + c * 64);
+            for (int i = 0; i < MX; i++) {
+                int32_t x4;
+                memcpy(&x4, q + (size_t)i * n + 32 * b + 4 * c, 4);
+                acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(x4));
+            }
+        }
+#else
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int c = 0; c < 8; c++) {
+            const pvi w = PV_LOADU(pb + c * 32);
+            if (type == T_Q5_0) {
+                for (int i = 0; i < MX; i++) {
+                    int32_t x4;
+                    memcpy(&x4, q + (size_t)i * n + 32 * b + 4 * c, 4);
+                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x4)), ones));
+                }
+            } else {
+                const pvi u = _mm256_abs_epi8(w);
+                for (int i = 0; i < MX; i++) {
+                    int32_t x4;
+                    memcpy(&x4, q + (size_t)i * n + 32 * b + 4 * c, 4);
+                    const pvi s = _mm256_sign_epi8(_mm256_set1_epi32(x4), w);
+                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+                }
+            }
+        }
+#endif
+        const pvf dw = PF_LOADU((const float *)(pb + 8 * PANEL * 4));
+        for (int i = 0; i < MX; i++)
+            facc[i] = PF_FMA(PF_CVT(acc[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
+    }
+    for (int i = 0; i < MX; i++) {
+        if (nvalid == PANEL) {
+            PF_STOREU(out + (size_t)i * ldo, facc[i]);
+        } else {
+            float f[PANEL];
+            PF_STOREU(f, facc[i]);
+            for (int j = 0; j < nvalid; j++) out[(size_t)i * ldo + j] = f[j];
+        }
+    }
+}
+
+/* Weight rows [n_lo, n_hi) of W (rows of `row_bytes` bytes of Q5_0 / Q8_0 blocks, N rows in all) against
+ * activation rows [m_lo, m_hi) quantized by ggml_quantize_rows + panel_offsets (q, d, off for all rows):
+ * out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. */
+static inline __attribute__((always_inline)) void panel_run(int type, const uint8_t *w, int N, int n,
+                                                            const int8_t *q, const float *d, const int32_t *off,
+                                                            int m_lo, int m_hi, int n_lo, int n_hi, float *out,
+                                                            long ldo, uint8_t *buf) {
+    const int nb = n / 32, bytes = type == T_Q5_0 ? 22 : 34;
+    const size_t row_bytes = (size_t)nb * bytes;
+    for (int p0 = n_lo; p0 < n_hi; p0 += PANEL) {
+        const uint8_t *rows[PANEL];
+        const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
+        for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
+        panel_pack(type, rows, 0, nb, buf);
+        float *o = out + (p0 - n_lo);
+        int i = m_lo;
+        for (; i + PANEL_MX <= m_hi; i += PANEL_MX)
+            panel_tile(type, buf, nb, q + (size_t)i * n, n, d + (size_t)i * nb, off + (size_t)i * 2 * nb, PANEL_MX,
+                       o + (size_t)(i - m_lo) * ldo, ldo, nvalid);
+        for (; i < m_hi; i++)
+            panel_tile(type, buf, nb, q + (size_t)i * n, n, d + (size_t)i * nb, off + (size_t)i * 2 * nb, 1,
+                       o + (size_t)(i - m_lo) * ldo, ldo, nvalid);
+    }
+}
+
+static void panel_matmul(int type, const uint8_t *w, int N, int n, const int8_t *q, const float *d,
+                         const int32_t *off, int m_lo, int m_hi, int n_lo, int n_hi, float *out, long ldo,
+                         uint8_t *buf) {
+    if (type == T_Q5_0) panel_run(T_Q5_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);
+    else panel_run(T_Q8_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);
+}
