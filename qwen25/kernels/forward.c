@@ -242,17 +242,8 @@ static void prepare_g(QAct *a, int ggml_type) {
     if (a->has_g == qk) return;
     ggml_quantize_rows(a->src, a->R, a->K, qk, a->g8, a->gd, a->gsum);
     if (qk == 32) panel_offsets(a->gsum, a->R, a->K / 32, a->goff);
+    else panel_offsets_k(a->gsum, a->R, a->K / QK_K, a->goff);
     a->has_g = qk;
-}
-
-/* Weight row n of a GGUF-block matrix against activation rows [m_lo, m_hi) (at most 64), results at out
- * (stride ldo). */
-static inline void ggml_rows(const QMat *W, int n, const QAct *x, int m_lo, int m_hi, float *out, long ldo) {
-    int qk = 32, bytes = 34, nsums = 1;
-    unpack_fn un;
-    ggml_layout(W->ggml_type, &qk, &bytes, &nsums, &un);
-    const uint8_t *row = (const uint8_t *)W->w + (size_t)n * (W->K / qk) * bytes;
-    ggml_row_dot(W->ggml_type, row, W->K, x->g8, x->gd, x->gsum, m_lo, m_hi, out, ldo);
 }
 
 static float absmax(const float *x, int n) {  /* n: a multiple of 8 */
@@ -614,28 +605,13 @@ static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, floa
 
 static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
     if (W->N == 0) return;
-    if (W->bits == 0 && panel_type(W->ggml_type)) {
+    if (W->bits == 0) {  /* GGUF blocks */
         prepare_g(x, W->ggml_type);
         int n0, n1;
         panel_share(W->N, tid, nt, &n0, &n1);
         panel_rows(W, x, R, n0, n1, y + n0, ldy);
         if (W->bias)
             for (int r = 0; r < R; r++) for (int n = n0; n < n1; n++) y[(long)r * ldy + n] += W->bias[n];
-        return;
-    }
-    if (W->bits == 0) {
-        prepare_g(x, W->ggml_type);
-        int n0, n1;
-        share(W->N, tid, nt, &n0, &n1);
-        for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
-            int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
-            for (int m0 = 0; m0 < R; m0 += 64) {
-                int m1 = R - m0 < 64 ? R : m0 + 64;
-                for (int n = b0; n < b1; n++) ggml_rows(W, n, x, m0, m1, y + (long)m0 * ldy + n, ldy);
-            }
-            if (W->bias)
-                for (int r = 0; r < R; r++) for (int n = b0; n < b1; n++) y[(long)r * ldy + n] += W->bias[n];
-        }
         return;
     }
     if (W->bits == 4) prepare_q4(x, W->group); else prepare_u8(x, W->group);
@@ -691,7 +667,7 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.gd = o.g8 + up16((size_t)R * max_input(m) / 4);       /* bytes */
     o.gsum = o.gd + up16((size_t)R * max_input(m) / 32);
     o.goff = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
-    o.panel = o.goff + up16((size_t)R * max_input(m) / 16);    /* int32, two per 32 values */
+    o.panel = o.goff + up16((size_t)R * max_input(m) / 8);     /* int32: 2 per 32 values, KOFF per 256 */
     o.private_ = o.panel + up16(panel_bytes(max_input(m)) / 4);
     return o;
 }
@@ -798,9 +774,9 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
             set_rows(xn, R, h, &xa);
 
-            if (L->up.N && panel_type(L->gate_up.ggml_type) && panel_type(L->up.ggml_type)) {
-                /* GGUF Q5_0 / Q8_0 gate and up: per panel of rows, gate into act and up into gu, then
-                 * act = silu(gate) * up on that panel */
+            if (L->up.N) {
+                /* GGUF blocks, gate and up apart (one activation block size): per panel of rows, gate into act
+                 * and up into gu, then act = silu(gate) * up on that panel */
                 const QMat *W = &L->gate_up, *U = &L->up;
                 prepare_g(&xa, W->ggml_type);
                 int n0, n1;
@@ -818,22 +794,17 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                             silu_mul(act + (size_t)(m0 + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0);
                     }
                 }
-            } else {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
-                const QMat *W = &L->gate_up, *U = &L->up;
+            } else {   /* q8 / q4: gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
+                const QMat *W = &L->gate_up;
                 int n0, n1;
-                if (U->N) { prepare_g(&xa, W->ggml_type); prepare_g(&xa, U->ggml_type); }  /* same block: one pass */
-                else if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
+                if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
                 share(I, tid, nt, &n0, &n1);
                 for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
                     int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
                     for (int m0 = 0; m0 < R; m0 += 64) {
                         int mr = R - m0 < 64 ? R - m0 : 64;
                         float *gate = act + (size_t)m0 * I;  /* gate into act, up into gu (64, NBLOCK) */
-                        for (int n = b0; n < b1 && U->N; n++) {
-                            ggml_rows(W, n, &xa, m0, m0 + mr, gate + n, I);
-                            ggml_rows(U, n, &xa, m0, m0 + mr, gu + (n - b0), NBLOCK);
-                        }
-                        for (int n = b0; n < b1 && !U->N; n++) {
+                        for (int n = b0; n < b1; n++) {
                             float *out[2] = {gate + n, gu + (n - b0)};
                             const long ldo[2] = {I, NBLOCK};
                             rows_dot(W, n, n + I, &xa, m0, m0 + mr, out, ldo);

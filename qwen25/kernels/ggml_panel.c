@@ -25,13 +25,30 @@
 #endif
 #define PANEL_BLOCK_BYTES (PANEL * 36)  /* 8 vectors of PANEL x 4 bytes, PANEL fp32 scales */
 
-static int panel_type(int type) { return type == T_Q5_0 || type == T_Q8_0; }
+#define PANEL_KBLOCK_BYTES (PANEL * 4 * 81)  /* Q4_K / Q6_K, per 256 values: see panel_pack_k */
+#define KOFF 20  /* activation offsets per 256 values (K types): 16 for Q6_K, 4 pairs for Q4_K */
 
-/* Bytes of a packed panel of n values per row. */
-static size_t panel_bytes(int n) { return (size_t)(n / 32) * PANEL_BLOCK_BYTES; }
+/* Bytes of a packed panel of n values per row (any type). */
+static size_t panel_bytes(int n) { return (size_t)((n + 255) / 256) * PANEL_KBLOCK_BYTES; }
 
-/* Activation offsets for the panel kernels: per block, the initial integer sum for Q5_0 (-16 * sum of q) and for
- * Q8_0 (-128 * sum on avx512, 0 on avx2). off: (R, n / 32, 2) int32. */
+/* Activation offsets for the panel kernels, int32 per activation block (off: (R, nb, 2) for 32-value blocks,
+ * (R, nb, KOFF) for 256-value ones), from the sums of q per 32 / per 16 values (ggml_quantize_rows):
+ *   32-value blocks: the initial integer sum for Q5_0 (-16 * sum of q) and for Q8_0 (-128 * sum on avx512, 0 on
+ *   avx2);
+ *   256-value blocks: -32 * (sum over each 16 values), Q6_K's offset, then Q4_K's sums over each 32 values as
+ *   int16 pairs (sub-blocks 2p, 2p + 1 in word p), which the minimums multiply. */
+static void panel_offsets_k(const int16_t *sums, int R, int nb, int32_t *off) {
+    for (size_t at = 0; at < (size_t)R * nb; at++) {
+        const int16_t *s = sums + 16 * at;
+        int32_t *o = off + KOFF * at;
+        for (int k = 0; k < 16; k++) o[k] = -32 * (int32_t)s[k];
+        for (int p = 0; p < 4; p++) {
+            const uint16_t lo = (uint16_t)(s[4 * p] + s[4 * p + 1]), hi = (uint16_t)(s[4 * p + 2] + s[4 * p + 3]);
+            o[16 + p] = (int32_t)((uint32_t)lo | (uint32_t)hi << 16);
+        }
+    }
+}
+
 static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
     for (size_t at = 0; at < (size_t)R * nb; at++) {
         off[2 * at] = -16 * (int32_t)sums[at];
@@ -66,6 +83,15 @@ typedef __m512 pvf;
 #define PV_UNPACKLO64 _mm512_unpacklo_epi64
 #define PV_UNPACKHI64 _mm512_unpackhi_epi64
 #define PV_SHUFFLE8 _mm512_shuffle_epi8
+#define PV_ADD32 _mm512_add_epi32
+#define PV_MULLO32 _mm512_mullo_epi32
+#define PV_SLLI16 _mm512_slli_epi16
+#define PV_ZERO _mm512_setzero_si512
+#define PF_FNMA _mm512_fnmadd_ps
+#define PANEL_KMX 6  /* K types: 6 x (block, sub-block, fp32) accumulators */
+/* acc + four adjacent u8 x s8 products per lane; acc + two adjacent s16 x s16 products per lane */
+#define PV_DOT_U8(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#define PV_DOT_S16(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
 
 /* 16 bytes at p[j] + at for rows j = r, r + 4, r + 8, r + 12 as the four 128-bit lanes */
 static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
@@ -121,6 +147,15 @@ typedef __m256 pvf;
 #define PV_UNPACKHI32 _mm256_unpackhi_epi32
 #define PV_UNPACKLO64 _mm256_unpacklo_epi64
 #define PV_UNPACKHI64 _mm256_unpackhi_epi64
+#define PV_ADD32 _mm256_add_epi32
+#define PV_MULLO32 _mm256_mullo_epi32
+#define PV_SLLI16 _mm256_slli_epi16
+#define PV_ZERO _mm256_setzero_si256
+#define PF_FNMA _mm256_fnmadd_ps
+#define PANEL_KMX 3
+/* exact where used: u <= 63, |s| <= 127, so a pair of products fits int16 unsaturated */
+#define PV_DOT_U8(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#define PV_DOT_S16(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 
 /* 16 bytes at p[j] + at for rows j = r, r + 4 as the two 128-bit lanes */
 static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
@@ -158,7 +193,7 @@ static inline void transpose4(const pvi *z, pvi *t) {
 }
 
 /* Pack blocks [b0, b1) of the PANEL rows starting at rows[j] (row pointers; rows past the matrix may repeat its
- * last row) into dst, block b at dst + (b - b0) * PANEL_BLOCK_BYTES. */
+ * last row) into dst, block b at dst + (b - b0) * PANEL_BLOCK_BYTES. Q5_0 / Q8_0. */
 static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst) {
     const int bytes = type == T_Q5_0 ? 22 : 34;
     const pvi low = PV_SET1B(0x0F);
@@ -190,53 +225,72 @@ static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uin
     }
 }
 
-/* One tile: MX activation rows (q: int8 rows of stride n, d: one scale per block, off: the initial sums as in
- * panel_offsets, rows of stride 2 * nb) against a packed panel of nb blocks; out[i * ldo + j] for weight rows
- * j < nvalid. */
-static inline __attribute__((always_inline)) void panel_tile(int type, const uint8_t *P, int nb, const int8_t *q,
-                                                             int n, const float *d, const int32_t *off, int MX,
-                                                             float *out, long ldo, int nvalid) {
-    pvf facc[PANEL_MX];
-    const int t = type == T_Q8_0;
-    for (int i = 0; i < MX; i++) facc[i] = PF_ZERO();
+/* Q4_K / Q6_K super-blocks (256 values) of the PANEL rows, super-block b at dst + b * PANEL_KBLOCK_BYTES as vectors
+ * of PANEL lanes (lane j: weight row j): 64 vectors of quants (vector t: values 4t..4t+3, unsigned: Q4_K's 4-bit
+ * codes, Q6_K's 6-bit q + 32), then
+ *   Q4_K: 8 sub-block scales (int32), 4 vectors of minimum pairs (int16: sub-blocks 2p, 2p + 1), d, dmin (fp32);
+ *   Q6_K: 16 sub-block scales (int32), d (fp32). */
+static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *dst) {
+    const pvi low = PV_SET1B(0x0F), two = PV_SET1B(0x03);
     for (int b = 0; b < nb; b++) {
-        const uint8_t *pb = P + (size_t)b * PANEL_BLOCK_BYTES;
-        pvi acc[PANEL_MX];
-        for (int i = 0; i < MX; i++) acc[i] = PV_SET1(off[(size_t)i * 2 * nb + 2 * b + t]);
-#if PANEL == 16
-        for (int c = 0; c < 8; c++) {
-            const pvi w = PV_LOADU(pb + c * 64);
-            for (int i = 0; i < MX; i++) {
-                int32_t x4;
-                memcpy(&x4, q + (size_t)i * n + 32 * b + 4 * c, 4);
-                acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(x4));
-            }
-        }
-#else
-        const __m256i ones = _mm256_set1_epi16(1);
-        for (int c = 0; c < 8; c++) {
-            const pvi w = PV_LOADU(pb + c * 32);
-            if (type == T_Q5_0) {
-                for (int i = 0; i < MX; i++) {
-                    int32_t x4;
-                    memcpy(&x4, q + (size_t)i * n + 32 * b + 4 * c, 4);
-                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x4)), ones));
-                }
-            } else {
-                const pvi u = _mm256_abs_epi8(w);
-                for (int i = 0; i < MX; i++) {
-                    int32_t x4;
-                    memcpy(&x4, q + (size_t)i * n + 32 * b + 4 * c, 4);
-                    const pvi s = _mm256_sign_epi8(_mm256_set1_epi32(x4), w);
-                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+        uint8_t *o = dst + (size_t)b * PANEL_KBLOCK_BYTES;
+        pvi z[4], t[4];
+#define KVEC(k) (o + (size_t)(k) * PANEL * 4)
+        if (type == T_Q4_K) {
+            const size_t at = (size_t)b * 144;
+            for (int g = 0; g < 8; g++) {  /* qs words 4g..4g+3 */
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 16 + 16 * g);
+                transpose4(z, t);
+                for (int k = 0; k < 4; k++) {
+                    const int D = 4 * g + k, v = 16 * (D / 8) + D % 8;
+                    PV_STOREU(KVEC(v), PV_AND(t[k], low));
+                    PV_STOREU(KVEC(v + 8), PV_AND(PV_SRLI16(t[k], 4), low));
                 }
             }
+            for (int j = 0; j < PANEL; j++) {
+                const uint8_t *s = rows[j] + at + 4;
+                int sc[8], mn[8];
+                for (int q = 0; q < 4; q++) {
+                    sc[q] = s[q] & 63, mn[q] = s[q + 4] & 63;
+                    sc[q + 4] = (s[q + 8] & 0x0F) | ((s[q] >> 6) << 4);
+                    mn[q + 4] = (s[q + 8] >> 4) | ((s[q + 4] >> 6) << 4);
+                }
+                for (int q = 0; q < 8; q++) ((int32_t *)KVEC(64 + q))[j] = sc[q];
+                for (int p = 0; p < 4; p++) ((int32_t *)KVEC(72 + p))[j] = mn[2 * p] | mn[2 * p + 1] << 16;
+                ((float *)KVEC(76))[j] = f16(rows[j] + at);
+                ((float *)KVEC(77))[j] = f16(rows[j] + at + 2);
+            }
+        } else {
+            const size_t at = (size_t)b * 210;
+            pvi ql[32], qh[16];
+            for (int g = 0; g < 8; g++) {
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 16 * g);
+                transpose4(z, ql + 4 * g);
+            }
+            for (int g = 0; g < 4; g++) {
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 128 + 16 * g);
+                transpose4(z, qh + 4 * g);
+            }
+            for (int h = 0; h < 2; h++)
+                for (int u = 0; u < 8; u++) {
+                    const pvi l0 = ql[16 * h + u], l1 = ql[16 * h + 8 + u], hi = qh[8 * h + u];
+#define HI2(k) PV_SLLI16(PV_AND(PV_SRLI16(hi, 2 * (k)), two), 4)
+                    PV_STOREU(KVEC(32 * h + u), PV_OR(PV_AND(l0, low), HI2(0)));
+                    PV_STOREU(KVEC(32 * h + 8 + u), PV_OR(PV_AND(l1, low), HI2(1)));
+                    PV_STOREU(KVEC(32 * h + 16 + u), PV_OR(PV_AND(PV_SRLI16(l0, 4), low), HI2(2)));
+                    PV_STOREU(KVEC(32 * h + 24 + u), PV_OR(PV_AND(PV_SRLI16(l1, 4), low), HI2(3)));
+#undef HI2
+                }
+            for (int j = 0; j < PANEL; j++) {
+                for (int q = 0; q < 16; q++) ((int32_t *)KVEC(64 + q))[j] = ((const int8_t *)(rows[j] + at + 192))[q];
+                ((float *)KVEC(80))[j] = f16(rows[j] + at + 208);
+            }
         }
-#endif
-        const pvf dw = PF_LOADU((const float *)(pb + 8 * PANEL * 4));
-        for (int i = 0; i < MX; i++)
-            facc[i] = PF_FMA(PF_CVT(acc[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
+#undef KVEC
     }
+}
+
+static inline void panel_store(const pvf *facc, int MX, float *out, long ldo, int nvalid) {
     for (int i = 0; i < MX; i++) {
         if (nvalid == PANEL) {
             PF_STOREU(out + (size_t)i * ldo, facc[i]);
@@ -248,34 +302,146 @@ static inline __attribute__((always_inline)) void panel_tile(int type, const uin
     }
 }
 
-/* Weight rows [n_lo, n_hi) of W (rows of `row_bytes` bytes of Q5_0 / Q8_0 blocks, N rows in all) against
- * activation rows [m_lo, m_hi) quantized by ggml_quantize_rows + panel_offsets (q, d, off for all rows):
- * out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. */
+static inline int32_t x4_at(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* One tile: MX activation rows (q: int8 rows of stride n, d: one scale per block, off: the initial sums as in
+ * panel_offsets, rows of stride 2 * nb) against a packed Q5_0 / Q8_0 panel of nb blocks; out[i * ldo + j] for
+ * weight rows j < nvalid. */
+static inline __attribute__((always_inline)) void panel_tile(int type, const uint8_t *P, int nb, const int8_t *q,
+                                                             int n, const float *d, const int32_t *off, int MX,
+                                                             float *out, long ldo, int nvalid) {
+    pvf facc[PANEL_MX];
+    const int t = type == T_Q8_0;
+    for (int i = 0; i < MX; i++) facc[i] = PF_ZERO();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *pb = P + (size_t)b * PANEL_BLOCK_BYTES;
+        pvi acc[PANEL_MX];
+        for (int i = 0; i < MX; i++) acc[i] = PV_SET1(off[(size_t)i * 2 * nb + 2 * b + t]);
+        for (int c = 0; c < 8; c++) {
+            const pvi w = PV_LOADU(pb + c * PANEL * 4);
+#if PANEL == 16
+            for (int i = 0; i < MX; i++)
+                acc[i] = _mm512_dpbusd_epi32(acc[i], w, PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)));
+#else
+            if (type == T_Q5_0) {
+                for (int i = 0; i < MX; i++) acc[i] = PV_DOT_U8(acc[i], w, PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)));
+            } else {
+                const pvi u = _mm256_abs_epi8(w);
+                for (int i = 0; i < MX; i++) {
+                    const pvi s = _mm256_sign_epi8(PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)), w);
+                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+                }
+            }
+#endif
+        }
+        const pvf dw = PF_LOADU((const float *)(pb + 8 * PANEL * 4));
+        for (int i = 0; i < MX; i++)
+            facc[i] = PF_FMA(PF_CVT(acc[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
+    }
+    panel_store(facc, MX, out, ldo, nvalid);
+}
+
+/* The same for a packed Q4_K / Q6_K panel of nb super-blocks (off: rows of stride KOFF * nb). Per super-block the
+ * sub-blocks' exact sums times their integer scales add up to S (and Q4_K's minimums times the activation sums to
+ * M, exact), then acc = fma((float)S, d_w * d_x, acc) (and acc = acc - (float)M * (dmin_w * d_x), fused). */
+static inline __attribute__((always_inline)) void panel_tile_k(int type, const uint8_t *P, int nb, const int8_t *q,
+                                                               int n, const float *d, const int32_t *off, int MX,
+                                                               float *out, long ldo, int nvalid) {
+    pvf facc[PANEL_KMX];
+    for (int i = 0; i < MX; i++) facc[i] = PF_ZERO();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *pb = P + (size_t)b * PANEL_KBLOCK_BYTES;
+        const int8_t *xb = q + 256 * (size_t)b;
+        const int32_t *ob = off + (size_t)KOFF * b;
+#define KV(k) PV_LOADU(pb + (size_t)(k) * PANEL * 4)
+        pvi S[PANEL_KMX], a[PANEL_KMX];
+        for (int i = 0; i < MX; i++) S[i] = PV_ZERO();
+        if (type == T_Q4_K) {
+            for (int s = 0; s < 8; s++) {
+                for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
+                for (int c = 0; c < 8; c++) {
+                    const pvi w = KV(8 * s + c);
+                    for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 32 * s + 4 * c)));
+                }
+                const pvi sc = KV(64 + s);
+                for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+            }
+            for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
+            for (int p = 0; p < 4; p++) {
+                const pvi mn = KV(72 + p);
+                for (int i = 0; i < MX; i++) a[i] = PV_DOT_S16(a[i], mn, PV_SET1(ob[(size_t)i * KOFF * nb + 16 + p]));
+            }
+            const pvf dw = PF_LOADU((const float *)(pb + 76 * PANEL * 4)), dm = PF_LOADU((const float *)(pb + 77 * PANEL * 4));
+            for (int i = 0; i < MX; i++) {
+                const pvf dx = PF_SET1(d[(size_t)i * nb + b]);
+                facc[i] = PF_FMA(PF_CVT(S[i]), PF_MUL(dw, dx), facc[i]);
+                facc[i] = PF_FNMA(PF_CVT(a[i]), PF_MUL(dm, dx), facc[i]);
+            }
+        } else {
+            for (int s = 0; s < 16; s++) {
+                for (int i = 0; i < MX; i++) a[i] = PV_SET1(ob[(size_t)i * KOFF * nb + s]);
+                for (int c = 0; c < 4; c++) {
+                    const pvi w = KV(4 * s + c);
+                    for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 16 * s + 4 * c)));
+                }
+                const pvi sc = KV(64 + s);
+                for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+            }
+            const pvf dw = PF_LOADU((const float *)(pb + 80 * PANEL * 4));
+            for (int i = 0; i < MX; i++) facc[i] = PF_FMA(PF_CVT(S[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
+        }
+#undef KV
+    }
+    panel_store(facc, MX, out, ldo, nvalid);
+}
+
+/* Weight rows [n_lo, n_hi) of W (N rows of n values as ggml blocks of `type`, Q5_0 / Q8_0 / Q4_K / Q6_K) against
+ * activation rows [m_lo, m_hi) quantized by ggml_quantize_rows and panel_offsets / panel_offsets_k (q, d, off for
+ * all rows): out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. */
 static inline __attribute__((always_inline)) void panel_run(int type, const uint8_t *w, int N, int n,
                                                             const int8_t *q, const float *d, const int32_t *off,
                                                             int m_lo, int m_hi, int n_lo, int n_hi, float *out,
                                                             long ldo, uint8_t *buf) {
-    const int nb = n / 32, bytes = type == T_Q5_0 ? 22 : 34;
+    const int kq = type == T_Q4_K || type == T_Q6_K;
+    const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
+    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const size_t row_bytes = (size_t)nb * bytes;
     for (int p0 = n_lo; p0 < n_hi; p0 += PANEL) {
         const uint8_t *rows[PANEL];
         const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
         for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
-        panel_pack(type, rows, 0, nb, buf);
+        if (kq) panel_pack_k(type, rows, nb, buf);
+        else panel_pack(type, rows, 0, nb, buf);
         float *o = out + (p0 - n_lo);
+#define TILE(i, mx)                                                                                                   \
+    do {                                                                                                              \
+        if (kq)                                                                                                       \
+            panel_tile_k(type, buf, nb, q + (size_t)(i) * n, n, d + (size_t)(i) * nb, off + (size_t)(i) * ostride,   \
+                         mx, o + (size_t)((i) - m_lo) * ldo, ldo, nvalid);                                            \
+        else                                                                                                          \
+            panel_tile(type, buf, nb, q + (size_t)(i) * n, n, d + (size_t)(i) * nb, off + (size_t)(i) * ostride, mx, \
+                       o + (size_t)((i) - m_lo) * ldo, ldo, nvalid);                                                  \
+    } while (0)
         int i = m_lo;
-        for (; i + PANEL_MX <= m_hi; i += PANEL_MX)
-            panel_tile(type, buf, nb, q + (size_t)i * n, n, d + (size_t)i * nb, off + (size_t)i * 2 * nb, PANEL_MX,
-                       o + (size_t)(i - m_lo) * ldo, ldo, nvalid);
-        for (; i < m_hi; i++)
-            panel_tile(type, buf, nb, q + (size_t)i * n, n, d + (size_t)i * nb, off + (size_t)i * 2 * nb, 1,
-                       o + (size_t)(i - m_lo) * ldo, ldo, nvalid);
+        if (kq) for (; i + PANEL_KMX <= m_hi; i += PANEL_KMX) TILE(i, PANEL_KMX);
+        else for (; i + PANEL_MX <= m_hi; i += PANEL_MX) TILE(i, PANEL_MX);
+        for (; i < m_hi; i++) TILE(i, 1);
+#undef TILE
+        (void)MX;
     }
 }
 
 static void panel_matmul(int type, const uint8_t *w, int N, int n, const int8_t *q, const float *d,
                          const int32_t *off, int m_lo, int m_hi, int n_lo, int n_hi, float *out, long ldo,
                          uint8_t *buf) {
-    if (type == T_Q5_0) panel_run(T_Q5_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);
-    else panel_run(T_Q8_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);
+    switch (type) {
+    case T_Q5_0: panel_run(T_Q5_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q8_0: panel_run(T_Q8_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q4_K: panel_run(T_Q4_K, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    default: panel_run(T_Q6_K, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    }
 }
