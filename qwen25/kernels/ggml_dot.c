@@ -228,7 +228,7 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
 #pragma omp for schedule(static)
             for (int p = 0; p < panels; p++) {
                 const int p0 = p * PANEL, p1 = p0 + PANEL < rows ? p0 + PANEL : rows;
-                if (buf) panel_matmul(type, w, rows, n, q, d, off, 0, m, p0, p1, out + p0, rows, buf);
+                if (buf) panel_matmul(type, w, rows, n, q, d, off, sums, 0, m, p0, p1, out + p0, rows, buf);
             }
             free(buf);
         }

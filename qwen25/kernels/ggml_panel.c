@@ -25,6 +25,7 @@
 #endif
 #define PANEL_BLOCK_BYTES (PANEL * 36)  /* 8 vectors of PANEL x 4 bytes, PANEL fp32 scales */
 
+#define STREAM_ROWS 2  /* passes of up to this many activation rows skip the packing (ggml_stream.c) */
 #define PANEL_KBLOCK_BYTES (PANEL * 4 * 81)  /* Q4_K / Q6_K, per 256 values: see panel_pack_k */
 #define KOFF 20  /* activation offsets per 256 values (K types): 16 for Q6_K, 4 pairs for Q4_K */
 
@@ -101,18 +102,22 @@ static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
     return _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 12] + at)), 3);
 }
 
-/* lane j = the 32-bit word at p[j] + at */
+/* lane j = the 32-bit word at p[j] + at (a panel's rows lie within 2 GB of its first) */
 static inline pvi gather_words(const uint8_t *const *p, size_t at) {
-    int32_t t[16];
-    for (int j = 0; j < 16; j++) memcpy(&t[j], p[j] + at, 4);
-    return _mm512_loadu_si512((const void *)t);
+    const __m512i base = _mm512_set1_epi64((long long)p[0]);
+    const __m256i lo = _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512((const void *)p), base));
+    const __m256i hi = _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512((const void *)(p + 8)), base));
+    return _mm512_i32gather_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), (const void *)(p[0] + at), 1);
 }
 
-/* fp32 lanes from the fp16 scale at p[j] + at */
+/* fp32 lanes from the fp16 scale at p[j] + at; gather_f16_end: the one at p[j] + at + 2 that ends a tensor's
+ * block (read as the high half of the word at p[j] + at, inside the block) */
 static inline pvf gather_f16(const uint8_t *const *p, size_t at) {
-    uint16_t t[16];
-    for (int j = 0; j < 16; j++) memcpy(&t[j], p[j] + at, 2);
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t));
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather_words(p, at)));
+}
+
+static inline pvf gather_f16_end(const uint8_t *const *p, size_t at) {
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(gather_words(p, at), 16)));
 }
 
 /* byte t of each lane = 0x10 where bit (4c + t) of the lane's word is set */
@@ -164,16 +169,21 @@ static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
 }
 
 static inline pvi gather_words(const uint8_t *const *p, size_t at) {
-    int32_t t[8];
-    for (int j = 0; j < 8; j++) memcpy(&t[j], p[j] + at, 4);
-    return _mm256_loadu_si256((const __m256i *)t);
+    int32_t idx[8];
+    for (int j = 0; j < 8; j++) idx[j] = (int32_t)(p[j] - p[0]);
+    return _mm256_i32gather_epi32((const int *)(p[0] + at), _mm256_loadu_si256((const __m256i *)idx), 1);
 }
 
-static inline pvf gather_f16(const uint8_t *const *p, size_t at) {
-    uint16_t t[8];
-    for (int j = 0; j < 8; j++) memcpy(&t[j], p[j] + at, 2);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+static inline pvf f16_lanes(__m256i words, int high) {
+    const __m256i w = _mm256_shuffle_epi8(high ? _mm256_srli_epi32(words, 16) : words,
+                                          _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                           0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(w, 0x08)));
 }
+
+static inline pvf gather_f16(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 0); }
+
+static inline pvf gather_f16_end(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 1); }
 
 static inline pvi fifth_bits_c(pvi qh, int c) {
     const pvi idx = _mm256_add_epi8(_mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404,
@@ -192,12 +202,23 @@ static inline void transpose4(const pvi *z, pvi *t) {
     t[0] = PV_UNPACKLO64(a, b), t[1] = PV_UNPACKHI64(a, b), t[2] = PV_UNPACKLO64(e, f), t[3] = PV_UNPACKHI64(e, f);
 }
 
+/* Part k of n of the bytes [ahead, ahead + bytes) into the cache: the next panel's rows, while this one is packed.
+ * A panel reads PANEL rows side by side, block by block; the hardware prefetchers do not follow that many streams,
+ * and without this a one-row pass (decode) read the weights at ~3-4 GB/s per core instead of streaming them. */
+static inline void prefetch_share(const uint8_t *ahead, size_t bytes, int k, int n) {
+    if (!ahead) return;
+    const size_t lo = bytes * k / n & ~(size_t)63, hi = bytes * (k + 1) / n;
+    for (size_t at = lo; at < hi; at += 64) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T0);
+}
+
 /* Pack blocks [b0, b1) of the PANEL rows starting at rows[j] (row pointers; rows past the matrix may repeat its
  * last row) into dst, block b at dst + (b - b0) * PANEL_BLOCK_BYTES. Q5_0 / Q8_0. */
-static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst) {
+static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst, const uint8_t *ahead,
+                       size_t ahead_bytes) {
     const int bytes = type == T_Q5_0 ? 22 : 34;
     const pvi low = PV_SET1B(0x0F);
     for (int b = b0; b < b1; b++) {
+        prefetch_share(ahead, ahead_bytes, b - b0, b1 - b0);
         const size_t at = (size_t)b * bytes;
         uint8_t *o = dst + (size_t)(b - b0) * PANEL_BLOCK_BYTES;
         pvi z[4], t[4];
@@ -230,9 +251,11 @@ static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uin
  * codes, Q6_K's 6-bit q + 32), then
  *   Q4_K: 8 sub-block scales (int32), 4 vectors of minimum pairs (int16: sub-blocks 2p, 2p + 1), d, dmin (fp32);
  *   Q6_K: 16 sub-block scales (int32), d (fp32). */
-static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *dst) {
+static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *dst, const uint8_t *ahead,
+                         size_t ahead_bytes) {
     const pvi low = PV_SET1B(0x0F), two = PV_SET1B(0x03);
     for (int b = 0; b < nb; b++) {
+        prefetch_share(ahead, ahead_bytes, b, nb);
         uint8_t *o = dst + (size_t)b * PANEL_KBLOCK_BYTES;
         pvi z[4], t[4];
 #define KVEC(k) (o + (size_t)(k) * PANEL * 4)
@@ -301,6 +324,8 @@ static inline void panel_store(const pvf *facc, int MX, float *out, long ldo, in
         }
     }
 }
+
+#include "ggml_stream.c"  /* one activation row without packing (decode) */
 
 static inline int32_t x4_at(const int8_t *p) {
     int32_t v;
@@ -404,8 +429,8 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
  * all rows): out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. */
 static inline __attribute__((always_inline)) void panel_run(int type, const uint8_t *w, int N, int n,
                                                             const int8_t *q, const float *d, const int32_t *off,
-                                                            int m_lo, int m_hi, int n_lo, int n_hi, float *out,
-                                                            long ldo, uint8_t *buf) {
+                                                            const int16_t *sums, int m_lo, int m_hi, int n_lo,
+                                                            int n_hi, float *out, long ldo, uint8_t *buf) {
     const int kq = type == T_Q4_K || type == T_Q6_K;
     const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
@@ -414,9 +439,19 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const uint8_t *rows[PANEL];
         const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
         for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
-        if (kq) panel_pack_k(type, rows, nb, buf);
-        else panel_pack(type, rows, 0, nb, buf);
         float *o = out + (p0 - n_lo);
+        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file) */
+        const size_t next = (size_t)(p0 + PANEL) * row_bytes, end = (size_t)N * row_bytes;
+        const uint8_t *ahead = p0 + PANEL < n_hi ? w + next : NULL;
+        const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
+        if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
+            for (int i = m_lo; i < m_hi; i++)
+                stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * 16,
+                           o + (size_t)(i - m_lo) * ldo, nvalid);
+            continue;
+        }
+        if (kq) panel_pack_k(type, rows, nb, buf, ahead, ahead_bytes);
+        else panel_pack(type, rows, 0, nb, buf, ahead, ahead_bytes);
 #define TILE(i, mx)                                                                                                   \
     do {                                                                                                              \
         if (kq)                                                                                                       \
@@ -436,12 +471,12 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
 }
 
 static void panel_matmul(int type, const uint8_t *w, int N, int n, const int8_t *q, const float *d,
-                         const int32_t *off, int m_lo, int m_hi, int n_lo, int n_hi, float *out, long ldo,
-                         uint8_t *buf) {
+                         const int32_t *off, const int16_t *sums, int m_lo, int m_hi, int n_lo, int n_hi, float *out,
+                         long ldo, uint8_t *buf) {
     switch (type) {
-    case T_Q5_0: panel_run(T_Q5_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
-    case T_Q8_0: panel_run(T_Q8_0, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
-    case T_Q4_K: panel_run(T_Q4_K, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
-    default: panel_run(T_Q6_K, w, N, n, q, d, off, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q5_0: panel_run(T_Q5_0, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q8_0: panel_run(T_Q8_0, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q4_K: panel_run(T_Q4_K, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    default: panel_run(T_Q6_K, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
     }
 }
