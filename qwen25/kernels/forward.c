@@ -1,4 +1,4 @@
-/* The whole Qwen2 forward pass in one native call, on q8 or q4 weights.
+/* The whole Qwen2 forward pass in one native call, on a GGUF file's own blocks (ggml_dot.c) or on q8 / q4 weights.
  *
  * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
  * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
@@ -595,7 +595,8 @@ static void panel_share(int N, int tid, int nt, int *n0, int *n1) {
     *n1 = tid == nt - 1 ? N : *n1 * PANEL;
 }
 
-/* y[r, n] = x[r] . W[n] for GGUF Q5_0 / Q8_0 weight rows [n0, n1), by packed panels, activation rows in chunks. */
+/* y[r, n] = x[r] . W[n] for GGUF-block weight rows [n0, n1) (ggml_panel.c: packed panels, or rows streamed in
+ * place for 1-2 activation rows), activation rows in chunks that stay in L2. */
 static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, float *y, long ldy) {
     const int MC = panel_chunk(W->K);
     for (int m0 = 0; m0 < R; m0 += MC)

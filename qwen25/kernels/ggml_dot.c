@@ -5,14 +5,19 @@
  *     in [-127, 127], plus the sum of q over each 16 values (to fold the weights' offsets: Q4_K's minimums,
  *     Q6_K's -32) — the layout of ggml's q8_K activation blocks, written here from the format;
  *   - for Q5_0 / Q8_0 weights (32-value blocks): per 32 values, d = absmax / 127, q as above, and the sum of q.
- * Every block's dot product is then an exact integer sum of (unsigned weight quant) x (signed activation quant)
- * products, scaled once in fp32 per (sub-)block: the only rounding besides the activation quantization is the fp32
- * accumulation of those per-block terms, in block order. A row of the result does not depend on the other rows.
+ * Every block's dot product is then an exact integer S (for the K types, the sub-blocks' sums times their integer
+ * scales), and each (activation row, weight row) result is the fp32 chain
+ *     acc = fma((float)S_b, d_w,b * d_x,b, acc)    for blocks b = 0, 1, ... in order
+ * (Q4_K also acc = acc - (float)M_b * (dmin_w,b * d_x,b), fused, M_b its minimums times the activation's sums):
+ * the only rounding besides the activation quantization. The chain is the same in every kernel below, so a row of
+ * the result does not depend on the other rows, on the tile it falls in, or on the ISA build.
  *
- * The integer dot products run on 16 / 32 bytes at a time for the build's ISA (qwen25.kernels.isa): maddubs + madd
- * on the avx2 build, vpdpbusd on the avx512 (VNNI) one; the weight quants are unpacked to bytes per block first
- * (Q5_0's fifth bits by a byte shuffle + compare on avx2, a mask move on avx512). Rows of W are split across OpenMP threads;
- * each weight row is read once for all activation rows (decode: 1 row; batches and tiles: a few).
+ * Kernels (ggml_panel.c, ggml_panel_k.c, ggml_stream.c): passes of 3+ activation rows pack PANEL weight rows (16 on
+ * the avx512 build, 8 on avx2) into a small buffer laid out for the integer dot instruction (4 values of each row
+ * per 32-bit lane) and run tiles of activation rows against it, the block sums of 16 weight rows landing in the 16
+ * lanes of one register: vpdpbusd on avx512 (VNNI), maddubs + madd on avx2, no horizontal sums. Passes of 1-2 rows
+ * (decode) read each weight row in place from start to end instead and reduce its block sums across lanes.
+ * Rows of W are split across OpenMP threads in whole panels.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -181,11 +186,10 @@ int ggml_dequantize_rows(int type, const uint8_t *w, int n, const int64_t *ids, 
     return 0;
 }
 
-/* For the fused forward (forward.c includes this file): activation rows quantized once per pass and weight type
- * family (q: R x n int8, d: one scale per block, sums: per 16 (K types) or 32 values), and one weight row
- * against activation rows [m_lo, m_hi): out[(i - m_lo) * ldo] = x_i . W-row, with the same per-block terms
- * in the same order as ggml_matmul, so both give the same bits. */
-static int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
+/* For the fused forward (forward.c includes this file) and ggml_matmul: activation rows quantized once per pass and
+ * weight type family (q: R x n int8, d: one scale per block, sums: per 16 (K types) or 32 values); the panel
+ * kernels then take the same steps for both, so both give the same bits. */
+static __attribute__((unused)) int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
 
 static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, float *d, int16_t *sums) {
     const int nb = n / qk, nsums = qk == QK_K ? 16 : 1;
