@@ -34,6 +34,13 @@ static inline float f16(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
+static inline int hsum_i32x8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
 /* one activation block: n values (a multiple of 16) -> q (int8), returns the scale; sums[k] = sum of q over each
  * `sub` (16 or 32) values. Rounding: cvtps (to nearest even), as lrintf in the default mode. */
 static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *sums) {
@@ -45,25 +52,15 @@ static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *
     const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m256 vinv = _mm256_set1_ps(inv);
+    for (int s = 0; s < n / sub; s++) sums[s] = 0;
     for (int k = 0; k < n; k += 16) {
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
         const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
         const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16 in order */
         _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-    }
-    for (int s = 0; s < n / sub; s++) {
-        int t = 0;
-        for (int k = 0; k < sub; k++) t += q[s * sub + k];
-        sums[s] = (int16_t)t;
+        sums[k / sub] += (int16_t)hsum_i32x8(_mm256_add_epi32(a, b));  /* |q| <= 127: the packs never saturate */
     }
     return d;
-}
-
-static inline int hsum_i32x8(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
 }
 
 /* A weight block unpacked once and then dotted with every activation row: quants as bytes, the integer scales
