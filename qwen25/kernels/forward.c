@@ -227,6 +227,7 @@ typedef struct {
     int32_t *goff;   /* 32-value blocks: the panel kernels' initial sums (panel_offsets) */
     int has_g;
     uint8_t *panel;  /* this thread's packed-panel scratch (ggml_panel.c) */
+    int shared, tid, nt;  /* shared: g8 .. goff are one copy for all threads, each quantizing its share of rows */
 } QAct;
 
 /* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
@@ -237,12 +238,27 @@ static void set_rows(const float *x, int R, int K, QAct *a) {
     a->has_q16 = a->has_q4 = a->has_u = a->has_g = 0;
 }
 
+#define SHARED_QUANT_ROWS 32  /* passes of this many rows quantize GGUF-block activations once for all threads */
+
+/* Every thread calls this with the same arguments (the rows are the same on every thread). Shared (long passes):
+ * the threads quantize disjoint rows into one copy between two barriers (the first: no thread still reads the
+ * previous input's copy); otherwise each thread quantizes all rows into its own. The bits are the same. */
 static void prepare_g(QAct *a, int ggml_type) {
     const int qk = ggml_block_values(ggml_type);
     if (a->has_g == qk) return;
-    ggml_quantize_rows(a->src, a->R, a->K, qk, a->g8, a->gd, a->gsum);
-    if (qk == 32) panel_offsets(a->gsum, a->R, a->K / 32, a->goff);
-    else panel_offsets_k(a->gsum, a->R, a->K / QK_K, a->goff);
+    const int nb = a->K / qk, nsums = qk == QK_K ? 16 : 1, noff = qk == QK_K ? KOFF : 2;
+    int r0 = 0, r1 = a->R;
+    if (a->shared) {
+        share(a->R, a->tid, a->nt, &r0, &r1);
+        #pragma omp barrier
+    }
+    ggml_quantize_rows(a->src + (size_t)r0 * a->K, r1 - r0, a->K, qk, a->g8 + (size_t)r0 * a->K,
+                       a->gd + (size_t)r0 * nb, a->gsum + (size_t)r0 * nb * nsums);
+    if (qk == 32) panel_offsets(a->gsum + (size_t)r0 * nb, r1 - r0, nb, a->goff + (size_t)r0 * nb * noff);
+    else panel_offsets_k(a->gsum + (size_t)r0 * nb * nsums, r1 - r0, nb, a->goff + (size_t)r0 * nb * noff);
+    if (a->shared) {
+        #pragma omp barrier
+    }
     a->has_g = qk;
 }
 
@@ -719,7 +735,13 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
-                   .gsum = (int16_t *)(x + o.gsum), .goff = (int32_t *)(x + o.goff), .panel = (uint8_t *)(x + o.panel)};
+                   .gsum = (int16_t *)(x + o.gsum), .goff = (int32_t *)(x + o.goff), .panel = (uint8_t *)(x + o.panel),
+                   .tid = tid, .nt = nt};
+        if (R >= SHARED_QUANT_ROWS) {  /* GGUF-block activations: one copy (thread 0's buffers), rows split */
+            float *x0 = work + o.priv0;
+            xa.g8 = (int8_t *)(x0 + o.g8), xa.gd = x0 + o.gd, xa.gsum = (int16_t *)(x0 + o.gsum);
+            xa.goff = (int32_t *)(x0 + o.goff), xa.shared = 1;
+        }
 
         for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
             const QMat *E = &m->embed;
