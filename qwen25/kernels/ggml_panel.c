@@ -327,7 +327,7 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
         if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
             for (int i = m_lo; i < m_hi; i++)
-                stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * 16,
+                stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * (kq ? 16 : 1),
                            o + (size_t)(i - m_lo) * ldo, nvalid);
             continue;
         }

@@ -30,9 +30,15 @@ static inline __m256i hsum8x8(const __m256i *v) {
 }
 
 /* Lanes whose sum is the exact integer dot product of weight row block `blk` with the activation block x (32 or
- * 256 values): Q5_0 / Q8_0 as signed values (Q5_0: q5 - 16), Q6_K as q6 - 32 times its sub-block scales, Q4_K
- * its codes times its sub-block scales; *mins: Q4_K's sum of minimum x (the activation's sum over each 32
- * values), xs the activation's sums per 16 values. */
+ * 256 values), less STREAM_OFFSET(type) * (the activation block's sum) for the 32-value types: Q5_0 as its
+ * unsigned q5 (offset 16), Q8_0 as w + 128 on avx512 (offset 128) and as signed values on avx2 (offset 0); Q6_K
+ * as q6 - 32 times its sub-block scales, Q4_K its codes times its sub-block scales; *mins: Q4_K's sum of minimum x
+ * (the activation's sum over each 32 values), xs the activation's sums per 16 values. */
+#if PANEL == 16
+#define STREAM_OFFSET(type) ((type) == T_Q5_0 ? 16 : 128)
+#else
+#define STREAM_OFFSET(type) ((type) == T_Q5_0 ? 16 : 0)
+#endif
 static inline __attribute__((always_inline)) __m256i stream_block(int type, const uint8_t *blk, const int8_t *x,
                                                                  const int16_t *xs, int32_t *mins) {
     if (type == T_Q5_0 || type == T_Q8_0) {
@@ -42,11 +48,14 @@ static inline __attribute__((always_inline)) __m256i stream_block(int type, cons
             memcpy(&qh, blk + 2, 4);
             const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6)), low = _mm_set1_epi8(0x0F);
             w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
-            w = _mm256_sub_epi8(_mm256_or_si256(w, fifth_bits(qh)), _mm256_set1_epi8(16));
-        } else {
-            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            return dot_us(_mm256_or_si256(w, fifth_bits(qh)), _mm256_loadu_si256((const __m256i *)x));
         }
+        w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+#if PANEL == 16
+        return dot_us(_mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), _mm256_loadu_si256((const __m256i *)x));
+#else
         return dot_ss(w, _mm256_loadu_si256((const __m256i *)x));
+#endif
     }
     __m256i isum = _mm256_setzero_si256();
     if (type == T_Q4_K) {
@@ -105,10 +114,11 @@ static inline __m128i hsum2x8(__m256i a, __m256i b) {
 }
 
 /* The panel kernel's result for one activation row (q, d: its quantized values and block scales; xs: its sums per
- * 16 values, K types) against the weight rows rows[j], j < nvalid (nb blocks each): out[j]. Each row is read from
- * start to end (one memory stream at a time, which the hardware prefetchers follow best: measured slower with four
- * rows side by side); its block sums are reduced to exact integers two blocks at a time, and its fp32 chain runs in
- * scalars: fmaf rounds as a panel lane's fma does, so the bits are the panel kernel's. */
+ * 16 values for the K types, per block for the 32-value ones) against the weight rows rows[j], j < nvalid (nb
+ * blocks each): out[j]. Each row is read from start to end (one memory stream at a time, which the hardware
+ * prefetchers follow best: measured slower with four rows side by side); its block sums are reduced to exact
+ * integers (32-value blocks eight at a time, K types two at a time), and its fp32 chain runs in scalars: fmaf
+ * rounds as a panel lane's fma does, so the bits are the panel kernel's. */
 static inline __attribute__((always_inline)) void stream_row(int type, const uint8_t *const *rows, int nb,
                                                              const int8_t *q, const float *d, const int16_t *xs,
                                                              float *out, int nvalid) {
@@ -126,7 +136,9 @@ static inline __attribute__((always_inline)) void stream_row(int type, const uin
                 uint16_t hv[8];
                 for (int t = 0; t < 8; t++) memcpy(&hv[t], k + t * bytes, 2);
                 float sf[8], pf[8];
-                _mm256_storeu_ps(sf, _mm256_cvtepi32_ps(hsum8x8(v)));
+                const __m256i xsum = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(xs + b0)));
+                const __m256i S = _mm256_sub_epi32(hsum8x8(v), _mm256_mullo_epi32(xsum, _mm256_set1_epi32(STREAM_OFFSET(type))));
+                _mm256_storeu_ps(sf, _mm256_cvtepi32_ps(S));
                 _mm256_storeu_ps(pf, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hv)),
                                                    _mm256_loadu_ps(d + b0)));
                 for (int t = 0; t < 8; t++) acc = fmaf(sf[t], pf[t], acc);
@@ -135,14 +147,15 @@ static inline __attribute__((always_inline)) void stream_row(int type, const uin
             const int two = b + 1 < nb;
             const uint8_t *k0 = rows[j] + (size_t)b * bytes, *k1 = two ? k0 + bytes : k0;
             int32_t m0 = 0, m1 = 0;
-            const __m256i v0 = stream_block(type, k0, q + (size_t)b * qk, xs + (size_t)b * 16, &m0);
-            const __m256i v1 = two ? stream_block(type, k1, q + (size_t)(b + 1) * qk, xs + (size_t)(b + 1) * 16, &m1)
+            const __m256i v0 = stream_block(type, k0, q + (size_t)b * qk, kq ? xs + (size_t)b * 16 : xs, &m0);
+            const __m256i v1 = two ? stream_block(type, k1, q + (size_t)(b + 1) * qk, kq ? xs + (size_t)(b + 1) * 16 : xs, &m1)
                                    : _mm256_setzero_si256();
             const __m128i S = hsum2x8(v0, v1);
-            acc = fmaf((float)_mm_cvtsi128_si32(S), f16(k0 + dat) * d[b], acc);
+            const int o0 = kq ? 0 : STREAM_OFFSET(type) * xs[b], o1 = kq || !two ? 0 : STREAM_OFFSET(type) * xs[b + 1];
+            acc = fmaf((float)(_mm_cvtsi128_si32(S) - o0), f16(k0 + dat) * d[b], acc);
             if (type == T_Q4_K) acc = fmaf(-(float)m0, f16(k0 + 2) * d[b], acc);
             if (!two) break;
-            acc = fmaf((float)_mm_extract_epi32(S, 1), f16(k1 + dat) * d[b + 1], acc);
+            acc = fmaf((float)(_mm_extract_epi32(S, 1) - o1), f16(k1 + dat) * d[b + 1], acc);
             if (type == T_Q4_K) acc = fmaf(-(float)m1, f16(k1 + 2) * d[b + 1], acc);
         }
         out[j] = acc;
