@@ -279,15 +279,28 @@ static inline __attribute__((always_inline)) void panel_tile(int type, const uin
         const uint8_t *pb = P + (size_t)b * PANEL_BLOCK_BYTES;
         pvi acc[PANEL_MX];
         for (int i = 0; i < MX; i++) acc[i] = PV_SET1(off[(size_t)i * 2 * nb + 2 * b + t]);
-        for (int c = 0; c < 8; c++) {
+#if PANEL != 16
+        if (type == T_Q5_0)  /* avx2: four steps' maddubs pairs added in int16 (4 x 2 x 31 x 127 < 2^15), one madd */
+            for (int h = 0; h < 2; h++) {
+                const pvi w0 = PV_LOADU(pb + (4 * h) * PANEL * 4), w1 = PV_LOADU(pb + (4 * h + 1) * PANEL * 4);
+                const pvi w2 = PV_LOADU(pb + (4 * h + 2) * PANEL * 4), w3 = PV_LOADU(pb + (4 * h + 3) * PANEL * 4);
+                for (int i = 0; i < MX; i++) {
+                    const int8_t *xi = q + (size_t)i * n + 32 * b + 16 * h;
+                    __m256i p = _mm256_maddubs_epi16(w0, PV_SET1(x4_at(xi)));
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w1, PV_SET1(x4_at(xi + 4))));
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, PV_SET1(x4_at(xi + 8))));
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w3, PV_SET1(x4_at(xi + 12))));
+                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+                }
+            }
+#endif
+        for (int c = 0; c < 8 && !(PANEL != 16 && type == T_Q5_0); c++) {
             const pvi w = PV_LOADU(pb + c * PANEL * 4);
 #if PANEL == 16
             for (int i = 0; i < MX; i++)
                 acc[i] = _mm512_dpbusd_epi32(acc[i], w, PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)));
 #else
-            if (type == T_Q5_0) {
-                for (int i = 0; i < MX; i++) acc[i] = PV_DOT_U8(acc[i], w, PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)));
-            } else {
+            {
                 const pvi u = _mm256_abs_epi8(w);
                 for (int i = 0; i < MX; i++) {
                     const pvi s = _mm256_sign_epi8(PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)), w);

@@ -87,10 +87,20 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
         if (type == T_Q4_K) {
             for (int s = 0; s < 8; s++) {
                 for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
+#if PANEL == 16
                 for (int c = 0; c < 8; c++) {
                     const pvi w = KV(8 * s + c);
                     for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 32 * s + 4 * c)));
                 }
+#else
+                /* avx2: the sub-block's eight maddubs pairs added in int16 (8 x 2 x 15 x 127 < 2^15), one madd */
+                for (int i = 0; i < MX; i++) {
+                    const int8_t *xi = xb + (size_t)i * n + 32 * s;
+                    __m256i p = _mm256_maddubs_epi16(KV(8 * s), PV_SET1(x4_at(xi)));
+                    for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), PV_SET1(x4_at(xi + 4 * c))));
+                    a[i] = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+                }
+#endif
                 const pvi sc = KV(64 + s);
                 for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
             }
