@@ -4,9 +4,10 @@ For each engine, in its own process and one at a time: load time, prefill tok/s 
 empty cache), decode tok/s (128 greedy single-token steps, EOS ignored, after a 49-token ChatML prompt), RSS
 after load and peak RSS, and the decode's weight-read bandwidth as a share of the machine's read bandwidth,
 measured in the same run (see /work/shared/BASELINE.md for the methodology and BENCHMARKS.md for results). Prompt ids are tokenized
-once here and shared by every engine. Engines: qwen25 (`LLM` defaults: the GGUF requantized to q8, kernels of the
-best ISA the CPU runs), qwen25-avx2 (the same, QWEN25_ISA=avx2: the baseline kernels), qwen25-gguf
-(`quantization="gguf"`: the GGUF's own blocks, memory-mapped; -gguf-avx2 likewise), qwen25-q4
+once here and shared by every engine. Engines: qwen25 (`LLM` defaults: the GGUF's own blocks, memory-mapped, kernels
+of the best ISA the CPU runs), qwen25-avx2 (the same, QWEN25_ISA=avx2: the baseline kernels), qwen25-gguf
+(`quantization="gguf"` named explicitly; -gguf-avx2 likewise), qwen25-q8 (`quantization="q8"`: the GGUF
+requantized to int8; -q8-avx2 likewise), qwen25-q4
 (`quantization="q4"`: int4 layers, int8 table), qwen25-ref (`quantization="none"`: dequantized fp32), llama.cpp
 (llama-cpp-python), transformers (fp32, dequantized). The qwen25 paths load from the repack cache: run
 `qwen25 quantize MODEL --bits 4` (or one q4 load) first, or the first load time includes building it.
@@ -34,12 +35,13 @@ from typing import Any
 from _bench_common import (MB, child_env, cpu_flags, cpu_model, gguf_weight_bytes, load_average, log, min_median,
                            peak_rss_mb, pool, rss_mb, run_child, setup_torch, torch_weight_bytes)
 
-ENGINES = ("qwen25", "qwen25-avx2", "qwen25-gguf", "qwen25-gguf-avx2", "qwen25-q4", "qwen25-ref", "llamacpp",
+ENGINES = ("qwen25", "qwen25-avx2", "qwen25-gguf", "qwen25-gguf-avx2", "qwen25-q8", "qwen25-q8-avx2", "qwen25-q4", "qwen25-ref", "llamacpp",
            "transformers")  # qwen25: the default
-# q8 on the CPU's best kernels; -avx2: the same with QWEN25_ISA=avx2; -gguf: the file's own blocks; -ref: fp32
+# the default (the file's own blocks) on the CPU's best kernels; -avx2: QWEN25_ISA=avx2; -q8: requantized; -ref: fp32
 MODE_LABELS = {("qwen25", "generate"): "LLM.generate", ("qwen25-q4", "generate"): "LLM.generate",
                ("qwen25-avx2", "generate"): "LLM.generate", ("qwen25-gguf", "generate"): "LLM.generate",
-               ("qwen25-gguf-avx2", "generate"): "LLM.generate",
+               ("qwen25-gguf-avx2", "generate"): "LLM.generate", ("qwen25-q8", "generate"): "LLM.generate",
+               ("qwen25-q8-avx2", "generate"): "LLM.generate",
                ("qwen25-ref", "generate"): "LLM.generate",
                ("llamacpp", "forward"): "eval() loop",
                ("transformers", "generate"): "generate()"}  # others: "forward loop"
@@ -210,6 +212,8 @@ def child_main(engine: str, spec_path: str, out_path: str) -> None:
                 "qwen25-avx2": lambda s: child_qwen25(s, "auto", "qwen25-avx2"),
                 "qwen25-gguf": lambda s: child_qwen25(s, "gguf", "qwen25-gguf"),
                 "qwen25-gguf-avx2": lambda s: child_qwen25(s, "gguf", "qwen25-gguf-avx2"),
+                "qwen25-q8": lambda s: child_qwen25(s, "q8", "qwen25-q8"),
+                "qwen25-q8-avx2": lambda s: child_qwen25(s, "q8", "qwen25-q8-avx2"),
                 "qwen25-ref": lambda s: child_qwen25(s, "none", "qwen25-ref"),
                 "llamacpp": child_llamacpp, "transformers": child_transformers}
     result = children[engine](spec)

@@ -62,8 +62,8 @@ class ModelArgs(ContextArgs):
     quantization: Literal["auto", "gguf", "q8", "q4", "none"] = arg("auto", short="-q")
     """weights in memory: gguf = a GGUF file's own blocks (memory-mapped, no requantization), q8 = int8
     requantized (fast prefill), q4 = int4 (less memory, slightly lower quality; see `qwen25 quantize --help`),
-    none = dequantized --dtype (reference); auto = q8 for GGUF files, none for HF directories (default: auto).
-    gguf follows llama.cpp's greedy text token for token and peaks ~110 MB lower; q8 prefills ~3x faster"""
+    none = dequantized --dtype (reference); auto = gguf for GGUF files (q8 with --lora), none for HF directories
+    (default: auto). gguf follows llama.cpp's greedy text token for token and peaks ~110 MB lower than q8"""
     threads: int | None = None
     """torch threads (default: all cores, at most 8)"""
     lora: str | None = arg(None, metavar="ADAPTER_DIR")

@@ -3,7 +3,9 @@ gguf-py's own dequantizer (`gguf.quants.dequantize`, the reference) on random bl
 tensors, which hold all four supported types (Q4_K, Q6_K, Q5_0, Q8_0).
 
 Bounds: with the input rounded the way the kernel rounds it (`quantize_activations`, 8 bits per block), the kernel
-equals `x_q @ dequantize(W).T` up to fp32 summation order: relative error < 2e-6 (measured ~2.5e-7). Against the
+equals `x_q @ dequantize(W).T` up to fp32 summation order: relative error < 2e-6 (measured ~2.5e-7). The kernels
+(packed panels for passes of 3+ rows, rows streamed in place for 1-2) take the same integer and fp32 steps for a
+(row, weight row) pair, so a row's result does not depend on the batch. Against the
 unrounded input, the activation rounding costs ~0.5-2% relative error on random data (bound 4%). The avx512
 (vpdpbusd) and avx2 (maddubs) builds give the same bits: their integer sums are exact either way.
 """
@@ -86,14 +88,21 @@ def test_isa_builds_agree_bit_for_bit(ggml_type: GGMLType) -> None:
                        ggml_matmul(x, raw, ggml_type, shape, level="avx2"))
 
 
-def test_rows_do_not_depend_on_the_batch() -> None:
-    shape = (11, 256)
-    raw, x = random_blocks(GGMLType.Q4_K, shape, seed=3), torch.randn(5, 256)
-    if load_ggml_kernels() is None:
-        pytest.skip("no native kernels here")
-    together = ggml_matmul(x, raw, GGMLType.Q4_K, shape)
-    alone = torch.cat([ggml_matmul(x[i:i + 1], raw, GGMLType.Q4_K, shape) for i in range(5)])
+@pytest.mark.parametrize("level", levels())
+@pytest.mark.parametrize("ggml_type", list(BLOCK))
+def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str) -> None:
+    """Passes of 1-2 rows run the streaming kernel (ggml_stream.c: rows read in place), longer ones the packed
+    panels in tiles of several activation rows plus leftover rows (ggml_panel.c), and 37 weight rows end in a
+    partial panel: a row's result is the same bits in every case."""
+    skip_unless(level)
+    shape = (37, 512)
+    raw, x = random_blocks(ggml_type, shape, seed=3), torch.randn(13, 512)
+    together = ggml_matmul(x, raw, ggml_type, shape, level=level)
+    alone = torch.cat([ggml_matmul(x[i:i + 1], raw, ggml_type, shape, level=level) for i in range(13)])
+    pairs = torch.cat([ggml_matmul(x[i:i + 2], raw, ggml_type, shape, level=level) for i in range(0, 12, 2)])
+    threes = torch.cat([ggml_matmul(x[i:i + 3], raw, ggml_type, shape, level=level) for i in range(0, 12, 3)])
     assert torch.equal(together, alone)
+    assert torch.equal(together[:12], pairs) and torch.equal(together[:12], threes)
 
 
 def test_bad_input_is_refused() -> None:

@@ -93,6 +93,19 @@ def test_batched_equals_alone(model):
     assert torch.equal(step[0], alone[0])
 
 
+def test_long_pass_equals_short_ones(model):
+    """A pass of 32+ rows quantizes the activations once, each thread its share of the rows (forward.c,
+    SHARED_QUANT_ROWS), and runs the packed panels in full tiles: its rows equal the same rows run in shorter passes
+    (each thread quantizing all rows itself), bit for bit."""
+    native = NativeForward.for_model(model.model)
+    first, second = (PROMPT * 3)[:20], (OTHER * 5)[:20]
+    one = run(native, model.config, [(t, i, 0) for i, t in enumerate(first)], 1)
+    two = run(native, model.config, [(t, i, 0) for i, t in enumerate(second)], 1)
+    both = run(native, model.config, [(t, i, 0) for i, t in enumerate(first)]
+               + [(t, i, 1) for i, t in enumerate(second)], 2)
+    assert torch.equal(both[:20], one) and torch.equal(both[20:], two)
+
+
 def test_avx2_equals_avx512(model):
     for level in ("avx512", "avx2"):
         if isa.missing(level):

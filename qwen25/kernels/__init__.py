@@ -31,14 +31,21 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
+def _with_includes(source: Path, seen: frozenset[Path] = frozenset()) -> bytes:
+    """The source's bytes followed by those of its local `#include "..."` files, recursively (for the cache key)."""
+    text = source.read_bytes()
+    names = re.findall(rb'#include "([^"]+)"', text)
+    parts = [_with_includes(source.parent / n.decode(), seen | {source}) for n in names
+             if source.parent / n.decode() not in seen]
+    return text + b"".join(parts)
+
+
 def _build(source: Path, level: str, defines: tuple[str, ...] = ()) -> Path | None:
     compiler = _compiler()
     if compiler is None:
         return None
     flags = [*_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
-    text = source.read_bytes()
-    included = b"".join((source.parent / name.decode()).read_bytes() for name in re.findall(rb'#include "([^"]+)"', text))
-    digest = hashlib.sha256(text + included + " ".join(flags).encode()).hexdigest()[:16]  # a changed include rebuilds
+    digest = hashlib.sha256(_with_includes(source) + " ".join(flags).encode()).hexdigest()[:16]  # an include too
     target = kernels_dir() / f"{source.stem}-{level}-{digest}.so"
     if target.is_file():
         return target

@@ -1,4 +1,4 @@
-/* The whole Qwen2 forward pass in one native call, on q8 or q4 weights.
+/* The whole Qwen2 forward pass in one native call, on a GGUF file's own blocks (ggml_dot.c) or on q8 / q4 weights.
  *
  * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
  * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
@@ -188,6 +188,18 @@ static void attend(const float *q, int G, int D, float scale, const float *keys,
             _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), _mm256_set1_ps(inv[g])));
 }
 
+/* a[n] = silu(a[n]) * u[n] for n < count: 8 lanes at a time, the tail in scalars (the same steps wherever a value
+ * falls, since every caller starts its runs at a multiple of 8) */
+static void silu_mul(float *a, const float *u, int count) {
+    int n = 0;
+    for (; n + 8 <= count; n += 8) {
+        __m256 g8 = _mm256_loadu_ps(a + n);
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g8)));
+        _mm256_storeu_ps(a + n, _mm256_mul_ps(_mm256_div_ps(g8, den), _mm256_loadu_ps(u + n)));
+    }
+    for (; n < count; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
+}
+
 /* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
 static inline void share(int N, int tid, int nt, int *n0, int *n1) {
     *n0 = (int)((long)N * tid / nt);
@@ -212,7 +224,10 @@ typedef struct {
     int8_t *g8;      /* GGUF-block weights: int8 per block of has_g values, scales gd, sums gsum (see ggml_dot.c) */
     float *gd;
     int16_t *gsum;
+    int32_t *goff;   /* 32-value blocks: the panel kernels' initial sums (panel_offsets) */
     int has_g;
+    uint8_t *panel;  /* this thread's packed-panel scratch (ggml_panel.c) */
+    int shared, tid, nt;  /* shared: g8 .. goff are one copy for all threads, each quantizing its share of rows */
 } QAct;
 
 /* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
@@ -223,21 +238,28 @@ static void set_rows(const float *x, int R, int K, QAct *a) {
     a->has_q16 = a->has_q4 = a->has_u = a->has_g = 0;
 }
 
+#define SHARED_QUANT_ROWS 32  /* passes of this many rows quantize GGUF-block activations once for all threads */
+
+/* Every thread calls this with the same arguments (the rows are the same on every thread). Shared (long passes):
+ * the threads quantize disjoint rows into one copy between two barriers (the first: no thread still reads the
+ * previous input's copy); otherwise each thread quantizes all rows into its own. The bits are the same. */
 static void prepare_g(QAct *a, int ggml_type) {
     const int qk = ggml_block_values(ggml_type);
     if (a->has_g == qk) return;
-    ggml_quantize_rows(a->src, a->R, a->K, qk, a->g8, a->gd, a->gsum);
+    const int nb = a->K / qk, nsums = qk == QK_K ? 16 : 1, noff = qk == QK_K ? KOFF : 2;
+    int r0 = 0, r1 = a->R;
+    if (a->shared) {
+        share(a->R, a->tid, a->nt, &r0, &r1);
+        #pragma omp barrier
+    }
+    ggml_quantize_rows(a->src + (size_t)r0 * a->K, r1 - r0, a->K, qk, a->g8 + (size_t)r0 * a->K,
+                       a->gd + (size_t)r0 * nb, a->gsum + (size_t)r0 * nb * nsums);
+    if (qk == 32) panel_offsets(a->gsum + (size_t)r0 * nb, r1 - r0, nb, a->goff + (size_t)r0 * nb * noff);
+    else panel_offsets_k(a->gsum + (size_t)r0 * nb * nsums, r1 - r0, nb, a->goff + (size_t)r0 * nb * noff);
+    if (a->shared) {
+        #pragma omp barrier
+    }
     a->has_g = qk;
-}
-
-/* Weight row n of a GGUF-block matrix against activation rows [m_lo, m_hi) (at most 64), results at out
- * (stride ldo). */
-static inline void ggml_rows(const QMat *W, int n, const QAct *x, int m_lo, int m_hi, float *out, long ldo) {
-    int qk = 32, bytes = 34, nsums = 1;
-    unpack_fn un;
-    ggml_layout(W->ggml_type, &qk, &bytes, &nsums, &un);
-    const uint8_t *row = (const uint8_t *)W->w + (size_t)n * (W->K / qk) * bytes;
-    ggml_row_dot(W->ggml_type, row, W->K, x->g8, x->gd, x->gsum, m_lo, m_hi, out, ldo);
 }
 
 static float absmax(const float *x, int n) {  /* n: a multiple of 8 */
@@ -576,21 +598,37 @@ static void rows_dot(const QMat *W, int na, int nb, const QAct *x, int m_lo, int
 #define NBLOCK 32
 
 /* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's rows n. */
+/* Activation rows per panel pass: a chunk of quantized rows stays in L2 while the panels go past it. */
+static int panel_chunk(int K) {
+    const int rows = (512 * 1024 / K) / PANEL_MX * PANEL_MX;
+    return rows < PANEL_MX ? PANEL_MX : rows;
+}
+
+/* This thread's share [n0, n1) of N rows in whole panels (the last thread takes the remainder). */
+static void panel_share(int N, int tid, int nt, int *n0, int *n1) {
+    share(N / PANEL, tid, nt, n0, n1);
+    *n0 *= PANEL;
+    *n1 = tid == nt - 1 ? N : *n1 * PANEL;
+}
+
+/* y[r, n] = x[r] . W[n] for GGUF-block weight rows [n0, n1) (ggml_panel.c: packed panels, or rows streamed in
+ * place for 1-2 activation rows), activation rows in chunks that stay in L2. */
+static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, float *y, long ldy) {
+    const int MC = panel_chunk(W->K);
+    for (int m0 = 0; m0 < R; m0 += MC)
+        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, W->K, x->g8, x->gd, x->goff, x->gsum, m0,
+                     R - m0 < MC ? R : m0 + MC, n0, n1, y + (long)m0 * ldy, ldy, x->panel);
+}
+
 static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
     if (W->N == 0) return;
-    if (W->bits == 0) {
+    if (W->bits == 0) {  /* GGUF blocks */
         prepare_g(x, W->ggml_type);
         int n0, n1;
-        share(W->N, tid, nt, &n0, &n1);
-        for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
-            int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
-            for (int m0 = 0; m0 < R; m0 += 64) {
-                int m1 = R - m0 < 64 ? R : m0 + 64;
-                for (int n = b0; n < b1; n++) ggml_rows(W, n, x, m0, m1, y + (long)m0 * ldy + n, ldy);
-            }
-            if (W->bias)
-                for (int r = 0; r < R; r++) for (int n = b0; n < b1; n++) y[(long)r * ldy + n] += W->bias[n];
-        }
+        panel_share(W->N, tid, nt, &n0, &n1);
+        panel_rows(W, x, R, n0, n1, y + n0, ldy);
+        if (W->bias)
+            for (int r = 0; r < R; r++) for (int n = n0; n < n1; n++) y[(long)r * ldy + n] += W->bias[n];
         return;
     }
     if (W->bits == 4) prepare_q4(x, W->group); else prepare_u8(x, W->group);
@@ -622,7 +660,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum, goff, panel; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -636,7 +674,7 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.scores = o.xn + up16(R * h);
     o.slots = o.scores + up16(G * max_positions);
     o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
-    o.xs = o.gu + 64 * NBLOCK;
+    o.xs = o.gu + up16((size_t)(R > 64 ? R : 64) * (NBLOCK > PANEL ? NBLOCK : PANEL));
     o.xq = o.xs + up16(R);
     o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
     o.bsum = o.xp + up16((size_t)R * max_input(m) / 2);
@@ -645,7 +683,9 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.g8 = o.xus + up16((size_t)R * max_input(m) / 32);
     o.gd = o.g8 + up16((size_t)R * max_input(m) / 4);       /* bytes */
     o.gsum = o.gd + up16((size_t)R * max_input(m) / 32);
-    o.private_ = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
+    o.goff = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
+    o.panel = o.goff + up16((size_t)R * max_input(m) / 8);     /* int32: 2 per 32 values, KOFF per 256 */
+    o.private_ = o.panel + up16(panel_bytes(max_input(m)) / 4);
     return o;
 }
 
@@ -695,7 +735,13 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
-                   .gsum = (int16_t *)(x + o.gsum)};
+                   .gsum = (int16_t *)(x + o.gsum), .goff = (int32_t *)(x + o.goff), .panel = (uint8_t *)(x + o.panel),
+                   .tid = tid, .nt = nt};
+        if (R >= SHARED_QUANT_ROWS) {  /* GGUF-block activations: one copy (thread 0's buffers), rows split */
+            float *x0 = work + o.priv0;
+            xa.g8 = (int8_t *)(x0 + o.g8), xa.gd = x0 + o.gd, xa.gsum = (int16_t *)(x0 + o.gsum);
+            xa.goff = (int32_t *)(x0 + o.goff), xa.shared = 1;
+        }
 
         for (int r = 0; r < R; r++) {  /* embedding rows, dequantized (every thread keeps its own copy) */
             const QMat *E = &m->embed;
@@ -751,36 +797,43 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
             set_rows(xn, R, h, &xa);
 
-            {   /* gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
+            if (L->up.N) {
+                /* GGUF blocks, gate and up apart (one activation block size): per panel of rows, gate into act
+                 * and up into gu, then act = silu(gate) * up on that panel */
                 const QMat *W = &L->gate_up, *U = &L->up;
+                prepare_g(&xa, W->ggml_type);
                 int n0, n1;
-                if (U->N) { prepare_g(&xa, W->ggml_type); prepare_g(&xa, U->ggml_type); }  /* same block: one pass */
-                else if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
+                panel_share(I, tid, nt, &n0, &n1);
+                const int MC = panel_chunk(h);
+                for (int m0 = 0; m0 < R; m0 += MC) {
+                    const int m1 = R - m0 < MC ? R : m0 + MC;
+                    for (int p0 = n0; p0 < n1; p0 += PANEL) {
+                        const int p1 = n1 - p0 < PANEL ? n1 : p0 + PANEL;
+                        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0, m1, p0,
+                                     p1, act + (size_t)m0 * I + p0, I, xa.panel);
+                        panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0, m1, p0,
+                                     p1, gu, PANEL, xa.panel);
+                        for (int r = 0; r < m1 - m0; r++)
+                            silu_mul(act + (size_t)(m0 + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0);
+                    }
+                }
+            } else {   /* q8 / q4: gate row n and up row n as one tile pair, straight into act = silu(gate) * up */
+                const QMat *W = &L->gate_up;
+                int n0, n1;
+                if (W->bits == 4) prepare_q4(&xa, W->group); else prepare_u8(&xa, W->group);
                 share(I, tid, nt, &n0, &n1);
                 for (int b0 = n0; b0 < n1; b0 += NBLOCK) {
                     int b1 = b0 + NBLOCK < n1 ? b0 + NBLOCK : n1;
                     for (int m0 = 0; m0 < R; m0 += 64) {
                         int mr = R - m0 < 64 ? R - m0 : 64;
                         float *gate = act + (size_t)m0 * I;  /* gate into act, up into gu (64, NBLOCK) */
-                        for (int n = b0; n < b1 && U->N; n++) {
-                            ggml_rows(W, n, &xa, m0, m0 + mr, gate + n, I);
-                            ggml_rows(U, n, &xa, m0, m0 + mr, gu + (n - b0), NBLOCK);
-                        }
-                        for (int n = b0; n < b1 && !U->N; n++) {
+                        for (int n = b0; n < b1; n++) {
                             float *out[2] = {gate + n, gu + (n - b0)};
                             const long ldo[2] = {I, NBLOCK};
                             rows_dot(W, n, n + I, &xa, m0, m0 + mr, out, ldo);
                         }
-                        for (int r = 0; r < mr; r++) {  /* act = silu(gate) * up */
-                            float *a = gate + (size_t)r * I + b0, *u = gu + r * NBLOCK;
-                            int n = 0;
-                            for (; n + 8 <= b1 - b0; n += 8) {
-                                __m256 g8 = _mm256_loadu_ps(a + n);
-                                __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g8)));
-                                _mm256_storeu_ps(a + n, _mm256_mul_ps(_mm256_div_ps(g8, den), _mm256_loadu_ps(u + n)));
-                            }
-                            for (; n < b1 - b0; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
-                        }
+                        for (int r = 0; r < mr; r++)  /* act = silu(gate) * up */
+                            silu_mul(gate + (size_t)r * I + b0, gu + r * NBLOCK, b1 - b0);
                     }
                 }
             }

@@ -5,14 +5,19 @@
  *     in [-127, 127], plus the sum of q over each 16 values (to fold the weights' offsets: Q4_K's minimums,
  *     Q6_K's -32) — the layout of ggml's q8_K activation blocks, written here from the format;
  *   - for Q5_0 / Q8_0 weights (32-value blocks): per 32 values, d = absmax / 127, q as above, and the sum of q.
- * Every block's dot product is then an exact integer sum of (unsigned weight quant) x (signed activation quant)
- * products, scaled once in fp32 per (sub-)block: the only rounding besides the activation quantization is the fp32
- * accumulation of those per-block terms, in block order. A row of the result does not depend on the other rows.
+ * Every block's dot product is then an exact integer S (for the K types, the sub-blocks' sums times their integer
+ * scales), and each (activation row, weight row) result is the fp32 chain
+ *     acc = fma((float)S_b, d_w,b * d_x,b, acc)    for blocks b = 0, 1, ... in order
+ * (Q4_K also acc = acc - (float)M_b * (dmin_w,b * d_x,b), fused, M_b its minimums times the activation's sums):
+ * the only rounding besides the activation quantization. The chain is the same in every kernel below, so a row of
+ * the result does not depend on the other rows, on the tile it falls in, or on the ISA build.
  *
- * The integer dot products run on 16 / 32 bytes at a time for the build's ISA (qwen25.kernels.isa): maddubs + madd
- * on the avx2 build, vpdpbusd on the avx512 (VNNI) one; the weight quants are unpacked to bytes per block first
- * (Q5_0's fifth bits by a byte shuffle + compare on avx2, a mask move on avx512). Rows of W are split across OpenMP threads;
- * each weight row is read once for all activation rows (decode: 1 row; batches and tiles: a few).
+ * Kernels (ggml_panel.c, ggml_panel_k.c, ggml_stream.c): passes of 3+ activation rows pack PANEL weight rows (16 on
+ * the avx512 build, 8 on avx2) into a small buffer laid out for the integer dot instruction (4 values of each row
+ * per 32-bit lane) and run tiles of activation rows against it, the block sums of 16 weight rows landing in the 16
+ * lanes of one register: vpdpbusd on avx512 (VNNI), maddubs + madd on avx2, no horizontal sums. Passes of 1-2 rows
+ * (decode) read each weight row in place from start to end instead and reduce its block sums across lanes.
+ * Rows of W are split across OpenMP threads in whole panels.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -29,6 +34,13 @@ static inline float f16(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
+static inline int hsum_i32x8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
 /* one activation block: n values (a multiple of 16) -> q (int8), returns the scale; sums[k] = sum of q over each
  * `sub` (16 or 32) values. Rounding: cvtps (to nearest even), as lrintf in the default mode. */
 static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *sums) {
@@ -40,25 +52,15 @@ static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *
     const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m256 vinv = _mm256_set1_ps(inv);
+    for (int s = 0; s < n / sub; s++) sums[s] = 0;
     for (int k = 0; k < n; k += 16) {
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
         const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
         const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16 in order */
         _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-    }
-    for (int s = 0; s < n / sub; s++) {
-        int t = 0;
-        for (int k = 0; k < sub; k++) t += q[s * sub + k];
-        sums[s] = (int16_t)t;
+        sums[k / sub] += (int16_t)hsum_i32x8(_mm256_add_epi32(a, b));  /* |q| <= 127: the packs never saturate */
     }
     return d;
-}
-
-static inline int hsum_i32x8(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
 }
 
 /* A weight block unpacked once and then dotted with every activation row: quants as bytes, the integer scales
@@ -181,11 +183,10 @@ int ggml_dequantize_rows(int type, const uint8_t *w, int n, const int64_t *ids, 
     return 0;
 }
 
-/* For the fused forward (forward.c includes this file): activation rows quantized once per pass and weight type
- * family (q: R x n int8, d: one scale per block, sums: per 16 (K types) or 32 values), and one weight row
- * against activation rows [m_lo, m_hi): out[(i - m_lo) * ldo] = x_i . W-row, with the same per-block terms
- * in the same order as ggml_matmul, so both give the same bits. */
-static int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
+/* For the fused forward (forward.c includes this file) and ggml_matmul: activation rows quantized once per pass and
+ * weight type family (q: R x n int8, d: one scale per block, sums: per 16 (K types) or 32 values); the panel
+ * kernels then take the same steps for both, so both give the same bits. */
+static __attribute__((unused)) int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
 
 static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, float *d, int16_t *sums) {
     const int nb = n / qk, nsums = qk == QK_K ? 16 : 1;
@@ -197,168 +198,7 @@ static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, 
 }
 
 
-/* --- row kernels: one weight row against up to 64 activation rows. Per block, the weight quants are unpacked
- * once into registers and dotted with each row; the exact int32 lanes (scaled by the integer sub-block scales)
- * are converted once per block and accumulated with fma into 8 fp32 lanes per row, summed across lanes at the
- * end. Every build runs these same float steps, so the bits do not depend on the ISA. */
-
-static inline float hsum_ps(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
-}
-
-/* int32 lane j = sum of u[4j..4j+3] * s[4j..4j+3], u unsigned bytes (<= 128), s signed: exact (pairs fit int16) */
-static inline __m256i dot_us(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-/* signed weights w and activations x: |w| times x with w's sign */
-static inline __m256i dot_ss(__m256i w, __m256i x) { return dot_us(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
-
-static inline __attribute__((always_inline)) void row_q5_0_q8_0(int type, const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out,
-                          long ldo) {
-    __m256 acc[64];
-    const int bytes = type == T_Q5_0 ? 22 : 34;
-    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (size_t)b * bytes;
-        __m256i w;
-        if (type == T_Q5_0) {  /* q5 - 16, signed */
-            uint32_t qh;
-            memcpy(&qh, blk + 2, 4);
-            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6)), low = _mm_set1_epi8(0x0F);
-            w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
-            w = _mm256_sub_epi8(_mm256_or_si256(w, fifth_bits(qh)), _mm256_set1_epi8(16));
-        } else {
-            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        }
-        const float dw = f16(blk);
-        const __m256i u = _mm256_abs_epi8(w);
-        for (int i = 0; i < m; i++) {
-            const size_t at = (size_t)i * nb + b;
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + at * 32));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(u, _mm256_sign_epi8(x, w))), _mm256_set1_ps(dw * d[at]),
-                                     acc[i]);
-        }
-    }
-    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]);
-}
-
-static inline __attribute__((always_inline)) void row_q4_k(const uint8_t *row, int nb, const int8_t *q, const float *d, const int16_t *sums, int m,
-                     float *out, long ldo) {
-    __m256 acc[64];
-    float mins[64];
-    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps(), mins[i] = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (size_t)b * 144, *s = blk + 4, *qs = blk + 16;
-        int sc[8], mn[8];
-        for (int j = 0; j < 4; j++) {
-            sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
-            sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-            mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-        }
-        __m256i w[8], scv[8];
-        for (int c = 0; c < 4; c++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            w[2 * c] = _mm256_and_si256(v, low);
-            w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        }
-        for (int j = 0; j < 8; j++) scv[j] = _mm256_set1_epi32(sc[j]);
-        const float dd = f16(blk), dmin = f16(blk + 2);
-        for (int i = 0; i < m; i++) {
-            const size_t at = (size_t)i * nb + b;
-            const int8_t *x = q + at * QK_K;
-            const int16_t *xs = sums + at * 16;
-            __m256i isum = _mm256_setzero_si256();
-            int ms = 0;
-            for (int j = 0; j < 8; j++) {
-                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_us(w[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))),
-                                                                 scv[j]));
-                ms += mn[j] * (xs[2 * j] + xs[2 * j + 1]);
-            }
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd * d[at]), acc[i]);
-            mins[i] += dmin * d[at] * (float)ms;
-        }
-    }
-    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]) - mins[i];
-}
-
-static inline __attribute__((always_inline)) void row_q6_k(const uint8_t *row, int nb, const int8_t *q, const float *d, int m, float *out, long ldo) {
-    __m256 acc[64];
-    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (size_t)b * 210, *ql = blk, *qh = blk + 128;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        __m256i w[8], scv[8];
-        for (int h = 0; h < 2; h++) {
-            const __m256i lo0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
-            const __m256i lo1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
-            const __m256i hi = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-#define HI2(k) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * (k)), two), 4)
-            w[4 * h + 0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo0, low), HI2(0)), off);
-            w[4 * h + 1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo1, low), HI2(1)), off);
-            w[4 * h + 2] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), low), HI2(2)), off);
-            w[4 * h + 3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low), HI2(3)), off);
-#undef HI2
-            for (int k = 0; k < 4; k++) {  /* vector 4h + k: sub-blocks 8h + 2k (lanes 0-3) and 8h + 2k + 1 */
-                const int s0 = sc[8 * h + 2 * k], s1 = sc[8 * h + 2 * k + 1];
-                scv[4 * h + k] = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
-            }
-        }
-        const float dd = f16(blk + 208);
-        for (int i = 0; i < m; i++) {
-            const size_t at = (size_t)i * nb + b;
-            const int8_t *x = q + at * QK_K;
-            __m256i isum = _mm256_setzero_si256();
-            for (int v = 0; v < 8; v++)
-                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_ss(w[v], _mm256_loadu_si256((const __m256i *)(x + 32 * v))),
-                                                                 scv[v]));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd * d[at]), acc[i]);
-        }
-    }
-    for (int i = 0; i < m; i++) out[(size_t)i * ldo] = hsum_ps(acc[i]);
-}
-
-/* One weight row (n values of `type`) against activation rows [m_lo, m_hi), m_hi - m_lo <= 64, quantized by
- * ggml_quantize_rows: out[(i - m_lo) * ldo] = x_i . row. */
-static void ggml_row_dot(int type, const uint8_t *row, int n, const int8_t *xq, const float *xd,
-                         const int16_t *xsums, int m_lo, int m_hi, float *out, long ldo) {
-    const int qk = ggml_block_values(type), nb = n / qk, m = m_hi - m_lo;
-    const int8_t *q = xq + (size_t)m_lo * n;
-    const float *d = xd + (size_t)m_lo * nb;
-    const int16_t *sums = xsums + (size_t)m_lo * nb * 16;
-    /* in tiles of a constant number of rows (8 for the 32-value types, 4 for the K types: their accumulators stay
-     * in registers), then single rows; a row's steps are the same in every case, so its bits are too */
-#define TILES(CALL, T)                                                                                                \
-    do {                                                                                                              \
-        int i = 0;                                                                                                    \
-        for (; i + (T) <= m; i += (T)) CALL(i, T);                                                                    \
-        for (; i < m; i++) CALL(i, 1);                                                                                \
-    } while (0)
-#define Q4K(i, T) row_q4_k(row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, sums + (size_t)(i) * nb * 16, T, \
-                           out + (size_t)(i) * ldo, ldo)
-#define Q6K(i, T) row_q6_k(row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, T, out + (size_t)(i) * ldo, ldo)
-#define Q50(i, T) row_q5_0_q8_0(T_Q5_0, row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, T, out + (size_t)(i) * ldo, ldo)
-#define Q80(i, T) row_q5_0_q8_0(T_Q8_0, row, nb, q + (size_t)(i) * n, d + (size_t)(i) * nb, T, out + (size_t)(i) * ldo, ldo)
-    switch (type) {
-    case T_Q4_K: TILES(Q4K, 4); break;
-    case T_Q6_K: TILES(Q6K, 4); break;
-    case T_Q5_0: TILES(Q50, 8); break;
-    default: TILES(Q80, 8); break;
-    }
-#undef TILES
-#undef Q4K
-#undef Q6K
-#undef Q50
-#undef Q80
-}
+#include "ggml_panel.c"  /* the matmuls: packed panels of weight rows */
 
 /* out[i * rows + r] = x[i * n ..] . W-row r for i < m; W: rows x n values as ggml blocks of `type`.
  * Returns 0, or -1 for an unsupported type, n not a multiple of the block, or no memory. */
@@ -367,20 +207,33 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
     unpack_fn un;
     if (!ggml_layout(type, &qk, &bytes, &nsums, &un) || n % qk || rows < 0 || m < 0) return -1;
     const int nb = n / qk;
-    const size_t row_bytes = (size_t)nb * bytes;
     int8_t *q = malloc((size_t)m * n + 1);
     float *d = malloc(sizeof(float) * (size_t)m * nb + 1);
     int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * 16 + 1);
-    if (!q || !d || !sums) {
-        free(q), free(d), free(sums);
-        return -1;
+    int32_t *off = malloc(sizeof(int32_t) * (size_t)m * nb * KOFF + 1);
+    int failed = !q || !d || !sums || !off;
+    if (!failed) {
+        ggml_quantize_rows(x, m, n, qk, q, d, sums);
+        if (qk == 32) panel_offsets(sums, m, nb, off);
+        else panel_offsets_k(sums, m, nb, off);
     }
-    ggml_quantize_rows(x, m, n, qk, q, d, sums);
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; r++)
-        for (int m0 = 0; m0 < m; m0 += 64)
-            ggml_row_dot(type, w + (size_t)r * row_bytes, n, q, d, sums, m0, m - m0 < 64 ? m : m0 + 64,
-                         out + (size_t)m0 * rows + r, rows);
-    free(q), free(d), free(sums);
-    return 0;
+    if (!failed) {
+#pragma omp parallel
+        {
+            uint8_t *buf = malloc(panel_bytes(n) + 64);
+            if (!buf) {
+#pragma omp atomic write
+                failed = 1;
+            }
+            const int panels = (rows + PANEL - 1) / PANEL;
+#pragma omp for schedule(static)
+            for (int p = 0; p < panels; p++) {
+                const int p0 = p * PANEL, p1 = p0 + PANEL < rows ? p0 + PANEL : rows;
+                if (buf) panel_matmul(type, w, rows, n, q, d, off, sums, 0, m, p0, p1, out + p0, rows, buf);
+            }
+            free(buf);
+        }
+    }
+    free(q), free(d), free(sums), free(off);
+    return failed ? -1 : 0;
 }

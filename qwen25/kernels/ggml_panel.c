@@ -1,0 +1,376 @@
+/* Q5_0 / Q8_0 matmuls in panels: PANEL weight rows (16 on the avx512 build, 8 on avx2) are unpacked once from the
+ * file's blocks into a small buffer laid out for the integer dot instruction, and every activation row then runs
+ * against that buffer. Included by ggml_dot.c.
+ *
+ * Layout of a packed panel, per 32-value block b of the rows: 8 vectors, vector c holding values 4c..4c+3 of each
+ * of the PANEL rows (4 bytes per 32-bit lane, lane j = weight row j), then the PANEL weight scales as fp32. An
+ * activation row's 4 values 4c..4c+3 of block b, broadcast to every lane, are multiplied with vector c and the four
+ * products summed into lane j (vpdpbusd; maddubs + madd on avx2); after the 8 steps lane j holds the block's exact
+ * integer dot product for weight row j. It is scaled and accumulated in fp32, one fma per (row pair, block):
+ *     acc = fma((float)S_b, d_w * d_x, acc)    for b = 0, 1, ..., in order
+ * so no horizontal sum is needed, and a (activation row, weight row) result takes the same float steps on every
+ * build, for every number of activation rows and every tile shape: rows stay independent and the builds agree bit
+ * for bit. The unsigned operand of the dot is the weight: Q5_0's q5 in [0, 31] with its offset -16 folded in as
+ * -16 * (the activation block's sum), which initialises the block's integer sum; on avx512 Q8_0 is stored as
+ * w + 128 with -128 * sum folded the same way; on avx2 (maddubs saturates int16 for 255 * 127 pairs) Q8_0 stays
+ * signed and runs as |w| times (x with w's sign).
+ */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define PANEL 16
+#define PANEL_MX 8  /* activation rows per tile: 8 integer + 8 fp32 accumulators of 32 zmm */
+#else
+#define PANEL 8
+#define PANEL_MX 4  /* 4 + 4 accumulators of 16 ymm */
+#endif
+#define PANEL_BLOCK_BYTES (PANEL * 36)  /* 8 vectors of PANEL x 4 bytes, PANEL fp32 scales */
+
+#define STREAM_ROWS 2  /* passes of up to this many activation rows skip the packing (ggml_stream.c) */
+#define PANEL_KBLOCK_BYTES (PANEL * 4 * 81)  /* Q4_K / Q6_K, per 256 values: see panel_pack_k */
+#define KOFF 20  /* activation offsets per 256 values (K types): 16 for Q6_K, 4 pairs for Q4_K */
+
+/* Bytes of a packed panel of n values per row (any type). */
+static size_t panel_bytes(int n) { return (size_t)((n + 255) / 256) * PANEL_KBLOCK_BYTES; }
+
+/* Activation offsets for the panel kernels, int32 per activation block (off: (R, nb, 2) for 32-value blocks,
+ * (R, nb, KOFF) for 256-value ones), from the sums of q per 32 / per 16 values (ggml_quantize_rows):
+ *   32-value blocks: the initial integer sum for Q5_0 (-16 * sum of q) and for Q8_0 (-128 * sum on avx512, 0 on
+ *   avx2);
+ *   256-value blocks: -32 * (sum over each 16 values), Q6_K's offset, then Q4_K's sums over each 32 values as
+ *   int16 pairs (sub-blocks 2p, 2p + 1 in word p), which the minimums multiply. */
+static void panel_offsets_k(const int16_t *sums, int R, int nb, int32_t *off) {
+    for (size_t at = 0; at < (size_t)R * nb; at++) {
+        const int16_t *s = sums + 16 * at;
+        int32_t *o = off + KOFF * at;
+        for (int k = 0; k < 16; k++) o[k] = -32 * (int32_t)s[k];
+        for (int p = 0; p < 4; p++) {
+            const uint16_t lo = (uint16_t)(s[4 * p] + s[4 * p + 1]), hi = (uint16_t)(s[4 * p + 2] + s[4 * p + 3]);
+            o[16 + p] = (int32_t)((uint32_t)lo | (uint32_t)hi << 16);
+        }
+    }
+}
+
+static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
+    for (size_t at = 0; at < (size_t)R * nb; at++) {
+        off[2 * at] = -16 * (int32_t)sums[at];
+#if PANEL == 16
+        off[2 * at + 1] = -128 * (int32_t)sums[at];
+#else
+        off[2 * at + 1] = 0;
+#endif
+    }
+}
+
+#if PANEL == 16
+typedef __m512i pvi;
+typedef __m512 pvf;
+#define PV_LOADU(p) _mm512_loadu_si512((const void *)(p))
+#define PV_STOREU(p, v) _mm512_storeu_si512((void *)(p), v)
+#define PV_SET1(x) _mm512_set1_epi32(x)
+#define PV_SET1B(x) _mm512_set1_epi8(x)
+#define PV_AND _mm512_and_si512
+#define PV_OR _mm512_or_si512
+#define PV_XOR _mm512_xor_si512
+#define PV_SRLI16 _mm512_srli_epi16
+#define PF_ZERO _mm512_setzero_ps
+#define PF_LOADU _mm512_loadu_ps
+#define PF_STOREU _mm512_storeu_ps
+#define PF_SET1 _mm512_set1_ps
+#define PF_MUL _mm512_mul_ps
+#define PF_FMA _mm512_fmadd_ps
+#define PF_CVT _mm512_cvtepi32_ps
+#define PV_UNPACKLO32 _mm512_unpacklo_epi32
+#define PV_UNPACKHI32 _mm512_unpackhi_epi32
+#define PV_UNPACKLO64 _mm512_unpacklo_epi64
+#define PV_UNPACKHI64 _mm512_unpackhi_epi64
+#define PV_SHUFFLE8 _mm512_shuffle_epi8
+#define PV_ADD32 _mm512_add_epi32
+#define PV_MULLO32 _mm512_mullo_epi32
+#define PV_SLLI16 _mm512_slli_epi16
+#define PV_ZERO _mm512_setzero_si512
+#define PF_FNMA _mm512_fnmadd_ps
+#define PANEL_KMX 6  /* K types: 6 x (block, sub-block, fp32) accumulators */
+/* acc + four adjacent u8 x s8 products per lane; acc + two adjacent s16 x s16 products per lane */
+#define PV_DOT_U8(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#define PV_DOT_S16(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+
+/* 16 bytes at p[j] + at for rows j = r, r + 4, r + 8, r + 12 as the four 128-bit lanes */
+static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
+    pvi z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[r] + at)));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 4] + at)), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 8] + at)), 2);
+    return _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p[r + 12] + at)), 3);
+}
+
+/* lane j = the 32-bit word at p[j] + at (a panel's rows lie within 2 GB of its first) */
+static inline pvi gather_words(const uint8_t *const *p, size_t at) {
+    const __m512i base = _mm512_set1_epi64((long long)p[0]);
+    const __m256i lo = _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512((const void *)p), base));
+    const __m256i hi = _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512((const void *)(p + 8)), base));
+    return _mm512_i32gather_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), (const void *)(p[0] + at), 1);
+}
+
+/* fp32 lanes from the fp16 scale at p[j] + at; gather_f16_end: the one at p[j] + at + 2 that ends a tensor's
+ * block (read as the high half of the word at p[j] + at, inside the block) */
+static inline pvf gather_f16(const uint8_t *const *p, size_t at) {
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather_words(p, at)));
+}
+
+static inline pvf gather_f16_end(const uint8_t *const *p, size_t at) {
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(gather_words(p, at), 16)));
+}
+
+/* byte t of each lane = 0x10 where bit (4c + t) of the lane's word is set */
+static inline pvi fifth_bits_c(pvi qh, int c) {
+    const pvi rep = _mm512_set1_epi32(0x01010101 * (c / 2)) ;
+    const pvi lane_base = _mm512_set_epi32(12 * 0x01010101, 8 * 0x01010101, 4 * 0x01010101, 0, 12 * 0x01010101,
+                                           8 * 0x01010101, 4 * 0x01010101, 0, 12 * 0x01010101, 8 * 0x01010101,
+                                           4 * 0x01010101, 0, 12 * 0x01010101, 8 * 0x01010101, 4 * 0x01010101, 0);
+    const pvi y = _mm512_shuffle_epi8(qh, _mm512_add_epi8(lane_base, rep));  /* each byte: byte c/2 of its word */
+    const pvi bits = _mm512_set1_epi32((int)(0x08040201u << (4 * (c % 2))));
+    return _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(y, bits), _mm512_set1_epi8(0x10));
+}
+#else
+typedef __m256i pvi;
+typedef __m256 pvf;
+#define PV_LOADU(p) _mm256_loadu_si256((const __m256i *)(p))
+#define PV_STOREU(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define PV_SET1(x) _mm256_set1_epi32(x)
+#define PV_SET1B(x) _mm256_set1_epi8(x)
+#define PV_AND _mm256_and_si256
+#define PV_OR _mm256_or_si256
+#define PV_XOR _mm256_xor_si256
+#define PV_SRLI16 _mm256_srli_epi16
+#define PF_ZERO _mm256_setzero_ps
+#define PF_LOADU _mm256_loadu_ps
+#define PF_STOREU _mm256_storeu_ps
+#define PF_SET1 _mm256_set1_ps
+#define PF_MUL _mm256_mul_ps
+#define PF_FMA _mm256_fmadd_ps
+#define PF_CVT _mm256_cvtepi32_ps
+#define PV_UNPACKLO32 _mm256_unpacklo_epi32
+#define PV_UNPACKHI32 _mm256_unpackhi_epi32
+#define PV_UNPACKLO64 _mm256_unpacklo_epi64
+#define PV_UNPACKHI64 _mm256_unpackhi_epi64
+#define PV_ADD32 _mm256_add_epi32
+#define PV_MULLO32 _mm256_mullo_epi32
+#define PV_SLLI16 _mm256_slli_epi16
+#define PV_ZERO _mm256_setzero_si256
+#define PF_FNMA _mm256_fnmadd_ps
+#define PANEL_KMX 3
+/* exact where used: u <= 63, |s| <= 127, so a pair of products fits int16 unsaturated */
+#define PV_DOT_U8(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#define PV_DOT_S16(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+
+/* 16 bytes at p[j] + at for rows j = r, r + 4 as the two 128-bit lanes */
+static inline pvi gather4x16(const uint8_t *const *p, int r, size_t at) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p[r] + at))),
+                                   _mm_loadu_si128((const __m128i *)(p[r + 4] + at)), 1);
+}
+
+static inline pvi gather_words(const uint8_t *const *p, size_t at) {
+    int32_t idx[8];
+    for (int j = 0; j < 8; j++) idx[j] = (int32_t)(p[j] - p[0]);
+    return _mm256_i32gather_epi32((const int *)(p[0] + at), _mm256_loadu_si256((const __m256i *)idx), 1);
+}
+
+static inline pvf f16_lanes(__m256i words, int high) {
+    const __m256i w = _mm256_shuffle_epi8(high ? _mm256_srli_epi32(words, 16) : words,
+                                          _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                           0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(w, 0x08)));
+}
+
+static inline pvf gather_f16(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 0); }
+
+static inline pvf gather_f16_end(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 1); }
+
+static inline pvi fifth_bits_c(pvi qh, int c) {
+    const pvi idx = _mm256_add_epi8(_mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404,
+                                                      0x08080808, 0x0C0C0C0C),
+                                    _mm256_set1_epi32(0x01010101 * (c / 2)));
+    const pvi y = _mm256_shuffle_epi8(qh, idx);
+    const pvi bits = _mm256_set1_epi32((int)(0x08040201u << (4 * (c % 2))));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(y, bits), bits), _mm256_set1_epi8(0x10));
+}
+#endif
+
+/* 4 x 4 transposes of 32-bit words within each 128-bit lane: t[c] lane l word r = z[r] lane l word c */
+static inline void transpose4(const pvi *z, pvi *t) {
+    const pvi a = PV_UNPACKLO32(z[0], z[1]), b = PV_UNPACKLO32(z[2], z[3]);
+    const pvi e = PV_UNPACKHI32(z[0], z[1]), f = PV_UNPACKHI32(z[2], z[3]);
+    t[0] = PV_UNPACKLO64(a, b), t[1] = PV_UNPACKHI64(a, b), t[2] = PV_UNPACKLO64(e, f), t[3] = PV_UNPACKHI64(e, f);
+}
+
+/* Part k of n of the bytes [ahead, ahead + bytes) into the cache: the next panel's rows, while this one is packed.
+ * A panel reads PANEL rows side by side, block by block; the hardware prefetchers do not follow that many streams,
+ * and without this a one-row pass (decode) read the weights at ~3-4 GB/s per core instead of streaming them. */
+static inline void prefetch_share(const uint8_t *ahead, size_t bytes, int k, int n) {
+    if (!ahead) return;
+    const size_t lo = bytes * k / n & ~(size_t)63, hi = bytes * (k + 1) / n;
+    for (size_t at = lo; at < hi; at += 64) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T0);
+}
+
+/* Pack blocks [b0, b1) of the PANEL rows starting at rows[j] (row pointers; rows past the matrix may repeat its
+ * last row) into dst, block b at dst + (b - b0) * PANEL_BLOCK_BYTES. Q5_0 / Q8_0. */
+static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst, const uint8_t *ahead,
+                       size_t ahead_bytes) {
+    const int bytes = type == T_Q5_0 ? 22 : 34;
+    const pvi low = PV_SET1B(0x0F);
+    for (int b = b0; b < b1; b++) {
+        prefetch_share(ahead, ahead_bytes, b - b0, b1 - b0);
+        const size_t at = (size_t)b * bytes;
+        uint8_t *o = dst + (size_t)(b - b0) * PANEL_BLOCK_BYTES;
+        pvi z[4], t[4];
+        if (type == T_Q5_0) {
+            for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 6);
+            transpose4(z, t);
+            const pvi qh = gather_words(rows, at + 2);
+            for (int c = 0; c < 4; c++) {
+                PV_STOREU(o + c * PANEL * 4, PV_OR(PV_AND(t[c], low), fifth_bits_c(qh, c)));
+                PV_STOREU(o + (c + 4) * PANEL * 4, PV_OR(PV_AND(PV_SRLI16(t[c], 4), low), fifth_bits_c(qh, c + 4)));
+            }
+        } else {
+            for (int h = 0; h < 2; h++) {
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 2 + 16 * h);
+                transpose4(z, t);
+                for (int c = 0; c < 4; c++)
+#if PANEL == 16
+                    PV_STOREU(o + (4 * h + c) * PANEL * 4, PV_XOR(t[c], PV_SET1B((char)0x80)));  /* w + 128 */
+#else
+                    PV_STOREU(o + (4 * h + c) * PANEL * 4, t[c]);
+#endif
+            }
+        }
+        PF_STOREU((float *)(o + 8 * PANEL * 4), gather_f16(rows, at));
+    }
+}
+
+static inline void panel_store(const pvf *facc, int MX, float *out, long ldo, int nvalid) {
+    for (int i = 0; i < MX; i++) {
+        if (nvalid == PANEL) {
+            PF_STOREU(out + (size_t)i * ldo, facc[i]);
+        } else {
+            float f[PANEL];
+            PF_STOREU(f, facc[i]);
+            for (int j = 0; j < nvalid; j++) out[(size_t)i * ldo + j] = f[j];
+        }
+    }
+}
+
+#include "ggml_stream.c"  /* one activation row without packing (decode) */
+
+static inline int32_t x4_at(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* One tile: MX activation rows (q: int8 rows of stride n, d: one scale per block, off: the initial sums as in
+ * panel_offsets, rows of stride 2 * nb) against a packed Q5_0 / Q8_0 panel of nb blocks; out[i * ldo + j] for
+ * weight rows j < nvalid. */
+static inline __attribute__((always_inline)) void panel_tile(int type, const uint8_t *P, int nb, const int8_t *q,
+                                                             int n, const float *d, const int32_t *off, int MX,
+                                                             float *out, long ldo, int nvalid) {
+    pvf facc[PANEL_MX];
+    const int t = type == T_Q8_0;
+    for (int i = 0; i < MX; i++) facc[i] = PF_ZERO();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *pb = P + (size_t)b * PANEL_BLOCK_BYTES;
+        pvi acc[PANEL_MX];
+        for (int i = 0; i < MX; i++) acc[i] = PV_SET1(off[(size_t)i * 2 * nb + 2 * b + t]);
+#if PANEL != 16
+        if (type == T_Q5_0)  /* avx2: four steps' maddubs pairs added in int16 (4 x 2 x 31 x 127 < 2^15), one madd */
+            for (int h = 0; h < 2; h++) {
+                const pvi w0 = PV_LOADU(pb + (4 * h) * PANEL * 4), w1 = PV_LOADU(pb + (4 * h + 1) * PANEL * 4);
+                const pvi w2 = PV_LOADU(pb + (4 * h + 2) * PANEL * 4), w3 = PV_LOADU(pb + (4 * h + 3) * PANEL * 4);
+                for (int i = 0; i < MX; i++) {
+                    const int8_t *xi = q + (size_t)i * n + 32 * b + 16 * h;
+                    __m256i p = _mm256_maddubs_epi16(w0, PV_SET1(x4_at(xi)));
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w1, PV_SET1(x4_at(xi + 4))));
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w2, PV_SET1(x4_at(xi + 8))));
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w3, PV_SET1(x4_at(xi + 12))));
+                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+                }
+            }
+#endif
+        for (int c = 0; c < 8 && !(PANEL != 16 && type == T_Q5_0); c++) {
+            const pvi w = PV_LOADU(pb + c * PANEL * 4);
+#if PANEL == 16
+            for (int i = 0; i < MX; i++)
+                acc[i] = _mm512_dpbusd_epi32(acc[i], w, PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)));
+#else
+            {
+                const pvi u = _mm256_abs_epi8(w);
+                for (int i = 0; i < MX; i++) {
+                    const pvi s = _mm256_sign_epi8(PV_SET1(x4_at(q + (size_t)i * n + 32 * b + 4 * c)), w);
+                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+                }
+            }
+#endif
+        }
+        const pvf dw = PF_LOADU((const float *)(pb + 8 * PANEL * 4));
+        for (int i = 0; i < MX; i++)
+            facc[i] = PF_FMA(PF_CVT(acc[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
+    }
+    panel_store(facc, MX, out, ldo, nvalid);
+}
+
+#include "ggml_panel_k.c"  /* Q4_K / Q6_K: packing and tiles */
+
+/* Weight rows [n_lo, n_hi) of W (N rows of n values as ggml blocks of `type`, Q5_0 / Q8_0 / Q4_K / Q6_K) against
+ * activation rows [m_lo, m_hi) quantized by ggml_quantize_rows and panel_offsets / panel_offsets_k (q, d, off for
+ * all rows): out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. */
+static inline __attribute__((always_inline)) void panel_run(int type, const uint8_t *w, int N, int n,
+                                                            const int8_t *q, const float *d, const int32_t *off,
+                                                            const int16_t *sums, int m_lo, int m_hi, int n_lo,
+                                                            int n_hi, float *out, long ldo, uint8_t *buf) {
+    const int kq = type == T_Q4_K || type == T_Q6_K;
+    const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
+    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const size_t row_bytes = (size_t)nb * bytes;
+    for (int p0 = n_lo; p0 < n_hi; p0 += PANEL) {
+        const uint8_t *rows[PANEL];
+        const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
+        for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
+        float *o = out + (p0 - n_lo);
+        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file) */
+        const size_t next = (size_t)(p0 + PANEL) * row_bytes, end = (size_t)N * row_bytes;
+        const uint8_t *ahead = p0 + PANEL < n_hi ? w + next : NULL;
+        const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
+        if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
+            for (int i = m_lo; i < m_hi; i++)
+                stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * (kq ? 16 : 1),
+                           o + (size_t)(i - m_lo) * ldo, nvalid);
+            continue;
+        }
+        if (kq) panel_pack_k(type, rows, nb, buf, ahead, ahead_bytes);
+        else panel_pack(type, rows, 0, nb, buf, ahead, ahead_bytes);
+#define TILE(i, mx)                                                                                                   \
+    do {                                                                                                              \
+        if (kq)                                                                                                       \
+            panel_tile_k(type, buf, nb, q + (size_t)(i) * n, n, d + (size_t)(i) * nb, off + (size_t)(i) * ostride,   \
+                         mx, o + (size_t)((i) - m_lo) * ldo, ldo, nvalid);                                            \
+        else                                                                                                          \
+            panel_tile(type, buf, nb, q + (size_t)(i) * n, n, d + (size_t)(i) * nb, off + (size_t)(i) * ostride, mx, \
+                       o + (size_t)((i) - m_lo) * ldo, ldo, nvalid);                                                  \
+    } while (0)
+        int i = m_lo;
+        if (kq) for (; i + PANEL_KMX <= m_hi; i += PANEL_KMX) TILE(i, PANEL_KMX);
+        else for (; i + PANEL_MX <= m_hi; i += PANEL_MX) TILE(i, PANEL_MX);
+        for (; i < m_hi; i++) TILE(i, 1);
+#undef TILE
+        (void)MX;
+    }
+}
+
+static void panel_matmul(int type, const uint8_t *w, int N, int n, const int8_t *q, const float *d,
+                         const int32_t *off, const int16_t *sums, int m_lo, int m_hi, int n_lo, int n_hi, float *out,
+                         long ldo, uint8_t *buf) {
+    switch (type) {
+    case T_Q5_0: panel_run(T_Q5_0, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q8_0: panel_run(T_Q8_0, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q4_K: panel_run(T_Q4_K, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    default: panel_run(T_Q6_K, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    }
+}

@@ -1,0 +1,135 @@
+/* Q4_K / Q6_K panels (included by ggml_panel.c, after its Q5_0 / Q8_0 kernels): packing the file's super-blocks
+ * (256 values) of PANEL weight rows and one tile of activation rows against a packed panel. The layout and the
+ * fp32 steps are described at each function; the integer sums are exact, as for the 32-value types. */
+
+/* Q4_K / Q6_K super-blocks (256 values) of the PANEL rows, super-block b at dst + b * PANEL_KBLOCK_BYTES as vectors
+ * of PANEL lanes (lane j: weight row j): 64 vectors of quants (vector t: values 4t..4t+3, unsigned: Q4_K's 4-bit
+ * codes, Q6_K's 6-bit q + 32), then
+ *   Q4_K: 8 sub-block scales (int32), 4 vectors of minimum pairs (int16: sub-blocks 2p, 2p + 1), d, dmin (fp32);
+ *   Q6_K: 16 sub-block scales (int32), d (fp32). */
+static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *dst, const uint8_t *ahead,
+                         size_t ahead_bytes) {
+    const pvi low = PV_SET1B(0x0F), two = PV_SET1B(0x03);
+    for (int b = 0; b < nb; b++) {
+        prefetch_share(ahead, ahead_bytes, b, nb);
+        uint8_t *o = dst + (size_t)b * PANEL_KBLOCK_BYTES;
+        pvi z[4], t[4];
+#define KVEC(k) (o + (size_t)(k) * PANEL * 4)
+        if (type == T_Q4_K) {
+            const size_t at = (size_t)b * 144;
+            for (int g = 0; g < 8; g++) {  /* qs words 4g..4g+3 */
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 16 + 16 * g);
+                transpose4(z, t);
+                for (int k = 0; k < 4; k++) {
+                    const int D = 4 * g + k, v = 16 * (D / 8) + D % 8;
+                    PV_STOREU(KVEC(v), PV_AND(t[k], low));
+                    PV_STOREU(KVEC(v + 8), PV_AND(PV_SRLI16(t[k], 4), low));
+                }
+            }
+            for (int j = 0; j < PANEL; j++) {
+                const uint8_t *s = rows[j] + at + 4;
+                int sc[8], mn[8];
+                for (int q = 0; q < 4; q++) {
+                    sc[q] = s[q] & 63, mn[q] = s[q + 4] & 63;
+                    sc[q + 4] = (s[q + 8] & 0x0F) | ((s[q] >> 6) << 4);
+                    mn[q + 4] = (s[q + 8] >> 4) | ((s[q + 4] >> 6) << 4);
+                }
+                for (int q = 0; q < 8; q++) ((int32_t *)KVEC(64 + q))[j] = sc[q];
+                for (int p = 0; p < 4; p++) ((int32_t *)KVEC(72 + p))[j] = mn[2 * p] | mn[2 * p + 1] << 16;
+                ((float *)KVEC(76))[j] = f16(rows[j] + at);
+                ((float *)KVEC(77))[j] = f16(rows[j] + at + 2);
+            }
+        } else {
+            const size_t at = (size_t)b * 210;
+            pvi ql[32], qh[16];
+            for (int g = 0; g < 8; g++) {
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 16 * g);
+                transpose4(z, ql + 4 * g);
+            }
+            for (int g = 0; g < 4; g++) {
+                for (int r = 0; r < 4; r++) z[r] = gather4x16(rows, r, at + 128 + 16 * g);
+                transpose4(z, qh + 4 * g);
+            }
+            for (int h = 0; h < 2; h++)
+                for (int u = 0; u < 8; u++) {
+                    const pvi l0 = ql[16 * h + u], l1 = ql[16 * h + 8 + u], hi = qh[8 * h + u];
+#define HI2(k) PV_SLLI16(PV_AND(PV_SRLI16(hi, 2 * (k)), two), 4)
+                    PV_STOREU(KVEC(32 * h + u), PV_OR(PV_AND(l0, low), HI2(0)));
+                    PV_STOREU(KVEC(32 * h + 8 + u), PV_OR(PV_AND(l1, low), HI2(1)));
+                    PV_STOREU(KVEC(32 * h + 16 + u), PV_OR(PV_AND(PV_SRLI16(l0, 4), low), HI2(2)));
+                    PV_STOREU(KVEC(32 * h + 24 + u), PV_OR(PV_AND(PV_SRLI16(l1, 4), low), HI2(3)));
+#undef HI2
+                }
+            for (int j = 0; j < PANEL; j++) {
+                for (int q = 0; q < 16; q++) ((int32_t *)KVEC(64 + q))[j] = ((const int8_t *)(rows[j] + at + 192))[q];
+                ((float *)KVEC(80))[j] = f16(rows[j] + at + 208);
+            }
+        }
+#undef KVEC
+    }
+}
+
+/* The same for a packed Q4_K / Q6_K panel of nb super-blocks (off: rows of stride KOFF * nb). Per super-block the
+ * sub-blocks' exact sums times their integer scales add up to S (and Q4_K's minimums times the activation sums to
+ * M, exact), then acc = fma((float)S, d_w * d_x, acc) (and acc = acc - (float)M * (dmin_w * d_x), fused). */
+static inline __attribute__((always_inline)) void panel_tile_k(int type, const uint8_t *P, int nb, const int8_t *q,
+                                                               int n, const float *d, const int32_t *off, int MX,
+                                                               float *out, long ldo, int nvalid) {
+    pvf facc[PANEL_KMX];
+    for (int i = 0; i < MX; i++) facc[i] = PF_ZERO();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *pb = P + (size_t)b * PANEL_KBLOCK_BYTES;
+        const int8_t *xb = q + 256 * (size_t)b;
+        const int32_t *ob = off + (size_t)KOFF * b;
+#define KV(k) PV_LOADU(pb + (size_t)(k) * PANEL * 4)
+        pvi S[PANEL_KMX], a[PANEL_KMX];
+        for (int i = 0; i < MX; i++) S[i] = PV_ZERO();
+        if (type == T_Q4_K) {
+            for (int s = 0; s < 8; s++) {
+                for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
+#if PANEL == 16
+                for (int c = 0; c < 8; c++) {
+                    const pvi w = KV(8 * s + c);
+                    for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 32 * s + 4 * c)));
+                }
+#else
+                /* avx2: the sub-block's eight maddubs pairs added in int16 (8 x 2 x 15 x 127 < 2^15), one madd */
+                for (int i = 0; i < MX; i++) {
+                    const int8_t *xi = xb + (size_t)i * n + 32 * s;
+                    __m256i p = _mm256_maddubs_epi16(KV(8 * s), PV_SET1(x4_at(xi)));
+                    for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), PV_SET1(x4_at(xi + 4 * c))));
+                    a[i] = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+                }
+#endif
+                const pvi sc = KV(64 + s);
+                for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+            }
+            for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
+            for (int p = 0; p < 4; p++) {
+                const pvi mn = KV(72 + p);
+                for (int i = 0; i < MX; i++) a[i] = PV_DOT_S16(a[i], mn, PV_SET1(ob[(size_t)i * KOFF * nb + 16 + p]));
+            }
+            const pvf dw = PF_LOADU((const float *)(pb + 76 * PANEL * 4)), dm = PF_LOADU((const float *)(pb + 77 * PANEL * 4));
+            for (int i = 0; i < MX; i++) {
+                const pvf dx = PF_SET1(d[(size_t)i * nb + b]);
+                facc[i] = PF_FMA(PF_CVT(S[i]), PF_MUL(dw, dx), facc[i]);
+                facc[i] = PF_FNMA(PF_CVT(a[i]), PF_MUL(dm, dx), facc[i]);
+            }
+        } else {
+            for (int s = 0; s < 16; s++) {
+                for (int i = 0; i < MX; i++) a[i] = PV_SET1(ob[(size_t)i * KOFF * nb + s]);
+                for (int c = 0; c < 4; c++) {
+                    const pvi w = KV(4 * s + c);
+                    for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 16 * s + 4 * c)));
+                }
+                const pvi sc = KV(64 + s);
+                for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+            }
+            const pvf dw = PF_LOADU((const float *)(pb + 80 * PANEL * 4));
+            for (int i = 0; i < MX; i++) facc[i] = PF_FMA(PF_CVT(S[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
+        }
+#undef KV
+    }
+    panel_store(facc, MX, out, ldo, nvalid);
+}
+

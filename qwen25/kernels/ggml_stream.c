@@ -1,0 +1,163 @@
+/* One activation row against a panel of weight rows straight from the file's blocks, without packing: the decode
+ * kernel (included by ggml_panel.c, which picks it for passes of few rows).
+ *
+ * Packing a panel (ggml_panel.c) costs more per weight byte than one activation row's dot products, so a decode
+ * pass, which reads each weight once, would be bound by the packing (~8 GB/s per core) instead of by memory. Here
+ * each weight row's block is unpacked into registers and dotted with the activation block (as in the row kernels
+ * before the panels); the 8 int32 lanes of each of 8 rows are then summed across lanes into one vector, lane j =
+ * weight row j's exact integer block sum. The integers equal the panel kernel's (both are exact), and the fp32
+ * steps that follow are the panel kernel's, lane for lane: fma((float)S, d_w * d_x, acc) per block in block order
+ * (and Q4_K's minimum term). So a row's result is the same bits whichever kernel runs it. */
+
+/* int32 lane j = sum of u[4j..4j+3] * s[4j..4j+3], u unsigned bytes (<= 128), s signed: exact (pairs fit int16) */
+static inline __m256i dot_us(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* signed weights w and activations x: |w| times x with w's sign */
+static inline __m256i dot_ss(__m256i w, __m256i x) { return dot_us(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
+
+/* lane j = the sum of v[j]'s 8 lanes */
+static inline __m256i hsum8x8(const __m256i *v) {
+    const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+/* Lanes whose sum is the exact integer dot product of weight row block `blk` with the activation block x (32 or
+ * 256 values), less STREAM_OFFSET(type) * (the activation block's sum) for the 32-value types: Q5_0 as its
+ * unsigned q5 (offset 16), Q8_0 as w + 128 on avx512 (offset 128) and as signed values on avx2 (offset 0); Q6_K
+ * as q6 - 32 times its sub-block scales, Q4_K its codes times its sub-block scales; *mins: Q4_K's sum of minimum x
+ * (the activation's sum over each 32 values), xs the activation's sums per 16 values. */
+#if PANEL == 16
+#define STREAM_OFFSET(type) ((type) == T_Q5_0 ? 16 : 128)
+#else
+#define STREAM_OFFSET(type) ((type) == T_Q5_0 ? 16 : 0)
+#endif
+static inline __attribute__((always_inline)) __m256i stream_block(int type, const uint8_t *blk, const int8_t *x,
+                                                                 const int16_t *xs, int32_t *mins) {
+    if (type == T_Q5_0 || type == T_Q8_0) {
+        __m256i w;
+        if (type == T_Q5_0) {
+            uint32_t qh;
+            memcpy(&qh, blk + 2, 4);
+            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6)), low = _mm_set1_epi8(0x0F);
+            w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+            return dot_us(_mm256_or_si256(w, fifth_bits(qh)), _mm256_loadu_si256((const __m256i *)x));
+        }
+        w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+#if PANEL == 16
+        return dot_us(_mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), _mm256_loadu_si256((const __m256i *)x));
+#else
+        return dot_ss(w, _mm256_loadu_si256((const __m256i *)x));
+#endif
+    }
+    __m256i isum = _mm256_setzero_si256();
+    if (type == T_Q4_K) {
+        const uint8_t *s = blk + 4, *qs = blk + 16;
+        const __m256i low = _mm256_set1_epi8(0x0F);
+        int m = 0;
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            for (int h = 0; h < 2; h++) {
+                const int j = 2 * c + h;
+                const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+                const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+                const __m256i w = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low) : _mm256_and_si256(v, low);
+                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_us(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j))),
+                                                                 _mm256_set1_epi32(sc)));
+                m += mn * (xs[2 * j] + xs[2 * j + 1]);
+            }
+        }
+        *mins = m;
+        return isum;
+    }
+    const uint8_t *ql = blk, *qh = blk + 128;  /* Q6_K */
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; h++) {
+        const __m256i lo0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+        const __m256i lo1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+        const __m256i hi = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+        __m256i w[4];
+#define HI2(k) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * (k)), two), 4)
+        w[0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo0, low), HI2(0)), off);
+        w[1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo1, low), HI2(1)), off);
+        w[2] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), low), HI2(2)), off);
+        w[3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low), HI2(3)), off);
+#undef HI2
+        for (int k = 0; k < 4; k++) {  /* vector 4h + k: sub-blocks 8h + 2k (lanes 0-3) and 8h + 2k + 1 */
+            const int s0 = sc[8 * h + 2 * k], s1 = sc[8 * h + 2 * k + 1];
+            const __m256i d = dot_ss(w[k], _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * k)));
+            isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(d, _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1)));
+        }
+    }
+    return isum;
+}
+
+static inline int hsum_i32(__m256i v) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+
+/* lanes 0, 1 = the sums of a's and b's 8 lanes */
+static inline __m128i hsum2x8(__m256i a, __m256i b) {
+    const __m256i h = _mm256_hadd_epi32(a, b);  /* per half: a01 a23 b01 b23 */
+    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    return _mm_hadd_epi32(s, s);  /* lane 0: a, lane 1: b */
+}
+
+/* The panel kernel's result for one activation row (q, d: its quantized values and block scales; xs: its sums per
+ * 16 values for the K types, per block for the 32-value ones) against the weight rows rows[j], j < nvalid (nb
+ * blocks each): out[j]. Each row is read from start to end (one memory stream at a time, which the hardware
+ * prefetchers follow best: measured slower with four rows side by side); its block sums are reduced to exact
+ * integers (32-value blocks eight at a time, K types two at a time), and its fp32 chain runs in scalars: fmaf
+ * rounds as a panel lane's fma does, so the bits are the panel kernel's. */
+static inline __attribute__((always_inline)) void stream_row(int type, const uint8_t *const *rows, int nb,
+                                                             const int8_t *q, const float *d, const int16_t *xs,
+                                                             float *out, int nvalid) {
+    const int kq = type == T_Q4_K || type == T_Q6_K, qk = kq ? 256 : 32;
+    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const int dat = type == T_Q6_K ? 208 : 0;
+    for (int j = 0; j < nvalid; j++) {
+        float acc = 0.0f;
+        int b0 = 0;
+        if (!kq)  /* 32-value blocks: eight at a time, their sums reduced and scales multiplied as vectors */
+            for (; b0 + 8 <= nb; b0 += 8) {
+                const uint8_t *k = rows[j] + (size_t)b0 * bytes;
+                __m256i v[8];
+                for (int t = 0; t < 8; t++) v[t] = stream_block(type, k + t * bytes, q + (size_t)(b0 + t) * 32, xs, NULL);
+                uint16_t hv[8];
+                for (int t = 0; t < 8; t++) memcpy(&hv[t], k + t * bytes, 2);
+                float sf[8], pf[8];
+                const __m256i xsum = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(xs + b0)));
+                const __m256i S = _mm256_sub_epi32(hsum8x8(v), _mm256_mullo_epi32(xsum, _mm256_set1_epi32(STREAM_OFFSET(type))));
+                _mm256_storeu_ps(sf, _mm256_cvtepi32_ps(S));
+                _mm256_storeu_ps(pf, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hv)),
+                                                   _mm256_loadu_ps(d + b0)));
+                for (int t = 0; t < 8; t++) acc = fmaf(sf[t], pf[t], acc);
+            }
+        for (int b = b0; b < nb; b += 2) {
+            const int two = b + 1 < nb;
+            const uint8_t *k0 = rows[j] + (size_t)b * bytes, *k1 = two ? k0 + bytes : k0;
+            int32_t m0 = 0, m1 = 0;
+            const __m256i v0 = stream_block(type, k0, q + (size_t)b * qk, kq ? xs + (size_t)b * 16 : xs, &m0);
+            const __m256i v1 = two ? stream_block(type, k1, q + (size_t)(b + 1) * qk, kq ? xs + (size_t)(b + 1) * 16 : xs, &m1)
+                                   : _mm256_setzero_si256();
+            const __m128i S = hsum2x8(v0, v1);
+            const int o0 = kq ? 0 : STREAM_OFFSET(type) * xs[b], o1 = kq || !two ? 0 : STREAM_OFFSET(type) * xs[b + 1];
+            acc = fmaf((float)(_mm_cvtsi128_si32(S) - o0), f16(k0 + dat) * d[b], acc);
+            if (type == T_Q4_K) acc = fmaf(-(float)m0, f16(k0 + 2) * d[b], acc);
+            if (!two) break;
+            acc = fmaf((float)(_mm_extract_epi32(S, 1) - o1), f16(k1 + dat) * d[b + 1], acc);
+            if (type == T_Q4_K) acc = fmaf(-(float)m1, f16(k1 + 2) * d[b + 1], acc);
+        }
+        out[j] = acc;
+    }
+}
