@@ -17,6 +17,12 @@
  * weight rows make long chunks compute-efficient. Everything else is fp32 and follows
  * qwen25.model: RMSNorm, half-split RoPE with cos/sin given by the caller, softmax, SiLU(gate) * up. Each
  * row's result does not depend on the other rows in the call.
+ *
+ * The KV cache stores fp32, fp16 or bf16 values (KVView.dtype). A row's key (after RoPE) and value are rounded
+ * to the cache's dtype when written (fp16: F16C's round-to-nearest-even; bf16: round-to-nearest-even on the bits,
+ * as torch's conversion), and attention reads every cached vector back through that dtype, widened to fp32 in a
+ * per-thread scratch buffer (8 keys at a time, ~16 KB of values at a time), so scores, softmax and value sums run
+ * in fp32 with the same instructions for every dtype.
  */
 #include <math.h>
 #include <stddef.h>
@@ -66,11 +72,14 @@ typedef struct {
     QMat lm_head;
 } QModel;
 
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };  /* KVView.dtype */
+
 typedef struct {
-    float *k, *v;                                     /* cache bases (fp32) */
-    long layer_stride, seq_stride, head_stride;       /* in floats; a position's vector is head_dim floats */
+    void *k, *v;                                      /* cache bases, elements of `dtype` */
+    long layer_stride, seq_stride, head_stride;       /* in elements; a position's vector is head_dim elements */
     const int32_t *tables;                            /* (n_seqs, table_width) block ids, or NULL: slot = position */
     int table_width, block_size;
+    int dtype;                                        /* KV_F32, KV_F16 or KV_BF16 */
 } KVView;
 
 static inline long slot_of(const KVView *kv, int seq, int pos) {
@@ -78,8 +87,41 @@ static inline long slot_of(const KVView *kv, int seq, int pos) {
     return (long)kv->tables[(long)seq * kv->table_width + pos / kv->block_size] * kv->block_size + pos % kv->block_size;
 }
 
-static inline float *kv_vec(const KVView *kv, float *base, int layer, int seq, int head, int pos, int D) {
-    return base + layer * kv->layer_stride + seq * kv->seq_stride + head * kv->head_stride + slot_of(kv, seq, pos) * D;
+/* Element offset of (layer, seq, head, pos)'s vector from a cache base. */
+static inline long kv_offset(const KVView *kv, int layer, int seq, int head, int pos, int D) {
+    return layer * kv->layer_stride + seq * kv->seq_stride + head * kv->head_stride + slot_of(kv, seq, pos) * D;
+}
+
+/* fp32 -> bf16, round to nearest even on the bits (NaN -> 0x7FC0), as torch converts. */
+static inline __m128i bf16_from8(__m256 x) {
+    __m256i b = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* Write D fp32 values (D a multiple of 8) to the cache at element `at`, rounded to its dtype. */
+static void kv_store(const KVView *kv, void *base, long at, const float *x, int D) {
+    if (kv->dtype == KV_F32) { memcpy((float *)base + at, x, D * sizeof(float)); return; }
+    uint16_t *dst = (uint16_t *)base + at;
+    for (int d = 0; d < D; d += 8) {
+        __m256 v = _mm256_loadu_ps(x + d);
+        __m128i h = kv->dtype == KV_F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                        : bf16_from8(v);
+        _mm_storeu_si128((__m128i *)(dst + d), h);
+    }
+}
+
+/* Read D 16-bit cache values at element `at` (D a multiple of 8) into fp32 dst (exact widening). */
+static inline void kv_widen(const void *base, int dtype, long at, float *dst, int D) {
+    const uint16_t *src = (const uint16_t *)base + at;
+    for (int d = 0; d < D; d += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + d));
+        __m256 f = dtype == KV_F16 ? _mm256_cvtph_ps(h)
+                                   : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        _mm256_storeu_ps(dst + d, f);
+    }
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int n, float *out) {
@@ -125,15 +167,25 @@ static inline __m256 reduce8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* Value positions per block of the value sums (~16 KB of fp32 values), and the floats of attend's `conv`. */
+static inline int value_block(int D) { return D >= 4096 ? 1 : 4096 / D; }
+static inline size_t conv_floats(int D) { return (size_t)(8 * D > value_block(D) * D ? 8 * D : value_block(D) * D); }
+
 /* Attention of the G query heads q (G, D) that share one key/value head, over P cached positions whose key and
- * value vectors are keys + slot[t] * D and values + slot[t] * D; out (G, D). scores: G * P scratch. Each key
- * vector is loaded once per 8 keys for all G heads' scores, and each block of value vectors once for all G heads
- * (it stays in L1), so a long cache is read from memory once per key/value head. */
-static void attend(const float *q, int G, int D, float scale, const float *keys, const float *values,
-                   const long *slot, int P, float *scores, float *out) {
+ * value vectors start at element slot[t] * D of keys and values (elements of `dtype`); out (G, D). scores: G * P
+ * scratch; conv: conv_floats(D) scratch, where 16-bit vectors are widened to fp32 before use. Each key vector is
+ * loaded once per 8 keys for all G heads' scores, and each block of value vectors once for all G heads (it stays
+ * in L1), so a long cache is read from memory once per key/value head. */
+static void attend(const float *q, int G, int D, float scale, const void *keys, const void *values, int dtype,
+                   const long *slot, int P, float *scores, float *out, float *conv) {
     for (int t0 = 0; t0 < P; t0 += 8) {
         const float *k8[8];
-        for (int j = 0; j < 8; j++) k8[j] = keys + slot[t0 + j < P ? t0 + j : t0] * D;
+        for (int j = 0; j < 8; j++) {
+            long at = slot[t0 + j < P ? t0 + j : t0] * D;
+            if (dtype == KV_F32) { k8[j] = (const float *)keys + at; continue; }
+            kv_widen(keys, dtype, at, conv + j * D, D);
+            k8[j] = conv + j * D;
+        }
         for (int g = 0; g < G; g++) {
             __m256 a[8];
             for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
@@ -163,10 +215,12 @@ static void attend(const float *q, int G, int D, float scale, const float *keys,
     }
     /* Positions in blocks of ~16 KB of values, each block used by all G heads while it is in L1 (the sums wait in
      * out between blocks; the same additions in the same order as one pass over all positions). */
-    const int TB = D >= 4096 ? 1 : 4096 / D;
+    const int TB = value_block(D);
     memset(out, 0, sizeof(float) * G * D);
     for (int t0 = 0; t0 < P; t0 += TB) {
         const int t1 = P - t0 < TB ? P : t0 + TB;
+        if (dtype != KV_F32)  /* the block's values widened once for all G heads: row t at conv + (t - t0) * D */
+            for (int t = t0; t < t1; t++) kv_widen(values, dtype, slot[t] * D, conv + (size_t)(t - t0) * D, D);
         for (int g = 0; g < G; g++) {
             const float *sg = scores + (size_t)g * P;
             for (int d0 = 0; d0 < D; d0 += 64) {
@@ -176,7 +230,8 @@ static void attend(const float *q, int G, int D, float scale, const float *keys,
                 for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
                 for (int t = t0; t < t1; t++) {
                     __m256 p = _mm256_broadcast_ss(sg + t);
-                    const float *v = values + slot[t] * D + d0;
+                    const float *v = dtype == KV_F32 ? (const float *)values + slot[t] * D + d0
+                                                     : conv + (size_t)(t - t0) * D + d0;
                     for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
                 }
                 for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
@@ -622,7 +677,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
+typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, conv, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -635,7 +690,8 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.xn = up16(R * h);                                   /* private: x at 0 */
     o.scores = o.xn + up16(R * h);
     o.slots = o.scores + up16(G * max_positions);
-    o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
+    o.conv = o.slots + up16(2 * (size_t)max_positions);   /* longs */
+    o.gu = o.conv + up16(conv_floats(m->head_dim));
     o.xs = o.gu + 64 * NBLOCK;
     o.xq = o.xs + up16(R);
     o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
@@ -692,6 +748,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
+        float *conv = x + o.conv;
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
@@ -730,8 +787,9 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                     int gk = head - Hq;
                     float *k = row + QW + gk * D, *v = row + QW + KVW + gk * D;
                     rope(k, c, s, D);
-                    memcpy(kv_vec(kv, kv->k, l, seq_of_row[r], gk, positions[r], D), k, D * sizeof(float));
-                    memcpy(kv_vec(kv, kv->v, l, seq_of_row[r], gk, positions[r], D), v, D * sizeof(float));
+                    long at = kv_offset(kv, l, seq_of_row[r], gk, positions[r], D);
+                    kv_store(kv, kv->k, at, k, D);
+                    kv_store(kv, kv->v, at, v, D);
                 }
             }  /* implicit barrier: every row's k/v is cached before any row attends */
 
@@ -740,8 +798,10 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                 int r = item / Hkv, gk = item % Hkv, seq = seq_of_row[r], P = positions[r] + 1;
                 for (int t = 0; t < P; t++) slots[t] = slot_of(kv, seq, t);
                 long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
-                attend(qkv + (size_t)r * QKVW + gk * per_kv * D, per_kv, D, scale, kv->k + base, kv->v + base, slots,
-                       P, scores, attn + (size_t)r * QW + gk * per_kv * D);
+                const size_t elem = kv->dtype == KV_F32 ? sizeof(float) : sizeof(uint16_t);
+                attend(qkv + (size_t)r * QKVW + gk * per_kv * D, per_kv, D, scale, (const char *)kv->k + base * elem,
+                       (const char *)kv->v + base * elem, kv->dtype, slots, P, scores,
+                       attn + (size_t)r * QW + gk * per_kv * D, conv);
             }  /* implicit barrier */
 
             set_rows(attn, R, QW, &xa);
