@@ -168,25 +168,24 @@ def test_int8_key_smoothing_cuts_the_cost_of_an_outlier_channel():
     assert kl_smooth < kl_plain / 4, (kl_smooth, kl_plain)
 
 
-def test_the_native_forward_refuses_a_16_bit_or_int8_cache():
-    """A q8 model's fused native forward runs passes over an fp32 cache only; with another cache dtype the
-    runner takes the PyTorch path, whose greedy tokens equal the fp32 cache's."""
-    from qwen25.kernels.native import NativeForward
+def test_the_native_forward_takes_16_bit_caches_and_refuses_int8():
+    """A q8 model's fused native forward runs passes over an fp32, fp16 or bf16 cache (its agreement with the
+    PyTorch path on each is in test_native_kv16.py); with an int8 cache the runner takes the PyTorch path. Greedy
+    tokens equal the fp32 cache's with every dtype on this model."""
     from qwen25.weights.quantized import quantize_loaded_model
 
     model = quantize_loaded_model(tiny(), 8)
     prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    fp32 = LLMEngine(model, Bytes(), block_size=4, num_blocks=64, max_num_batched_tokens=16)
+    fp32 = LLMEngine(model, Bytes(), block_size=4, num_blocks=64, max_num_batched_tokens=16, kv_cache_dtype="fp32")
     if fp32.runner.native is None:
         pytest.skip("no native forward kernel here (no compiler)")
     assert fp32.runner.native_for_pass() is fp32.runner.native
     ref = fp32.generate([prompt], greedy)[0].token_ids
-    for name in ("fp16", "bf16", "int8"):
+    for name, native in (("fp16", True), ("bf16", True), ("int8", False)):
         engine = LLMEngine(model, Bytes(), block_size=4, num_blocks=64, max_num_batched_tokens=16,
                            kv_cache_dtype=name)
-        assert not NativeForward.supports(engine.runner.native, model.config, "causal", engine.runner.cache.keys.dtype)
-        assert engine.runner.native_for_pass() is None
+        assert (engine.runner.native_for_pass() is engine.runner.native) == native, name
         assert engine.generate([prompt], greedy)[0].token_ids == ref, name
 
 
