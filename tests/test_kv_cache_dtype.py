@@ -91,6 +91,28 @@ def test_bytes_per_block_and_the_tokens_a_budget_holds():
         [torch.float32, torch.float16, torch.float16, torch.bfloat16]
 
 
+def test_auto_is_float16_for_quantized_weights_and_the_activations_dtype_otherwise():
+    """"auto": a q8 / q4 model (fp32 activations, the native forward's weights) gets a float16 cache, so the same
+    kv_cache_memory holds twice the tokens of fp32; an unquantized fp32 model keeps fp32 (the bit-faithful
+    reference path), a bf16 one bf16. An explicit dtype wins."""
+    from qwen25.weights.quantized import quantize_loaded_model
+
+    fp32_model = tiny()
+    fp32_bytes = PagedKVCache.bytes_per_block(fp32_model.config, 16, torch.float32)
+    budget = dict(kv_cache_memory=fp32_bytes * 64)
+    assert LLMEngine(fp32_model, None, **budget).runner.cache.keys.dtype == torch.float32
+    for bits in (8, 4):
+        quantized = quantize_loaded_model(tiny(), bits, group=32)
+        auto = LLMEngine(quantized, None, **budget)
+        assert auto.runner.cache.keys.dtype == torch.float16, bits
+        assert auto.cache_capacity == 2 * 64 * 16
+        assert LLMEngine(quantized, None, kv_cache_dtype="fp32", **budget).runner.cache.keys.dtype == torch.float32
+    bf16 = tiny().to(torch.bfloat16)
+    assert LLMEngine(bf16, None, **budget).runner.cache.keys.dtype == torch.bfloat16
+    assert resolve_kv_cache_dtype("auto", torch.float32, quantized=True) == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, quantized=True) == torch.bfloat16
+
+
 def test_key_smoothing_is_a_per_pair_factor_that_commutes_with_rope():
     """The smoothing factors equal sqrt of each channel's RMS of k_proj(N(0,1) * norm weight) (the larger of the
     RoPE pair), computed here with transformers' rotate_half, so dividing before RoPE equals dividing after."""

@@ -174,37 +174,43 @@ class NativeForward:
     def for_model(cls, model: Qwen2ForCausalLM, level: str | None = None) -> NativeForward | None:
         """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel).
         level: the ISA build to run (`qwen25.kernels.isa`; default the selected one, e.g. the CPU's best)."""
+        if not cls.takes(model):
+            return None
+        lib = load_forward_kernel(level=level)
+        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True, level=level))
+
+    @staticmethod
+    def takes(model: Qwen2ForCausalLM) -> bool:
+        """Whether the kernel takes this model's weights (quantized q8 / q4 / GGUF-block layouts with fp32
+        norms), whether or not it can be built here: the engine's "auto" KV cache dtype follows this."""
         inner, config = model.model, model.config
         blocks = isinstance(model.lm_head, GGMLLinear) and isinstance(inner.embed_tokens, GGMLEmbedding)
         if not blocks and (not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding)):
-            return None
+            return False
         if model.lm_head.out_features != config.vocab_size or inner.embed_tokens.num_embeddings != config.vocab_size:
-            return None
+            return False
         if not isinstance(inner.norm, RMSNorm) or inner.norm.weight.dtype != torch.float32:
-            return None
+            return False
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _parts(attn.qkv_proj) if attn.qkv_proj is not None else []
             gate_up = _parts(mlp.gate_up_proj)
             if not (1 <= len(qkv) <= 3 and all(map(_supported, qkv + gate_up + [attn.o_proj, mlp.down_proj]))):
-                return None
+                return False
             if len(gate_up) == 2 and not (all(isinstance(p, GGMLLinear) for p in gate_up)
                                           and BLOCK[gate_up[0].ggml_type] == BLOCK[gate_up[1].ggml_type]):
-                return None  # separate gate/up: GGUF blocks of one activation block size (quantized once)
+                return False  # separate gate/up: GGUF blocks of one activation block size (quantized once)
             if len(gate_up) not in (1, 2) or any(p.bias is not None for p in gate_up):
-                return None
+                return False
             if sum(part.out_features for part in qkv) != (config.num_attention_heads + 2 * config.num_key_value_heads) \
                     * config.head_dim:
-                return None  # the kernel writes q, k, v side by side and applies no gate/up bias
+                return False  # the kernel writes q, k, v side by side and applies no gate/up bias
         if config.num_attention_heads % config.num_key_value_heads:
-            return None
+            return False
         if any(k % 16 for k in (config.hidden_size, config.intermediate_size,
                                 config.num_attention_heads * config.head_dim)):
-            return None  # the kernel quantizes activation rows 16 values at a time
-        if config.head_dim % 8:
-            return None
-        lib = load_forward_kernel(level=level)
-        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True, level=level))
+            return False  # the kernel quantizes activation rows 16 values at a time
+        return config.head_dim % 8 == 0
 
     def supports(self, config: Any, attention: str, kv_dtype: torch.dtype) -> bool:
         """Whether a pass with this model config, attention kind and KV-cache dtype can run natively: the kernel
