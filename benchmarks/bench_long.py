@@ -6,8 +6,8 @@ the model's tokenizer, tokenized once here and shared), each prefilled from an e
 Reported: prefill tok/s (prompt tokens / time to the first token), decode tok/s at that context (the steps
 after the first token), peak RSS, and passkey accuracy (first number of the greedy answer == the key), with
 ratios to llama.cpp (each child warms up on a 64-token prompt first). Engines:
-  qwen25     `LLM` defaults (q8 weights from the GGUF, the engine's chunked prefill, fp32 KV cache unless
-             --kv-cache-dtype), no prefix caching
+  qwen25     `LLM` defaults (q8 weights from the GGUF, the engine's chunked prefill, the fused native forward, the
+             KV cache dtype `auto` picks, float16 for these weights, unless --kv-cache-dtype), no prefix caching
   llamacpp   llama-cpp-python (its f16 KV cache), n_ctx = length + decode steps, in ~/.cache/qwen25-ref's Python
 Beyond the native window pass --yarn 4 (static YaRN on both, vLLM's/llama.cpp's) and --dca (qwen25 only: Dual
 Chunk Attention, which llama.cpp lacks).
@@ -66,11 +66,14 @@ def child_qwen25(spec: dict) -> dict:
               dual_chunk_attention_config="on" if spec["dca"] else None,
               sparse_prefill=spec["sparse_prefill"] if spec.get("sparse") else None)
     engine = llm.engine
-    out: dict[str, Any] = {"rss_load_mb": rss_mb(), "version": f"torch {torch.__version__}", "runs": []}
+    kv_dtype = str(engine.runner.cache.keys.dtype).removeprefix("torch.")
+    log(spec["engine"], f"KV cache {spec['kv_cache_dtype']}: {kv_dtype}")
+    out: dict[str, Any] = {"rss_load_mb": rss_mb(), "version": f"torch {torch.__version__}", "runs": [],
+                           "kv_cache_dtype": kv_dtype}
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate([spec["prompts"][0][:WARMUP_TOKENS]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     if spec.get("generate"):
-        return {**generate_qwen25(llm, spec), "rss_load_mb": out["rss_load_mb"]}
+        return {**generate_qwen25(llm, spec), "rss_load_mb": out["rss_load_mb"], "kv_cache_dtype": kv_dtype}
     for i, ids in enumerate(spec["prompts"]):
         engine.add_request(f"p{i}", ids, params)
         tokens: list[int] = []
@@ -230,6 +233,12 @@ def table(results: dict[int, dict[str, dict]], keys: dict[int, list[str]]) -> li
     return lines
 
 
+def kv_line(setting: str, runs: list[tuple[str, dict]]) -> str:
+    """The --kv-cache-dtype setting and the dtype(s) the qwen25 children stored, e.g. "auto (float16)"."""
+    stored = sorted({r["kv_cache_dtype"] for engine, r in runs if "kv_cache_dtype" in r})
+    return f"{setting} ({', '.join(stored)})" if stored else setting
+
+
 def default_engines(args: argparse.Namespace) -> str:
     return "qwen25,qwen25-torch,qwen25-sparse,llamacpp" if args.sparse_prefill else "qwen25,llamacpp"
 
@@ -243,7 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", default=None, help="comma-separated subset of " + ",".join(ENGINES) + " (default: "
                    "qwen25,llamacpp, plus qwen25-torch,qwen25-sparse with --sparse-prefill)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--kv-cache-dtype", default="auto", help="qwen25's KV cache (auto = fp32, float16, bf16, int8)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="qwen25's KV cache: auto (float16 for quantized weights), float32, float16, bfloat16, int8")
     p.add_argument("--yarn", type=float, default=0.0, help="static YaRN factor on both engines (0: off)")
     p.add_argument("--dca", action="store_true", help="qwen25: Dual Chunk Attention (chunk = the native window)")
     p.add_argument("--sparse-prefill", nargs="?", const="on", default=None, metavar="on|JSON",
@@ -302,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             if result is not None:
                 results[length][engine] = result
     print(f"model: {model_path.name} ({model_path.stat().st_size / MB:.1f} MB); machine: {cpu_model()}, "
-          f"{cpu_flags()}; {args.threads} threads; depths {depths}; qwen25 KV cache {args.kv_cache_dtype}"
+          f"{cpu_flags()}; {args.threads} threads; depths {depths}; "
+          f"qwen25 KV cache {kv_line(args.kv_cache_dtype, [r for by in results.values() for r in by.items()])}"
           + (f"; YaRN x{args.yarn}" if args.yarn else "") + ("; qwen25 DCA" if args.dca else ""))
     print("\n".join(table(results, keys)))
     if args.json:
@@ -330,7 +341,8 @@ def main_generate(args: argparse.Namespace, engines: list[str], model_path: Path
         if result is not None:
             results[engine] = result
     print(f"model: {model_path.name}; machine: {cpu_model()}, {cpu_flags()}; {args.threads} threads; greedy "
-          f"generation of {args.generate} tokens after a {length}-token prompt; qwen25 KV cache {args.kv_cache_dtype}")
+          f"generation of {args.generate} tokens after a {length}-token prompt; "
+          f"qwen25 KV cache {kv_line(args.kv_cache_dtype, list(results.items()))}")
     if results:
         print("\n".join(generate_table(results, args.window)))
         for engine, r in results.items():
