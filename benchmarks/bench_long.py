@@ -23,6 +23,7 @@ tokens (default 1024): decode tok/s in that window and RSS at its end.
 
     python benchmarks/bench_long.py [--lengths 4096,16384,32704] [--depths 0,0.25,0.5,0.75,1] [--threads 2]
                                     [--engines qwen25,llamacpp] [--kv-cache-dtype auto|bf16|int8] [--yarn 4] [--dca]
+                                    [--quantization auto|q8|q4|gguf]
     python benchmarks/bench_long.py --lengths 512 --depths 0.5 --decode-steps 8     # a quick check
     python benchmarks/bench_long.py --lengths 32704 --engines qwen25,qwen25-sparse --sparse-prefill on
     python benchmarks/bench_long.py --generate 8192 [--window 1024] [--engines qwen25,llamacpp]
@@ -62,7 +63,8 @@ def child_qwen25(spec: dict) -> dict:
         settings["use_native"] = False
     rope = ({"rope_type": "yarn", "factor": spec["yarn"], "original_max_position_embeddings": NATIVE_WINDOW}
             if spec["yarn"] else None)
-    llm = LLM(spec["model_path"], engine_kwargs=settings, rope_scaling=rope,
+    llm = LLM(spec["model_path"], quantization=spec.get("quantization", "auto"), engine_kwargs=settings,
+              rope_scaling=rope,
               dual_chunk_attention_config="on" if spec["dca"] else None,
               sparse_prefill=spec["sparse_prefill"] if spec.get("sparse") else None)
     engine = llm.engine
@@ -254,6 +256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="qwen25's KV cache: auto (float16 for quantized weights), float32, float16, bfloat16, int8")
+    p.add_argument("--quantization", default="auto", choices=("auto", "q8", "q4", "gguf"),
+                   help="qwen25's weights from the GGUF (auto: q8, the LLM default; gguf: the file's own blocks, "
+                        "memory-mapped like llama.cpp's)")
     p.add_argument("--yarn", type=float, default=0.0, help="static YaRN factor on both engines (0: off)")
     p.add_argument("--dca", action="store_true", help="qwen25: Dual Chunk Attention (chunk = the native window)")
     p.add_argument("--sparse-prefill", nargs="?", const="on", default=None, metavar="on|JSON",
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [passkey_prompt(tokenizer, length, d, k).ids for d, k in zip(depths, keys[length])]
         spec = {"model_path": str(model_path), "length": length, "prompts": prompts, "threads": args.threads,
                 "decode_steps": args.decode_steps, "kv_cache_dtype": args.kv_cache_dtype, "yarn": args.yarn,
-                "dca": args.dca, "sparse_prefill": args.sparse_prefill}
+                "dca": args.dca, "sparse_prefill": args.sparse_prefill, "quantization": args.quantization}
         results[length] = {}
         for engine in engines:
             python = args.llamacpp_python if engine == "llamacpp" else sys.executable
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             if result is not None:
                 results[length][engine] = result
     print(f"model: {model_path.name} ({model_path.stat().st_size / MB:.1f} MB); machine: {cpu_model()}, "
-          f"{cpu_flags()}; {args.threads} threads; depths {depths}; "
+          f"{cpu_flags()}; {args.threads} threads; depths {depths}; qwen25 weights {args.quantization}; "
           f"qwen25 KV cache {kv_line(args.kv_cache_dtype, [r for by in results.values() for r in by.items()])}"
           + (f"; YaRN x{args.yarn}" if args.yarn else "") + ("; qwen25 DCA" if args.dca else ""))
     print("\n".join(table(results, keys)))
@@ -333,6 +338,7 @@ def main_generate(args: argparse.Namespace, engines: list[str], model_path: Path
     spec = {"model_path": str(model_path), "length": length, "prompts": [prompt], "threads": args.threads,
             "decode_steps": args.generate, "kv_cache_dtype": args.kv_cache_dtype, "yarn": args.yarn,
             "dca": args.dca, "sparse_prefill": args.sparse_prefill, "generate": args.generate,
+            "quantization": args.quantization,
             "window": args.window}
     results: dict[str, dict] = {}
     for engine in engines:
