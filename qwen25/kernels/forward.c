@@ -171,6 +171,22 @@ static inline __m256 reduce8(const __m256 *a) {
 static inline int value_block(int D) { return D >= 4096 ? 1 : 4096 / D; }
 static inline size_t conv_floats(int D) { return (size_t)(8 * D > value_block(D) * D ? 8 * D : value_block(D) * D); }
 
+/* o[0 .. 8 nv) += sum over t in [t0, t1) of p[t] * (value t)[0 .. 8 nv), value t at v + slot[t] * D (fp32 cache) or,
+ * widened, at v + (t - t0) * D; in that order. Inlined with constant nv and widened, so the sums stay in
+ * registers. */
+static inline __attribute__((always_inline)) void value_sums(float *o, const float *p, int t0, int t1,
+                                                             const float *v, const long *slot, long D, int nv,
+                                                             int widened) {
+    __m256 acc[8];
+    for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+    for (int t = t0; t < t1; t++) {
+        const __m256 w = _mm256_broadcast_ss(p + t);
+        const float *vt = v + (widened ? (long)(t - t0) : slot[t]) * D;
+        for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+}
+
 /* Attention of the G query heads q (G, D) that share one key/value head, over P cached positions whose key and
  * value vectors start at element slot[t] * D of keys and values (elements of `dtype`); out (G, D). scores: G * P
  * scratch; conv: conv_floats(D) scratch, where 16-bit vectors are widened to fp32 before use. Each key vector is
@@ -224,17 +240,15 @@ static void attend(const float *q, int G, int D, float scale, const void *keys, 
         for (int g = 0; g < G; g++) {
             const float *sg = scores + (size_t)g * P;
             for (int d0 = 0; d0 < D; d0 += 64) {
-                int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
+                const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
                 float *o = out + g * D + d0;
-                __m256 acc[8];
-                for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
-                for (int t = t0; t < t1; t++) {
-                    __m256 p = _mm256_broadcast_ss(sg + t);
-                    const float *v = dtype == KV_F32 ? (const float *)values + slot[t] * D + d0
-                                                     : conv + (size_t)(t - t0) * D + d0;
-                    for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+                if (dtype == KV_F32) {  /* constant vector counts: the sums stay in registers */
+                    if (nv == 8) value_sums(o, sg, t0, t1, (const float *)values + d0, slot, D, 8, 0);
+                    else value_sums(o, sg, t0, t1, (const float *)values + d0, slot, D, nv, 0);
+                } else {
+                    if (nv == 8) value_sums(o, sg, t0, t1, conv + d0, slot, D, 8, 1);
+                    else value_sums(o, sg, t0, t1, conv + d0, slot, D, nv, 1);
                 }
-                for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
             }
         }
     }
