@@ -171,6 +171,33 @@ static inline __m256 reduce8(const __m256 *a) {
 static inline int value_block(int D) { return D >= 4096 ? 1 : 4096 / D; }
 static inline size_t conv_floats(int D) { return (size_t)(8 * D > value_block(D) * D ? 8 * D : value_block(D) * D); }
 
+/* The largest of x[0 .. n) (-inf for n = 0; NaNs are skipped, as `x > m ? x : m` does). */
+static inline float max_of(const float *x, int n) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(x + t), m8);  /* a NaN lane keeps m8's */
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; t < n; t++) m = x[t] > m ? x[t] : m;
+    return m;
+}
+
+/* slots[t] = slot_of(kv, seq, t) for t in [0, P), a block at a time (no division per position). */
+static void fill_slots(const KVView *kv, int seq, int P, long *slots) {
+    if (!kv->tables) {
+        for (int t = 0; t < P; t++) slots[t] = t;
+        return;
+    }
+    const int bs = kv->block_size;
+    const int32_t *table = kv->tables + (long)seq * kv->table_width;
+    for (int t0 = 0, b = 0; t0 < P; t0 += bs, b++) {
+        const long base = (long)table[b] * bs;
+        const int n = P - t0 < bs ? P - t0 : bs;
+        for (int j = 0; j < n; j++) slots[t0 + j] = base + j;
+    }
+}
+
 /* o[0 .. 8 nv) += sum over t in [t0, t1) of p[t] * (value t)[0 .. 8 nv), value t at v + slot[t] * D (fp32 cache) or,
  * widened, at v + (t - t0) * D; in that order. Inlined with constant nv and widened, so the sums stay in
  * registers. */
@@ -216,8 +243,7 @@ static void attend(const float *q, int G, int D, float scale, const void *keys, 
     }
     float inv[G];  /* softmax of every head's scores, then the value sums */
     for (int g = 0; g < G; g++) {
-        float *sg = scores + (size_t)g * P, mx = -INFINITY, sum = 0.0f;
-        for (int t = 0; t < P; t++) mx = sg[t] > mx ? sg[t] : mx;
+        float *sg = scores + (size_t)g * P, mx = max_of(sg, P), sum = 0.0f;
         int t = 0;
         __m256 vsum = _mm256_setzero_ps();
         for (; t + 8 <= P; t += 8) {
@@ -810,7 +836,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             #pragma omp for schedule(static, 1)
             for (int item = 0; item < R * Hkv; item++) {
                 int r = item / Hkv, gk = item % Hkv, seq = seq_of_row[r], P = positions[r] + 1;
-                for (int t = 0; t < P; t++) slots[t] = slot_of(kv, seq, t);
+                fill_slots(kv, seq, P, slots);
                 long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
                 const size_t elem = kv->dtype == KV_F32 ? sizeof(float) : sizeof(uint16_t);
                 attend(qkv + (size_t)r * QKVW + gk * per_kv * D, per_kv, D, scale, (const char *)kv->k + base * elem,
