@@ -214,73 +214,94 @@ static inline __attribute__((always_inline)) void value_sums(float *o, const flo
     for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
 }
 
-/* Attention of the G query heads q (G, D) that share one key/value head, over P cached positions whose key and
- * value vectors start at element slot[t] * D of keys and values (elements of `dtype`); out (G, D). scores: G * P
- * scratch; conv: conv_floats(D) scratch, where 16-bit vectors are widened to fp32 before use. Each key vector is
- * loaded once per 8 keys for all G heads' scores, and each block of value vectors once for all G heads (it stays
- * in L1), so a long cache is read from memory once per key/value head. */
-static void attend(const float *q, int G, int D, float scale, const void *keys, const void *values, int dtype,
-                   const long *slot, int P, float *scores, float *out, float *conv) {
-    for (int t0 = 0; t0 < P; t0 += 8) {
+/* Rows of one sequence that attend together (a prompt chunk's consecutive positions): their query heads share
+ * every key and value vector loaded (and widened), so a long cache is read once per tile instead of once per row. */
+#define ATT_TILE 4
+
+/* Attention of n rows (n <= ATT_TILE) of one sequence for one key/value head: row i's G query heads q[i] (G, D)
+ * attend to its first P[i] cached positions, whose key and value vectors start at element slot[t] * D of keys and
+ * values (elements of `dtype`); row i's result goes to out[i] (G, D). scores: n * G * max(P) scratch; conv:
+ * conv_floats(D) scratch, where 16-bit vectors are widened to fp32 before use. Each block of 8 key vectors is
+ * loaded once for all n * G heads' scores, and each block of value vectors once for all of them (it stays in L1).
+ * Every (row, head)'s numbers come from the same operations in the same order whatever the other rows of the
+ * tile, so a row's result does not depend on its tile. */
+static void attend(const float *const *q, const int *P, int n, int G, int D, float scale, const void *keys,
+                   const void *values, int dtype, const long *slot, float *scores, float *const *out, float *conv) {
+    int Pmax = 0;
+    for (int i = 0; i < n; i++) Pmax = P[i] > Pmax ? P[i] : Pmax;
+    for (int t0 = 0; t0 < Pmax; t0 += 8) {
         const float *k8[8];
         for (int j = 0; j < 8; j++) {
-            long at = slot[t0 + j < P ? t0 + j : t0] * D;
+            long at = slot[t0 + j < Pmax ? t0 + j : t0] * D;
             if (dtype == KV_F32) { k8[j] = (const float *)keys + at; continue; }
             kv_widen(keys, dtype, at, conv + j * D, D);
             k8[j] = conv + j * D;
         }
-        for (int g = 0; g < G; g++) {
-            __m256 a[8];
-            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 8) {
-                __m256 qv = _mm256_loadu_ps(q + g * D + d);
-                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[j] + d), a[j]);
+        for (int i = 0; i < n; i++) {
+            if (t0 >= P[i]) continue;
+            for (int g = 0; g < G; g++) {  /* lane j of the sums depends only on key j: other keys never mix in */
+                __m256 a[8];
+                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+                for (int d = 0; d < D; d += 8) {
+                    __m256 qv = _mm256_loadu_ps(q[i] + g * D + d);
+                    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[j] + d), a[j]);
+                }
+                float *sg = scores + ((size_t)i * G + g) * Pmax + t0;
+                __m256 s8 = _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale));
+                if (t0 + 8 <= P[i]) { _mm256_storeu_ps(sg, s8); continue; }
+                float tail[8];
+                _mm256_storeu_ps(tail, s8);
+                for (int j = 0; t0 + j < P[i]; j++) sg[j] = tail[j];
             }
-            float s8[8];
-            _mm256_storeu_ps(s8, _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale)));
-            for (int j = 0; j < 8 && t0 + j < P; j++) scores[(size_t)g * P + t0 + j] = s8[j];
         }
     }
-    float inv[G];  /* softmax of every head's scores, then the value sums */
-    for (int g = 0; g < G; g++) {
-        float *sg = scores + (size_t)g * P, mx = max_of(sg, P), sum = 0.0f;
-        int t = 0;
-        __m256 vsum = _mm256_setzero_ps();
-        for (; t + 8 <= P; t += 8) {
-            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(sg + t, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        sum = hsum256(vsum);
-        for (; t < P; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-        inv[g] = 1.0f / sum;
-    }
-    /* Positions in blocks of ~16 KB of values, each block used by all G heads while it is in L1 (the sums wait in
-     * out between blocks; the same additions in the same order as one pass over all positions). */
-    const int TB = value_block(D);
-    memset(out, 0, sizeof(float) * G * D);
-    for (int t0 = 0; t0 < P; t0 += TB) {
-        const int t1 = P - t0 < TB ? P : t0 + TB;
-        if (dtype != KV_F32)  /* the block's values widened once for all G heads: row t at conv + (t - t0) * D */
-            for (int t = t0; t < t1; t++) kv_widen(values, dtype, slot[t] * D, conv + (size_t)(t - t0) * D, D);
+    float inv[ATT_TILE * G];  /* softmax of every (row, head)'s scores, then the value sums */
+    for (int i = 0; i < n; i++)
         for (int g = 0; g < G; g++) {
-            const float *sg = scores + (size_t)g * P;
-            for (int d0 = 0; d0 < D; d0 += 64) {
-                const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-                float *o = out + g * D + d0;
-                if (dtype == KV_F32) {  /* constant vector counts: the sums stay in registers */
-                    if (nv == 8) value_sums(o, sg, t0, t1, (const float *)values + d0, slot, D, 8, 0);
-                    else value_sums(o, sg, t0, t1, (const float *)values + d0, slot, D, nv, 0);
-                } else {
-                    if (nv == 8) value_sums(o, sg, t0, t1, conv + d0, slot, D, 8, 1);
-                    else value_sums(o, sg, t0, t1, conv + d0, slot, D, nv, 1);
+            float *sg = scores + ((size_t)i * G + g) * Pmax, mx = max_of(sg, P[i]), sum = 0.0f;
+            int t = 0;
+            __m256 vsum = _mm256_setzero_ps();
+            for (; t + 8 <= P[i]; t += 8) {
+                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(sg + t, e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            sum = hsum256(vsum);
+            for (; t < P[i]; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+            inv[i * G + g] = 1.0f / sum;
+        }
+    /* Positions in blocks of ~16 KB of values, each block used by every (row, head) while it is in L1 (the sums
+     * wait in out between blocks; the same additions in the same order as one pass over all positions). */
+    const int TB = value_block(D);
+    for (int i = 0; i < n; i++) memset(out[i], 0, sizeof(float) * G * D);
+    for (int t0 = 0; t0 < Pmax; t0 += TB) {
+        const int t1 = Pmax - t0 < TB ? Pmax : t0 + TB;
+        if (dtype != KV_F32)  /* the block's values widened once for all heads: row t at conv + (t - t0) * D */
+            for (int t = t0; t < t1; t++) kv_widen(values, dtype, slot[t] * D, conv + (size_t)(t - t0) * D, D);
+        for (int i = 0; i < n; i++) {
+            if (t0 >= P[i]) continue;
+            const int te = t1 < P[i] ? t1 : P[i];
+            for (int g = 0; g < G; g++) {
+                const float *sg = scores + ((size_t)i * G + g) * Pmax;
+                for (int d0 = 0; d0 < D; d0 += 64) {
+                    const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
+                    float *o = out[i] + g * D + d0;
+                    if (dtype == KV_F32) {  /* constant vector counts: the sums stay in registers */
+                        if (nv == 8) value_sums(o, sg, t0, te, (const float *)values + d0, slot, D, 8, 0);
+                        else value_sums(o, sg, t0, te, (const float *)values + d0, slot, D, nv, 0);
+                    } else {
+                        if (nv == 8) value_sums(o, sg, t0, te, conv + d0, slot, D, 8, 1);
+                        else value_sums(o, sg, t0, te, conv + d0, slot, D, nv, 1);
+                    }
                 }
             }
         }
     }
-    for (int g = 0; g < G; g++)
-        for (int d = 0; d < D; d += 8)
-            _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), _mm256_set1_ps(inv[g])));
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < G; g++)
+            for (int d = 0; d < D; d += 8)
+                _mm256_storeu_ps(out[i] + g * D + d,
+                                 _mm256_mul_ps(_mm256_loadu_ps(out[i] + g * D + d), _mm256_set1_ps(inv[i * G + g])));
 }
 
 /* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
@@ -717,7 +738,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, conv, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
+typedef struct { size_t attn, tmp, act, tiles, priv0, private_, xn, scores, slots, conv, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -726,10 +747,11 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.attn = up16(R * (QW + 2 * KVW));
     o.tmp = o.attn + up16(R * QW);
     o.act = o.tmp + up16(R * h);
-    o.priv0 = o.act + up16((size_t)R * m->intermediate);
+    o.tiles = o.act + up16((size_t)R * m->intermediate);
+    o.priv0 = o.tiles + up16((size_t)R + 1);               /* ints: the first row of each attention tile */
     o.xn = up16(R * h);                                   /* private: x at 0 */
     o.scores = o.xn + up16(R * h);
-    o.slots = o.scores + up16(G * max_positions);
+    o.slots = o.scores + up16(ATT_TILE * G * max_positions);
     o.conv = o.slots + up16(2 * (size_t)max_positions);   /* longs */
     o.gu = o.conv + up16(conv_floats(m->head_dim));
     o.xs = o.gu + 64 * NBLOCK;
@@ -783,6 +805,12 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
     const float scale = 1.0f / sqrtf((float)D);
     const Layout o = layout(m, R, max_positions);
     float *qkv = work, *attn = work + o.attn, *tmp = work + o.tmp, *act = work + o.act;
+    int *tiles = (int *)(work + o.tiles), n_tiles = 0;  /* attention tiles: runs of consecutive positions of a seq */
+    for (int r = 0; r < R; r++)
+        if (r == 0 || seq_of_row[r] != seq_of_row[r - 1] || positions[r] != positions[r - 1] + 1
+            || r - tiles[n_tiles - 1] == ATT_TILE)
+            tiles[n_tiles++] = r;
+    tiles[n_tiles] = R;
 
     #pragma omp parallel num_threads(nthreads)
     {
@@ -834,14 +862,22 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             }  /* implicit barrier: every row's k/v is cached before any row attends */
 
             #pragma omp for schedule(static, 1)
-            for (int item = 0; item < R * Hkv; item++) {
-                int r = item / Hkv, gk = item % Hkv, seq = seq_of_row[r], P = positions[r] + 1;
-                fill_slots(kv, seq, P, slots);
+            for (int item = 0; item < n_tiles * Hkv; item++) {
+                const int r0 = tiles[item / Hkv], n = tiles[item / Hkv + 1] - r0, gk = item % Hkv, seq = seq_of_row[r0];
+                int P[ATT_TILE], Pmax = 0;
+                const float *q[ATT_TILE];
+                float *out[ATT_TILE];
+                for (int i = 0; i < n; i++) {
+                    P[i] = positions[r0 + i] + 1;
+                    Pmax = P[i] > Pmax ? P[i] : Pmax;
+                    q[i] = qkv + (size_t)(r0 + i) * QKVW + gk * per_kv * D;
+                    out[i] = attn + (size_t)(r0 + i) * QW + gk * per_kv * D;
+                }
+                fill_slots(kv, seq, Pmax, slots);
                 long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
                 const size_t elem = kv->dtype == KV_F32 ? sizeof(float) : sizeof(uint16_t);
-                attend(qkv + (size_t)r * QKVW + gk * per_kv * D, per_kv, D, scale, (const char *)kv->k + base * elem,
-                       (const char *)kv->v + base * elem, kv->dtype, slots, P, scores,
-                       attn + (size_t)r * QW + gk * per_kv * D, conv);
+                attend(q, P, n, per_kv, D, scale, (const char *)kv->k + base * elem, (const char *)kv->v + base * elem,
+                       kv->dtype, slots, scores, out, conv);
             }  /* implicit barrier */
 
             set_rows(attn, R, QW, &xa);
