@@ -6,8 +6,8 @@ the model's tokenizer, tokenized once here and shared), each prefilled from an e
 Reported: prefill tok/s (prompt tokens / time to the first token), decode tok/s at that context (the steps
 after the first token), peak RSS, and passkey accuracy (first number of the greedy answer == the key), with
 ratios to llama.cpp (each child warms up on a 64-token prompt first). Engines:
-  qwen25     `LLM` defaults (q8 weights from the GGUF, the engine's chunked prefill, fp32 KV cache unless
-             --kv-cache-dtype), no prefix caching
+  qwen25     `LLM` defaults (q8 weights from the GGUF, the engine's chunked prefill, the fused native forward, the
+             KV cache dtype `auto` picks, float16 for these weights, unless --kv-cache-dtype), no prefix caching
   llamacpp   llama-cpp-python (its f16 KV cache), n_ctx = length + decode steps, in ~/.cache/qwen25-ref's Python
 Beyond the native window pass --yarn 4 (static YaRN on both, vLLM's/llama.cpp's) and --dca (qwen25 only: Dual
 Chunk Attention, which llama.cpp lacks).
@@ -23,6 +23,7 @@ tokens (default 1024): decode tok/s in that window and RSS at its end.
 
     python benchmarks/bench_long.py [--lengths 4096,16384,32704] [--depths 0,0.25,0.5,0.75,1] [--threads 2]
                                     [--engines qwen25,llamacpp] [--kv-cache-dtype auto|bf16|int8] [--yarn 4] [--dca]
+                                    [--quantization auto|q8|q4|gguf]
     python benchmarks/bench_long.py --lengths 512 --depths 0.5 --decode-steps 8     # a quick check
     python benchmarks/bench_long.py --lengths 32704 --engines qwen25,qwen25-sparse --sparse-prefill on
     python benchmarks/bench_long.py --generate 8192 [--window 1024] [--engines qwen25,llamacpp]
@@ -62,15 +63,19 @@ def child_qwen25(spec: dict) -> dict:
         settings["use_native"] = False
     rope = ({"rope_type": "yarn", "factor": spec["yarn"], "original_max_position_embeddings": NATIVE_WINDOW}
             if spec["yarn"] else None)
-    llm = LLM(spec["model_path"], engine_kwargs=settings, rope_scaling=rope,
+    llm = LLM(spec["model_path"], quantization=spec.get("quantization", "auto"), engine_kwargs=settings,
+              rope_scaling=rope,
               dual_chunk_attention_config="on" if spec["dca"] else None,
               sparse_prefill=spec["sparse_prefill"] if spec.get("sparse") else None)
     engine = llm.engine
-    out: dict[str, Any] = {"rss_load_mb": rss_mb(), "version": f"torch {torch.__version__}", "runs": []}
+    kv_dtype = str(engine.runner.cache.keys.dtype).removeprefix("torch.")
+    log(spec["engine"], f"KV cache {spec['kv_cache_dtype']}: {kv_dtype}")
+    out: dict[str, Any] = {"rss_load_mb": rss_mb(), "version": f"torch {torch.__version__}", "runs": [],
+                           "kv_cache_dtype": kv_dtype}
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate([spec["prompts"][0][:WARMUP_TOKENS]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     if spec.get("generate"):
-        return {**generate_qwen25(llm, spec), "rss_load_mb": out["rss_load_mb"]}
+        return {**generate_qwen25(llm, spec), "rss_load_mb": out["rss_load_mb"], "kv_cache_dtype": kv_dtype}
     for i, ids in enumerate(spec["prompts"]):
         engine.add_request(f"p{i}", ids, params)
         tokens: list[int] = []
@@ -230,6 +235,12 @@ def table(results: dict[int, dict[str, dict]], keys: dict[int, list[str]]) -> li
     return lines
 
 
+def kv_line(setting: str, runs: list[tuple[str, dict]]) -> str:
+    """The --kv-cache-dtype setting and the dtype(s) the qwen25 children stored, e.g. "auto (float16)"."""
+    stored = sorted({r["kv_cache_dtype"] for engine, r in runs if "kv_cache_dtype" in r})
+    return f"{setting} ({', '.join(stored)})" if stored else setting
+
+
 def default_engines(args: argparse.Namespace) -> str:
     return "qwen25,qwen25-torch,qwen25-sparse,llamacpp" if args.sparse_prefill else "qwen25,llamacpp"
 
@@ -243,7 +254,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", default=None, help="comma-separated subset of " + ",".join(ENGINES) + " (default: "
                    "qwen25,llamacpp, plus qwen25-torch,qwen25-sparse with --sparse-prefill)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--kv-cache-dtype", default="auto", help="qwen25's KV cache (auto = fp32, float16, bf16, int8)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="qwen25's KV cache: auto (float16 for quantized weights), float32, float16, bfloat16, int8")
+    p.add_argument("--quantization", default="auto", choices=("auto", "q8", "q4", "gguf"),
+                   help="qwen25's weights from the GGUF (auto: q8, the LLM default; gguf: the file's own blocks, "
+                        "memory-mapped like llama.cpp's)")
     p.add_argument("--yarn", type=float, default=0.0, help="static YaRN factor on both engines (0: off)")
     p.add_argument("--dca", action="store_true", help="qwen25: Dual Chunk Attention (chunk = the native window)")
     p.add_argument("--sparse-prefill", nargs="?", const="on", default=None, metavar="on|JSON",
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [passkey_prompt(tokenizer, length, d, k).ids for d, k in zip(depths, keys[length])]
         spec = {"model_path": str(model_path), "length": length, "prompts": prompts, "threads": args.threads,
                 "decode_steps": args.decode_steps, "kv_cache_dtype": args.kv_cache_dtype, "yarn": args.yarn,
-                "dca": args.dca, "sparse_prefill": args.sparse_prefill}
+                "dca": args.dca, "sparse_prefill": args.sparse_prefill, "quantization": args.quantization}
         results[length] = {}
         for engine in engines:
             python = args.llamacpp_python if engine == "llamacpp" else sys.executable
@@ -302,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
             if result is not None:
                 results[length][engine] = result
     print(f"model: {model_path.name} ({model_path.stat().st_size / MB:.1f} MB); machine: {cpu_model()}, "
-          f"{cpu_flags()}; {args.threads} threads; depths {depths}; qwen25 KV cache {args.kv_cache_dtype}"
+          f"{cpu_flags()}; {args.threads} threads; depths {depths}; qwen25 weights {args.quantization}; "
+          f"qwen25 KV cache {kv_line(args.kv_cache_dtype, [r for by in results.values() for r in by.items()])}"
           + (f"; YaRN x{args.yarn}" if args.yarn else "") + ("; qwen25 DCA" if args.dca else ""))
     print("\n".join(table(results, keys)))
     if args.json:
@@ -322,6 +338,7 @@ def main_generate(args: argparse.Namespace, engines: list[str], model_path: Path
     spec = {"model_path": str(model_path), "length": length, "prompts": [prompt], "threads": args.threads,
             "decode_steps": args.generate, "kv_cache_dtype": args.kv_cache_dtype, "yarn": args.yarn,
             "dca": args.dca, "sparse_prefill": args.sparse_prefill, "generate": args.generate,
+            "quantization": args.quantization,
             "window": args.window}
     results: dict[str, dict] = {}
     for engine in engines:
@@ -330,7 +347,8 @@ def main_generate(args: argparse.Namespace, engines: list[str], model_path: Path
         if result is not None:
             results[engine] = result
     print(f"model: {model_path.name}; machine: {cpu_model()}, {cpu_flags()}; {args.threads} threads; greedy "
-          f"generation of {args.generate} tokens after a {length}-token prompt; qwen25 KV cache {args.kv_cache_dtype}")
+          f"generation of {args.generate} tokens after a {length}-token prompt; "
+          f"qwen25 KV cache {kv_line(args.kv_cache_dtype, list(results.items()))}")
     if results:
         print("\n".join(generate_table(results, args.window)))
         for engine, r in results.items():

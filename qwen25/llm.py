@@ -77,9 +77,10 @@ class LLM:
     `self.quantization` then reports that format.
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, kv_cache_memory, ...).
-    kv_cache_dtype: the KV cache's storage, as vLLM's keyword: "auto" (the compute dtype), "float32"/"fp32",
-    "float16"/"fp16", "bfloat16"/"bf16" (half the memory) or "int8" (27%); not auto runs attention on the PyTorch
-    path rather than the fused native forward (`qwen25.engine.kv_quant`; engine_kwargs may set it too).
+    kv_cache_dtype: the KV cache's storage, as vLLM's keyword: "auto" (float16 for quantized weights, half an
+    fp32 cache; else the compute dtype), "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16" (half the memory)
+    or "int8" (27%); int8 runs attention on the PyTorch path rather than the fused native forward
+    (`qwen25.engine.kv_quant`; engine_kwargs may set it too).
     speculative_config: speculative decoding in the engine for plain greedy requests (temperature 0, no
     penalties, logprobs or logits processors), vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3, "prompt_lookup_min": 1} or {"model": DRAFT, "num_speculative_tokens": 4} (a draft

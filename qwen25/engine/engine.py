@@ -29,9 +29,16 @@ from qwen25.engine.scheduler import Scheduler
 from qwen25.engine.sequence import Sequence
 from qwen25.engine.speculative import SpeculativeConfig, SpeculativeStats, speculation_applies
 from qwen25.engine.stop import StopMatcher
+from qwen25.kernels.native import NativeForward
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 from qwen25.tokenizer.stream import StreamDecoder
+
+
+def kv_cache_dtype_of(model: Qwen2ForCausalLM, name: str) -> torch.dtype:
+    """The KV cache dtype an engine for `model` stores for the setting `name` ("auto": float16 when the native
+    forward takes the model's quantized weights, else the activations' dtype; `kv_quant.auto_kv_cache_dtype`)."""
+    return resolve_kv_cache_dtype(name, activation_dtype(model), quantized=NativeForward.takes(model))
 
 
 @dataclass
@@ -77,10 +84,11 @@ class LLMEngine:
                  draft_model: Qwen2ForCausalLM | None = None, kv_cache_dtype: str = "auto") -> None:
         """speculative_config: vLLM's keys ({"method": "ngram", "num_speculative_tokens": 4, ...} or
         {"model": DRAFT, ...} with the loaded draft passed as `draft_model`); use_native: run the fused native
-        forward where the model's weights and the pass allow it (an fp32 KV cache only); kv_cache_dtype: "auto"
-        (the activations' dtype), "float32", "float16", "bfloat16" or "int8" (`qwen25.engine.kv_quant`)."""
+        forward where the model's weights and the pass allow it (an fp32, fp16 or bf16 KV cache); kv_cache_dtype:
+        "auto" (float16 for quantized weights, else the activations' dtype: `kv_quant.auto_kv_cache_dtype`),
+        "float32", "float16", "bfloat16" or "int8" (`qwen25.engine.kv_quant`)."""
         config = model.config
-        dtype = resolve_kv_cache_dtype(kv_cache_dtype, activation_dtype(model))
+        dtype = kv_cache_dtype_of(model, kv_cache_dtype)
         if num_blocks is None:
             num_blocks = kv_cache_memory // PagedKVCache.bytes_per_block(config, block_size, dtype)
         if num_blocks < 1:
@@ -122,8 +130,7 @@ class LLMEngine:
         settings.setdefault("max_model_len", checkpoint.config.max_position_embeddings)
         if "num_blocks" not in settings and "kv_cache_memory" not in settings:
             block_size = settings.get("block_size", 16)
-            kv_dtype = resolve_kv_cache_dtype(settings.get("kv_cache_dtype", "auto"),
-                                              activation_dtype(checkpoint.model))
+            kv_dtype = kv_cache_dtype_of(checkpoint.model, settings.get("kv_cache_dtype", "auto"))
             per_block = PagedKVCache.bytes_per_block(checkpoint.model.config, block_size, kv_dtype)
             full = settings["max_model_len"] // block_size + 1
             settings["kv_cache_memory"] = max(512 << 20, per_block * 2 * full)
@@ -186,7 +193,7 @@ class LLMEngine:
             limit = (f"the model's context window is {self.max_model_len} tokens"
                      if self.max_model_len < self.cache_capacity else
                      f"the KV cache holds {self.max_model_len} tokens (raise kv_cache_memory or num_blocks, or "
-                     "store it in fewer bytes: kv_cache_dtype bfloat16 or int8)")
+                     "store it in fewer bytes: kv_cache_dtype float16 or int8)")
             raise ContextLengthError(f"prompt has {len(prompt_token_ids)} tokens; {limit} (at least 1 must remain "
                                      "for the output)")
 

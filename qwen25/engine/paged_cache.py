@@ -13,10 +13,13 @@ What a slot holds is the backend's choice: rotated keys (plain RoPE, static YaRN
 `key_positions`, keys before rotation plus each column's position (`positions_for`), which dynamic YaRN and Dual
 Chunk Attention rotate at attention time with positions of their own (`qwen25.model.long_context`).
 
-Storage dtype (`kv_cache_dtype`, `qwen25.engine.kv_quant`): the activations' by default; float16/bfloat16 halve
-an fp32 cache; int8 stores each (token, head) vector as int8 with one fp32 absmax scale (keys divided by a fixed
-per-channel smoothing first), 1/4 + 1/D of fp32's bytes. Keys/values are converted when written and back when read,
-so attention always runs in the activations' dtype; a first prefill chunk attends over its own unrounded k/v.
+Storage dtype (`kv_cache_dtype`, `qwen25.engine.kv_quant`): by default float16 for quantized weights, else the
+activations' dtype; float16/bfloat16 halve an fp32 cache; int8 stores each (token, head) vector as int8 with one
+fp32 absmax scale (keys divided by a fixed per-channel smoothing first), 1/4 + 1/D of fp32's bytes. Keys/values
+are converted when written and back when read, so attention always runs in the activations' dtype. Every
+key/value is read as stored, a pass's own new ones included (a first prefill chunk too), so a row's result does
+not depend on how its prompt was chunked, and the native forward, which reads everything from the cache,
+computes the same thing.
 """
 
 from __future__ import annotations
@@ -121,8 +124,12 @@ class PagedStep:
             q, scale = quantize_int8(flat if smoothing is None else flat / smoothing)
             slots.index_copy_(1, self.write_slots, q)
             scales.index_copy_(1, self.write_slots, scale)
-        if self.read_index is None:  # nothing cached before this step: the new k/v are all there is
-            return new
+        if self.read_index is None:  # nothing cached before this step: the new k/v, as the cache stores them
+            if scales is not None:
+                q, scale = quantize_int8(new if smoothing is None else new / smoothing.unsqueeze(0))
+                read = q.float() * scale.unsqueeze(-1)
+                return (read if smoothing is None else read * smoothing.unsqueeze(0)).to(new.dtype)
+            return new if slots.dtype == new.dtype else new.to(slots.dtype).to(new.dtype)
         read = slots.view(-1, D).index_select(0, self.read_index).view(self.read_shape)  # (B, H_kv, P+T, D)
         if scales is None:
             return read.to(new.dtype)

@@ -17,6 +17,12 @@
  * weight rows make long chunks compute-efficient. Everything else is fp32 and follows
  * qwen25.model: RMSNorm, half-split RoPE with cos/sin given by the caller, softmax, SiLU(gate) * up. Each
  * row's result does not depend on the other rows in the call.
+ *
+ * The KV cache stores fp32, fp16 or bf16 values (KVView.dtype). A row's key (after RoPE) and value are rounded
+ * to the cache's dtype when written (fp16: F16C's round-to-nearest-even; bf16: round-to-nearest-even on the bits,
+ * as torch's conversion), and attention reads every cached vector back through that dtype, widened to fp32 in a
+ * per-thread scratch buffer (8 keys at a time, ~16 KB of values at a time), so scores, softmax and value sums run
+ * in fp32 with the same instructions for every dtype.
  */
 #include <math.h>
 #include <stddef.h>
@@ -66,11 +72,14 @@ typedef struct {
     QMat lm_head;
 } QModel;
 
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };  /* KVView.dtype */
+
 typedef struct {
-    float *k, *v;                                     /* cache bases (fp32) */
-    long layer_stride, seq_stride, head_stride;       /* in floats; a position's vector is head_dim floats */
+    void *k, *v;                                      /* cache bases, elements of `dtype` */
+    long layer_stride, seq_stride, head_stride;       /* in elements; a position's vector is head_dim elements */
     const int32_t *tables;                            /* (n_seqs, table_width) block ids, or NULL: slot = position */
     int table_width, block_size;
+    int dtype;                                        /* KV_F32, KV_F16 or KV_BF16 */
 } KVView;
 
 static inline long slot_of(const KVView *kv, int seq, int pos) {
@@ -78,8 +87,41 @@ static inline long slot_of(const KVView *kv, int seq, int pos) {
     return (long)kv->tables[(long)seq * kv->table_width + pos / kv->block_size] * kv->block_size + pos % kv->block_size;
 }
 
-static inline float *kv_vec(const KVView *kv, float *base, int layer, int seq, int head, int pos, int D) {
-    return base + layer * kv->layer_stride + seq * kv->seq_stride + head * kv->head_stride + slot_of(kv, seq, pos) * D;
+/* Element offset of (layer, seq, head, pos)'s vector from a cache base. */
+static inline long kv_offset(const KVView *kv, int layer, int seq, int head, int pos, int D) {
+    return layer * kv->layer_stride + seq * kv->seq_stride + head * kv->head_stride + slot_of(kv, seq, pos) * D;
+}
+
+/* fp32 -> bf16, round to nearest even on the bits (NaN -> 0x7FC0), as torch converts. */
+static inline __m128i bf16_from8(__m256 x) {
+    __m256i b = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* Write D fp32 values (D a multiple of 8) to the cache at element `at`, rounded to its dtype. */
+static void kv_store(const KVView *kv, void *base, long at, const float *x, int D) {
+    if (kv->dtype == KV_F32) { memcpy((float *)base + at, x, D * sizeof(float)); return; }
+    uint16_t *dst = (uint16_t *)base + at;
+    for (int d = 0; d < D; d += 8) {
+        __m256 v = _mm256_loadu_ps(x + d);
+        __m128i h = kv->dtype == KV_F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                        : bf16_from8(v);
+        _mm_storeu_si128((__m128i *)(dst + d), h);
+    }
+}
+
+/* Read D 16-bit cache values at element `at` (D a multiple of 8) into fp32 dst (exact widening). */
+static inline void kv_widen(const void *base, int dtype, long at, float *dst, int D) {
+    const uint16_t *src = (const uint16_t *)base + at;
+    for (int d = 0; d < D; d += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + d));
+        __m256 f = dtype == KV_F16 ? _mm256_cvtph_ps(h)
+                                   : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        _mm256_storeu_ps(dst + d, f);
+    }
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int n, float *out) {
@@ -125,67 +167,141 @@ static inline __m256 reduce8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* Attention of the G query heads q (G, D) that share one key/value head, over P cached positions whose key and
- * value vectors are keys + slot[t] * D and values + slot[t] * D; out (G, D). scores: G * P scratch. Each key
- * vector is loaded once per 8 keys for all G heads' scores, and each block of value vectors once for all G heads
- * (it stays in L1), so a long cache is read from memory once per key/value head. */
-static void attend(const float *q, int G, int D, float scale, const float *keys, const float *values,
-                   const long *slot, int P, float *scores, float *out) {
-    for (int t0 = 0; t0 < P; t0 += 8) {
+/* Value positions per block of the value sums (~16 KB of fp32 values), and the floats of attend's `conv`. */
+static inline int value_block(int D) { return D >= 4096 ? 1 : 4096 / D; }
+static inline size_t conv_floats(int D) { return (size_t)(8 * D > value_block(D) * D ? 8 * D : value_block(D) * D); }
+
+/* The largest of x[0 .. n) (-inf for n = 0; NaNs are skipped, as `x > m ? x : m` does). */
+static inline float max_of(const float *x, int n) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(x + t), m8);  /* a NaN lane keeps m8's */
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; t < n; t++) m = x[t] > m ? x[t] : m;
+    return m;
+}
+
+/* slots[t] = slot_of(kv, seq, t) for t in [0, P), a block at a time (no division per position). */
+static void fill_slots(const KVView *kv, int seq, int P, long *slots) {
+    if (!kv->tables) {
+        for (int t = 0; t < P; t++) slots[t] = t;
+        return;
+    }
+    const int bs = kv->block_size;
+    const int32_t *table = kv->tables + (long)seq * kv->table_width;
+    for (int t0 = 0, b = 0; t0 < P; t0 += bs, b++) {
+        const long base = (long)table[b] * bs;
+        const int n = P - t0 < bs ? P - t0 : bs;
+        for (int j = 0; j < n; j++) slots[t0 + j] = base + j;
+    }
+}
+
+/* o[0 .. 8 nv) += sum over t in [t0, t1) of p[t] * (value t)[0 .. 8 nv), value t at v + slot[t] * D (fp32 cache) or,
+ * widened, at v + (t - t0) * D; in that order. Inlined with constant nv and widened, so the sums stay in
+ * registers. */
+static inline __attribute__((always_inline)) void value_sums(float *o, const float *p, int t0, int t1,
+                                                             const float *v, const long *slot, long D, int nv,
+                                                             int widened) {
+    __m256 acc[8];
+    for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+    for (int t = t0; t < t1; t++) {
+        const __m256 w = _mm256_broadcast_ss(p + t);
+        const float *vt = v + (widened ? (long)(t - t0) : slot[t]) * D;
+        for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+}
+
+/* Rows of one sequence that attend together (a prompt chunk's consecutive positions): their query heads share
+ * every key and value vector loaded (and widened), so a long cache is read once per tile instead of once per row. */
+#define ATT_TILE 4
+
+/* Attention of n rows (n <= ATT_TILE) of one sequence for one key/value head: row i's G query heads q[i] (G, D)
+ * attend to its first P[i] cached positions, whose key and value vectors start at element slot[t] * D of keys and
+ * values (elements of `dtype`); row i's result goes to out[i] (G, D). scores: n * G * max(P) scratch; conv:
+ * conv_floats(D) scratch, where 16-bit vectors are widened to fp32 before use. Each block of 8 key vectors is
+ * loaded once for all n * G heads' scores, and each block of value vectors once for all of them (it stays in L1).
+ * Every (row, head)'s numbers come from the same operations in the same order whatever the other rows of the
+ * tile, so a row's result does not depend on its tile. */
+static void attend(const float *const *q, const int *P, int n, int G, int D, float scale, const void *keys,
+                   const void *values, int dtype, const long *slot, float *scores, float *const *out, float *conv) {
+    int Pmax = 0;
+    for (int i = 0; i < n; i++) Pmax = P[i] > Pmax ? P[i] : Pmax;
+    for (int t0 = 0; t0 < Pmax; t0 += 8) {
         const float *k8[8];
-        for (int j = 0; j < 8; j++) k8[j] = keys + slot[t0 + j < P ? t0 + j : t0] * D;
-        for (int g = 0; g < G; g++) {
-            __m256 a[8];
-            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 8) {
-                __m256 qv = _mm256_loadu_ps(q + g * D + d);
-                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[j] + d), a[j]);
-            }
-            float s8[8];
-            _mm256_storeu_ps(s8, _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale)));
-            for (int j = 0; j < 8 && t0 + j < P; j++) scores[(size_t)g * P + t0 + j] = s8[j];
+        for (int j = 0; j < 8; j++) {
+            long at = slot[t0 + j < Pmax ? t0 + j : t0] * D;
+            if (dtype == KV_F32) { k8[j] = (const float *)keys + at; continue; }
+            kv_widen(keys, dtype, at, conv + j * D, D);
+            k8[j] = conv + j * D;
         }
-    }
-    float inv[G];  /* softmax of every head's scores, then the value sums */
-    for (int g = 0; g < G; g++) {
-        float *sg = scores + (size_t)g * P, mx = -INFINITY, sum = 0.0f;
-        for (int t = 0; t < P; t++) mx = sg[t] > mx ? sg[t] : mx;
-        int t = 0;
-        __m256 vsum = _mm256_setzero_ps();
-        for (; t + 8 <= P; t += 8) {
-            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(sg + t, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        sum = hsum256(vsum);
-        for (; t < P; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-        inv[g] = 1.0f / sum;
-    }
-    /* Positions in blocks of ~16 KB of values, each block used by all G heads while it is in L1 (the sums wait in
-     * out between blocks; the same additions in the same order as one pass over all positions). */
-    const int TB = D >= 4096 ? 1 : 4096 / D;
-    memset(out, 0, sizeof(float) * G * D);
-    for (int t0 = 0; t0 < P; t0 += TB) {
-        const int t1 = P - t0 < TB ? P : t0 + TB;
-        for (int g = 0; g < G; g++) {
-            const float *sg = scores + (size_t)g * P;
-            for (int d0 = 0; d0 < D; d0 += 64) {
-                int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-                float *o = out + g * D + d0;
-                __m256 acc[8];
-                for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
-                for (int t = t0; t < t1; t++) {
-                    __m256 p = _mm256_broadcast_ss(sg + t);
-                    const float *v = values + slot[t] * D + d0;
-                    for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        for (int i = 0; i < n; i++) {
+            if (t0 >= P[i]) continue;
+            for (int g = 0; g < G; g++) {  /* lane j of the sums depends only on key j: other keys never mix in */
+                __m256 a[8];
+                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+                for (int d = 0; d < D; d += 8) {
+                    __m256 qv = _mm256_loadu_ps(q[i] + g * D + d);
+                    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[j] + d), a[j]);
                 }
-                for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+                float *sg = scores + ((size_t)i * G + g) * Pmax + t0;
+                __m256 s8 = _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale));
+                if (t0 + 8 <= P[i]) { _mm256_storeu_ps(sg, s8); continue; }
+                float tail[8];
+                _mm256_storeu_ps(tail, s8);
+                for (int j = 0; t0 + j < P[i]; j++) sg[j] = tail[j];
             }
         }
     }
-    for (int g = 0; g < G; g++)
-        for (int d = 0; d < D; d += 8)
-            _mm256_storeu_ps(out + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * D + d), _mm256_set1_ps(inv[g])));
+    float inv[ATT_TILE * G];  /* softmax of every (row, head)'s scores, then the value sums */
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < G; g++) {
+            float *sg = scores + ((size_t)i * G + g) * Pmax, mx = max_of(sg, P[i]), sum = 0.0f;
+            int t = 0;
+            __m256 vsum = _mm256_setzero_ps();
+            for (; t + 8 <= P[i]; t += 8) {
+                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(sg + t, e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            sum = hsum256(vsum);
+            for (; t < P[i]; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+            inv[i * G + g] = 1.0f / sum;
+        }
+    /* Positions in blocks of ~16 KB of values, each block used by every (row, head) while it is in L1 (the sums
+     * wait in out between blocks; the same additions in the same order as one pass over all positions). */
+    const int TB = value_block(D);
+    for (int i = 0; i < n; i++) memset(out[i], 0, sizeof(float) * G * D);
+    for (int t0 = 0; t0 < Pmax; t0 += TB) {
+        const int t1 = Pmax - t0 < TB ? Pmax : t0 + TB;
+        if (dtype != KV_F32)  /* the block's values widened once for all heads: row t at conv + (t - t0) * D */
+            for (int t = t0; t < t1; t++) kv_widen(values, dtype, slot[t] * D, conv + (size_t)(t - t0) * D, D);
+        for (int i = 0; i < n; i++) {
+            if (t0 >= P[i]) continue;
+            const int te = t1 < P[i] ? t1 : P[i];
+            for (int g = 0; g < G; g++) {
+                const float *sg = scores + ((size_t)i * G + g) * Pmax;
+                for (int d0 = 0; d0 < D; d0 += 64) {
+                    const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
+                    float *o = out[i] + g * D + d0;
+                    if (dtype == KV_F32) {  /* constant vector counts: the sums stay in registers */
+                        if (nv == 8) value_sums(o, sg, t0, te, (const float *)values + d0, slot, D, 8, 0);
+                        else value_sums(o, sg, t0, te, (const float *)values + d0, slot, D, nv, 0);
+                    } else {
+                        if (nv == 8) value_sums(o, sg, t0, te, conv + d0, slot, D, 8, 1);
+                        else value_sums(o, sg, t0, te, conv + d0, slot, D, nv, 1);
+                    }
+                }
+            }
+        }
+    }
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < G; g++)
+            for (int d = 0; d < D; d += 8)
+                _mm256_storeu_ps(out[i] + g * D + d,
+                                 _mm256_mul_ps(_mm256_loadu_ps(out[i] + g * D + d), _mm256_set1_ps(inv[i * G + g])));
 }
 
 /* a[n] = silu(a[n]) * u[n] for n < count: 8 lanes at a time, the tail in scalars (the same steps wherever a value
@@ -660,7 +776,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum, goff, panel; } Layout;
+typedef struct { size_t attn, tmp, act, tiles, priv0, private_, xn, scores, slots, conv, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum, goff, panel; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -669,11 +785,13 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.attn = up16(R * (QW + 2 * KVW));
     o.tmp = o.attn + up16(R * QW);
     o.act = o.tmp + up16(R * h);
-    o.priv0 = o.act + up16((size_t)R * m->intermediate);
+    o.tiles = o.act + up16((size_t)R * m->intermediate);
+    o.priv0 = o.tiles + up16((size_t)R + 1);               /* ints: the first row of each attention tile */
     o.xn = up16(R * h);                                   /* private: x at 0 */
     o.scores = o.xn + up16(R * h);
-    o.slots = o.scores + up16(G * max_positions);
-    o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
+    o.slots = o.scores + up16(ATT_TILE * G * max_positions);
+    o.conv = o.slots + up16(2 * (size_t)max_positions);   /* longs */
+    o.gu = o.conv + up16(conv_floats(m->head_dim));
     o.xs = o.gu + up16((size_t)(R > 64 ? R : 64) * (NBLOCK > PANEL ? NBLOCK : PANEL));
     o.xq = o.xs + up16(R);
     o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
@@ -727,11 +845,18 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
     const float scale = 1.0f / sqrtf((float)D);
     const Layout o = layout(m, R, max_positions);
     float *qkv = work, *attn = work + o.attn, *tmp = work + o.tmp, *act = work + o.act;
+    int *tiles = (int *)(work + o.tiles), n_tiles = 0;  /* attention tiles: runs of consecutive positions of a seq */
+    for (int r = 0; r < R; r++)
+        if (r == 0 || seq_of_row[r] != seq_of_row[r - 1] || positions[r] != positions[r - 1] + 1
+            || r - tiles[n_tiles - 1] == ATT_TILE)
+            tiles[n_tiles++] = r;
+    tiles[n_tiles] = R;
 
     #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
+        float *conv = x + o.conv;
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
@@ -776,18 +901,29 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                     int gk = head - Hq;
                     float *k = row + QW + gk * D, *v = row + QW + KVW + gk * D;
                     rope(k, c, s, D);
-                    memcpy(kv_vec(kv, kv->k, l, seq_of_row[r], gk, positions[r], D), k, D * sizeof(float));
-                    memcpy(kv_vec(kv, kv->v, l, seq_of_row[r], gk, positions[r], D), v, D * sizeof(float));
+                    long at = kv_offset(kv, l, seq_of_row[r], gk, positions[r], D);
+                    kv_store(kv, kv->k, at, k, D);
+                    kv_store(kv, kv->v, at, v, D);
                 }
             }  /* implicit barrier: every row's k/v is cached before any row attends */
 
             #pragma omp for schedule(static, 1)
-            for (int item = 0; item < R * Hkv; item++) {
-                int r = item / Hkv, gk = item % Hkv, seq = seq_of_row[r], P = positions[r] + 1;
-                for (int t = 0; t < P; t++) slots[t] = slot_of(kv, seq, t);
+            for (int item = 0; item < n_tiles * Hkv; item++) {
+                const int r0 = tiles[item / Hkv], n = tiles[item / Hkv + 1] - r0, gk = item % Hkv, seq = seq_of_row[r0];
+                int P[ATT_TILE], Pmax = 0;
+                const float *q[ATT_TILE];
+                float *out[ATT_TILE];
+                for (int i = 0; i < n; i++) {
+                    P[i] = positions[r0 + i] + 1;
+                    Pmax = P[i] > Pmax ? P[i] : Pmax;
+                    q[i] = qkv + (size_t)(r0 + i) * QKVW + gk * per_kv * D;
+                    out[i] = attn + (size_t)(r0 + i) * QW + gk * per_kv * D;
+                }
+                fill_slots(kv, seq, Pmax, slots);
                 long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
-                attend(qkv + (size_t)r * QKVW + gk * per_kv * D, per_kv, D, scale, kv->k + base, kv->v + base, slots,
-                       P, scores, attn + (size_t)r * QW + gk * per_kv * D);
+                const size_t elem = kv->dtype == KV_F32 ? sizeof(float) : sizeof(uint16_t);
+                attend(q, P, n, per_kv, D, scale, (const char *)kv->k + base * elem, (const char *)kv->v + base * elem,
+                       kv->dtype, slots, scores, out, conv);
             }  /* implicit barrier */
 
             set_rows(attn, R, QW, &xa);

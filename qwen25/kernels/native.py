@@ -8,7 +8,8 @@ logits differ from the PyTorch path's by that rounding (perplexity 1.0036x fp32'
 0..position in the KV cache, which `KVView` describes (contiguous per sequence, or paged through block tables).
 A row's result depends only on its own token and the cached keys/values, never on the other rows of the pass:
 outputs are identical whether a sequence runs alone or batched, with its prompt in one chunk or several, with or
-without prefix-cache hits.
+without prefix-cache hits. The cache may store float32, float16 or bfloat16: keys (after RoPE) and values are
+rounded to it when written and widened back to fp32 when attention reads them, the current pass's own included.
 
 Available for models loaded with `quantization="gguf"` (`GGMLLinear` parts: q, k, v and gate, up as separate
 tensors of Q4_K / Q6_K / Q5_0 / Q8_0 blocks read in place, activations rounded to 8 bits per block; `GGMLEmbedding`)
@@ -60,14 +61,18 @@ class _QModel(ctypes.Structure):
 
 class _KVView(ctypes.Structure):
     _fields_ = [("k", _ptr), ("v", _ptr), ("layer_stride", ctypes.c_long), ("seq_stride", ctypes.c_long),
-                ("head_stride", ctypes.c_long), ("tables", _ptr), ("table_width", _int), ("block_size", _int)]
+                ("head_stride", ctypes.c_long), ("tables", _ptr), ("table_width", _int), ("block_size", _int),
+                ("dtype", _int)]
+
+
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the cache dtypes forward.c reads and writes
 
 
 @dataclass
 class KVView:
     """Where row keys/values live. keys/values: a contiguous (L, B, H_kv, S, D) cache (`tables` None, a row's
     sequence index picks B) or a paged (L, H_kv, num_blocks, block_size, D) pool with int32 block tables
-    (n_seqs, width)."""
+    (n_seqs, width); float32, float16 or bfloat16 (`KV_DTYPES`), both the same."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -75,17 +80,19 @@ class KVView:
 
     def as_struct(self) -> _KVView:
         k, v = self.keys, self.values
-        if k.dtype != torch.float32 or v.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
-            raise ValueError("the native forward needs contiguous fp32 key/value caches")
+        if k.dtype not in KV_DTYPES or v.dtype != k.dtype or not (k.is_contiguous() and v.is_contiguous()):
+            raise ValueError("the native forward needs contiguous key/value caches of one dtype, float32, float16 "
+                             f"or bfloat16; got {k.dtype} keys and {v.dtype} values")
         if self.tables is None:
             L, B, H, S, D = k.shape
-            return _KVView(k.data_ptr(), v.data_ptr(), B * H * S * D, H * S * D, S * D, None, 0, 0)
+            return _KVView(k.data_ptr(), v.data_ptr(), B * H * S * D, H * S * D, S * D, None, 0, 0,
+                           KV_DTYPES[k.dtype])
         L, H, N, bs, D = k.shape
         if self.tables.dtype != torch.int32 or not self.tables.is_contiguous():
             self.tables = self.tables.to(torch.int32).contiguous()  # kept on self: C reads it during the call
         tables = self.tables
         return _KVView(k.data_ptr(), v.data_ptr(), H * N * bs * D, 0, N * bs * D, tables.data_ptr(),
-                       tables.shape[1], bs)
+                       tables.shape[1], bs, KV_DTYPES[k.dtype])
 
 
 def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[tuple[nn.Module, torch.Tensor]]) -> _QMat:
@@ -174,45 +181,51 @@ class NativeForward:
     def for_model(cls, model: Qwen2ForCausalLM, level: str | None = None) -> NativeForward | None:
         """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel).
         level: the ISA build to run (`qwen25.kernels.isa`; default the selected one, e.g. the CPU's best)."""
+        if not cls.takes(model):
+            return None
+        lib = load_forward_kernel(level=level)
+        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True, level=level))
+
+    @staticmethod
+    def takes(model: Qwen2ForCausalLM) -> bool:
+        """Whether the kernel takes this model's weights (quantized q8 / q4 / GGUF-block layouts with fp32
+        norms), whether or not it can be built here: the engine's "auto" KV cache dtype follows this."""
         inner, config = model.model, model.config
         blocks = isinstance(model.lm_head, GGMLLinear) and isinstance(inner.embed_tokens, GGMLEmbedding)
         if not blocks and (not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding)):
-            return None
+            return False
         if model.lm_head.out_features != config.vocab_size or inner.embed_tokens.num_embeddings != config.vocab_size:
-            return None
+            return False
         if not isinstance(inner.norm, RMSNorm) or inner.norm.weight.dtype != torch.float32:
-            return None
+            return False
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _parts(attn.qkv_proj) if attn.qkv_proj is not None else []
             gate_up = _parts(mlp.gate_up_proj)
             if not (1 <= len(qkv) <= 3 and all(map(_supported, qkv + gate_up + [attn.o_proj, mlp.down_proj]))):
-                return None
+                return False
             if len(gate_up) == 2 and not (all(isinstance(p, GGMLLinear) for p in gate_up)
                                           and BLOCK[gate_up[0].ggml_type] == BLOCK[gate_up[1].ggml_type]):
-                return None  # separate gate/up: GGUF blocks of one activation block size (quantized once)
+                return False  # separate gate/up: GGUF blocks of one activation block size (quantized once)
             if len(gate_up) not in (1, 2) or any(p.bias is not None for p in gate_up):
-                return None
+                return False
             if sum(part.out_features for part in qkv) != (config.num_attention_heads + 2 * config.num_key_value_heads) \
                     * config.head_dim:
-                return None  # the kernel writes q, k, v side by side and applies no gate/up bias
+                return False  # the kernel writes q, k, v side by side and applies no gate/up bias
         if config.num_attention_heads % config.num_key_value_heads:
-            return None
+            return False
         if any(k % 16 for k in (config.hidden_size, config.intermediate_size,
                                 config.num_attention_heads * config.head_dim)):
-            return None  # the kernel quantizes activation rows 16 values at a time
-        if config.head_dim % 8:
-            return None
-        lib = load_forward_kernel(level=level)
-        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True, level=level))
+            return False  # the kernel quantizes activation rows 16 values at a time
+        return config.head_dim % 8 == 0
 
     def supports(self, config: Any, attention: str, kv_dtype: torch.dtype) -> bool:
         """Whether a pass with this model config, attention kind and KV-cache dtype can run natively: the kernel
-        implements plain causal attention with default RoPE over an fp32 cache, for the config it was built
-        from; anything else (YaRN, dual-chunk or sparse attention, a 16-bit or int8 cache) runs the PyTorch
+        implements plain causal attention with default RoPE over an fp32, fp16 or bf16 cache, for the config it
+        was built from; anything else (YaRN, dual-chunk or sparse attention, an int8 cache) runs the PyTorch
         path."""
         rope_type = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
-        return (config == self.config and attention == "causal" and kv_dtype == torch.float32
+        return (config == self.config and attention == "causal" and kv_dtype in KV_DTYPES
                 and rope_type in ("default", None) and not getattr(config, "dual_chunk_attention_config", None))
 
     def forward_cache(self, input_ids: torch.Tensor, cache: Any, view: KVView, logits_to_keep: int) -> torch.Tensor:
