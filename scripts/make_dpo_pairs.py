@@ -2,9 +2,10 @@
 
     python scripts/make_rl_tasks.py /tmp/rg/reasoning_gym-*.whl --output data/rl        # the task files
     python scripts/make_dpo_pairs.py --tasks data/rl/gsm_train.jsonl --limit 300 --n 8 --output data/rl/pairs.jsonl
-    python scripts/make_dpo_pairs.py --tasks data/rl/gsm_heldout.jsonl --limit 100 --accuracy      # before
+    python scripts/make_dpo_pairs.py --tasks data/rl/gsm_heldout.jsonl --limit 100 --accuracy --quantization q8  # before
     qwen25 train dpo --data data/rl/pairs.jsonl --lora --output runs/dpo-gsm
-    python scripts/make_dpo_pairs.py --tasks data/rl/gsm_heldout.jsonl --limit 100 --accuracy --lora runs/dpo-gsm
+    python scripts/make_dpo_pairs.py --tasks data/rl/gsm_heldout.jsonl --limit 100 --accuracy --quantization q8 \
+        --lora runs/dpo-gsm                                                                              # after
 
 Pairs: per prompt --n samples (temperature --temperature), scored by the `math` reward; chosen = the shortest
 correct finished sample, rejected = a wrong one (qwen25/train/self_pairs.py). --accuracy: one greedy answer per
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantization", default="auto",
+                   help="the inference path (auto, gguf, q8, none); with --lora the adapter is merged, which needs "
+                        "q8 or none, so compare before/after on the same one (e.g. q8)")
     a = p.parse_args(argv)
     if not a.accuracy and not a.output:
         p.error("--output is required unless --accuracy")
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(line) for line in Path(a.tasks).read_text().splitlines() if line.strip()][:a.limit]
     if not records:
         p.error(f"{a.tasks}: no task")
-    llm = LLM(a.model, lora=a.lora) if a.model else LLM(lora=a.lora)
+    llm = LLM(a.model, lora=a.lora, quantization=a.quantization) if a.model else \
+        LLM(lora=a.lora, quantization=a.quantization)
     reward = MathAnswerReward()
     if a.accuracy:
         accuracy, stats = task_accuracy(llm, records, reward, SamplingParams(temperature=0.0, max_tokens=a.max_tokens))
