@@ -9,12 +9,13 @@ that took.
 - `QuantizedCopy` (the default in `qwen25 train grpo`): the engine runs a q8 copy of the policy on the native
   fused forward (`qwen25.kernels.native`): 3.9x the rollout tokens/s of the policy path on the 0.5B
   (BENCHMARKS.md). A sync writes the policy's current weights (each LoRA projection merged: W + B A * scaling)
-  into the copy's int8 weights and scales *in place*, so the engine's native weight views stay valid, then asks
-  the engine to refresh what it derived from them (`LLMEngine.weights_updated`). With LoRA only the decoder projections are re-quantized (the embedding and
-  lm_head are frozen); a full fine-tune re-quantizes everything. The copy costs q8's memory (about 1.1 bytes per
-  weight). The samples then come from the q8 rounding of the policy, not the policy itself: the objective's
-  ratio still uses the policy's own log-probs (as TRL does when vLLM samples in another precision), and the
-  mismatch is the q8 rounding (the native q8 path's perplexity is 1.0036x the fp32 reference's: README).
+  into the copy's int8 weights and scales *in place*, so the engine's native weight views stay valid, then
+  asks the engine to refresh what it derived from them (`LLMEngine.weights_updated`). With LoRA only the
+  decoder projections are re-quantized (the embedding and lm_head are frozen); a full fine-tune re-quantizes
+  everything. The copy costs q8's memory (about 1.1 bytes per weight). The samples then come from the q8
+  rounding of the policy, not the policy itself: the objective's ratio still uses the policy's own log-probs
+  (as TRL does when vLLM samples in another precision), and the mismatch is the q8 rounding (the native q8
+  path's perplexity is 1.0036x the fp32 reference's: README).
 """
 
 from __future__ import annotations
