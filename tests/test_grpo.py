@@ -9,25 +9,16 @@ import math
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+from tiny_models import save_tiny_policy  # noqa: E402
 
 PROMPTS = [{"prompt": f"Say a word with the letter {c}.", "answer": c} for c in "aeiouxyz"]
 REWARD = "format:/[\\u4e00-\\u9fff]/"  # a CJK character: a tiny random model's 8 tokens hold one about half the time
 
 
-def _tiny_config(**kw):
-    return transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, **kw)
-
-
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, real_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("grpo-policy")
-    transformers.Qwen2ForCausalLM(_tiny_config()).save_pretrained(path)
-    real_tokenizer.save(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("grpo-policy"), real_tokenizer)
 
 
 @pytest.fixture

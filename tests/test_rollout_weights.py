@@ -8,22 +8,13 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-
-def _tiny_config(**kw):
-    return transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, **kw)
+pytest.importorskip("transformers")
+from tiny_models import save_tiny_policy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, real_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("rollout-policy")
-    transformers.Qwen2ForCausalLM(_tiny_config()).save_pretrained(path)
-    real_tokenizer.save(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("rollout-policy"), real_tokenizer)
 
 
 def _load(policy_dir, lora: bool):

@@ -19,3 +19,17 @@ def unit_scale_(model: nn.Module, norms: bool = False) -> nn.Module:
             elif norms:
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def save_tiny_policy(path, tokenizer, seed: int = 0):  # noqa: ANN001, ANN201
+    """A tiny random transformers Qwen2 (the real vocabulary, 2 layers of 32) with `tokenizer` saved into `path`:
+    the RL tests' policy checkpoint. Returns path."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save(path)
+    return path
