@@ -126,3 +126,25 @@ def test_grpo_loader_scores_rollouts_from_the_q8_copy_and_reference_from_the_pol
         expected = token_logps(policy.eval(), batch.input_ids, batch.labels, DistContext()).logps
     assert torch.equal(batch.ref_logps, expected)
     assert batch.stats["sync_s"] >= 0.0 and batch.stats["rollout_tokens"] > 0
+
+
+def test_rollout_cache_is_sized_for_the_dtype_the_engine_stores(policy_dir):
+    """The q8 copy's engine stores an fp16 cache (`auto`), the policy's own tensors an fp32 one: the budget GRPO
+    asks for is 2 (K and V) x layers x KV heads x head_dim x that itemsize per token, for every rollout sequence
+    at full length plus one spare."""
+    from types import SimpleNamespace
+
+    from qwen25.engine.engine import kv_cache_dtype_of
+    from qwen25.kernels.native import NativeForward
+    from qwen25.train.grpo import _kv_bytes
+    from qwen25.train.rollout_weights import QuantizedCopy
+
+    policy = _load(policy_dir, lora=True).model
+    copy_model = QuantizedCopy(policy).model
+    if not NativeForward.takes(copy_model):
+        pytest.skip("no native kernel on this machine (no C compiler or AVX2): the q8 copy stores no fp16 cache")
+    cfg = SimpleNamespace(max_num_seqs=64, batch_size=2, num_generations=8, seq_len=96)
+    per_token_elements = 2 * 2 * 2 * 8  # K and V, 2 layers, 2 KV heads, head_dim 32 / 4
+    assert kv_cache_dtype_of(copy_model, "auto") == torch.float16
+    assert _kv_bytes(copy_model, cfg) == per_token_elements * 2 * 96 * 17
+    assert _kv_bytes(policy, cfg) == per_token_elements * 4 * 96 * 17

@@ -246,7 +246,7 @@ def main(cfg: GRPOConfig) -> int:
     engine = LLMEngine(source.model, tokenizer, max_num_seqs=cfg.max_num_seqs,
                        max_num_batched_tokens=max(512, cfg.seq_len),
                        max_model_len=min(cfg.seq_len, checkpoint.config.max_position_embeddings),
-                       kv_cache_memory=max(64 << 20, _kv_bytes(model, cfg)), use_native=cfg.rollout_weights == "q8",
+                       kv_cache_memory=max(64 << 20, _kv_bytes(source.model, cfg)), use_native=cfg.rollout_weights == "q8",
                        stop_token_ids=stop_token_ids(checkpoint))
     source.engine = engine
     if cfg.rollout_weights == "q8" and engine.runner.native is None:
@@ -301,8 +301,14 @@ def main(cfg: GRPOConfig) -> int:
 
 
 def _kv_bytes(model: Any, cfg: GRPOConfig) -> int:
-    """KV-cache bytes for every rollout sequence of a micro-batch at full length (fp32 keys and values)."""
+    """KV-cache bytes for every rollout sequence of a micro-batch at full length, in the dtype the engine stores
+    for `model` (the rollout model: fp16 for the q8 copy, the activations' dtype for the policy's own tensors)."""
+    import torch
+
+    from qwen25.engine.engine import kv_cache_dtype_of
+
     c = model.config
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    itemsize = torch.empty((), dtype=kv_cache_dtype_of(model, "auto")).element_size()
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize
     seqs = min(cfg.max_num_seqs, cfg.batch_size * cfg.num_generations)
     return per_token * cfg.seq_len * (seqs + 1)
