@@ -14,7 +14,8 @@ requantized to int8; -q8-avx2 likewise), qwen25-q4
 Two ways to drive an engine:
   generate: its public generate API. prefill = time(generate 1 token); decode = 128 / (time(generate 129)
             - time(generate 1)), i.e. 128 decode steps including the API's per-token overhead.
-  forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each.
+  forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each (qwen25:
+            the engine's native forward on a contiguous cache of the engine's KV dtype).
 
     python benchmarks/bench_decode.py [--model NAME|PATH.gguf] [--skip transformers] [--reps 3] [--procs 1]
                                       [--engines qwen25,qwen25-avx2,qwen25-q4,qwen25-ref,llamacpp,transformers] [--json out.json]
@@ -127,6 +128,7 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
     state: dict[str, Any] = {}
 
     native = llm.engine.runner.native_for_pass()  # the fast path the engine runs, on a contiguous cache here
+    kv_dtype = llm.engine.runner.cache.keys.dtype  # ... of the engine's KV dtype (float16 by default)
 
     @torch.inference_mode()
     def forward(ids: list[int]) -> int:
@@ -136,7 +138,8 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
         return int(llm.model(torch.tensor([ids]), cache=cache, logits_to_keep=1)[0, -1].argmax())
 
     def start(ids: list[int]) -> int:
-        state["cache"] = ContiguousKVCache(llm.config, 1, len(ids) + DECODE_STEPS + 1)
+        state["cache"] = ContiguousKVCache(llm.config, 1, len(ids) + DECODE_STEPS + 1,
+                                           kv_dtype if native is not None else torch.float32)
         return forward(ids)
 
     def generate(ids: list[int], n: int) -> list[int]:
