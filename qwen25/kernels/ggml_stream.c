@@ -21,19 +21,6 @@ static inline __m256i dot_us(__m256i u, __m256i s) {
 /* signed weights w and activations x: |w| times x with w's sign */
 static inline __m256i dot_ss(__m256i w, __m256i x) { return dot_us(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
 
-/* dot_us(u, s) with lanes 0-3 times lo and lanes 4-7 times hi: exact. Without VNNI the scales ride in the pairwise
- * add (madd by the scale instead of by 1), which saves a 32-bit multiply; maddubs' 16-bit pair sums do not saturate
- * for the K types (|w| <= 63 against |x| <= 127) and the scales fit int16 (Q4_K 0..63, Q6_K -128..127). */
-static inline __m256i dot_us_scaled(__m256i u, __m256i s, int lo, int hi) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_mullo_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
-                              _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi));
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
-                             _mm256_setr_m128i(_mm_set1_epi16((short)lo), _mm_set1_epi16((short)hi)));
-#endif
-}
-
 /* lane j = the sum of v[j]'s 8 lanes */
 static inline __m256i hsum8x8(const __m256i *v) {
     const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
@@ -82,7 +69,8 @@ static inline __attribute__((always_inline)) __m256i stream_block(int type, cons
                 const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
                 const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
                 const __m256i w = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low) : _mm256_and_si256(v, low);
-                isum = _mm256_add_epi32(isum, dot_us_scaled(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc, sc));
+                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_us(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j))),
+                                                                 _mm256_set1_epi32(sc)));
                 m += mn * (xs[2 * j] + xs[2 * j + 1]);
             }
         }
@@ -104,9 +92,9 @@ static inline __attribute__((always_inline)) __m256i stream_block(int type, cons
         w[3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low), HI2(3)), off);
 #undef HI2
         for (int k = 0; k < 4; k++) {  /* vector 4h + k: sub-blocks 8h + 2k (lanes 0-3) and 8h + 2k + 1 */
-            const __m256i xk = _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * k));
-            isum = _mm256_add_epi32(isum, dot_us_scaled(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(xk, w[k]),
-                                                        sc[8 * h + 2 * k], sc[8 * h + 2 * k + 1]));
+            const int s0 = sc[8 * h + 2 * k], s1 = sc[8 * h + 2 * k + 1];
+            const __m256i d = dot_ss(w[k], _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * k)));
+            isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(d, _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1)));
         }
     }
     return isum;
