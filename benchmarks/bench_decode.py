@@ -14,7 +14,8 @@ requantized to int8; -q8-avx2 likewise), qwen25-q4
 Two ways to drive an engine:
   generate: its public generate API. prefill = time(generate 1 token); decode = 128 / (time(generate 129)
             - time(generate 1)), i.e. 128 decode steps including the API's per-token overhead.
-  forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each.
+  forward:  a raw loop: one forward over the prompt, then 128 single-token forwards, argmax after each (qwen25:
+            the engine's native forward on a contiguous cache of the engine's KV dtype).
 
     python benchmarks/bench_decode.py [--model NAME|PATH.gguf] [--skip transformers] [--reps 3] [--procs 1]
                                       [--engines qwen25,qwen25-avx2,qwen25-q4,qwen25-ref,llamacpp,transformers] [--json out.json]
@@ -127,6 +128,7 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
     state: dict[str, Any] = {}
 
     native = llm.engine.runner.native_for_pass()  # the fast path the engine runs, on a contiguous cache here
+    kv_dtype = llm.engine.runner.cache.keys.dtype  # ... of the engine's KV dtype (float16 by default)
 
     @torch.inference_mode()
     def forward(ids: list[int]) -> int:
@@ -136,7 +138,8 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
         return int(llm.model(torch.tensor([ids]), cache=cache, logits_to_keep=1)[0, -1].argmax())
 
     def start(ids: list[int]) -> int:
-        state["cache"] = ContiguousKVCache(llm.config, 1, len(ids) + DECODE_STEPS + 1)
+        state["cache"] = ContiguousKVCache(llm.config, 1, len(ids) + DECODE_STEPS + 1,
+                                           kv_dtype if native is not None else torch.float32)
         return forward(ids)
 
     def generate(ids: list[int], n: int) -> list[int]:
@@ -267,22 +270,33 @@ def read_bandwidth_gbps(threads: int) -> float | None:
         return None
 
 
+def agreement(tokens: list[int], reference: list[int] | None) -> int | None:
+    """How many greedy tokens, from the first, equal the reference's (None without a reference)."""
+    if reference is None:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
 def table(results: dict[str, dict], ceiling_gbps: float | None) -> list[str]:
     """Markdown rows, one per (engine, mode); ratios are medians over llama.cpp's medians. Load: min / median over
-    processes; RSS and busy cores: the maximum over processes; n = processes x repetitions per process."""
+    processes; RSS and busy cores: the maximum over processes; n = processes x repetitions per process. Greedy
+    agreement: tokens equal from the first, against llama.cpp's eval loop and against qwen25-ref's
+    LLM.generate (the dequantized fp32 weights), when those engines ran."""
     ref = results.get("llamacpp", {}).get("modes", {}).get("forward")
     ref_prefill, ref_decode = (min_median(ref["prefill"])[1], min_median(ref["decode"])[1]) if ref else (None, None)
     ref_tokens = ref["tokens"] if ref else None
+    fp32 = results.get("qwen25-ref", {}).get("modes", {}).get("generate")  # the dequantized fp32 reference
+    fp32_tokens = fp32["tokens"] if fp32 else None
     lines = ["| engine | mode | load s | RSS after load MB | peak RSS MB | prefill 512 tok/s min / med "
              "| decode 128 tok/s min / med | prefill / llama.cpp | decode / llama.cpp | weights/token MB "
-             f"| decode GB/s | % of {ceiling_gbps or 0:.1f} GB/s read | greedy = llama.cpp | busy cores: others / steal | n |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| decode GB/s | % of {ceiling_gbps or 0:.1f} GB/s read | greedy = llama.cpp | greedy = fp32 ref "
+             "| busy cores: others / steal | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for engine, r in results.items():
         for mode, m in r["modes"].items():
             prefill, decode = min_median(m["prefill"]), min_median(m["decode"])
             gbps = r["bytes_per_token"] * decode[1] / 1e9
-            same = next((i for i, (a, b) in enumerate(zip(m["tokens"], ref_tokens)) if a != b), len(m["tokens"])) \
-                if ref_tokens else None
+            same, same32 = (agreement(m["tokens"], other) for other in (ref_tokens, fp32_tokens))
             cells = [engine, MODE_LABELS.get((engine, mode), "forward loop"), fmt(min_median(r["load_s"]), 2),
                      f"{max(r['rss_load_mb']):.0f}", f"{max(r['peak_rss_mb']):.0f}",
                      fmt(prefill, 1), fmt(decode, 2),
@@ -290,6 +304,7 @@ def table(results: dict[str, dict], ceiling_gbps: float | None) -> list[str]:
                      f"{decode[1] / ref_decode:.2f}x" if ref_decode else "-",
                      f"{r['bytes_per_token'] / MB:.1f}", f"{gbps:.2f}", f"{100 * gbps / ceiling_gbps:.0f}%" if ceiling_gbps else "-",
                      f"{same}/{len(m['tokens'])}" if same is not None else "-",
+                     f"{same32}/{len(m['tokens'])}" if same32 is not None else "-",
                      f"{max(r['other_cpu_cores']):.2f} / {max(r['steal_cores']):.2f}",
                      f"{len(r['load_s'])}x{len(m['decode']) // len(r['load_s'])}"]
             lines.append("| " + " | ".join(cells) + " |")

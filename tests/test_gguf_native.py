@@ -114,3 +114,21 @@ def test_avx2_equals_avx512(model):
     a = run(NativeForward.for_model(model.model, level="avx512"), model.config, rows, 1)
     b = run(NativeForward.for_model(model.model, level="avx2"), model.config, rows, 1)
     assert torch.equal(a, b)
+
+
+def test_embedding_rows_are_exact(model):
+    """The embedding reads its looked-up rows from the file with pread when its bytes are the file's (not
+    through the mapping, see qwen25.kernels.ggml_linear): the rows equal the dequantized table's, exactly,
+    through the PyTorch module and through the native forward's row table."""
+    from qwen25.weights.quants import dequantize
+
+    embed = model.model.model.embed_tokens
+    assert (embed.source is not None) == (not model.source.parent.name.startswith("tiny-f16"))
+    ids = torch.tensor([[PROMPT[3], 0, PROMPT[3]], [embed.num_embeddings - 1, 42, PROMPT[0]]])
+    table = embed.raw.reshape(embed.num_embeddings, -1)[ids.reshape(-1).numpy()]
+    expected = torch.from_numpy(np.asarray(dequantize(table.reshape(-1), embed.ggml_type,
+                                                      (ids.numel(), embed.embedding_dim))))
+    assert torch.equal(embed(ids).reshape(-1, embed.embedding_dim), expected)
+    rows, local = embed.rows(ids)
+    assert local.shape == ids.shape and torch.equal(torch.from_numpy(rows[local.reshape(-1).numpy()]),
+                                                    torch.from_numpy(table))

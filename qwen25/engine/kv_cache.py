@@ -53,10 +53,11 @@ class ContiguousKVCache:
 
     def native_view(self) -> Any:
         """The cache as the native forward's `KVView` (row b of the batch is sequence b), or None when the native
-        forward cannot use it: a key mask is in use (it has none), or the cache is not contiguous fp32."""
-        from qwen25.kernels.native import KVView
+        forward cannot use it: a key mask is in use (it has none), or the cache is not contiguous float32, float16
+        or bfloat16."""
+        from qwen25.kernels.native import KV_DTYPES, KVView
 
-        usable = (not self._has_padding and self.keys.dtype == torch.float32 and self.keys.is_contiguous()
+        usable = (not self._has_padding and self.keys.dtype in KV_DTYPES and self.keys.is_contiguous()
                   and self.values.is_contiguous())
         return KVView(self.keys, self.values) if usable else None
 

@@ -3,9 +3,18 @@ lie in the memory-mapped file: `GGMLLinear` (x @ W.T + bias through `ggml_matmul
 per block) and `GGMLEmbedding` (looked-up rows dequantized). Nothing is copied or requantized; the arrays are the
 file's mapping, kept as plain attributes (not buffers: they are read-only and never saved). The fused native
 forward (`qwen25.kernels.native`) reads the same bytes. Inference only.
+
+An embedding given its file (`EmbeddingSource`) reads the looked-up rows with `pread` instead of through the
+mapping: a fault on a mapped file maps a whole page-cache folio around the row (64 KB to 2 MB), so a few hundred
+distinct tokens would otherwise keep tens of MB of a table resident of which they use ~1 KB each. The bytes are
+the same either way.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,13 +54,44 @@ class GGMLLinear(nn.Module):
                 f"{TYPES[self.ggml_type][0]} (file bytes)")
 
 
-class GGMLEmbedding(nn.Module):
-    """Embedding table over a (num_embeddings, dim) GGUF tensor's bytes: only the looked-up rows are dequantized."""
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """Where a table's bytes lie in a file: `path`, starting at byte `offset`."""
 
-    def __init__(self, raw: np.ndarray, ggml_type: int, num_embeddings: int, embedding_dim: int) -> None:
+    path: Path
+    offset: int
+
+
+class GGMLEmbedding(nn.Module):
+    """Embedding table over a (num_embeddings, dim) GGUF tensor's bytes: only the looked-up rows are dequantized.
+    source: the file the bytes `raw` map, to read rows from with pread (see the module docstring)."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, num_embeddings: int, embedding_dim: int,
+                 source: EmbeddingSource | None = None) -> None:
         super().__init__()
         self.raw = _check(raw, ggml_type, num_embeddings, embedding_dim)
         self.ggml_type, self.num_embeddings, self.embedding_dim = int(ggml_type), num_embeddings, embedding_dim
+        _, qk, block_bytes = TYPES[self.ggml_type]
+        self.row_bytes = embedding_dim // qk * block_bytes
+        self.source = source
+
+    def rows(self, ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """(table, local): the raw rows the ids need as a (u, row_bytes) uint8 table and each id's row in it
+        (int64, the shape of ids), or the whole table and the ids themselves when there is no source. Ids are
+        not range-checked here."""
+        flat = ids.reshape(-1).long()
+        if self.source is None:
+            return self.raw.reshape(self.num_embeddings, self.row_bytes), flat.reshape(ids.shape)
+        unique, local = torch.unique(flat, return_inverse=True)
+        n, base = self.row_bytes, self.source.offset
+        fd = os.open(self.source.path, os.O_RDONLY)  # per call: a module copy never shares or closes another's
+        try:
+            data = b"".join(os.pread(fd, n, base + i * n) for i in unique.tolist())
+        finally:
+            os.close(fd)
+        if len(data) != n * unique.numel():
+            raise OSError(f"{self.source.path}: short read of embedding rows (file truncated?)")
+        return np.frombuffer(data, dtype=np.uint8).reshape(-1, n), local.reshape(ids.shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lib = load_ggml_kernels()
@@ -60,8 +100,10 @@ class GGMLEmbedding(nn.Module):
         flat = ids.reshape(-1).long().contiguous()
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token ids must be in [0, {self.num_embeddings})")
+        table, local = self.rows(flat)
+        local = local.contiguous()
         out = torch.empty(flat.numel(), self.embedding_dim)
-        if lib.ggml_dequantize_rows(self.ggml_type, self.raw.ctypes.data, self.embedding_dim, flat.data_ptr(),
-                                    flat.numel(), out.data_ptr()):
+        if lib.ggml_dequantize_rows(self.ggml_type, table.ctypes.data, self.embedding_dim, local.data_ptr(),
+                                    local.numel(), out.data_ptr()):
             raise RuntimeError("ggml_dequantize_rows failed")
         return out.reshape(*ids.shape, self.embedding_dim)

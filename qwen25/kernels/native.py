@@ -289,6 +289,11 @@ class NativeForward:
         kv_struct = kv.as_struct()
         tokens, positions = tokens.long().contiguous(), positions.to(torch.int32).contiguous()
         seq_of_row, out_rows = seq_of_row.to(torch.int32).contiguous(), out_rows.to(torch.int32).contiguous()
+        embed = self.model.model.embed_tokens
+        if isinstance(embed, GGMLEmbedding):  # its looked-up rows (read from the file), tokens as rows of them
+            table, tokens = embed.rows(tokens)
+            tokens = tokens.contiguous()
+            self._struct.embed.w = table.ctypes.data
         lib = self.streaming_lib if R <= STREAMING_ROWS else self.lib
         lib.qwen2_forward(ctypes.byref(self._struct), ctypes.byref(kv_struct), R, tokens.data_ptr(),
                           positions.data_ptr(), seq_of_row.data_ptr(), cos.data_ptr(), sin.data_ptr(), n_out,

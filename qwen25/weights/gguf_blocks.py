@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from qwen25.config import ModelConfig
-from qwen25.kernels.ggml_linear import GGMLEmbedding, GGMLLinear
+from qwen25.kernels.ggml_linear import EmbeddingSource, GGMLEmbedding, GGMLLinear
 from qwen25.kernels.ggml_matmul import TYPES
 from qwen25.kernels.quant import ConcatLinear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
@@ -61,7 +61,9 @@ def load_gguf_blocks(g, config: ModelConfig) -> Qwen2ForCausalLM:  # noqa: ANN00
         layer.input_layernorm.weight = _vector(g, f"{p}attn_norm.weight")
         layer.post_attention_layernorm.weight = _vector(g, f"{p}ffn_norm.weight")
     raw, kind, rows, cols = _blocks(g, "token_embd.weight")
-    model.model.embed_tokens = GGMLEmbedding(raw, kind, rows, cols)
+    in_file = kind == int(g.info("token_embd.weight").ggml_type)  # the file's own bytes: rows read with pread
+    source = EmbeddingSource(g.path, g.info("token_embd.weight").offset) if in_file else None
+    model.model.embed_tokens = GGMLEmbedding(raw, kind, rows, cols, source)
     head = "output.weight" if "output.weight" in g.tensors else "token_embd.weight"  # tied: the embedding's bytes
     model.lm_head = _linear(g, head)
     model.model.norm.weight = _vector(g, "output_norm.weight")
