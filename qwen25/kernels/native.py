@@ -303,7 +303,7 @@ class NativeForward:
         seq_of_row, out_rows = seq_of_row.to(torch.int32).contiguous(), out_rows.to(torch.int32).contiguous()
         lib = self.streaming_lib if R <= STREAMING_ROWS else self.lib
         sparse_args = None
-        if sparse is not None:
+        if sparse is not None and R > 1 and max_positions >= sparse.min_length:  # else no run can be sparse
             if not self.takes_sparse():
                 raise ValueError(f"the native sparse prefill needs head_dim a multiple of 16, got {self.config.head_dim}")
             if self._sparse is None or self._sparse.config != sparse:

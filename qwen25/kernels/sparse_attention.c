@@ -250,7 +250,15 @@ static int sp_estimate(const float *q, long ldq, int n, int S, int D, float scal
         float sum = hsum256(acc);
         for (; t < len; t++) { row[t] = expf(row[t] - mx); sum += row[t]; }
         const float inv = 1.0f / sum;
-        for (t = 0; t < len; t++) {
+        const __m256 inv8 = _mm256_set1_ps(inv);
+        const __m256i reverse = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+        for (t = 0; t + 8 <= len; t += 8) {  /* slash[p - t - j] += pr[t + j]: the 8 lanes reversed */
+            const __m256 pr = _mm256_mul_ps(_mm256_loadu_ps(row + t), inv8);
+            _mm256_storeu_ps(vert + t, _mm256_add_ps(_mm256_loadu_ps(vert + t), pr));
+            float *sl = slash + p - t - 7;
+            _mm256_storeu_ps(sl, _mm256_add_ps(_mm256_loadu_ps(sl), _mm256_permutevar8x32_ps(pr, reverse)));
+        }
+        for (; t < len; t++) {
             const float pr = row[t] * inv;
             vert[t] += pr;
             slash[p - t] += pr;
