@@ -13,8 +13,8 @@ Beyond the native window pass --yarn 4 (static YaRN on both, vLLM's/llama.cpp's)
 Chunk Attention, which llama.cpp lacks).
 
 --sparse-prefill [on|JSON] adds the engine qwen25-sparse: the same `LLM` with MInference's vertical-slash sparse
-prefill (`qwen25.model.sparse_prefill`), and the engine qwen25-torch: dense prefill on the same PyTorch path
-(use_native=False; sparse chunks cannot run in the fused native forward). The table adds prefill speed-ups over
+prefill (`qwen25.model.sparse_prefill`; in the fused native forward, with full-budget chunks for long prompts),
+and the engine qwen25-torch: dense prefill on the PyTorch path (use_native=False). The table adds prefill speed-ups over
 qwen25's default dense prefill and over qwen25-torch at the same length, and whether the passkey is still found.
 
 --generate N is another workload: one greedy generation of N tokens after a short prompt (the seeds' claim that

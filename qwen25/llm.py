@@ -96,7 +96,8 @@ class LLM:
     rope_scaling, dual_chunk_attention_config: long context (see `set_long_context`); None keeps the checkpoint's.
     sparse_prefill: MInference's vertical-slash sparse attention for long prefill chunks (True, "on", a dict or
     JSON text of `qwen25.model.sparse_prefill.SparsePrefillConfig` fields; None/False/"off": dense); default RoPE
-    or static YaRN only. Such chunks run on the PyTorch path (the native forward has no sparse attention).
+    or static YaRN only. Such chunks run in the fused native forward where it runs the model (the PyTorch path
+    otherwise); with it on, a long prompt prefills in chunks of the whole step budget.
     engine_kwargs["max_model_len"] caps prompt + output per request (default: the model's max_position_embeddings,
     which a YaRN rope_scaling lengthens to factor x its native window)."""
 

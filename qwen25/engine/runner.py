@@ -9,8 +9,9 @@ is not left-padded to a 512-token chunk: each extra pass costs one more read of 
 compute per padded token, and a tiny DP over the sorted counts picks the cheaper split. When the model's
 attention rotates keys itself (dynamic YaRN, Dual Chunk Attention: `needs_unrotated_keys`), the paged cache holds
 keys before rotation and each pass hands the backend every key's position, so both are exact at any length.
-With sparse prefill on (`qwen25.model.sparse_prefill`, which the native forward lacks), a step with a prefill
-chunk long enough to run sparse takes the PyTorch path; its decode steps stay native.
+With sparse prefill on (`qwen25.model.sparse_prefill`), the native forward runs it too (each sequence's run of
+rows in a pass estimates its own pattern); where the kernel cannot take the model (head_dim not a multiple of
+16), a step with a prefill chunk long enough to run sparse takes the PyTorch path and its decode steps stay native.
 
 Sampling: each row samples with `sample_next` and its own `torch.Generator` (seeded from params.seed), only when
 all its tokens are computed (a prefill chunk that is not the last samples nothing). A row with speculative
@@ -34,7 +35,7 @@ from qwen25.engine.speculative import Proposer, SpeculativeConfig, make_proposer
 from qwen25.kernels.native import KVView, NativeForward
 from qwen25.model.long_context import needs_unrotated_keys
 from qwen25.model.qwen2 import Qwen2ForCausalLM
-from qwen25.model.sparse_prefill import sparse_prefill_applies
+from qwen25.model.sparse_prefill import sparse_prefill_applies, sparse_prefill_config
 
 Logprob = tuple[float, list[tuple[int, float]]]
 ATTENTION = "causal"  # the attention kind of the runner's passes (plain causal attention over the paged cache)
@@ -126,7 +127,7 @@ class ModelRunner:
         logprobs: list[list[Logprob] | None] = [None] * len(batch)
         kept: dict[int, torch.Tensor] = {}
         native = self.native_for_pass()
-        if native is not None and sparse_prefill_applies(
+        if native is not None and not native.takes_sparse() and sparse_prefill_applies(
                 self.model, batch.num_new_tokens,
                 [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]):
             native = None
@@ -208,7 +209,8 @@ class ModelRunner:
         view = KVView(self.cache.keys, self.cache.values, tables)
         i32 = torch.int32
         logits = native(torch.tensor(tokens), torch.tensor(positions, dtype=i32),
-                        torch.tensor(seq_of_row, dtype=i32), view, torch.tensor(out_rows, dtype=i32))
+                        torch.tensor(seq_of_row, dtype=i32), view, torch.tensor(out_rows, dtype=i32),
+                        sparse=sparse_prefill_config(self.model) if native.takes_sparse() else None)
         return list(logits.split(keep))
 
     def copy_block(self, source: int, destination: int) -> None:

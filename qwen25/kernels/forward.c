@@ -304,6 +304,8 @@ static void attend(const float *const *q, const int *P, int n, int G, int D, flo
                                  _mm256_mul_ps(_mm256_loadu_ps(out[i] + g * D + d), _mm256_set1_ps(inv[i * G + g])));
 }
 
+#include "sparse_attention.c"  /* sparse prefill: MInference's vertical-slash pattern (SparseArgs) */
+
 /* a[n] = silu(a[n]) * u[n] for n < count: 8 lanes at a time, the tail in scalars (the same steps wherever a value
  * falls, since every caller starts its runs at a multiple of 8) */
 static void silu_mul(float *a, const float *u, int count) {
@@ -839,7 +841,8 @@ size_t qwen2_work_floats(const QModel *m, int R, int max_positions, int nthreads
  * qwen2_work_floats(m, R, max_positions, nthreads) floats, max_positions > every position. */
 void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *tokens, const int32_t *positions,
                       const int32_t *seq_of_row, const float *cos, const float *sin, int n_out,
-                      const int32_t *out_rows, float *logits, float *work, int max_positions, int nthreads) {
+                      const int32_t *out_rows, float *logits, float *work, int max_positions, int nthreads,
+                      const SparseArgs *sparse) {
     const int h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads, I = m->intermediate;
     const int QW = Hq * D, KVW = Hkv * D, QKVW = QW + 2 * KVW, per_kv = Hq / Hkv;
     const float scale = 1.0f / sqrtf((float)D);
@@ -851,6 +854,15 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             || r - tiles[n_tiles - 1] == ATT_TILE)
             tiles[n_tiles++] = r;
     tiles[n_tiles] = R;
+    int *sparse_row = NULL;  /* rows of runs (a sequence's consecutive positions) that attend sparsely */
+    if (sparse) {
+        sparse_row = (int *)sparse->work;
+        for (int r = 0, e; r < R; r = e) {
+            for (e = r + 1; e < R && seq_of_row[e] == seq_of_row[r] && positions[e] == positions[e - 1] + 1; e++) {}
+            const int on = sp_applies(sparse, e - r, positions[e - 1] + 1);
+            for (int i = r; i < e; i++) sparse_row[i] = on;
+        }
+    }
 
     #pragma omp parallel num_threads(nthreads)
     {
@@ -907,9 +919,18 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                 }
             }  /* implicit barrier: every row's k/v is cached before any row attends */
 
+            if (sparse_row)
+                for (int r = 0, e; r < R; r = e) {
+                    for (e = r + 1; e < R && seq_of_row[e] == seq_of_row[r] && positions[e] == positions[e - 1] + 1; e++) {}
+                    if (sparse_row[r])
+                        sp_run(kv, l, seq_of_row[r], qkv, QKVW, attn, QW, r, e - r, positions[r], Hq, Hkv, D,
+                               max_positions, sparse, NULL, 0, NULL, 0, NULL, NULL);
+                }
+
             #pragma omp for schedule(static, 1)
             for (int item = 0; item < n_tiles * Hkv; item++) {
                 const int r0 = tiles[item / Hkv], n = tiles[item / Hkv + 1] - r0, gk = item % Hkv, seq = seq_of_row[r0];
+                if (sparse_row && sparse_row[r0]) continue;  /* attended by sp_run */
                 int P[ATT_TILE], Pmax = 0;
                 const float *q[ATT_TILE];
                 float *out[ATT_TILE];

@@ -32,10 +32,12 @@ from torch import nn
 from qwen25.kernels import load_forward_kernel
 from qwen25.kernels.ggml_linear import GGMLEmbedding, GGMLLinear
 from qwen25.kernels.ggml_matmul import BLOCK
+from qwen25.kernels.native_sparse import SparseScratch, declare, takes_sparse
 from qwen25.model.layers import RMSNorm
 from qwen25.model.rope import rope_cos_sin
 from qwen25.kernels.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
+from qwen25.model.sparse_prefill import SparsePrefillConfig
 
 PASS_ROWS = 512  # rows per native call: bounds the work buffer (activations) of long prompts
 STREAMING_ROWS = 16  # passes up to this many rows (decode steps, verification) run the prefetching build
@@ -166,9 +168,11 @@ class NativeForward:
             build.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
             build.qwen2_work_floats.restype = ctypes.c_size_t
             build.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr,
-                                            _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int]
+                                            _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int, _ptr]
             build.qwen2_forward.restype = None
+            declare(build)
         self._work = torch.empty(0)
+        self._sparse: SparseScratch | None = None
 
     def refresh(self) -> None:
         """Recompute what was derived from the weights (the q8 group sums) after they were overwritten in place.
@@ -221,12 +225,16 @@ class NativeForward:
 
     def supports(self, config: Any, attention: str, kv_dtype: torch.dtype) -> bool:
         """Whether a pass with this model config, attention kind and KV-cache dtype can run natively: the kernel
-        implements plain causal attention with default RoPE over an fp32, fp16 or bf16 cache, for the config it
-        was built from; anything else (YaRN, dual-chunk or sparse attention, an int8 cache) runs the PyTorch
-        path."""
+        implements plain causal attention with default RoPE over an fp32, fp16 or bf16 cache (and the sparse prefill,
+        see `__call__`), for the config it was built from; anything else (YaRN, dual-chunk attention, an int8
+        cache) runs the PyTorch path."""
         rope_type = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
         return (config == self.config and attention == "causal" and kv_dtype in KV_DTYPES
                 and rope_type in ("default", None) and not getattr(config, "dual_chunk_attention_config", None))
+
+    def takes_sparse(self) -> bool:
+        """Whether passes of this model can run sparse prefill natively (`qwen25.kernels.native_sparse`)."""
+        return takes_sparse(self.config.head_dim)
 
     def forward_cache(self, input_ids: torch.Tensor, cache: Any, view: KVView, logits_to_keep: int) -> torch.Tensor:
         """`Qwen2ForCausalLM.forward` for a lock-step batch on a contiguous cache: (B, T) ids after
@@ -244,12 +252,15 @@ class NativeForward:
         return logits.view(B, keep, -1)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, seq_of_row: torch.Tensor, kv: KVView,
-                 out_rows: torch.Tensor) -> torch.Tensor:
+                 out_rows: torch.Tensor, sparse: SparsePrefillConfig | None = None) -> torch.Tensor:
         """Logits (len(out_rows), V) of the given rows after computing every row and caching its key/value.
 
         tokens (R,) int64; positions (R,) and seq_of_row (R,) int32; out_rows (n,) row indices. A row's keys
         and values are cached before later rows run, so rows of one sequence must come in position order. Long
-        passes run as several calls of PASS_ROWS rows, with results identical to one call."""
+        passes run as several calls of PASS_ROWS rows, with results identical to one call. sparse: MInference's
+        vertical-slash sparse prefill for each run of a sequence's consecutive rows that `SparsePrefillConfig`
+        makes sparse (its pattern estimated from the run's last queries: such a pass runs as one call, so the
+        chunk is the caller's, as on the PyTorch path)."""
         R = tokens.shape[0]
         if R == 0:
             raise ValueError("a native forward needs at least one row")
@@ -259,7 +270,7 @@ class NativeForward:
                 raise IndexError(f"token ids must be in [0, {self.config.vocab_size})")
             if rows and (min(rows) < 0 or max(rows) >= R or len(set(rows)) != len(rows)):
                 raise ValueError(f"out_rows must be distinct row indices in [0, {R})")
-            return self._call(tokens, positions, seq_of_row, kv, out_rows)
+            return self._call(tokens, positions, seq_of_row, kv, out_rows, sparse)
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
             raise IndexError(f"token ids must be in [0, {self.config.vocab_size})")
         out_rows = out_rows.long()
@@ -267,16 +278,17 @@ class NativeForward:
                                  or out_rows.unique().numel() != out_rows.numel()):
             raise ValueError(f"out_rows must be distinct row indices in [0, {R})")
         logits = torch.empty(out_rows.shape[0], self.config.vocab_size)
-        for start in range(0, R, PASS_ROWS):
-            stop = min(start + PASS_ROWS, R)
+        step = R if sparse is not None else PASS_ROWS
+        for start in range(0, R, step):
+            stop = min(start + step, R)
             wanted = ((out_rows >= start) & (out_rows < stop)).nonzero().squeeze(1)
             part = self._call(tokens[start:stop], positions[start:stop], seq_of_row[start:stop], kv,
-                              out_rows[wanted] - start)
+                              out_rows[wanted] - start, sparse)
             logits[wanted] = part
         return logits
 
     def _call(self, tokens: torch.Tensor, positions: torch.Tensor, seq_of_row: torch.Tensor, kv: KVView,
-              out_rows: torch.Tensor) -> torch.Tensor:
+              out_rows: torch.Tensor, sparse: SparsePrefillConfig | None = None) -> torch.Tensor:
         R, n_out = tokens.shape[0], out_rows.shape[0]
         inner = self.model.model
         cos, sin = (t.contiguous() for t in rope_cos_sin(positions.long(), inner.inv_freq, inner.rope_scale))
@@ -295,7 +307,17 @@ class NativeForward:
             tokens = tokens.contiguous()
             self._struct.embed.w = table.ctypes.data
         lib = self.streaming_lib if R <= STREAMING_ROWS else self.lib
+        sparse_args = None
+        if sparse is not None and R > 1 and max_positions >= sparse.min_length:  # else no run can be sparse
+            if not self.takes_sparse():
+                raise ValueError(f"the native sparse prefill needs head_dim a multiple of 16, got {self.config.head_dim}")
+            if self._sparse is None or self._sparse.config != sparse:
+                self._sparse = SparseScratch(sparse)
+            args = self._sparse.args(lib, self.config.num_attention_heads, self.config.head_dim, R, max_positions,
+                                     threads)
+            sparse_args = ctypes.byref(args)
         lib.qwen2_forward(ctypes.byref(self._struct), ctypes.byref(kv_struct), R, tokens.data_ptr(),
                           positions.data_ptr(), seq_of_row.data_ptr(), cos.data_ptr(), sin.data_ptr(), n_out,
-                          out_rows.data_ptr(), logits.data_ptr(), self._work.data_ptr(), max_positions, threads)
+                          out_rows.data_ptr(), logits.data_ptr(), self._work.data_ptr(), max_positions, threads,
+                          sparse_args)
         return logits

@@ -16,8 +16,9 @@ again for every prefill chunk (the engine's chunked prefill), over the whole cac
 Where it runs: passes of more than one new token over at least `min_length` keys, with no padding and no
 documents (one row of the engine's chunked prefill, or lock-step rows of equal length); everything else (decode,
 ragged batched prefill) runs the wrapped backend. Default RoPE and static YaRN only: dynamic YaRN and Dual Chunk
-Attention rotate keys at attention time and are refused with a clear error. The fused native forward has no
-sparse path: the engine's runner takes the PyTorch path for passes this backend would make sparse
+Attention rotate keys at attention time and are refused with a clear error. The fused native forward runs the
+same pattern (`qwen25/kernels/sparse_attention.c`: the same estimate, the same key set) for the engine's passes
+(`sparse_prefill_config`); the runner keeps the PyTorch path only where the kernel cannot take the model
 (`sparse_prefill_applies`).
 """
 
@@ -116,13 +117,15 @@ def estimate_pattern(q_last: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillCo
 
 
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
-                             cfg: SparsePrefillConfig) -> torch.Tensor:
+                             cfg: SparsePrefillConfig,
+                             pattern: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of one row's T queries (H, T, D) at positions past..past+T-1 over its rotated keys and
-    values (H_kv, S = past+T, D), restricted to the row's vertical-slash pattern. -> (H, T, D)."""
+    values (H_kv, S = past+T, D), restricted to the row's vertical-slash pattern (estimated, or the given
+    (columns (H, nv), distances (H, ns)) of `estimate_pattern`). -> (H, T, D)."""
     H, T, D = q.shape
     H_kv, S = k.shape[0], k.shape[1]
     bs, dev = cfg.block_size, q.device
-    columns, distances = estimate_pattern(q[:, -min(cfg.last_q, T):], k, cfg)
+    columns, distances = pattern if pattern is not None else estimate_pattern(q[:, -min(cfg.last_q, T):], k, cfg)
     n_kb = (S + bs - 1) // bs
     # block offsets (query block - key block) that the slashes cross: distance m*bs + r spans offsets m and m+1
     block_offsets = torch.zeros(H, n_kb + 1, dtype=torch.bool, device=dev)
@@ -207,6 +210,12 @@ def enable_sparse_prefill(model: torch.nn.Module, setting: SparsePrefillSetting)
     check_sparse_prefill(model.config)
     inner.attention = SparsePrefillAttention(config, base)
     return config
+
+
+def sparse_prefill_config(model: torch.nn.Module) -> SparsePrefillConfig | None:
+    """The model's sparse prefill budgets, or None when its attention is dense."""
+    attention = model.model.attention
+    return attention.sparse_prefill if isinstance(attention, SparsePrefillAttention) else None
 
 
 def sparse_prefill_applies(model: torch.nn.Module, num_new: list[int], num_keys: list[int]) -> bool:
