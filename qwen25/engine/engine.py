@@ -110,7 +110,8 @@ class LLMEngine:
         # queries would pay the estimate (dense attention for those queries) and save nothing, so with it on a
         # long prompt's chunks are the whole step budget (not the fairness-bounded small ones).
         chunking = {} if sparse_prefill_config(model) is None else {
-            "long_prefill_chunk": max_num_batched_tokens, "long_prefill_pairs": max_num_batched_tokens * self.max_model_len}
+            "long_prefill_chunk": max_num_batched_tokens,
+            "long_prefill_pairs": max_num_batched_tokens * self.max_model_len}
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager, **chunking)
         self.runner = ModelRunner(model, num_blocks, block_size, dtype, use_native=use_native, speculative=spec,
                                   draft_model=draft_model)
