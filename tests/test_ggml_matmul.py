@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from qwen25.kernels import isa, load_ggml_kernels
-from qwen25.kernels.ggml_matmul import ggml_matmul, quantize_activations
+from qwen25.kernels.ggml_matmul import BLOCK as VALUES, ggml_matmul, quantize_activations
 from qwen25.weights.quants import GGMLType, tensor_nbytes
 
 gguf_quants = pytest.importorskip("gguf.quants")
@@ -90,13 +90,17 @@ def test_isa_builds_agree_bit_for_bit(ggml_type: GGMLType) -> None:
 
 @pytest.mark.parametrize("level", levels())
 @pytest.mark.parametrize("ggml_type", list(BLOCK))
-def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str) -> None:
+@pytest.mark.parametrize("n", [512, 768, 800])
+def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int) -> None:
     """Passes of 1-2 rows run the streaming kernel (ggml_stream.c: rows read in place), longer ones the packed
     panels in tiles of several activation rows plus leftover rows (ggml_panel.c), and 37 weight rows end in a
-    partial panel: a row's result is the same bits in every case."""
+    partial panel: a row's result is the same bits in every case. n: an even and an odd number of 256-value
+    blocks (the streaming kernel takes them in pairs), and 25 32-value blocks (eight at a time, one left)."""
     skip_unless(level)
-    shape = (37, 512)
-    raw, x = random_blocks(ggml_type, shape, seed=3), torch.randn(13, 512)
+    if n % VALUES[ggml_type]:
+        pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
+    shape = (37, n)
+    raw, x = random_blocks(ggml_type, shape, seed=3), torch.randn(13, n)
     together = ggml_matmul(x, raw, ggml_type, shape, level=level)
     alone = torch.cat([ggml_matmul(x[i:i + 1], raw, ggml_type, shape, level=level) for i in range(13)])
     pairs = torch.cat([ggml_matmul(x[i:i + 2], raw, ggml_type, shape, level=level) for i in range(0, 12, 2)])

@@ -46,8 +46,9 @@ static inline __attribute__((always_inline)) __m256i stream_block(int type, cons
         if (type == T_Q5_0) {
             uint32_t qh;
             memcpy(&qh, blk + 2, 4);
-            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6)), low = _mm_set1_epi8(0x0F);
-            w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+            /* the 16 bytes in both halves (a load, no shuffle), the high half shifted by 4: low nibbles, then high */
+            const __m256i qs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 6)));
+            w = _mm256_and_si256(_mm256_srlv_epi32(qs, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
             return dot_us(_mm256_or_si256(w, fifth_bits(qh)), _mm256_loadu_si256((const __m256i *)x));
         }
         w = _mm256_loadu_si256((const __m256i *)(blk + 2));
@@ -58,23 +59,8 @@ static inline __attribute__((always_inline)) __m256i stream_block(int type, cons
 #endif
     }
     __m256i isum = _mm256_setzero_si256();
-    if (type == T_Q4_K) {
-        const uint8_t *s = blk + 4, *qs = blk + 16;
-        const __m256i low = _mm256_set1_epi8(0x0F);
-        int m = 0;
-        for (int c = 0; c < 4; c++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            for (int h = 0; h < 2; h++) {
-                const int j = 2 * c + h;
-                const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-                const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-                const __m256i w = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low) : _mm256_and_si256(v, low);
-                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_us(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j))),
-                                                                 _mm256_set1_epi32(sc)));
-                m += mn * (xs[2 * j] + xs[2 * j + 1]);
-            }
-        }
-        *mins = m;
+    if (type == T_Q4_K) {  /* see stream_q4k */
+        (void)mins;
         return isum;
     }
     const uint8_t *ql = blk, *qh = blk + 128;  /* Q6_K */
@@ -98,6 +84,53 @@ static inline __attribute__((always_inline)) __m256i stream_block(int type, cons
         }
     }
     return isum;
+}
+
+/* Q4_K's 12 bytes of 6-bit (scale, min) pairs at s (read as 16 bytes: the block goes on) -> bytes 0-7 the 8
+ * sub-block scales, bytes 8-15 the 8 minimums (j < 4: the low 6 bits of bytes j and j + 4; j >= 4: the nibbles of
+ * byte j + 4 with the top 2 bits of bytes j - 4 and j as their bits 4-5) */
+static inline __m128i q4k_scales_mins(const uint8_t *s) {
+    const __m128i u = _mm_loadu_si128((const __m128i *)s);  /* 32-bit words u0 u1 u2 (u3: not ours) */
+    const __m128i lo = _mm_and_si128(u, _mm_set1_epi8(0x3F));  /* words: scales 0-3, minimums 0-3 */
+    const __m128i u2 = _mm_srlv_epi32(_mm_shuffle_epi32(u, 0xAA), _mm_setr_epi32(0, 4, 0, 0));  /* u2, u2 >> 4 */
+    const __m128i hi = _mm_or_si128(_mm_and_si128(u2, _mm_set1_epi8(0x0F)),
+                                    _mm_and_si128(_mm_srli_epi32(u, 2), _mm_set1_epi8(0x30)));  /* scales 4-7, mins 4-7 */
+    return _mm_unpacklo_epi32(lo, hi);  /* scales 0-3, 4-7, minimums 0-3, 4-7 */
+}
+
+/* One Q4_K block (256 values) against the activation block x (xs: its sums per 16 values): lanes whose sum is
+ * the exact integer sum over sub-blocks j of scale_j * (codes_j . x_j), and in *mv lanes whose sum is the sum over
+ * j of minimum_j * (the activation's sum over sub-block j). Each sub-block's byte pairs (maddubs: <= 2 * 15 * 127)
+ * are multiplied by its scale in the pairwise add (madd with the scale in every 16-bit lane): all exact. */
+static inline __attribute__((always_inline)) __m256i stream_q4k(const uint8_t *blk, const int8_t *x, const int16_t *xs,
+                                                               __m256i *mv) {
+    const __m128i sm = q4k_scales_mins(blk + 4);
+    const __m256i sm2 = _mm256_broadcastsi128_si256(sm);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    /* minimum k in 16-bit lanes 2k and 2k + 1 (the bytes 8 + k, zero-extended), times xs pairs */
+    const __m256i mdup = _mm256_shuffle_epi8(sm2, _mm256_setr_epi8(8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1,
+                                                                   11, -1, 12, -1, 12, -1, 13, -1, 13, -1, 14, -1,
+                                                                   14, -1, 15, -1, 15, -1));
+    *mv = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xs), mdup);
+    const uint8_t *qs = blk + 16;
+    __m256i isum = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        for (int h = 0; h < 2; h++) {
+            const int j = 2 * c + h;
+            const __m256i w = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low) : _mm256_and_si256(v, low);
+            const __m256i sc = _mm256_shuffle_epi8(sm2, _mm256_set1_epi16((short)(0x8000 | j)));  /* scale j, zero-extended, per 16-bit lane */
+            const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j)));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, sc));
+        }
+    }
+    return isum;
+}
+
+/* lanes 0-3 = the sums of a's, b's, c's and e's 8 lanes */
+static inline __m128i hsum4x8(__m256i a, __m256i b, __m256i c, __m256i e) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, e));  /* per half: a b c e */
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
 static inline int hsum_i32(__m256i v) {
@@ -143,6 +176,23 @@ static inline __attribute__((always_inline)) void stream_row(int type, const uin
                                                    _mm256_loadu_ps(d + b0)));
                 for (int t = 0; t < 8; t++) acc = fmaf(sf[t], pf[t], acc);
             }
+        if (type == T_Q4_K) {  /* two blocks at a time: both sums and both minimum terms reduced at once */
+            for (int b = 0; b < nb; b += 2) {
+                const int two = b + 1 < nb;
+                const uint8_t *k0 = rows[j] + (size_t)b * bytes, *k1 = two ? k0 + bytes : k0;
+                __m256i m0, m1;
+                const __m256i v0 = stream_q4k(k0, q + (size_t)b * qk, xs + (size_t)b * 16, &m0);
+                const __m256i v1 = stream_q4k(k1, q + (size_t)(b + two) * qk, xs + (size_t)(b + two) * 16, &m1);
+                const __m128i S = hsum4x8(v0, m0, v1, m1);
+                acc = fmaf((float)_mm_cvtsi128_si32(S), f16(k0) * d[b], acc);
+                acc = fmaf(-(float)_mm_extract_epi32(S, 1), f16(k0 + 2) * d[b], acc);
+                if (!two) break;
+                acc = fmaf((float)_mm_extract_epi32(S, 2), f16(k1) * d[b + 1], acc);
+                acc = fmaf(-(float)_mm_extract_epi32(S, 3), f16(k1 + 2) * d[b + 1], acc);
+            }
+            out[j] = acc;
+            continue;
+        }
         for (int b = b0; b < nb; b += 2) {
             const int two = b + 1 < nb;
             const uint8_t *k0 = rows[j] + (size_t)b * bytes, *k1 = two ? k0 + bytes : k0;
