@@ -7,9 +7,10 @@ single-stream speed? Targets of the performance issue (N=8, 128 tokens, 2 thread
 
 Both engines get the same token ids: N different chat prompts (bench_server.PROMPTS) rendered with the GGUF's
 own chat template and tokenized once here with qwen25's tokenizer. One engine at a time, never both at once:
-  qwen25       a child process (OMP_WAIT_POLICY=PASSIVE, 2 torch threads) loads `qwen25.LLM(gguf)` (default path:
-               the file's GGUF blocks) with an engine of max_num_seqs=N and prefix caching OFF, then calls `LLM.generate` with one
-               prompt (single stream) and with all N prompts in one call (the engine batches them).
+  qwen25       a child process (OMP_WAIT_POLICY=PASSIVE, 2 torch threads) loads `qwen25.LLM(gguf)` (the default
+               path: the file's GGUF blocks) with an engine of max_num_seqs=N and prefix caching OFF, then calls
+               `LLM.generate` with one prompt (single stream) and with all N prompts in one call (the engine
+               batches them).
   llamaserver  llama.cpp's own `llama-server -m GGUF -t 2 -tb 2 -np N -c N*slot` (default environment: no OMP_*
                variables) on 127.0.0.1; N streaming POST /completion requests with the token ids as `prompt`,
                sent at once from N client threads (`n_predict`, `ignore_eos`, `temperature` 0, `top_k` 1,
