@@ -118,10 +118,23 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
         } else {
             for (int s = 0; s < 16; s++) {
                 for (int i = 0; i < MX; i++) a[i] = PV_SET1(ob[(size_t)i * KOFF * nb + s]);
+#if PANEL == 16
                 for (int c = 0; c < 4; c++) {
                     const pvi w = KV(4 * s + c);
                     for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 16 * s + 4 * c)));
                 }
+#else
+                /* avx2: two steps' maddubs pairs added in int16 (2 x 2 x 63 x 127 < 2^15), one madd per two */
+                for (int c = 0; c < 4; c += 2) {
+                    const pvi w0 = KV(4 * s + c), w1 = KV(4 * s + c + 1);
+                    for (int i = 0; i < MX; i++) {
+                        const int8_t *xi = xb + (size_t)i * n + 16 * s + 4 * c;
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, PV_SET1(x4_at(xi))),
+                                                           _mm256_maddubs_epi16(w1, PV_SET1(x4_at(xi + 4))));
+                        a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+                    }
+                }
+#endif
                 const pvi sc = KV(64 + s);
                 for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
             }
