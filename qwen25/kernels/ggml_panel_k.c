@@ -34,7 +34,8 @@ static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *
                     sc[q + 4] = (s[q + 8] & 0x0F) | ((s[q] >> 6) << 4);
                     mn[q + 4] = (s[q + 8] >> 4) | ((s[q + 4] >> 6) << 4);
                 }
-                for (int q = 0; q < 8; q++) ((int32_t *)KVEC(64 + q))[j] = sc[q];
+                /* avx2: the scale in both 16-bit halves, so the tile's madd multiplies by it (panel_tile_k) */
+                for (int q = 0; q < 8; q++) ((int32_t *)KVEC(64 + q))[j] = PANEL == 16 ? sc[q] : sc[q] * 0x10001;
                 for (int p = 0; p < 4; p++) ((int32_t *)KVEC(72 + p))[j] = mn[2 * p] | mn[2 * p + 1] << 16;
                 ((float *)KVEC(76))[j] = f16(rows[j] + at);
                 ((float *)KVEC(77))[j] = f16(rows[j] + at + 2);
@@ -93,16 +94,20 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                     for (int i = 0; i < MX; i++) a[i] = PV_DOT_U8(a[i], w, PV_SET1(x4_at(xb + (size_t)i * n + 32 * s + 4 * c)));
                 }
 #else
-                /* avx2: the sub-block's eight maddubs pairs added in int16 (8 x 2 x 15 x 127 < 2^15), one madd */
+                /* avx2: the sub-block's eight maddubs pairs added in int16 (8 x 2 x 15 x 127 < 2^15), then one madd
+                 * with the scale (<= 63) in both halves of each word: the pair sums times it, exact in int32 */
+                const pvi sc2 = KV(64 + s);
                 for (int i = 0; i < MX; i++) {
                     const int8_t *xi = xb + (size_t)i * n + 32 * s;
                     __m256i p = _mm256_maddubs_epi16(KV(8 * s), PV_SET1(x4_at(xi)));
                     for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), PV_SET1(x4_at(xi + 4 * c))));
-                    a[i] = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+                    S[i] = _mm256_add_epi32(S[i], _mm256_madd_epi16(p, sc2));
                 }
 #endif
+#if PANEL == 16
                 const pvi sc = KV(64 + s);
                 for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+#endif
             }
             for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
             for (int p = 0; p < 4; p++) {
