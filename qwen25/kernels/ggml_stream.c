@@ -188,15 +188,16 @@ static inline __attribute__((always_inline)) void stream_rows32(int type, const 
  * blocks each): out[j]. Each row is read from start to end (one memory stream at a time, which the hardware
  * prefetchers follow best: measured slower with four rows side by side); its block sums are reduced to exact
  * integers (32-value blocks eight at a time, K types two at a time), and its fp32 chain runs in scalars: fmaf
- * rounds as a panel lane's fma does, so the bits are the panel kernel's. Q5_0 runs stream_rows32 (Q8_0, whose
- * blocks take fewer instructions, measured ~4% slower there in a two-thread decode). */
+ * rounds as a panel lane's fma does, so the bits are the panel kernel's. Q5_0 on the avx2 build runs
+ * stream_rows32 (0.5B decode, two threads, same run: avx2 +7%; the avx512 build measured ~7% slower with it,
+ * and Q8_0, whose blocks take fewer instructions, ~4% slower). */
 static inline __attribute__((always_inline)) void stream_row(int type, const uint8_t *const *rows, int nb,
                                                              const int8_t *q, const float *d, const int16_t *xs,
                                                              float *out, int nvalid) {
     const int kq = type == T_Q4_K || type == T_Q6_K, qk = kq ? 256 : 32;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const int dat = type == T_Q6_K ? 208 : 0;
-    if (type == T_Q5_0) {
+    if (type == T_Q5_0 && PANEL == 8) {  /* avx2 build (see above) */
         stream_rows32(type, rows, nb, q, d, xs, out, nvalid);
         return;
     }
