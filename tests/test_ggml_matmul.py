@@ -90,12 +90,13 @@ def test_isa_builds_agree_bit_for_bit(ggml_type: GGMLType) -> None:
 
 @pytest.mark.parametrize("level", levels())
 @pytest.mark.parametrize("ggml_type", list(BLOCK))
-@pytest.mark.parametrize("n", [512, 768, 800])
+@pytest.mark.parametrize("n", [512, 768, 800, 2080])
 def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int) -> None:
     """Passes of 1-2 rows run the streaming kernel (ggml_stream.c: rows read in place), longer ones the packed
     panels in tiles of several activation rows plus leftover rows (ggml_panel.c), and 37 weight rows end in a
     partial panel: a row's result is the same bits in every case. n: an even and an odd number of 256-value
-    blocks (the streaming kernel takes them in pairs), and 25 32-value blocks (eight at a time, one left)."""
+    blocks (the streaming kernel takes them in pairs), and 25 and 65 32-value blocks (the streaming kernel reads
+    rows in chunks of 64 blocks, 8 rows at a time: 37 rows end in a partial group)."""
     skip_unless(level)
     if n % VALUES[ggml_type]:
         pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
