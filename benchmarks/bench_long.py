@@ -257,8 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="qwen25's KV cache: auto (float16 for quantized weights), float32, float16, bfloat16, int8")
     p.add_argument("--quantization", default="auto", choices=("auto", "q8", "q4", "gguf"),
-                   help="qwen25's weights from the GGUF (auto: q8, the LLM default; gguf: the file's own blocks, "
-                        "memory-mapped like llama.cpp's)")
+                   help="qwen25's weights from the GGUF (auto: the LLM default, the file's own blocks memory-mapped "
+                        "like llama.cpp's, i.e. gguf; q8/q4: the older requantized copies)")
     p.add_argument("--yarn", type=float, default=0.0, help="static YaRN factor on both engines (0: off)")
     p.add_argument("--dca", action="store_true", help="qwen25: Dual Chunk Attention (chunk = the native window)")
     p.add_argument("--sparse-prefill", nargs="?", const="on", default=None, metavar="on|JSON",
