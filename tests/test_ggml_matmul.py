@@ -109,6 +109,23 @@ def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int
     assert torch.equal(together[:12], pairs) and torch.equal(together[:12], threes)
 
 
+@pytest.mark.parametrize("level", levels())
+@pytest.mark.parametrize("ggml_type", list(BLOCK))
+@pytest.mark.parametrize("n", [512, 800])
+def test_every_pass_size_gives_the_same_bits(ggml_type: GGMLType, level: str, n: int) -> None:
+    """Passes of 1..16 rows (the single-row stream kernel for 1-2, the multi-row one, ggml_stream_rows.c, up to
+    its per-type crossover, packed panels above it) against a 20-row pass (panels): the first m rows are the same
+    bits for every m."""
+    skip_unless(level)
+    if n % VALUES[ggml_type]:
+        pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
+    shape = (37, n)
+    raw, x = random_blocks(ggml_type, shape, seed=5), torch.randn(20, n)
+    panels = ggml_matmul(x, raw, ggml_type, shape, level=level)
+    for m in range(1, 17):
+        assert torch.equal(ggml_matmul(x[:m], raw, ggml_type, shape, level=level), panels[:m]), f"{m} rows"
+
+
 def test_bad_input_is_refused() -> None:
     raw = random_blocks(GGMLType.Q8_0, (2, 64), seed=0)
     with pytest.raises(ValueError, match="no block kernel for Q2_K"):

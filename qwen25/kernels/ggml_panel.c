@@ -330,7 +330,7 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
     const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const size_t row_bytes = (size_t)nb * bytes;
-    if (m_hi - m_lo > STREAM_ROWS && m_hi - m_lo <= STREAM_MULTI_ROWS) {  /* no packing either, the same bits */
+    if (m_hi - m_lo > STREAM_ROWS && m_hi - m_lo <= STREAM_MULTI_ROWS(type)) {  /* no packing either, the same bits */
         stream_rows(type, w, nb, n, q, d, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);
         return;
     }

@@ -12,7 +12,15 @@
  * term, fused). So a row's result is the same bits whichever kernel runs it. A group past the pass's last row
  * repeats that row (computed, not stored). */
 
-#define STREAM_MULTI_ROWS 16  /* passes of STREAM_ROWS + 1 .. this many activation rows run stream_rows */
+/* Passes of STREAM_ROWS + 1 .. STREAM_MULTI_ROWS(type) activation rows run stream_rows, longer ones the packed
+ * panels: the crossovers measured on the 0.5B's matrices (weights from DRAM, 2 threads). The panel tiles take
+ * fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once the packing is
+ * shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound below). */
+#if PANEL == 16
+#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 8 : 4)
+#else
+#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : (type) == T_Q4_K ? 8 : 4)
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define ROWS_DOT_S16(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)  /* acc + the two adjacent s16 x s16 products */
@@ -37,9 +45,6 @@ static inline __m256i rows_hsum4(const __m256i *v) {
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     return _mm256_castsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
-
-/* Bytes of scratch stream_rows needs (within panel_bytes(n) for every n: 2 groups x nb x 8 lanes x 8 bytes). */
-static inline size_t stream_rows_bytes(int nb) { return (size_t)2 * nb * 8 * 8; }
 
 /* The group of activation rows r0 + i, i < G (rows >= m_hi repeat m_hi - 1), lane-major per block: dt[8b + i] its
  * scale of block b and, for the 32-value types, ot[8b + i] = -STREAM_OFFSET * (its sum over block b). */
@@ -144,8 +149,8 @@ static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, in
 }
 
 /* Weight rows [n_lo, n_hi) of w (rows of nb blocks) against activation rows [m_lo, m_hi), as panel_run:
- * out[(i - m_lo) * ldo + (r - n_lo)]; buf: stream_rows_bytes(nb) bytes of scratch. Groups of 8 rows, the last
- * one of 4 where at most 4 remain. */
+ * out[(i - m_lo) * ldo + (r - n_lo)]; buf: scratch of groups x nb x 64 bytes (<= 4n for
+ * up to 16 rows: within panel_bytes(n)). Groups of 8 rows (K types: 4), a last one of at most 4 run as 4. */
 static inline __attribute__((always_inline)) void stream_rows(int type, const uint8_t *w, int nb, int n,
                                                               const int8_t *q, const float *d, const int16_t *sums,
                                                               int m_lo, int m_hi, int n_lo, int n_hi, float *out,
@@ -153,15 +158,16 @@ static inline __attribute__((always_inline)) void stream_rows(int type, const ui
     const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? 16 : 1;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const size_t row_bytes = (size_t)nb * bytes;
+    const int GS = kq ? 4 : 8;  /* K types: 8 rows at once measured slower per row than 4 (registers) */
+    const int groups = (m_hi - m_lo + GS - 1) / GS;
     float *dt = (float *)buf;
-    int32_t *ot = (int32_t *)(buf + (size_t)2 * nb * 8 * 4);
-    const int groups = (m_hi - m_lo + 7) / 8;
+    int32_t *ot = (int32_t *)(buf + (size_t)groups * nb * 8 * 4);
     for (int g = 0; g < groups; g++)
-        stream_rows_prepare(type, d, sums, nb, m_lo + 8 * g, m_hi, dt + (size_t)8 * nb * g, ot + (size_t)8 * nb * g);
+        stream_rows_prepare(type, d, sums, nb, m_lo + GS * g, m_hi, dt + (size_t)8 * nb * g, ot + (size_t)8 * nb * g);
     for (int r = n_lo; r < n_hi; r++) {
         const uint8_t *row = w + (size_t)r * row_bytes;
         for (int g = 0; g < groups; g++) {
-            const int r0 = m_lo + 8 * g, nr = m_hi - r0 < 8 ? m_hi - r0 : 8;
+            const int r0 = m_lo + GS * g, nr = m_hi - r0 < GS ? m_hi - r0 : GS;
             const int8_t *x[8];
             const int16_t *xs[8];
             for (int i = 0; i < 8; i++) {
