@@ -16,8 +16,8 @@
  * panels: the crossovers measured on the 0.5B's matrices (weights from DRAM, 2 threads). The panel tiles take
  * fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once the packing is
  * shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound below). */
-#if PANEL == 16
-#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 8 : 4)
+#if PANEL == 16  /* 8 rows of Q5_0 / Q8_0 won ~1.2x per matrix here but lost ~10% in bench_batch's 8 streams */
+#define STREAM_MULTI_ROWS(type) 4
 #else
 #define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : (type) == T_Q4_K ? 8 : 4)
 #endif
