@@ -4,7 +4,7 @@ tensors, which hold all four supported types (Q4_K, Q6_K, Q5_0, Q8_0).
 
 Bounds: with the input rounded the way the kernel rounds it (`quantize_activations`, 8 bits per block), the kernel
 equals `x_q @ dequantize(W).T` up to fp32 summation order: relative error < 2e-6 (measured ~2.5e-7). The kernels
-(packed panels for passes of 3+ rows, rows streamed in place for 1-2) take the same integer and fp32 steps for a
+(packed panels for long passes, rows streamed in place for short ones) take the same integer and fp32 steps for a
 (row, weight row) pair, so a row's result does not depend on the batch. Against the
 unrounded input, the activation rounding costs ~0.5-2% relative error on random data (bound 4%). The avx512
 (vpdpbusd) and avx2 (maddubs) builds give the same bits: their integer sums are exact either way.
