@@ -4,7 +4,7 @@ tensors, which hold all four supported types (Q4_K, Q6_K, Q5_0, Q8_0).
 
 Bounds: with the input rounded the way the kernel rounds it (`quantize_activations`, 8 bits per block), the kernel
 equals `x_q @ dequantize(W).T` up to fp32 summation order: relative error < 2e-6 (measured ~2.5e-7). The kernels
-(packed panels for passes of 3+ rows, rows streamed in place for 1-2) take the same integer and fp32 steps for a
+(packed panels for long passes, rows streamed in place for short ones) take the same integer and fp32 steps for a
 (row, weight row) pair, so a row's result does not depend on the batch. Against the
 unrounded input, the activation rounding costs ~0.5-2% relative error on random data (bound 4%). The avx512
 (vpdpbusd) and avx2 (maddubs) builds give the same bits: their integer sums are exact either way.
@@ -108,6 +108,23 @@ def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int
     threes = torch.cat([ggml_matmul(x[i:i + 3], raw, ggml_type, shape, level=level) for i in range(0, 12, 3)])
     assert torch.equal(together, alone)
     assert torch.equal(together[:12], pairs) and torch.equal(together[:12], threes)
+
+
+@pytest.mark.parametrize("level", levels())
+@pytest.mark.parametrize("ggml_type", list(BLOCK))
+@pytest.mark.parametrize("n", [512, 800])
+def test_every_pass_size_gives_the_same_bits(ggml_type: GGMLType, level: str, n: int) -> None:
+    """Passes of 1..16 rows (the single-row stream kernel for 1-2, the multi-row one, ggml_stream_rows.c, up to
+    its per-type crossover, packed panels above it) against a 20-row pass (panels): the first m rows are the same
+    bits for every m."""
+    skip_unless(level)
+    if n % VALUES[ggml_type]:
+        pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
+    shape = (37, n)
+    raw, x = random_blocks(ggml_type, shape, seed=5), torch.randn(20, n)
+    panels = ggml_matmul(x, raw, ggml_type, shape, level=level)
+    for m in range(1, 17):
+        assert torch.equal(ggml_matmul(x[:m], raw, ggml_type, shape, level=level), panels[:m]), f"{m} rows"
 
 
 def test_bad_input_is_refused() -> None:

@@ -259,6 +259,7 @@ static inline void panel_store(const pvf *facc, int MX, float *out, long ldo, in
 }
 
 #include "ggml_stream.c"  /* one activation row without packing (decode) */
+#include "ggml_stream_rows.c"  /* a few activation rows without packing (batched decode, verification) */
 
 static inline int32_t x4_at(const int8_t *p) {
     int32_t v;
@@ -329,6 +330,10 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
     const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const size_t row_bytes = (size_t)nb * bytes;
+    if (m_hi - m_lo > STREAM_ROWS && m_hi - m_lo <= STREAM_MULTI_ROWS(type)) {  /* no packing either, the same bits */
+        stream_rows(type, w, nb, n, q, d, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);
+        return;
+    }
     for (int p0 = n_lo; p0 < n_hi; p0 += PANEL) {
         const uint8_t *rows[PANEL];
         const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;

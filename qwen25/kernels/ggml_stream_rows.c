@@ -1,0 +1,185 @@
+/* Several activation rows (3..STREAM_MULTI_ROWS) against weight rows straight from the file's blocks, without
+ * packing: the kernel for 8 concurrent decode streams and speculative verification (included by ggml_panel.c
+ * after ggml_stream.c, whose per-block helpers it calls).
+ *
+ * Packing a panel costs more per weight byte than a few activation rows' dot products, so for short passes each
+ * weight row is read in place, from start to end, as in the single-row kernel, and each of its blocks is dotted
+ * with a group of G (8, or 4) activation rows' blocks: stream_block / stream_q4k are called once per activation
+ * row and inlined, so the weight block's unpacking (the same expressions on the same bytes) is computed once for
+ * the group. The G block sums are reduced across lanes into one vector, lane i = activation row i's exact integer
+ * sum (the same integer as the single-row and panel kernels': all are exact), and lane i then takes the same fp32
+ * steps as those kernels, in the same order: fma((float)S_b, d_w * d_x, acc) per block b (and Q4_K's minimum
+ * term, fused). So a row's result is the same bits whichever kernel runs it. A group past the pass's last row
+ * repeats that row (computed, not stored). */
+
+/* Passes of STREAM_ROWS + 1 .. STREAM_MULTI_ROWS(type) activation rows run stream_rows, longer ones the packed
+ * panels: the crossovers measured on the 0.5B's matrices (weights from DRAM, 2 threads). The panel tiles take
+ * fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once the packing is
+ * shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound below). */
+#if PANEL == 16  /* 8 rows of Q5_0 / Q8_0 won ~1.2x per matrix here but lost ~10% in bench_batch's 8 streams */
+#define STREAM_MULTI_ROWS(type) 4
+#else
+#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : (type) == T_Q4_K ? 8 : 4)
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define ROWS_DOT_S16(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)  /* acc + the two adjacent s16 x s16 products */
+#else
+#define ROWS_DOT_S16(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
+/* An accumulator kept as one register chain: without this GCC reassociates the integer sums into a tree, keeping
+ * every product of a block alive, and spills them (measured ~1.4x slower on Q6_K). */
+#define ROWS_CHAIN(v) __asm__("" : "+x"(v))
+
+/* lane i = the sum of v[i]'s 8 lanes, i < 8 */
+static inline __m256i rows_hsum8(const __m256i *v) {
+    const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+/* lane i = the sum of v[i]'s 8 lanes, i < 4 (lanes 4-7 zero) */
+static inline __m256i rows_hsum4(const __m256i *v) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm256_castsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+/* The group of activation rows r0 + i, i < G (rows >= m_hi repeat m_hi - 1), lane-major per block: dt[8b + i] its
+ * scale of block b and, for the 32-value types, ot[8b + i] = -STREAM_OFFSET * (its sum over block b). */
+static void stream_rows_prepare(int type, const float *d, const int16_t *sums, int nb, int r0, int m_hi, float *dt,
+                                int32_t *ot) {
+    const int kq = type == T_Q4_K || type == T_Q6_K;
+    for (int i = 0; i < 8; i++) {
+        const int r = r0 + i < m_hi ? r0 + i : m_hi - 1;
+        for (int b = 0; b < nb; b++) {
+            dt[8 * b + i] = d[(size_t)r * nb + b];
+            ot[8 * b + i] = kq ? 0 : -STREAM_OFFSET(type) * sums[(size_t)r * nb + b];
+        }
+    }
+}
+
+/* Q6_K for a group: stream_block's signed q6 - 32 costs a sign and a 32-bit multiply per activation row and 32
+ * values; here the weight side is prepared once per block instead: the unsigned q6 (<= 63, so a maddubs pair fits
+ * int16) and each sub-block's scale in the 16-bit lanes of its values, multiplied in the pairwise add; the -32 is
+ * folded as -32 * scale_k * (the activation's sum over sub-block k). v[i]: lanes whose sum is the exact integer
+ * block sum for activation row i, the same integer as stream_block's. */
+static inline __attribute__((always_inline)) void rows_q6k(int G, const uint8_t *blk, const int8_t *const *x,
+                                                           const int16_t *const *xs, size_t b, __m256i *v) {
+    const uint8_t *ql = blk, *qh = blk + 128;
+    const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+    const __m256i sb = _mm256_broadcastsi128_si256(sc8);
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3);
+    const __m256i scm = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(sc8), _mm256_set1_epi16(-32));  /* |.| <= 4096 */
+    for (int i = 0; i < G; i++) v[i] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(xs[i] + 16 * b)), scm);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; t++) {  /* values 32t..32t+31: sub-blocks 2t, 2t + 1 */
+        const int h = t / 4, k = t % 4;
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (k % 2)));
+        const __m256i hi = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+        const __m256i nib = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), low);
+        const __m256i u = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), two), 4));
+        const char s0 = (char)(2 * t), s1 = (char)(2 * t + 1);  /* each sub-block's scale in its 16-bit lanes */
+        const __m256i ctl = _mm256_setr_epi8(-1, s0, -1, s0, -1, s0, -1, s0, -1, s0, -1, s0, -1, s0, -1, s0,
+                                             -1, s1, -1, s1, -1, s1, -1, s1, -1, s1, -1, s1, -1, s1, -1, s1);
+        const __m256i sc = _mm256_srai_epi16(_mm256_shuffle_epi8(sb, ctl), 8);
+        for (int i = 0; i < G; i++) {
+            v[i] = ROWS_DOT_S16(v[i], _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(x[i] + 256 * b + 32 * t))), sc);
+            ROWS_CHAIN(v[i]);
+        }
+    }
+}
+
+/* Q4_K for a group, stream_q4k's integers with the weight side prepared once per block: v[i], mv[i] as its
+ * return value and *mv for activation row i. */
+static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t *blk, const int8_t *const *x,
+                                                           const int16_t *const *xs, size_t b, __m256i *v,
+                                                           __m256i *mv) {
+    const __m256i sm2 = _mm256_broadcastsi128_si256(q4k_scales_mins(blk + 4));
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i mdup = _mm256_shuffle_epi8(sm2, _mm256_setr_epi8(8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1,
+                                                                   11, -1, 12, -1, 12, -1, 13, -1, 13, -1, 14, -1,
+                                                                   14, -1, 15, -1, 15, -1));
+    for (int i = 0; i < G; i++) {
+        mv[i] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(xs[i] + 16 * b)), mdup);
+        v[i] = _mm256_setzero_si256();
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {  /* sub-block j: the low nibbles of bytes 32(j / 2).., or their high ones */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j / 2)));
+        const __m256i w = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, low);
+        const __m256i sc = _mm256_shuffle_epi8(sm2, _mm256_set1_epi16((short)(0x8000 | j)));  /* zero-extended */
+        for (int i = 0; i < G; i++) {
+            v[i] = ROWS_DOT_S16(v[i], _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x[i] + 256 * b + 32 * j))), sc);
+            ROWS_CHAIN(v[i]);
+        }
+    }
+}
+
+/* One weight row (nb blocks at `row`) against the group's G activation rows x[i] (q rows; xs[i] their sums per
+ * 16 values, K types): lane i of the result = the row pair's fp32 result. */
+static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, int G, const uint8_t *row, int nb,
+                                                                    const int8_t *const *x, const int16_t *const *xs,
+                                                                    const float *dt, const int32_t *ot) {
+    const int kq = type == T_Q4_K || type == T_Q6_K, qk = kq ? 256 : 32;
+    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const int dat = type == T_Q6_K ? 208 : 0;
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * bytes;
+        __m256i v[8], mv[8];
+        if (type == T_Q6_K) rows_q6k(G, blk, x, xs, (size_t)b, v);
+        else if (type == T_Q4_K) rows_q4k(G, blk, x, xs, (size_t)b, v, mv);
+        else
+            for (int i = 0; i < G; i++) {
+                int32_t m = 0;
+                v[i] = stream_block(type, blk, x[i] + (size_t)b * qk, xs[i], &m);
+            }
+        __m256i S = G == 8 ? rows_hsum8(v) : rows_hsum4(v);
+        if (!kq) S = _mm256_add_epi32(S, _mm256_loadu_si256((const __m256i *)(ot + 8 * b)));
+        const __m256 dx = _mm256_loadu_ps(dt + 8 * b);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(_mm256_set1_ps(f16(blk + dat)), dx), acc);
+        if (type == T_Q4_K) {
+            const __m256i M = G == 8 ? rows_hsum8(mv) : rows_hsum4(mv);
+            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), dx), acc);
+        }
+    }
+    return acc;
+}
+
+/* Weight rows [n_lo, n_hi) of w (rows of nb blocks) against activation rows [m_lo, m_hi), as panel_run:
+ * out[(i - m_lo) * ldo + (r - n_lo)]; buf: scratch of groups x nb x 64 bytes (<= 4n for
+ * up to 16 rows: within panel_bytes(n)). Groups of 8 rows (K types: 4), a last one of at most 4 run as 4. */
+static inline __attribute__((always_inline)) void stream_rows(int type, const uint8_t *w, int nb, int n,
+                                                              const int8_t *q, const float *d, const int16_t *sums,
+                                                              int m_lo, int m_hi, int n_lo, int n_hi, float *out,
+                                                              long ldo, uint8_t *buf) {
+    const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? 16 : 1;
+    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const size_t row_bytes = (size_t)nb * bytes;
+    const int GS = kq ? 4 : 8;  /* K types: 8 rows at once measured slower per row than 4 (registers) */
+    const int groups = (m_hi - m_lo + GS - 1) / GS;
+    float *dt = (float *)buf;
+    int32_t *ot = (int32_t *)(buf + (size_t)groups * nb * 8 * 4);
+    for (int g = 0; g < groups; g++)
+        stream_rows_prepare(type, d, sums, nb, m_lo + GS * g, m_hi, dt + (size_t)8 * nb * g, ot + (size_t)8 * nb * g);
+    for (int r = n_lo; r < n_hi; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (int g = 0; g < groups; g++) {
+            const int r0 = m_lo + GS * g, nr = m_hi - r0 < GS ? m_hi - r0 : GS;
+            const int8_t *x[8];
+            const int16_t *xs[8];
+            for (int i = 0; i < 8; i++) {
+                const int a = r0 + (i < nr ? i : nr - 1);
+                x[i] = q + (size_t)a * n, xs[i] = sums + (size_t)a * nb * nsums;
+            }
+            const float *gdt = dt + (size_t)8 * nb * g;
+            const int32_t *got = ot + (size_t)8 * nb * g;
+            float f[8];
+            _mm256_storeu_ps(f, nr > 4 ? stream_rows_one(type, 8, row, nb, x, xs, gdt, got)
+                                       : stream_rows_one(type, 4, row, nb, x, xs, gdt, got));
+            for (int i = 0; i < nr; i++) out[(size_t)(r0 + i - m_lo) * ldo + (r - n_lo)] = f[i];
+        }
+    }
+}
