@@ -20,9 +20,10 @@
  *
  * The KV cache stores fp32, fp16 or bf16 values (KVView.dtype). A row's key (after RoPE) and value are rounded
  * to the cache's dtype when written (fp16: F16C's round-to-nearest-even; bf16: round-to-nearest-even on the bits,
- * as torch's conversion), and attention reads every cached vector back through that dtype, widened to fp32 in a
- * per-thread scratch buffer (8 keys at a time, ~16 KB of values at a time), so scores, softmax and value sums run
- * in fp32 with the same instructions for every dtype.
+ * as torch's conversion), and attention (dense_attention.c) reads every cached vector back through that dtype,
+ * widened to fp32 in a per-thread scratch buffer (a tile of 64 keys and values at a time, for all the query heads of
+ * a block of rows that share its KV head), so scores, softmax and value sums run in fp32 with the same
+ * instructions for every dtype.
  */
 #include <math.h>
 #include <stddef.h>
@@ -30,6 +31,7 @@
 #include <string.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "ggml_dot.c"  /* matmuls on the GGUF file's own blocks (bits 0 below) */
 
 static inline float hsum256(__m256 v) {
@@ -160,17 +162,6 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
-/* Lane j = horizontal sum of a[j]. */
-static inline __m256 reduce8(const __m256 *a) {
-    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-/* Value positions per block of the value sums (~16 KB of fp32 values), and the floats of attend's `conv`. */
-static inline int value_block(int D) { return D >= 4096 ? 1 : 4096 / D; }
-static inline size_t conv_floats(int D) { return (size_t)(8 * D > value_block(D) * D ? 8 * D : value_block(D) * D); }
-
 /* The largest of x[0 .. n) (-inf for n = 0; NaNs are skipped, as `x > m ? x : m` does). */
 static inline float max_of(const float *x, int n) {
     __m256 m8 = _mm256_set1_ps(-INFINITY);
@@ -198,113 +189,8 @@ static void fill_slots(const KVView *kv, int seq, int P, long *slots) {
     }
 }
 
-/* o[0 .. 8 nv) += sum over t in [t0, t1) of p[t] * (value t)[0 .. 8 nv), value t at v + slot[t] * D (fp32 cache) or,
- * widened, at v + (t - t0) * D; in that order. Inlined with constant nv and widened, so the sums stay in
- * registers. */
-static inline __attribute__((always_inline)) void value_sums(float *o, const float *p, int t0, int t1,
-                                                             const float *v, const long *slot, long D, int nv,
-                                                             int widened) {
-    __m256 acc[8];
-    for (int c = 0; c < nv; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
-    for (int t = t0; t < t1; t++) {
-        const __m256 w = _mm256_broadcast_ss(p + t);
-        const float *vt = v + (widened ? (long)(t - t0) : slot[t]) * D;
-        for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * c), acc[c]);
-    }
-    for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
-}
-
-/* Rows of one sequence that attend together (a prompt chunk's consecutive positions): their query heads share
- * every key and value vector loaded (and widened), so a long cache is read once per tile instead of once per row. */
-#define ATT_TILE 4
-
-/* Attention of n rows (n <= ATT_TILE) of one sequence for one key/value head: row i's G query heads q[i] (G, D)
- * attend to its first P[i] cached positions, whose key and value vectors start at element slot[t] * D of keys and
- * values (elements of `dtype`); row i's result goes to out[i] (G, D). scores: n * G * max(P) scratch; conv:
- * conv_floats(D) scratch, where 16-bit vectors are widened to fp32 before use. Each block of 8 key vectors is
- * loaded once for all n * G heads' scores, and each block of value vectors once for all of them (it stays in L1).
- * Every (row, head)'s numbers come from the same operations in the same order whatever the other rows of the
- * tile, so a row's result does not depend on its tile. */
-static void attend(const float *const *q, const int *P, int n, int G, int D, float scale, const void *keys,
-                   const void *values, int dtype, const long *slot, float *scores, float *const *out, float *conv) {
-    int Pmax = 0;
-    for (int i = 0; i < n; i++) Pmax = P[i] > Pmax ? P[i] : Pmax;
-    for (int t0 = 0; t0 < Pmax; t0 += 8) {
-        const float *k8[8];
-        for (int j = 0; j < 8; j++) {
-            long at = slot[t0 + j < Pmax ? t0 + j : t0] * D;
-            if (dtype == KV_F32) { k8[j] = (const float *)keys + at; continue; }
-            kv_widen(keys, dtype, at, conv + j * D, D);
-            k8[j] = conv + j * D;
-        }
-        for (int i = 0; i < n; i++) {
-            if (t0 >= P[i]) continue;
-            for (int g = 0; g < G; g++) {  /* lane j of the sums depends only on key j: other keys never mix in */
-                __m256 a[8];
-                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-                for (int d = 0; d < D; d += 8) {
-                    __m256 qv = _mm256_loadu_ps(q[i] + g * D + d);
-                    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[j] + d), a[j]);
-                }
-                float *sg = scores + ((size_t)i * G + g) * Pmax + t0;
-                __m256 s8 = _mm256_mul_ps(reduce8(a), _mm256_set1_ps(scale));
-                if (t0 + 8 <= P[i]) { _mm256_storeu_ps(sg, s8); continue; }
-                float tail[8];
-                _mm256_storeu_ps(tail, s8);
-                for (int j = 0; t0 + j < P[i]; j++) sg[j] = tail[j];
-            }
-        }
-    }
-    float inv[ATT_TILE * G];  /* softmax of every (row, head)'s scores, then the value sums */
-    for (int i = 0; i < n; i++)
-        for (int g = 0; g < G; g++) {
-            float *sg = scores + ((size_t)i * G + g) * Pmax, mx = max_of(sg, P[i]), sum = 0.0f;
-            int t = 0;
-            __m256 vsum = _mm256_setzero_ps();
-            for (; t + 8 <= P[i]; t += 8) {
-                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
-                _mm256_storeu_ps(sg + t, e);
-                vsum = _mm256_add_ps(vsum, e);
-            }
-            sum = hsum256(vsum);
-            for (; t < P[i]; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-            inv[i * G + g] = 1.0f / sum;
-        }
-    /* Positions in blocks of ~16 KB of values, each block used by every (row, head) while it is in L1 (the sums
-     * wait in out between blocks; the same additions in the same order as one pass over all positions). */
-    const int TB = value_block(D);
-    for (int i = 0; i < n; i++) memset(out[i], 0, sizeof(float) * G * D);
-    for (int t0 = 0; t0 < Pmax; t0 += TB) {
-        const int t1 = Pmax - t0 < TB ? Pmax : t0 + TB;
-        if (dtype != KV_F32)  /* the block's values widened once for all heads: row t at conv + (t - t0) * D */
-            for (int t = t0; t < t1; t++) kv_widen(values, dtype, slot[t] * D, conv + (size_t)(t - t0) * D, D);
-        for (int i = 0; i < n; i++) {
-            if (t0 >= P[i]) continue;
-            const int te = t1 < P[i] ? t1 : P[i];
-            for (int g = 0; g < G; g++) {
-                const float *sg = scores + ((size_t)i * G + g) * Pmax;
-                for (int d0 = 0; d0 < D; d0 += 64) {
-                    const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-                    float *o = out[i] + g * D + d0;
-                    if (dtype == KV_F32) {  /* constant vector counts: the sums stay in registers */
-                        if (nv == 8) value_sums(o, sg, t0, te, (const float *)values + d0, slot, D, 8, 0);
-                        else value_sums(o, sg, t0, te, (const float *)values + d0, slot, D, nv, 0);
-                    } else {
-                        if (nv == 8) value_sums(o, sg, t0, te, conv + d0, slot, D, 8, 1);
-                        else value_sums(o, sg, t0, te, conv + d0, slot, D, nv, 1);
-                    }
-                }
-            }
-        }
-    }
-    for (int i = 0; i < n; i++)
-        for (int g = 0; g < G; g++)
-            for (int d = 0; d < D; d += 8)
-                _mm256_storeu_ps(out[i] + g * D + d,
-                                 _mm256_mul_ps(_mm256_loadu_ps(out[i] + g * D + d), _mm256_set1_ps(inv[i * G + g])));
-}
-
 #include "sparse_attention.c"  /* sparse prefill: MInference's vertical-slash pattern (SparseArgs) */
+#include "dense_attention.c"   /* causal attention of a block of rows per KV head (dense_attend) */
 
 /* a[n] = silu(a[n]) * u[n] for n < count: 8 lanes at a time, the tail in scalars (the same steps wherever a value
  * falls, since every caller starts its runs at a multiple of 8) */
@@ -778,7 +664,7 @@ static int max_input(const QModel *m) {
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; }  /* 64-byte aligned sub-buffers */
 
 /* Offsets (in floats) into the work buffer: shared buffers, then one private region per thread. */
-typedef struct { size_t attn, tmp, act, tiles, priv0, private_, xn, scores, slots, conv, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum, goff, panel; } Layout;
+typedef struct { size_t attn, tmp, act, tiles, priv0, private_, xn, scores, slots, gu, xs, xq, xp, bsum, xu, xus, g8, gd, gsum, goff, panel; } Layout;
 
 static Layout layout(const QModel *m, int R, int max_positions) {
     const size_t h = m->hidden, QW = (size_t)m->n_heads * m->head_dim, KVW = (size_t)m->n_kv_heads * m->head_dim;
@@ -791,9 +677,8 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.priv0 = o.tiles + up16((size_t)R + 1);               /* ints: the first row of each attention tile */
     o.xn = up16(R * h);                                   /* private: x at 0 */
     o.scores = o.xn + up16(R * h);
-    o.slots = o.scores + up16(ATT_TILE * G * max_positions);
-    o.conv = o.slots + up16(2 * (size_t)max_positions);   /* longs */
-    o.gu = o.conv + up16(conv_floats(m->head_dim));
+    o.slots = o.scores + up16(da_scratch_floats(G, m->head_dim));  /* dense_attend's scratch */
+    o.gu = o.slots + up16(2 * (size_t)max_positions);     /* longs */
     o.xs = o.gu + up16((size_t)(R > 64 ? R : 64) * (NBLOCK > PANEL ? NBLOCK : PANEL));
     o.xq = o.xs + up16(R);
     o.xp = o.xq + up16((size_t)R * max_input(m) / 2);       /* int16 */
@@ -848,10 +733,10 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
     const float scale = 1.0f / sqrtf((float)D);
     const Layout o = layout(m, R, max_positions);
     float *qkv = work, *attn = work + o.attn, *tmp = work + o.tmp, *act = work + o.act;
-    int *tiles = (int *)(work + o.tiles), n_tiles = 0;  /* attention tiles: runs of consecutive positions of a seq */
+    int *tiles = (int *)(work + o.tiles), n_tiles = 0;  /* attention blocks: runs of consecutive positions of a seq */
     for (int r = 0; r < R; r++)
         if (r == 0 || seq_of_row[r] != seq_of_row[r - 1] || positions[r] != positions[r - 1] + 1
-            || r - tiles[n_tiles - 1] == ATT_TILE)
+            || r - tiles[n_tiles - 1] == da_rows(per_kv))
             tiles[n_tiles++] = r;
     tiles[n_tiles] = R;
     int *sparse_row = NULL;  /* rows of runs (a sequence's consecutive positions) that attend sparsely */
@@ -868,7 +753,6 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
-        float *conv = x + o.conv;
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
@@ -927,24 +811,17 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                                max_positions, sparse, NULL, 0, NULL, 0, NULL, NULL);
                 }
 
-            #pragma omp for schedule(static, 1)
-            for (int item = 0; item < n_tiles * Hkv; item++) {
-                const int r0 = tiles[item / Hkv], n = tiles[item / Hkv + 1] - r0, gk = item % Hkv, seq = seq_of_row[r0];
+            #pragma omp for schedule(dynamic, 1)
+            for (int k = 0; k < n_tiles * Hkv; k++) {  /* the last (longest) blocks first */
+                const int item = n_tiles * Hkv - 1 - k, r0 = tiles[item / Hkv], n = tiles[item / Hkv + 1] - r0;
+                const int gk = item % Hkv, seq = seq_of_row[r0];
                 if (sparse_row && sparse_row[r0]) continue;  /* attended by sp_run */
-                int P[ATT_TILE], Pmax = 0;
-                const float *q[ATT_TILE];
-                float *out[ATT_TILE];
-                for (int i = 0; i < n; i++) {
-                    P[i] = positions[r0 + i] + 1;
-                    Pmax = P[i] > Pmax ? P[i] : Pmax;
-                    q[i] = qkv + (size_t)(r0 + i) * QKVW + gk * per_kv * D;
-                    out[i] = attn + (size_t)(r0 + i) * QW + gk * per_kv * D;
-                }
-                fill_slots(kv, seq, Pmax, slots);
-                long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
+                fill_slots(kv, seq, positions[r0] + n, slots);
+                const long base = l * kv->layer_stride + seq * kv->seq_stride + gk * kv->head_stride;
                 const size_t elem = kv->dtype == KV_F32 ? sizeof(float) : sizeof(uint16_t);
-                attend(q, P, n, per_kv, D, scale, (const char *)kv->k + base * elem, (const char *)kv->v + base * elem,
-                       kv->dtype, slots, scores, out, conv);
+                dense_attend(qkv + (size_t)r0 * QKVW + gk * per_kv * D, QKVW, attn + (size_t)r0 * QW + gk * per_kv * D,
+                             QW, n, positions[r0], per_kv, D, scale, (const char *)kv->k + base * elem,
+                             (const char *)kv->v + base * elem, kv->dtype, slots, scores);
             }  /* implicit barrier */
 
             set_rows(attn, R, QW, &xa);

@@ -1,0 +1,100 @@
+"""The native forward's dense causal attention (`qwen25/kernels/dense_attention.c`) on its own, on the AVX-512 and
+AVX2 builds: a chunk of queries against keys/values in a paged cache (fp32, fp16 or bf16, blocks out of order)
+equals softmax attention over the same stored values (fp32 SDPA) up to fp32 rounding, for lengths spanning
+several 64-key tiles and chunks spanning several query blocks; a row's result is bit-identical whatever the
+chunk it comes in, and on both builds."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen25.kernels import load_forward_kernel
+from qwen25.kernels.isa import missing
+from qwen25.kernels.native import KVView
+
+BLOCK, LAYERS = 16, 2
+CASES = [(1, 0), (200, 0), (300, 170), (257, 256), (130, 1), (700, 500)]  # (keys S, cached past)
+
+
+def build(level: str) -> ctypes.CDLL:
+    lacking = missing(level)
+    if lacking:
+        pytest.skip(f"the {level} kernels need {', '.join(lacking)}, which this CPU lacks")
+    lib = load_forward_kernel(level=level)
+    if lib is None:
+        pytest.skip("the native forward kernel did not build here (no compiler)")
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.dense_attention.argtypes = [p, i, i, p, i, i, i, i, i, p, i]
+    lib.dense_attention.restype = None
+    return lib
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def lib(request):  # noqa: ANN001, ANN201
+    return build(request.param)
+
+
+def cached(S: int, heads: int, kv_heads: int, D: int, dtype: torch.dtype, seed: int = 0):  # noqa: ANN201
+    """Random keys/values (H_kv, S, D) in a paged cache (layer 1, blocks in reverse order over the pool); they
+    come back as stored (widened to fp32) for the reference, with the view the kernel reads."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = (3 * torch.randn(kv_heads, S, D, generator=g) for _ in range(2))
+    n_blocks = -(-S // BLOCK)
+    keys = torch.zeros(LAYERS, kv_heads, n_blocks, BLOCK, D, dtype=dtype)
+    values = torch.zeros_like(keys)
+    table = torch.arange(n_blocks - 1, -1, -1, dtype=torch.int32)
+    slots = table[torch.arange(S) // BLOCK] * BLOCK + torch.arange(S) % BLOCK
+    keys[1].view(kv_heads, -1, D)[:, slots] = k.to(dtype)
+    values[1].view(kv_heads, -1, D)[:, slots] = v.to(dtype)
+    stored = lambda c: c[1].view(kv_heads, -1, D)[:, slots].float()  # noqa: E731
+    return stored(keys), stored(values), KVView(keys, values, table.unsqueeze(0))
+
+
+def native(lib, view: KVView, q: torch.Tensor, past: int, kv_heads: int) -> torch.Tensor:  # noqa: ANN001
+    """q (T, H, D) at positions past .. past+T-1 -> out (T, H, D)."""
+    T, H, D = q.shape
+    q = q.contiguous()
+    out = torch.zeros(T, H, D)
+    kv = view.as_struct()
+    lib.dense_attention(ctypes.byref(kv), 1, 0, q.data_ptr(), T, past, H, kv_heads, D, out.data_ptr(), 2)
+    return out
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    S = k.shape[1]
+    causal = torch.arange(S)[None, :] <= torch.arange(past, S)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None].double(), k[None].double(), v[None].double(),
+                                         attn_mask=causal, enable_gqa=True)[0]
+    return out.transpose(0, 1).float()
+
+
+@pytest.mark.parametrize("S,past", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,D", [(14, 2, 64), (4, 4, 32), (6, 2, 16)])
+def test_equals_softmax_attention_over_the_stored_values(lib, S, past, dtype, heads, kv_heads, D) -> None:  # noqa: ANN001
+    k, v, view = cached(S, heads, kv_heads, D, dtype)
+    q = torch.randn(S - past, heads, D, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(native(lib, view, q, past, kv_heads), reference(q, k, v, past), atol=3e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_do_not_depend_on_the_chunk_or_the_build(dtype) -> None:  # noqa: ANN001
+    """700 keys, queries 400..699 in one call, in chunks of 1, 7, 50 and 242 rows, on each build: bit-identical."""
+    heads, kv_heads, D, S, past = 14, 2, 64, 700, 400
+    _, _, view = cached(S, heads, kv_heads, D, dtype, seed=3)
+    q = torch.randn(S - past, heads, D, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for level in ("avx512", "avx2"):
+        lib = build(level)
+        whole = native(lib, view, q, past, kv_heads)
+        parts, at = [], 0
+        for n in (1, 7, 50, 242):
+            parts.append(native(lib, view, q[at:at + n], past + at, kv_heads))
+            at += n
+        assert torch.equal(torch.cat(parts), whole)
+        runs.append(whole)
+    assert torch.equal(runs[0], runs[1])
