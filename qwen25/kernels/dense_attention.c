@@ -4,10 +4,10 @@
  *
  * Work item: a block of consecutive rows of one sequence (a prompt chunk's, or a decode row alone) and one KV
  * head. Its queries are the rows' query heads that share that KV head (GQA: nq = rows x G), laid out with the
- * queries along the vector lanes (Qt (D, NQ)). Keys come in tiles of DA_KB positions at absolute
+ * queries along the vector lanes (Qt (D, NQ), scaled by 1/sqrt(D)). Keys come in tiles of DA_KB positions at absolute
  * multiples of DA_KB, each key and value widened to fp32 once per tile for all nq queries; then
- *   dots S (keys, NQ) = K . Qt, times 1/sqrt(D) in an fp32 online softmax per query (running max and sum;
- *   causal masking only on tiles past the block's first row), and Ot (D, NQ) += V^T . P,
+ *   scores S (keys, NQ) = K . Qt, an fp32 online softmax per query (running max and sum; causal masking only
+ *   on tiles past the block's first row), and Ot (D, NQ) += V^T . P,
  * both products the same register-tiled micro-kernel (a few broadcast elements of K or V times vectors of
  * queries). Every (query, key) score is a chain of fmas over d = 0..D-1 in order, every output element a chain
  * over keys in order, each lane on its own: a row's result does not depend on the other rows of its block, on
@@ -130,7 +130,7 @@ static void dense_attend(const float *q, long ldq, float *out, long ldo, int n, 
     float *Vb = Kb + (size_t)DA_KB * D, *M = Vb + (size_t)DA_KB * D, *L = M + NQ, *lim = L + NQ;
     for (int i = 0; i < NQ; i++) {
         const int r = i < nq ? i / G : n - 1;  /* lanes past nq: a zero query of the last row, results unused */
-        for (int d = 0; d < D; d++) Qt[(size_t)d * NQ + i] = i < nq ? q[r * ldq + (i % G) * D + d] : 0.0f;
+        for (int d = 0; d < D; d++) Qt[(size_t)d * NQ + i] = i < nq ? q[r * ldq + (i % G) * D + d] * scale : 0.0f;
         M[i] = -INFINITY, L[i] = 0.0f, lim[i] = (float)(pos0 + r + 1);
     }
     memset(Ot, 0, sizeof(float) * D * NQ);
@@ -150,19 +150,19 @@ static void dense_attend(const float *q, long ldq, float *out, long ldo, int n, 
         da_gemm0(S, NQ, Kb, D, 1, Qt, NQ, D, nk4, nvec);  /* S[j][i] = K[j] . Qt[:, i] */
         const int masked = t0 + nk > pos0 + 1;              /* a key past the first row's position */
         for (int c = 0; c < nvec; c++) {
-            const spvec lc = sp_load(lim + c * SP_VL), m0 = sp_load(M + c * SP_VL), sc = sp_set1(scale);
-            spvec mt = sp_set1(-INFINITY);  /* the max of the raw dots; times scale, the max of the scores */
+            const spvec lc = sp_load(lim + c * SP_VL), m0 = sp_load(M + c * SP_VL);
+            spvec mt = sp_set1(-INFINITY);
             for (int j = 0; j < nk; j++) {
                 float *s = S + (size_t)j * NQ + c * SP_VL;
                 spvec x = sp_load(s);
                 if (masked) { x = da_causal(x, sp_set1((float)(t0 + j)), lc); sp_store(s, x); }
                 mt = da_max(x, mt);
             }
-            const spvec m1 = da_max(sp_mul(mt, sc), m0), alpha = da_exp(da_sub(m0, m1));
+            const spvec m1 = da_max(mt, m0), alpha = da_exp(da_sub(m0, m1));
             spvec sum = sp_zero();
-            for (int j = 0; j < nk; j++) {  /* p = exp(dot * scale - max), 0 for masked keys; summed in key order */
+            for (int j = 0; j < nk; j++) {  /* p = exp(s - max), 0 for masked keys; summed in key order */
                 float *s = S + (size_t)j * NQ + c * SP_VL;
-                const spvec x = sp_load(s), e = da_unless_ninf(da_exp(da_sub(sp_mul(x, sc), m1)), x);
+                const spvec x = sp_load(s), e = da_unless_ninf(da_exp(da_sub(x, m1)), x);
                 sp_store(s, e);
                 sum = da_add(sum, e);
             }
