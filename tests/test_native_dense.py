@@ -103,3 +103,22 @@ def test_rows_do_not_depend_on_the_chunk_or_the_build(dtype) -> None:  # noqa: A
         assert torch.equal(torch.cat(parts), whole)
         runs.append(whole)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_value_reaches_only_the_rows_that_see_it(lib, dtype, bad) -> None:  # noqa: ANN001
+    """One key's value made inf or NaN (as an fp16 cache overflow would) inside a chunk: the rows before it still
+    equal the clean run bit for bit (a masked key has weight 0, and 0 * inf must not leak in), the rows from it
+    on are not finite."""
+    heads, kv_heads, D, S, past, at = 14, 2, 64, 300, 170, 255  # key 255: mid-block (16-row blocks)
+    _, _, view = cached(S, heads, kv_heads, D, dtype, seed=5)
+    q = torch.randn(S - past, heads, D, generator=torch.Generator().manual_seed(6))
+    clean = native(lib, view, q, past, kv_heads)
+    slot = int(view.tables[0, at // BLOCK]) * BLOCK + at % BLOCK
+    view.values[1].view(kv_heads, -1, D)[0, slot, 3] = bad
+    poisoned = native(lib, view, q, past, kv_heads)
+    rows_before = at - past
+    assert torch.equal(poisoned[:rows_before], clean[:rows_before])
+    assert not poisoned[rows_before:, :heads // kv_heads].isfinite().all(dim=-1).any()  # head 0's query heads
+    assert torch.equal(poisoned[:, heads // kv_heads:], clean[:, heads // kv_heads:])  # the other KV head's

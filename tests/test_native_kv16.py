@@ -222,12 +222,20 @@ class Bytes:
         return "x" * len(ids)
 
 
+FLIP = 2e-2  # one int8 activation rounding flip moves a logprob by up to this much (measured 1.0e-2)
+
+
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
 def test_engine_greedy_native_equals_the_pytorch_path(name) -> None:  # noqa: ANN001
     """A greedy engine run with a 16-bit cache, natively (chunked prefill, continuous batching of two prompts)
-    and on the PyTorch path with the kernel's input rounding: the same tokens, and logprobs equal to fp32
-    rounding (measured: max |delta| 1.4e-6). The untied tiny model with its lm_head scaled by 1/4, so that the
-    logprobs are not all 0 or -inf (measured: the chosen tokens' logprobs are about -5)."""
+    and on the PyTorch path with the kernel's input rounding: the same tokens and logprobs equal to fp32 rounding
+    (max |delta| 1e-5), except where the two attention orders (the kernel's tiled online softmax, PyTorch's whole
+    softmax) put an activation on either side of an int8 rounding boundary. Such a flip moves a logprob by at most
+    FLIP; it may happen at most twice per sequence, and the sequences may part only where a flip meets a near-tie
+    (each path's chosen token within FLIP of the other's at the top of both lists). Measured: one flip per sequence
+    in the float16 run, which met a three-way tie within 1.1e-2 at step 4 of the second prompt and took the other
+    token; none in the bfloat16 run. The untied tiny model with its lm_head scaled by 1/4, so that the logprobs
+    are not all 0 or -inf (measured: the chosen tokens' logprobs are about -5)."""
     model = tiny_q8_model(seed=1)
     with torch.no_grad():
         model.lm_head.scales.mul_(0.25)
@@ -241,11 +249,19 @@ def test_engine_greedy_native_equals_the_pytorch_path(name) -> None:  # noqa: AN
     with pytorch_path_with_kernel_inputs(model):
         ref = LLMEngine(model, Bytes(), use_native=False, **settings).generate(prompts, params)
     for g, r in zip(got, ref):
-        assert g.token_ids == r.token_ids
-        for (lp, top), (ref_lp, ref_top) in zip(g.logprobs, r.logprobs):
-            assert lp == pytest.approx(ref_lp, abs=1e-5) and -20 < lp < -0.5
-            assert [t for t, _ in top] == [t for t, _ in ref_top]
-            assert [v for _, v in top] == pytest.approx([v for _, v in ref_top], abs=1e-5)
+        same = next((i for i, (a, b) in enumerate(zip(g.token_ids, r.token_ids)) if a != b), len(r.token_ids))
+        assert len(g.token_ids) == len(r.token_ids) == 16
+        flips = 0
+        for (lp, top), (ref_lp, ref_top) in zip(g.logprobs[:same], r.logprobs[:same]):
+            assert -20 < lp < -0.5 and [t for t, _ in top] == [t for t, _ in ref_top]
+            delta = max([abs(lp - ref_lp)] + [abs(a - b) for (_, a), (_, b) in zip(top, ref_top)])
+            assert delta < FLIP
+            flips += delta > 1e-5
+        assert flips <= 2
+        if same < len(r.token_ids):  # parted at a near-tie: each path's choice near the top of the other's list
+            (lp, top), (ref_lp, ref_top) = g.logprobs[same], r.logprobs[same]
+            assert dict(ref_top).get(g.token_ids[same], -math.inf) > ref_lp - FLIP
+            assert dict(top).get(r.token_ids[same], -math.inf) > lp - FLIP
 
 
 @pytest.mark.slow

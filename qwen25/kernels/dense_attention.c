@@ -113,6 +113,30 @@ static void da_gemm0(float *C, long ldc, const float *A, long ars, long axs, con
 static void da_gemm1(float *C, long ldc, const float *A, long ars, long axs, const float *B, long ldb, int nx,
                      int rows, int nvec) { da_gemm_z(C, ldc, A, ars, axs, B, ldb, nx, rows, nvec, 0); }
 
+/* Whether n floats are all finite (no inf, no NaN): the exponent bits of each are not all ones. */
+static inline int da_all_finite(const float *x, size_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+    return !bad;
+}
+
+/* Ot[d][i] += sum over keys j < nk, in order, of V[j][d] * P[j][i], skipping the keys of weight 0 (masked ones):
+ * the same fma chain as da_gemm1 where a weight is non-zero (adding 0 * v changes nothing else), used on a
+ * masked tile whose values hold an inf or a NaN, where 0 * inf would put a NaN into the rows of the block that
+ * come before that key. Scalar: it runs only on such tiles. */
+static void da_masked_values(float *Ot, long NQ, const float *Vb, const float *P, int nk, int D) {
+    for (int d = 0; d < D; d++)
+        for (long i = 0; i < NQ; i++) {
+            float acc = Ot[(size_t)d * NQ + i];
+            for (int j = 0; j < nk; j++) {
+                const float p = P[(size_t)j * NQ + i];
+                if (p != 0.0f) acc = fmaf(Vb[(size_t)j * D + d], p, acc);
+            }
+            Ot[(size_t)d * NQ + i] = acc;
+        }
+}
+
 /* Per-thread scratch floats for G query heads per KV head of head_dim D. */
 static inline size_t da_scratch_floats(int G, int D) {
     const size_t NQ = da_lanes(G);
@@ -172,7 +196,10 @@ static void dense_attend(const float *q, long ldq, float *out, long ldo, int n, 
                 for (int d = 0; d < D; d++)
                     sp_store(Ot + (size_t)d * NQ + c * SP_VL, sp_mul(sp_load(Ot + (size_t)d * NQ + c * SP_VL), alpha));
         }
-        da_gemm1(Ot, NQ, Vb, 1, D, S, NQ, nk, D, nvec);  /* Ot[d][i] += sum_j V[j][d] * P[j][i] */
+        if (masked && !da_all_finite(Vb, (size_t)nk * D))
+            da_masked_values(Ot, NQ, Vb, S, nk, D);  /* an inf/NaN value must not reach a query that can't see it */
+        else
+            da_gemm1(Ot, NQ, Vb, 1, D, S, NQ, nk, D, nvec);  /* Ot[d][i] += sum_j V[j][d] * P[j][i] */
     }
     for (int i = 0; i < nq; i++) {
         const float inv = 1.0f / L[i];
