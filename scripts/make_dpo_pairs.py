@@ -8,7 +8,9 @@
         --lora runs/dpo-gsm                                                                              # after
 
 Pairs: per prompt --n samples (temperature --temperature), scored by the `math` reward; chosen = the shortest
-correct finished sample, rejected = a wrong one (qwen25/train/self_pairs.py). --accuracy: one greedy answer per
+correct finished sample (--chosen random: any correct finished one, so the pairs do not teach brevity), rejected =
+a wrong one; --pairs-per-prompt K pairs up to K distinct right samples with K distinct wrong ones
+(qwen25/train/self_pairs.py). --accuracy: one greedy answer per
 prompt, the share the verifier accepts. Counters (prompts with all samples right / all wrong, truncated samples,
 reward failures) are printed either way.
 """
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chosen", choices=("shortest", "random"), default="shortest",
+                   help="which correct sample is chosen: the shortest, or one drawn at random (default: shortest)")
+    p.add_argument("--pairs-per-prompt", type=int, default=1,
+                   help="up to this many pairs per prompt, no sample used twice (default: 1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quantization", default="auto",
                    help="the inference path (auto, gguf, q8, none); with --lora the adapter is merged, which needs "
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.accuracy and not a.output:
         p.error("--output is required unless --accuracy")
+    if a.pairs_per_prompt < 1:
+        p.error("--pairs-per-prompt must be >= 1")
     if a.n < 2 and not a.accuracy:
         p.error("--n must be >= 2: a pair needs a right and a wrong sample")
 
@@ -61,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuracy {accuracy:.1%} on {len(records)} tasks of {a.tasks} (greedy); {dict(stats)}")
         return 0
     sampling = SamplingParams(n=a.n, temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed)
-    pairs, stats = sample_pairs(llm, records, reward, sampling, seed=a.seed)
+    pairs, stats = sample_pairs(llm, records, reward, sampling, seed=a.seed, chosen=a.chosen,
+                                max_pairs=a.pairs_per_prompt)
     Path(a.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs), encoding="utf-8")
     print(f"{len(pairs)} pairs -> {a.output}; sample pass rate {stats['passed'] / max(stats['samples'], 1):.1%}; "
           f"{dict(stats)}")
