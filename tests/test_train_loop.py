@@ -208,3 +208,29 @@ def test_a_micro_batch_without_loss_tokens_contributes_zero():
     loss = token_loss_sum(model, batch, CTX)
     loss.backward()
     assert float(loss.detach()) == 0.0 and all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters())
+
+
+def test_loss_png_names_the_objectives_loss(tmp_path, monkeypatch):
+    """loss.png's y-axis says what the loss is: token CE by default, the objective's own `loss_label` (DPO, IPO,
+    the reward model's Bradley-Terry, GRPO with its normalisation) otherwise."""
+    from qwen25.train import metrics
+    from qwen25.train.dpo_objective import DPOObjective
+    from qwen25.train.grpo_objective import GRPOObjective
+    from qwen25.train.reward_model import RewardObjective
+
+    labels = []
+    monkeypatch.setattr(metrics, "plot_loss", lambda history, path, title="", loss_label="": labels.append(loss_label))
+    run(tmp_path, "plain", max_steps=1)
+    assert labels == ["loss (mean token CE, nats)"]
+
+    def labelled(model, batch, ctx, dtype="float32"):  # noqa: ANN001, ANN202
+        return token_loss_sum(model, batch, ctx), {}
+    labelled.loss_label = "DPO loss per pair"
+    args = TrainArgs(output=str(tmp_path / "own"), max_steps=1, no_progress=True, batch_size=4)
+    train(model_from_config(TOY_CONFIG, seed=0), ToyLoader(seq_len=32, batch_size=4), args, ctx=CTX,
+          fingerprint=FINGERPRINT, objective=labelled)
+    assert labels[-1] == "DPO loss per pair"
+    assert DPOObjective(0.1).loss_label.startswith("DPO loss per pair, -log sigmoid(beta x margin)")
+    assert DPOObjective(0.1, "ipo").loss_label.startswith("IPO loss per pair")
+    assert RewardObjective().loss_label.startswith("Bradley-Terry loss per pair")
+    assert GRPOObjective("dapo", beta=0.04).loss_label == "GRPO clipped-ratio loss (dapo normalisation) + 0.04 x KL"

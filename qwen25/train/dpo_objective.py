@@ -45,6 +45,8 @@ class DPOObjective:
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"--loss-type {loss_type!r}: use one of {', '.join(DPO_LOSS_TYPES)}")
         self.beta, self.loss_type = beta, loss_type
+        self.loss_label = ("DPO loss per pair, -log sigmoid(beta x margin), nats" if loss_type == "sigmoid" else
+                           "IPO loss per pair, (per-token log-ratio margin - 1/(2 beta))^2")
 
     def __call__(self, model: nn.Module, batch: Any, ctx: DistContext,
                  dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -173,6 +173,7 @@ class GRPOObjective:
             raise ValueError(f"clip epsilons must be > 0, got {eps_low} / {eps_high}")
         self.loss_type, self.beta, self.eps_low, self.eps_high = loss_type, beta, eps_low, eps_high
         self.max_completion_length, self.drop_truncated = max_completion_length, drop_truncated
+        self.loss_label = f"GRPO clipped-ratio loss ({loss_type} normalisation)" + (f" + {beta} x KL" if beta else "")
 
     def __call__(self, model: nn.Module, batch: Any, ctx: Any,
                  dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

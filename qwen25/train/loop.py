@@ -22,7 +22,8 @@ and a dict of detached metric sums over the same units; `batch.num_loss_units` (
 `num_loss_tokens`) counts those units (tokens for CE, pairs for DPO and the reward model). The loop divides by
 the global count of units exactly as above, logs each extra as its mean per unit, and evaluates with the same
 objective (`eval_loss`, `eval_<extra>`). An objective may name `ratio_extras` ({extra: denominator extra}):
-those are logged as the ratio of the two global sums instead (GRPO's per-token KL when its unit is a sequence).
+those are logged as the ratio of the two global sums instead (GRPO's per-token KL when its unit is a sequence),
+and `loss_label`, the y-axis label of loss.png (what the loss is; default: mean token CE).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from qwen25.train import checkpointing as ckpt
 from qwen25.train.config import TrainArgs
 from qwen25.train.linear_ce import linear_cross_entropy
 from qwen25.train.distributed import DistContext, all_reduce_sum, is_sharded, set_gradient_sync
-from qwen25.train.metrics import MetricsLog
+from qwen25.train.metrics import LOSS_LABEL, MetricsLog
 from qwen25.train.optim import OptimSettings, build_optimizer, build_scheduler, clip_gradients
 
 IGNORE_INDEX = -100
@@ -291,7 +292,8 @@ def train(model: nn.Module, loader: Loader, args: TrainArgs, *, ctx: DistContext
         state = {"fingerprint": fingerprint, "history": log.history, "total_steps": total_steps}
         path = ckpt.save_checkpoint(ctx, output, step, model, optimizer, scheduler, stream.state_dict(), state,
                                     write_model, args.save_total_limit)
-        log.plot(title=f"{description}: {output.name}")
+        log.plot(title=f"{description}: {output.name}",
+                 loss_label=getattr(objective, "loss_label", LOSS_LABEL))
         return path
 
     try:

@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "plot_loss", "read_metrics"]
+__all__ = ["LOSS_LABEL", "MetricsLog", "plot_loss", "read_metrics"]
+
+LOSS_LABEL = "loss (mean token CE, nats)"  # the y-axis of loss.png unless the objective names its own
 
 
 class MetricsLog:
@@ -77,12 +79,12 @@ class MetricsLog:
             else:
                 self._bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
 
-    def plot(self, title: str = "") -> Path | None:
+    def plot(self, title: str = "", loss_label: str = LOSS_LABEL) -> Path | None:
         if not self.enabled:
             return None
         path = self.output / "loss.png"
         try:
-            plot_loss(self.history, path, title=title)
+            plot_loss(self.history, path, title=title, loss_label=loss_label)
         except ImportError:  # training never fails for want of a picture
             if not self._warned_plot:
                 print("loss.png skipped: matplotlib is not installed (pip install 'qwen25[train]')", flush=True)
@@ -113,7 +115,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_loss(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot_loss(history: list[dict[str, Any]], path: str | Path, title: str = "", loss_label: str = LOSS_LABEL) -> None:
     """Train loss (and eval loss where present) against step, as a PNG; written to a temp name, then renamed."""
     import matplotlib
 
@@ -128,7 +130,7 @@ def plot_loss(history: list[dict[str, Any]], path: str | Path, title: str = "") 
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out", markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean token CE, nats)")
+    ax.set_ylabel(loss_label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or evals:

@@ -131,6 +131,7 @@ class RewardObjective:
 
     def __init__(self, margin: float = 0.0) -> None:
         self.margin = margin
+        self.loss_label = "Bradley-Terry loss per pair, -log sigmoid(r_chosen - r_rejected - margin), nats"
 
     def __call__(self, model: nn.Module, batch: Any, ctx: DistContext,
                  dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
