@@ -86,20 +86,27 @@ def test_equals_softmax_attention_over_the_stored_values(lib, S, past, dtype, he
     assert err <= 2 * fp32_err + 8 * 2**-23 * exact.abs().max(), (err, fp32_err)  # fp32 SDPA's error, a few ulps
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rows_do_not_depend_on_the_chunk_or_the_build(dtype) -> None:  # noqa: ANN001
-    """700 keys, queries 400..699 in one call, in chunks of 1, 7, 50 and 242 rows, on each build: bit-identical."""
-    heads, kv_heads, D, S, past = 14, 2, 64, 700, 400
+CHUNKS = (1, 2, 3, 1, 7, 1, 1, 5, 50, 8, 1, 242)  # rows per call, in turn, until the queries run out
+
+
+@pytest.mark.parametrize("S,past", [(700, 400), (130, 60), (64, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,D", [(14, 2, 64), (4, 4, 32), (6, 2, 16)])
+def test_rows_do_not_depend_on_the_chunk_or_the_build(S, past, dtype, heads, kv_heads, D) -> None:  # noqa: ANN001
+    """Queries past..S-1 in one call, and in chunks of CHUNKS rows (decode rows alone, blocks of a few rows, whole
+    blocks, across 64-key tiles: on the AVX-512 build both of its paths, keys or queries along the lanes, take
+    each row in one run or the other), on each build: bit-identical."""
     _, _, view = cached(S, heads, kv_heads, D, dtype, seed=3)
     q = torch.randn(S - past, heads, D, generator=torch.Generator().manual_seed(4))
     runs = []
     for level in ("avx512", "avx2"):
         lib = build(level)
         whole = native(lib, view, q, past, kv_heads)
-        parts, at = [], 0
-        for n in (1, 7, 50, 242):
+        parts, at, k = [], 0, 0
+        while at < S - past:
+            n = min(CHUNKS[k % len(CHUNKS)], S - past - at)
             parts.append(native(lib, view, q[at:at + n], past + at, kv_heads))
-            at += n
+            at, k = at + n, k + 1
         assert torch.equal(torch.cat(parts), whole)
         runs.append(whole)
     assert torch.equal(runs[0], runs[1])
