@@ -184,10 +184,10 @@ static inline void da_prefetch_share(DaPrefetch *pf, int shares_left) {
 }
 
 /* Per-thread scratch floats for G query heads per KV head of head_dim D (per query: 3 floats for
- * dense_attend_lanes, 5 for dense_attend_keys). */
+ * dense_attend_lanes, 4 for dense_attend_keys). */
 static inline size_t da_scratch_floats(int G, int D) {
     const size_t NQ = da_lanes(G);
-    return (size_t)D * NQ * 2 + (size_t)DA_KB * NQ + (size_t)DA_KB * D * 2 + 5 * NQ + 64;
+    return (size_t)D * NQ * 2 + (size_t)DA_KB * NQ + (size_t)DA_KB * D * 2 + 4 * NQ + 64;
 }
 
 /* dense_attend with the queries along the lanes (the header's). */
@@ -355,8 +355,7 @@ static void dense_attend_keys(const float *q, long ldq, float *out, long ldo, in
                               float *scratch) {
     const int nq = n * G, NQ = (nq + SP_VL - 1) / SP_VL * SP_VL, rows = (nq + 3) & ~3, P = pos0 + n;
     float *Qs = scratch, *Ot = Qs + (size_t)D * NQ, *S = Ot + (size_t)D * NQ, *Kt = S + (size_t)DA_KB * NQ;
-    float *Vb = Kt + (size_t)DA_KB * D, *M = Vb + (size_t)DA_KB * D, *M1 = M + NQ, *L = M1 + NQ, *alpha = L + NQ;
-    float *sum = alpha + NQ;
+    float *Vb = Kt + (size_t)DA_KB * D, *M = Vb + (size_t)DA_KB * D, *M1 = M + NQ, *L = M1 + NQ, *sum = L + NQ;
     for (int i = 0; i < rows; i++)  /* rows past nq: zero queries, results unused */
         for (int d = 0; d < D; d++) Qs[(size_t)i * D + d] = i < nq ? q[(i / G) * ldq + (i % G) * D + d] * scale : 0.0f;
     for (int i = 0; i < NQ; i++) M[i] = M1[i] = i < nq ? -INFINITY : 0.0f, L[i] = sum[i] = 0.0f;
@@ -388,31 +387,32 @@ static void dense_attend_keys(const float *q, long ldq, float *out, long ldo, in
             const float mt = da_hmax(mv);
             M1[i] = mt > M[i] ? mt : M[i];  /* da_max(mt, m0) */
         }
-        unsigned changed = 0;  /* bit c: a max of queries 16c .. 16c+15 changed */
-        for (int c = 0; c < NQ; c += SP_VL) {  /* lanes past nq: M = M1 = 0 */
-            const spvec m0 = sp_load(M + c), m1 = sp_load(M1 + c);
-            sp_store(alpha + c, da_exp(da_sub(m0, m1)));
-            if (da_any_ne(m1, m0)) changed |= 1u << (c / SP_VL);
-            sp_store(M + c, m1);
-        }
         da_prefetch_share(&pf, 4);
         for (int i = 0; i < nq; i++)  /* p = exp(s - max), 0 for masked keys */
             for (int c = 0; c < DA_KB; c += SP_VL) {
                 float *s = S + (size_t)i * DA_KB + c;
                 const spvec x = sp_load(s);
-                sp_store(s, da_unless_ninf(da_exp(da_sub(x, sp_set1(M[i]))), x));
+                sp_store(s, da_unless_ninf(da_exp(da_sub(x, sp_set1(M1[i]))), x));
             }
         da_prefetch_share(&pf, 3);
         int i = 0;  /* the sums of p in key order (rows past nq: unused) */
         for (; i + 8 <= rows; i += 8) da_sums_in_key_order(S + (size_t)i * DA_KB, 8, nk, sum + i);
         for (; i < rows; i += 4) da_sums_in_key_order(S + (size_t)i * DA_KB, 4, nk, sum + i);
-        for (int c = 0; c < NQ; c += SP_VL)
-            sp_store(L + c, sp_fmadd(sp_load(L + c), sp_load(alpha + c), sp_load(sum + c)));
         da_prefetch_share(&pf, 2);
-        for (int i = 0; i < nq; i++)  /* a new running max: rescale the sums so far */
-            if (changed >> (i / SP_VL) & 1)
-                for (int d = 0; d < D; d += SP_VL)
-                    sp_store(Ot + (size_t)i * D + d, sp_mul(sp_load(Ot + (size_t)i * D + d), sp_set1(alpha[i])));
+        for (int c = 0; c < nq; c += SP_VL) {  /* 16 queries (lanes past nq: M = M1 = 0) */
+            const spvec m0 = sp_load(M + c), m1 = sp_load(M1 + c), alpha = da_exp(da_sub(m0, m1));
+            sp_store(L + c, sp_fmadd(sp_load(L + c), alpha, sp_load(sum + c)));
+            sp_store(M + c, m1);
+            if (da_any_ne(m1, m0)) {  /* a new running max: rescale the sums so far, as the lanes path */
+                float a[SP_VL];
+                sp_store(a, alpha);
+                for (int k = 0; k < SP_VL && c + k < nq; k++)
+                    for (int d = 0; d < D; d += SP_VL) {
+                        float *o = Ot + (size_t)(c + k) * D + d;
+                        sp_store(o, sp_mul(sp_load(o), sp_set1(a[k])));
+                    }
+            }
+        }
         da_prefetch_share(&pf, 1);
         if (!widen_values) {
             if (dtype == KV_F32) da_values_from_cache(Ot, S, values, KV_F32, slot + t0, nk, rows, D);
