@@ -329,13 +329,17 @@ static inline __attribute__((always_inline)) void da_values_from_cache(float *Ot
         }
 }
 
-/* sum[r] = p[r][0] + p[r][1] + ... + p[r][nk-1] for rows r < k (p[r] at p + r * DA_KB), added in that order from
- * 0 (the k chains side by side). Inlined with constant k. */
-static inline __attribute__((always_inline)) void da_sums_in_key_order(const float *p, int k, int nk, float *sum) {
-    float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int j = 0; j < nk; j++)
-        for (int r = 0; r < k; r++) s[r] += p[r * DA_KB + j];
-    for (int r = 0; r < k; r++) sum[r] = s[r];
+/* sum[k] = p[k][0] + p[k][1] + ... + p[k][nk-1] for 16 rows k (p[k] at p + k * DA_KB), added in that order from
+ * 0, the rows side by side: their 16 x 16 blocks transposed, then a vector add per key. */
+static inline void da_sums_in_key_order(const float *p, int nk, float *sum) {
+    spvec acc = sp_zero();
+    for (int j0 = 0; j0 < nk; j0 += SP_VL) {
+        spvec r[SP_VL];
+        for (int k = 0; k < SP_VL; k++) r[k] = sp_load(p + (size_t)k * DA_KB + j0);
+        da_transpose(r);
+        for (int j = 0; j < SP_VL && j0 + j < nk; j++) acc = da_add(acc, r[j]);
+    }
+    sp_store(sum, acc);
 }
 
 /* dense_attend with the keys along the lanes (D a multiple of 16). Per tile: the keys widened and transposed
@@ -360,6 +364,7 @@ static void dense_attend_keys(const float *q, long ldq, float *out, long ldo, in
         for (int d = 0; d < D; d++) Qs[(size_t)i * D + d] = i < nq ? q[(i / G) * ldq + (i % G) * D + d] * scale : 0.0f;
     for (int i = 0; i < NQ; i++) M[i] = M1[i] = i < nq ? -INFINITY : 0.0f, L[i] = sum[i] = 0.0f;
     memset(Ot, 0, sizeof(float) * rows * D);
+    memset(S + (size_t)rows * DA_KB, 0, sizeof(float) * (NQ - rows) * DA_KB);  /* rows the sums read, unused */
     DaPrefetch pf = da_prefetcher(keys, values, dtype, slot, D);
     for (int t0 = 0; t0 < P; t0 += DA_KB) {
         const int nk = P - t0 < DA_KB ? P - t0 : DA_KB, masked = t0 + nk > pos0 + 1;
@@ -395,9 +400,8 @@ static void dense_attend_keys(const float *q, long ldq, float *out, long ldo, in
                 sp_store(s, da_unless_ninf(da_exp(da_sub(x, sp_set1(M1[i]))), x));
             }
         da_prefetch_share(&pf, 3);
-        int i = 0;  /* the sums of p in key order (rows past nq: unused) */
-        for (; i + 8 <= rows; i += 8) da_sums_in_key_order(S + (size_t)i * DA_KB, 8, nk, sum + i);
-        for (; i < rows; i += 4) da_sums_in_key_order(S + (size_t)i * DA_KB, 4, nk, sum + i);
+        for (int c = 0; c < nq; c += SP_VL)  /* the sums of p in key order (rows past nq: unused) */
+            da_sums_in_key_order(S + (size_t)c * DA_KB, nk, sum + c);
         da_prefetch_share(&pf, 2);
         for (int c = 0; c < nq; c += SP_VL) {  /* 16 queries (lanes past nq: M = M1 = 0) */
             const spvec m0 = sp_load(M + c), m1 = sp_load(M1 + c), alpha = da_exp(da_sub(m0, m1));
