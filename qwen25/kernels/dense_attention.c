@@ -349,7 +349,7 @@ static inline void da_sums_in_key_order(const float *p, int nk, float *sum) {
  * of 64). The result equals dense_attend_lanes' bit for bit: each score is the same chain fma(K[j][d], q[d], .)
  * over d = 0..D-1 from 0, each output element the same chain over the keys in order, tile after tile; per query
  * and tile the same max (exact in any order), the same da_exp of the same differences, its weights summed in key
- * order from 0 (scalar adds, no tree), L = fma(L, alpha, sum), and Ot rescaled by alpha where that path rescales
+ * order from 0 (one add per key, no tree), L = fma(L, alpha, sum), and Ot rescaled by alpha where that path rescales
  * it: a group of 16 queries (its vector of lanes) together when any of their maxima changed (alpha is exactly 1
  * for an unchanged finite max; its padding lanes take their max on the first tile, where Ot is +0, unless every
  * key there holds an inf/NaN); keys of weight 0 skipped on a masked tile whose values hold an inf/NaN. Arguments
