@@ -3,7 +3,7 @@ AVX2 builds: a chunk of queries against keys/values in a paged cache (fp32, fp16
 equals softmax attention over the same stored values up to fp32 rounding (its error against float64 SDPA within
 twice fp32 SDPA's plus 8 ulps of the largest output), for lengths spanning several 64-key tiles and chunks
 spanning several query blocks; a row's result is bit-identical whatever the chunk it comes in, and on both
-builds."""
+builds (whose paths differ: the AVX-512 build puts the keys along the vector lanes, the AVX2 build the queries)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from qwen25.kernels.native import KVView
 
 BLOCK, LAYERS = 16, 2
 CASES = [(1, 0), (200, 0), (300, 170), (257, 256), (130, 1), (700, 500)]  # (keys S, cached past)
+# (heads, KV heads, D): the AVX-512 build puts the keys along the lanes for D a multiple of 16, the queries for D 8
+SHAPES = [(14, 2, 64), (4, 4, 32), (6, 2, 16), (4, 2, 8)]
 
 
 def build(level: str) -> ctypes.CDLL:
@@ -76,7 +78,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, dtype: to
 
 @pytest.mark.parametrize("S,past", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,D", [(14, 2, 64), (4, 4, 32), (6, 2, 16)])
+@pytest.mark.parametrize("heads,kv_heads,D", SHAPES)
 def test_equals_softmax_attention_over_the_stored_values(lib, S, past, dtype, heads, kv_heads, D) -> None:  # noqa: ANN001
     k, v, view = cached(S, heads, kv_heads, D, dtype)
     q = torch.randn(S - past, heads, D, generator=torch.Generator().manual_seed(1))
@@ -86,20 +88,27 @@ def test_equals_softmax_attention_over_the_stored_values(lib, S, past, dtype, he
     assert err <= 2 * fp32_err + 8 * 2**-23 * exact.abs().max(), (err, fp32_err)  # fp32 SDPA's error, a few ulps
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rows_do_not_depend_on_the_chunk_or_the_build(dtype) -> None:  # noqa: ANN001
-    """700 keys, queries 400..699 in one call, in chunks of 1, 7, 50 and 242 rows, on each build: bit-identical."""
-    heads, kv_heads, D, S, past = 14, 2, 64, 700, 400
+CHUNKS = (1, 2, 3, 1, 7, 1, 1, 5, 50, 8, 1, 242)  # rows per call, in turn, until the queries run out
+
+
+@pytest.mark.parametrize("S,past", [(700, 400), (130, 60), (64, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,D", SHAPES)
+def test_rows_do_not_depend_on_the_chunk_or_the_build(S, past, dtype, heads, kv_heads, D) -> None:  # noqa: ANN001
+    """Queries past..S-1 in one call, and in chunks of CHUNKS rows (decode rows alone, blocks of a few rows, whole
+    blocks, across 64-key tiles), on each build: bit-identical; and the builds agree, so the AVX-512 build's keys
+    along the lanes give the AVX2 build's queries along the lanes, bit for bit."""
     _, _, view = cached(S, heads, kv_heads, D, dtype, seed=3)
     q = torch.randn(S - past, heads, D, generator=torch.Generator().manual_seed(4))
     runs = []
     for level in ("avx512", "avx2"):
         lib = build(level)
         whole = native(lib, view, q, past, kv_heads)
-        parts, at = [], 0
-        for n in (1, 7, 50, 242):
+        parts, at, k = [], 0, 0
+        while at < S - past:
+            n = min(CHUNKS[k % len(CHUNKS)], S - past - at)
             parts.append(native(lib, view, q[at:at + n], past + at, kv_heads))
-            at += n
+            at, k = at + n, k + 1
         assert torch.equal(torch.cat(parts), whole)
         runs.append(whole)
     assert torch.equal(runs[0], runs[1])
