@@ -139,6 +139,25 @@ def test_matches_torch_path_on_contiguous_cache(model, native, chunks) -> None: 
 
 
 @pytest.mark.parametrize("level", ["avx512", "avx2"])
+def test_static_yarn_matches_torch_path(level) -> None:  # noqa: ANN001
+    """Static YaRN (factor 4 over a 16-token native window, so the 60 positions run past it): the kernel rotates
+    with the YaRN cos/sin and attention factor it is given, like the PyTorch path (whose YaRN equals
+    transformers', test_yarn.py). Scaling really changes the logits (checked against plain RoPE)."""
+    from qwen25.model.long_context import set_long_context
+
+    model = tiny_q8_model(3)
+    chunks = [list(range(1, 45)), [7], [300, 2, 9], list(range(50, 62))]
+    plain = torch_logits(model, chunks, ContiguousKVCache(model.config, 1, 64))
+    set_long_context(model, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    native = build_or_skip(model, level)
+    assert native.supports(model.config, "causal", torch.float32)
+    ref = torch_logits(model, chunks, ContiguousKVCache(model.config, 1, 64))
+    got = native_contiguous(native, chunks, ContiguousKVCache(model.config, 1, 64))
+    assert_matches_reference(got, ref, model)
+    assert (ref - plain).norm() > 0.05 * plain.norm()
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (6, 2, 64), (8, 1, 32)])
 def test_head_layouts(heads, kv_heads, head_dim, level) -> None:  # noqa: ANN001
     model = tiny_q8_model(1, heads, kv_heads, head_dim)

@@ -1,7 +1,7 @@
 """YaRN: inverse frequencies, attention factor and logits equal transformers' (static YaRN, tiny random models saved
 by transformers and loaded through qwen25's own loader, at positions beyond original_max_position_embeddings);
 dynamic YaRN equals plain RoPE inside the native window (bit for bit) and static YaRN beyond it, with the cached
-keys re-rotated when a sequence crosses the window; the native forward refuses both."""
+keys re-rotated when a sequence crosses the window; the native forward takes static YaRN only."""
 
 from __future__ import annotations
 
@@ -168,14 +168,16 @@ def test_dynamic_regime_is_per_row(tmp_path):
     torch.testing.assert_close(batched[1, pad:], alone_b[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scaling", [dict(YARN), dict(YARN, dynamic=True)])
-def test_native_forward_refuses_yarn(scaling):
+@pytest.mark.parametrize("scaling,native", [(dict(YARN), True), (dict(YARN, dynamic=True), False)])
+def test_native_forward_takes_static_yarn_only(scaling, native):
+    """Static YaRN runs natively (test_native_forward.py checks its logits); dynamic YaRN rotates keys at
+    attention time and stays on the PyTorch path."""
     config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          rope_scaling=scaling)
     plain = config.replace(rope_scaling=None)
     assert NativeForward.supports(SimpleNamespace(config=plain), plain, "causal", torch.float32)
-    assert not NativeForward.supports(SimpleNamespace(config=config), config, "causal", torch.float32)
+    assert NativeForward.supports(SimpleNamespace(config=config), config, "causal", torch.float32) == native
 
 
 def test_static_yarn_on_the_paged_engine_equals_full_forward_greedy(tmp_path):

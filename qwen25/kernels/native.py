@@ -34,7 +34,7 @@ from qwen25.kernels.ggml_linear import GGMLEmbedding, GGMLLinear
 from qwen25.kernels.ggml_matmul import BLOCK
 from qwen25.kernels.native_sparse import SparseScratch, declare, takes_sparse
 from qwen25.model.layers import RMSNorm
-from qwen25.model.rope import rope_cos_sin
+from qwen25.model.rope import is_dynamic, rope_cos_sin, rope_type
 from qwen25.kernels.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.model.sparse_prefill import SparsePrefillConfig
@@ -225,12 +225,14 @@ class NativeForward:
 
     def supports(self, config: Any, attention: str, kv_dtype: torch.dtype) -> bool:
         """Whether a pass with this model config, attention kind and KV-cache dtype can run natively: the kernel
-        implements plain causal attention with default RoPE over an fp32, fp16 or bf16 cache (and the sparse prefill,
-        see `__call__`), for the config it was built from; anything else (YaRN, dual-chunk attention, an int8
-        cache) runs the PyTorch path."""
-        rope_type = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
+        implements plain causal attention over an fp32, fp16 or bf16 cache (and the sparse prefill, see `__call__`),
+        for the config it was built from, with default RoPE or static YaRN (it rotates with the cos/sin the model's
+        `rope_inv_freq` and attention factor give, as the PyTorch path does); anything else (dynamic YaRN and
+        dual-chunk attention, which rotate keys at attention time, or an int8 cache) runs the PyTorch path."""
+        scaling = rope_type(config.rope_scaling)
         return (config == self.config and attention == "causal" and kv_dtype in KV_DTYPES
-                and rope_type in ("default", None) and not getattr(config, "dual_chunk_attention_config", None))
+                and (scaling in ("default", None) or (scaling == "yarn" and not is_dynamic(config.rope_scaling)))
+                and not getattr(config, "dual_chunk_attention_config", None))
 
     def takes_sparse(self) -> bool:
         """Whether passes of this model can run sparse prefill natively (`qwen25.kernels.native_sparse`)."""
