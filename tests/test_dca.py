@@ -89,6 +89,23 @@ def test_lse_merge_equals_dense_attention_with_the_remapped_distances(yarn):
     assert (dense_reference(q, k, v, true.masked_fill(true < 0, -1), inv_freq, scale) - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("past,T", [(0, 40), (5, 30), (13, 1), (30, 10), (0, 9)])
+def test_sliced_causal_path_equals_the_masked_one(past, T):
+    """The key-slice path the backend takes for plain causal passes (no padding, no documents) equals the general
+    masked computation: runs inside one chunk, chunk boundaries, decode rows, every part present or not."""
+    from qwen25.model.dca import dual_chunk_attention_causal
+
+    torch.manual_seed(past + T)
+    S = past + T
+    q, k, v = torch.randn(2, 6, T, 16), torch.randn(2, 2, S, 16), torch.randn(2, 2, S, 16)
+    inv_freq, scale = rope_inv_freq(16, 10_000.0, {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 8})
+    q_pos, k_pos = torch.arange(past, S).expand(2, T), torch.arange(S).expand(2, S)
+    ref = dual_chunk_attention(q, k, v, q_pos, k_pos, inv_freq, scale, CHUNK, LOCAL, past=past)
+    got = dual_chunk_attention_causal(q, k, v, past, inv_freq, scale, CHUNK, LOCAL)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
 def test_query_blocks_do_not_change_the_result(monkeypatch):
     import qwen25.model.dca as dca
 

@@ -180,8 +180,9 @@ def test_settings_and_errors():
         SparsePrefillConfig.from_setting("{bad")
     with pytest.raises(ValueError, match="slash_size"):
         SparsePrefillConfig(slash_size=0)
-    with pytest.raises(ValueError, match="Dual Chunk"):
-        enable_sparse_prefill(tiny(dual_chunk_attention_config={"chunk_size": 64, "local_size": 8}), True)
+    dca_model = tiny(dual_chunk_attention_config={"chunk_size": 64, "local_size": 8})
+    assert enable_sparse_prefill(dca_model, True) == SparsePrefillConfig()  # DCA + sparse: tests/test_dca_sparse.py
+    assert hasattr(dca_model.model.attention.base, "sparse_prefill_call")
     dynamic = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "dynamic": True}
     with pytest.raises(ValueError, match="dynamic YaRN"):
         enable_sparse_prefill(tiny(rope_scaling=dynamic), True)
@@ -208,7 +209,6 @@ def test_cli_flag_reaches_the_model_and_generation_matches_dense(tiny_hf_dir):
 @pytest.mark.parametrize("flags,message", [
     (["--sparse-prefill", "{bad"], "--sparse-prefill: expected on, off or a JSON object"),
     (["--sparse-prefill", '{"vertical": 5}'], "unknown keys ['vertical']"),
-    (["--sparse-prefill", "on", "--dual-chunk-attention", "on"], "not implemented with Dual Chunk Attention"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_hf_dir, capsys, flags, message):
     from qwen25.cli import main

@@ -30,6 +30,7 @@ from qwen25.engine.sequence import Sequence
 from qwen25.engine.speculative import SpeculativeConfig, SpeculativeStats, speculation_applies
 from qwen25.engine.stop import StopMatcher
 from qwen25.kernels.native import NativeForward
+from qwen25.model.long_context import needs_unrotated_keys
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.model.sparse_prefill import sparse_prefill_config
 from qwen25.sampling_params import SamplingParams
@@ -107,9 +108,11 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or config.max_position_embeddings, self.cache_capacity)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         # Sparse prefill estimates a pattern per chunk from its last `last_q` queries: a chunk of only a few
-        # queries would pay the estimate (dense attention for those queries) and save nothing, so with it on a
-        # long prompt's chunks are the whole step budget (not the fairness-bounded small ones).
-        chunking = {} if sparse_prefill_config(model) is None else {
+        # queries would pay the estimate (dense attention for those queries) and save nothing; DCA and dynamic
+        # YaRN rotate every cached key at each pass. So with either, a long prompt's chunks are the whole step
+        # budget (not the fairness-bounded small ones).
+        whole_chunks = sparse_prefill_config(model) is not None or needs_unrotated_keys(config)
+        chunking = {} if not whole_chunks else {
             "long_prefill_chunk": max_num_batched_tokens,
             "long_prefill_pairs": max_num_batched_tokens * self.max_model_len}
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager, **chunking)

@@ -36,6 +36,7 @@ import torch
 from qwen25.config import ModelConfig
 from qwen25.model.attention import AttentionSpec, KVCache, sdpa_attention, stores_unrotated_keys
 from qwen25.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from qwen25.model.sparse_prefill import SparsePrefillConfig, pattern_from_probs, vertical_slash_attention
 
 BLOCK_ELEMENTS = 1 << 24  # logits per part computed at once (64 MiB in fp32): bounds memory on long prompts
 
@@ -105,6 +106,112 @@ def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
     return out.view(B, H, T, D).to(v.dtype)
 
 
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp through PyTorch's fused CPU flash kernel: q (B, h, t, D), k/v
+    (B, h, s, D) fp32 -> out (B, h, t, D), lse (B, h, t). causal: query i sees keys <= i (t == s)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+    return out, lse
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax over the union of the parts' keys, from each part's (out, lse)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])
+    weights = torch.exp(lses - torch.logsumexp(lses, dim=0))
+    return sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
+
+
+def dual_chunk_attention_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, inv_freq: torch.Tensor,
+                                rope_scale: float, chunk_size: int, local_size: int) -> torch.Tensor:
+    """`dual_chunk_attention` for the common case, at the cost of causal attention: query t at position past + t
+    over keys at positions 0..past+T-1 (no padding, no documents). Each run of queries inside one chunk attends
+    to key slices only: its own chunk's earlier keys and its causal square (intra), the previous chunk
+    (successive) and every earlier chunk (inter), each through the fused flash kernel with the GQA group folded
+    into the query axis, then merged through the log-sum-exp. q (B, H, T, D), k/v (B, H_kv, S, D) unrotated."""
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    G, L, scale = H // H_kv, chunk_size - local_size, 1.0 / math.sqrt(D)
+    cos, sin = rope_cos_sin(torch.arange(S) % L, inv_freq, rope_scale)
+    k_rot, v32 = apply_rope(k.float(), cos.unsqueeze(0), sin.unsqueeze(0)), v.float()
+    q32 = q.float()
+    out = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
+    t0 = 0
+    while t0 < T:
+        p0 = past + t0
+        c, cs = p0 // L, (p0 // L) * L
+        t1 = min(T, cs + L - past)  # the run of queries inside chunk c
+        p1 = past + t1
+        pos = torch.arange(p0, p1, device=q.device)
+        rotated = []
+        for qp in dca_query_positions(pos, chunk_size, local_size):
+            cq, sq = rope_cos_sin(qp, inv_freq, rope_scale)
+            rotated.append(apply_rope(q32[:, :, t0:t1], cq.unsqueeze(0), sq.unsqueeze(0)))
+        n = t1 - t0
+
+        def folded(x: torch.Tensor) -> torch.Tensor:  # (B, H, n, D) -> (B, H_kv, G * n, D)
+            return x.reshape(B, H_kv, G * n, D)
+
+        parts = []
+        diag_q = rotated[0]  # the causal square: keys p0..p1-1, one head per query head
+        diag_k = k_rot[:, :, p0:p1].repeat_interleave(G, dim=1)
+        diag_v = v32[:, :, p0:p1].repeat_interleave(G, dim=1)
+        parts.append(_flash(diag_q, diag_k, diag_v, scale, causal=True))
+        spans = [(0, cs, p0)]  # (part, first key, end key): the intra keys before the run
+        if c >= 1:
+            spans.append((1, cs - L, cs))
+        if c >= 2:
+            spans.append((2, 0, cs - L))
+        for part, lo, hi in spans:
+            if hi > lo:
+                o, lse = _flash(folded(rotated[part]), k_rot[:, :, lo:hi], v32[:, :, lo:hi], scale)
+                parts.append((o.reshape(B, H, n, D), lse.reshape(B, H, n)))
+        out[:, :, t0:t1] = _merge(parts)
+        t0 = t1
+    return out.to(v.dtype)
+
+
+def dual_chunk_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, inv_freq: torch.Tensor,
+                              rope_scale: float, chunk_size: int, local_size: int,
+                              cfg: SparsePrefillConfig) -> torch.Tensor:
+    """DCA of one row's T queries (H, T, D) at positions past..past+T-1 over its unrotated keys/values (H_kv,
+    past+T, D), with MInference's vertical-slash pattern (as vLLM's DCA backend combines them): for each run of
+    queries inside one chunk, its last `cfg.last_q` queries, each part rotated its own way, score every key
+    (inter-chunk keys, then the previous chunk, then its own chunk causally), one softmax over them all gives the
+    columns and diagonals to keep (`pattern_from_probs`), and each part attends to the kept keys in its range
+    (`vertical_slash_attention` with key_range); the parts merge through their log-sum-exp. Budgets that cover
+    every key give exactly `dual_chunk_attention_causal`. -> (H, T, D)."""
+    H, T, D = q.shape
+    H_kv, S = k.shape[0], k.shape[1]
+    G, L = H // H_kv, chunk_size - local_size
+    cos, sin = rope_cos_sin(torch.arange(S) % L, inv_freq, rope_scale)
+    k_rot = apply_rope(k.float().unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
+    v32 = v.float()
+    out = torch.empty(H, T, D, dtype=torch.float32)
+    t0 = 0
+    while t0 < T:
+        p0 = past + t0
+        cs = (p0 // L) * L
+        t1 = min(T, cs + L - past)
+        p1 = past + t1
+        rotated = []
+        for qp in dca_query_positions(torch.arange(p0, p1), chunk_size, local_size):
+            cq, sq = rope_cos_sin(qp, inv_freq, rope_scale)
+            rotated.append(apply_rope(q[:, t0:t1].float().unsqueeze(0), cq.unsqueeze(0), sq.unsqueeze(0))[0])
+        ranges = [(2, 0, max(0, cs - L)), (1, max(0, cs - L), cs), (0, cs, p1)]  # key order: inter, succ, intra
+        n = min(cfg.last_q, t1 - t0)
+        logits = torch.cat([(rotated[part][:, -n:].reshape(H_kv, G, n, D) @ k_rot[:, lo:hi].unsqueeze(1).transpose(
+            -1, -2)).view(H, n, hi - lo) for part, lo, hi in ranges], dim=-1) / math.sqrt(D)
+        logits[:, :, p1 - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        pattern = pattern_from_probs(torch.softmax(logits, dim=-1), cfg)
+        parts = [vertical_slash_attention(rotated[part], k_rot[:, :p1], v32[:, :p1], p0, cfg, pattern, (lo, hi))
+                 for part, lo, hi in ranges if hi > lo]
+        out[:, t0:t1] = _merge(parts)
+        t0 = t1
+    return out.to(v.dtype)
+
+
 def spec_positions(spec: AttentionSpec, B: int, T: int) -> torch.Tensor:
     if spec.positions is None:
         raise ValueError("this attention backend rotates with positions of its own: AttentionSpec.positions is "
@@ -140,6 +247,13 @@ class DualChunkAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, cache: KVCache | None, spec: AttentionSpec) -> torch.Tensor:
+        return self.sparse_prefill_call(layer, q, k, v, cos, sin, cache, spec, None)
+
+    def sparse_prefill_call(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, cache: KVCache | None, spec: AttentionSpec,
+                            sparse: SparsePrefillConfig | None) -> torch.Tensor:
+        """The backend call, with MInference's vertical-slash pattern over the three parts when `sparse` is given
+        (`SparsePrefillAttention` passes it for long prefill passes) and the pass is plain causal."""
         B, _, T, _ = q.shape
         positions = spec_positions(spec, B, T)
         longest = int(positions.max()) + 1
@@ -159,6 +273,14 @@ class DualChunkAttention:
         else:
             k_all, v_all = cache.update(layer, k, v)
             k_pos = cache.positions_for(positions)  # type: ignore[attr-defined]
+        if (spec.key_mask is None and spec.document_ids is None and positions.shape[1] == T
+                and bool((positions == torch.arange(spec.past, spec.past + T)).all())
+                and k_pos.shape[1] == spec.past + T and bool((k_pos == torch.arange(spec.past + T)).all())):
+            args = (spec.past, self.inv_freq, self.rope_scale, self.chunk_size, self.local_size)
+            if sparse is not None:
+                return torch.stack([dual_chunk_sparse_prefill(q[b], k_all[b], v_all[b], *args, sparse)
+                                    for b in range(B)])
+            return dual_chunk_attention_causal(q, k_all, v_all, *args)
         mask, _ = spec.mask(q.device)
         return dual_chunk_attention(q, k_all, v_all, positions, k_pos, self.inv_freq, self.rope_scale,
                                     self.chunk_size, self.local_size, past=spec.past, mask=mask)

@@ -104,11 +104,17 @@ def estimate_pattern(q_last: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillCo
     logits = (q_last.view(H_kv, H // H_kv, n, D) @ k.float().unsqueeze(1).transpose(-1, -2)).view(H, n, S)
     future = torch.ones(n, n, dtype=torch.bool, device=k.device).triu(1)  # only the last n keys can be ahead
     logits[:, :, S - n:].masked_fill_(future, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    return pattern_from_probs(torch.softmax(logits, dim=-1), cfg)
+
+
+def pattern_from_probs(probs: torch.Tensor, cfg: SparsePrefillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vertical columns (H, nv) and slash distances (H, ns) from the attention probs (H, n, S) of a row's
+    last n queries (positions S-n..S-1) over its S keys."""
+    H, n, S = probs.shape
     vertical = probs.sum(1)  # (H, S)
     vertical[:, :cfg.sink_size] = float("inf")
     # slash[d] sums probs[i, p_i - d] over the last queries p_i = S-n+i: row i read backwards from its own position
-    slash = torch.zeros(H, S, device=k.device)
+    slash = torch.zeros(H, S, device=probs.device)
     for i in range(n):
         p = S - n + i
         slash[:, :p + 1] += probs[:, i, :p + 1].flip(-1)
@@ -118,10 +124,14 @@ def estimate_pattern(q_last: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillCo
 
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
                              cfg: SparsePrefillConfig,
-                             pattern: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                             pattern: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             key_range: tuple[int, int] | None = None) -> Any:
     """Causal attention of one row's T queries (H, T, D) at positions past..past+T-1 over its rotated keys and
     values (H_kv, S = past+T, D), restricted to the row's vertical-slash pattern (estimated, or the given
-    (columns (H, nv), distances (H, ns)) of `estimate_pattern`). -> (H, T, D)."""
+    (columns (H, nv), distances (H, ns)) of `estimate_pattern`). -> (H, T, D).
+
+    key_range (lo, hi): only keys at positions lo..hi-1 count (one part of Dual Chunk Attention); the result is
+    then (out (H, T, D) fp32, log-sum-exp (H, T)), a query with no key in the range getting out 0, lse -inf."""
     H, T, D = q.shape
     H_kv, S = k.shape[0], k.shape[1]
     bs, dev = cfg.block_size, q.device
@@ -143,7 +153,8 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q_blocks = q_blocks.view(H, n_qb, bs, D)
     kv_head = (torch.arange(H, device=dev) // (H // H_kv)).view(-1, 1, 1)
     n_col = columns.shape[1]
-    out = torch.empty(H, n_qb, bs, D, dtype=q.dtype, device=dev)
+    out = torch.empty(H, n_qb, bs, D, dtype=q.dtype if key_range is None else torch.float32, device=dev)
+    lse = torch.empty(H, n_qb, bs, dtype=torch.float32, device=dev)
     group = max(1, GROUP_ELEMENTS // (H * (n_off * bs + n_col) * max(bs, D)))
     for g0 in range(0, n_qb, group):
         qb = torch.arange(first_qb + g0, first_qb + min(g0 + group, n_qb), device=dev)  # absolute query blocks
@@ -157,11 +168,22 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         key_pos = torch.cat([k_pos, columns.unsqueeze(1).expand(-1, qb.shape[0], -1)], dim=2)  # (H, g, n)
         usable = torch.cat([block_ok, ~duplicate], dim=2).unsqueeze(2) & (key_pos.unsqueeze(2) <= q_pos)
         index = key_pos.clamp(max=S - 1)  # a last block's tail past S is masked (its position exceeds every query)
-        # Key 0 (a forced sink column, or inside block 0) is visible to every query row, so no row is all-masked.
-        out[:, g0:g0 + qb.shape[0]] = F.scaled_dot_product_attention(
-            q_blocks[:, g0:g0 + qb.shape[0]], k[kv_head, index], v[kv_head, index], attn_mask=usable,
-            scale=1.0 / math.sqrt(D))
-    return out.view(H, n_qb * bs, D)[:, lead:lead + T]
+        if key_range is None:
+            # Key 0 (a forced sink column, or inside block 0) is visible to every query row: no row is all-masked.
+            out[:, g0:g0 + qb.shape[0]] = F.scaled_dot_product_attention(
+                q_blocks[:, g0:g0 + qb.shape[0]], k[kv_head, index], v[kv_head, index], attn_mask=usable,
+                scale=1.0 / math.sqrt(D))
+            continue
+        usable = usable & ((key_pos >= key_range[0]) & (key_pos < key_range[1])).unsqueeze(2)
+        logits = (q_blocks[:, g0:g0 + qb.shape[0]].float() @ k[kv_head, index].float().transpose(-1, -2)) / math.sqrt(D)
+        logits.masked_fill_(~usable, float("-inf"))
+        part_lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - torch.where(torch.isinf(part_lse), 0.0, part_lse).unsqueeze(-1))
+        out[:, g0:g0 + qb.shape[0]] = probs @ v[kv_head, index].float()
+        lse[:, g0:g0 + qb.shape[0]] = part_lse
+    if key_range is None:
+        return out.view(H, n_qb * bs, D)[:, lead:lead + T]
+    return out.view(H, n_qb * bs, D)[:, lead:lead + T], lse.view(H, n_qb * bs)[:, lead:lead + T]
 
 
 class SparsePrefillAttention:
@@ -181,6 +203,8 @@ class SparsePrefillAttention:
         if (not self.applies(T, spec.past + T) or spec.key_mask is not None or spec.document_ids is not None
                 or not spec.causal):
             return self.base(layer, q, k, v, cos, sin, cache, spec)
+        if hasattr(self.base, "sparse_prefill_call"):  # Dual Chunk Attention: a pattern over its three parts
+            return self.base.sparse_prefill_call(layer, q, k, v, cos, sin, cache, spec, self.sparse_prefill)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -190,9 +214,6 @@ class SparsePrefillAttention:
 
 def check_sparse_prefill(config: ModelConfig) -> None:
     """Raise ValueError when the model's attention cannot run sparse prefill (keys rotated at attention time)."""
-    if config.dual_chunk_attention_config:
-        raise ValueError("sparse prefill is not implemented with Dual Chunk Attention (its three remapped parts "
-                         "would each need a pattern); turn DCA off or run dense prefill")
     if is_dynamic(config.rope_scaling):
         raise ValueError("sparse prefill needs default RoPE or static YaRN; dynamic YaRN re-rotates the cached "
                          "keys at attention time. Use a static rope_scaling or run dense prefill")
