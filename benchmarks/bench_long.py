@@ -10,7 +10,8 @@ ratios to llama.cpp (each child warms up on a 64-token prompt first). Engines:
              KV cache dtype `auto` picks, float16 for these weights, unless --kv-cache-dtype), no prefix caching
   llamacpp   llama-cpp-python (its f16 KV cache), n_ctx = length + decode steps, in ~/.cache/qwen25-ref's Python
 Beyond the native window pass --yarn 4 (static YaRN on both, vLLM's/llama.cpp's) and --dca (qwen25 only: Dual
-Chunk Attention, which llama.cpp lacks).
+Chunk Attention, which llama.cpp lacks; with --sparse-prefill, sparse over its three parts), or --beyond-window
+(qwen25: plain RoPE past the trained positions, what DCA and YaRN are measured against).
 
 --sparse-prefill [on|JSON] adds the engine qwen25-sparse: the same `LLM` with MInference's vertical-slash sparse
 prefill (`qwen25.model.sparse_prefill`; in the fused native forward, with full-budget chunks for long prompts),
@@ -55,8 +56,10 @@ def child_qwen25(spec: dict) -> dict:
 
     length, steps = spec["length"], spec["decode_steps"]
     window = int(NATIVE_WINDOW * spec["yarn"]) if spec["yarn"] else NATIVE_WINDOW
-    if length + steps + 1 > window:
-        raise SystemExit(f"{length} + {steps} decode steps exceed the {window}-token window (pass --yarn 4)")
+    plain_beyond = length + steps + 1 > window and spec.get("beyond_window") and not spec["dca"]
+    if length + steps + 1 > window and not plain_beyond:
+        raise SystemExit(f"{length} + {steps} decode steps exceed the {window}-token window (pass --yarn 4, or "
+                         "--beyond-window for plain RoPE past it)")
     settings: dict[str, Any] = {"enable_prefix_caching": False, "max_model_len": length + steps + 1,
                                 "kv_cache_dtype": spec["kv_cache_dtype"]}
     if spec["engine"] == "qwen25-torch":
@@ -67,6 +70,9 @@ def child_qwen25(spec: dict) -> dict:
               rope_scaling=rope,
               dual_chunk_attention_config="on" if spec["dca"] else None,
               sparse_prefill=spec["sparse_prefill"] if spec.get("sparse") else None)
+    if plain_beyond:  # positions past the trained window, RoPE unchanged (vLLM: VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)
+        config = llm.model.config.replace(max_position_embeddings=length + steps + 1)
+        llm.config = llm.checkpoint.config = llm.model.config = llm.model.model.config = config
     engine = llm.engine
     kv_dtype = str(engine.runner.cache.keys.dtype).removeprefix("torch.")
     log(spec["engine"], f"KV cache {spec['kv_cache_dtype']}: {kv_dtype}")
@@ -261,6 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "like llama.cpp's, i.e. gguf; q8/q4: the older requantized copies)")
     p.add_argument("--yarn", type=float, default=0.0, help="static YaRN factor on both engines (0: off)")
     p.add_argument("--dca", action="store_true", help="qwen25: Dual Chunk Attention (chunk = the native window)")
+    p.add_argument("--beyond-window", action="store_true",
+                   help="qwen25 without --yarn/--dca: admit lengths past the native window with plain RoPE")
     p.add_argument("--sparse-prefill", nargs="?", const="on", default=None, metavar="on|JSON",
                    help="add the engine qwen25-sparse: vertical-slash sparse prefill with these settings (default "
                         "when given alone: on, MInference's budgets)")
@@ -294,9 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     if "llamacpp" in engines and not (args.llamacpp_python and Path(args.llamacpp_python).exists()):
         print("llama.cpp skipped: no interpreter with llama-cpp-python (pass --llamacpp-python)", file=sys.stderr)
         engines.remove("llamacpp")
-    if "qwen25-sparse" in engines and (args.dca or not args.sparse_prefill):
-        raise SystemExit("qwen25-sparse needs --sparse-prefill and runs without --dca (sparse prefill with Dual "
-                         "Chunk Attention is not implemented)")
+    if "qwen25-sparse" in engines and not args.sparse_prefill:
+        raise SystemExit("qwen25-sparse needs --sparse-prefill")
     if args.generate:
         return main_generate(args, engines, model_path)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [passkey_prompt(tokenizer, length, d, k).ids for d, k in zip(depths, keys[length])]
         spec = {"model_path": str(model_path), "length": length, "prompts": prompts, "threads": args.threads,
                 "decode_steps": args.decode_steps, "kv_cache_dtype": args.kv_cache_dtype, "yarn": args.yarn,
-                "dca": args.dca, "sparse_prefill": args.sparse_prefill, "quantization": args.quantization}
+                "dca": args.dca, "sparse_prefill": args.sparse_prefill, "quantization": args.quantization,
+                "beyond_window": args.beyond_window}
         results[length] = {}
         for engine in engines:
             python = args.llamacpp_python if engine == "llamacpp" else sys.executable

@@ -20,11 +20,17 @@ the sequence length n when they are written, queries by s of the current length,
 logits by s^2 (as YaRN's attention factor does). W = 0 or absent: no scaling. A rope_scaling (static YaRN) in
 the same config applies its frequencies and attention factor to every rotation.
 
-Costs: a key is stored once, unrotated (`UnrotatedKVCache`); each pass rotates the context's keys and computes
-up to three logit blocks per query, in query blocks that bound the memory of long prompts. Sparse prefill
-(`qwen25.model.sparse_prefill`, MInference's vertical-slash pattern) is not combined with DCA: a checkpoint's
-`sparse_attention_*` fields are accepted and the dense DCA runs; asking for sparse prefill with DCA is refused. The engine's paged cache stores keys unrotated for it; on a cache that stores rotated keys
-(`ContiguousKVCache`) it runs plain attention while that is exact and raises NotImplementedError beyond.
+Costs: a key is stored once, unrotated (`UnrotatedKVCache`); each pass rotates the context's keys. A plain causal
+pass (no padding, no documents: the engine's prefill chunks and single-sequence decode) attends to key slices
+only, each run of queries inside one chunk to its own chunk, the previous one and the rest, through PyTorch's
+fused CPU flash kernel (`dual_chunk_attention_causal`: the cost of causal attention); other passes build the
+three masked logit blocks per query, in query blocks that bound memory. With sparse prefill on
+(`qwen25.model.sparse_prefill`, MInference's vertical-slash pattern), long prefill passes estimate one pattern over
+the three parts and attend only to its keys (`dual_chunk_sparse_prefill`, the combination vLLM's DCA backend
+runs); a checkpoint's `sparse_attention_*` fields are accepted and ignored. The engine's paged cache stores keys
+unrotated for it; on a cache that stores rotated keys (`ContiguousKVCache`) it runs plain attention while that is
+exact and raises NotImplementedError beyond. DCA runs on the PyTorch path (the native forward takes neither it
+nor dynamic YaRN).
 """
 
 from __future__ import annotations

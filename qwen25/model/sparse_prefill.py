@@ -15,8 +15,9 @@ again for every prefill chunk (the engine's chunked prefill), over the whole cac
 
 Where it runs: passes of more than one new token over at least `min_length` keys, with no padding and no
 documents (one row of the engine's chunked prefill, or lock-step rows of equal length); everything else (decode,
-ragged batched prefill) runs the wrapped backend. Default RoPE and static YaRN only: dynamic YaRN and Dual Chunk
-Attention rotate keys at attention time and are refused with a clear error. The fused native forward runs the
+ragged batched prefill) runs the wrapped backend. Default RoPE, static YaRN and Dual Chunk Attention (whose
+backend runs the pattern over its three parts, `qwen25.model.dca.dual_chunk_sparse_prefill`); dynamic YaRN
+re-rotates cached keys at attention time and is refused with a clear error. The fused native forward runs the
 same pattern (`qwen25/kernels/sparse_attention.c`: the same estimate, the same key set) for the engine's passes
 (`sparse_prefill_config`); the runner keeps the PyTorch path only where the kernel cannot take the model
 (`sparse_prefill_applies`).
