@@ -70,7 +70,7 @@ def test_a_fixed_pattern_equals_dense_dca_on_its_keys(past, T, monkeypatch):
     assert (got - dense).abs().max().item() > 1e-2
 
 
-def test_engine_prefill_with_covering_budgets_equals_dense_dca():
+def test_engine_prefill_with_covering_budgets_equals_dense_dca(monkeypatch):
     from types import SimpleNamespace
 
     from qwen25.engine.engine import LLMEngine
@@ -91,11 +91,8 @@ def test_engine_prefill_with_covering_budgets_equals_dense_dca():
     original = dca.dual_chunk_sparse_prefill
     enable_sparse_prefill(model, {"vertical_size": 128, "slash_size": 2, "block_size": 4, "last_q": 4,
                                   "min_length": 32})
-    dca.dual_chunk_sparse_prefill = lambda *a: calls.append(1) or original(*a)
-    try:
-        sparse = run()
-    finally:
-        dca.dual_chunk_sparse_prefill = original
+    monkeypatch.setattr(dca, "dual_chunk_sparse_prefill", lambda *a: calls.append(1) or original(*a))
+    sparse = run()
     assert calls  # chunks past 32 keys ran the sparse DCA
     assert sparse.token_ids == dense.token_ids
     torch.testing.assert_close(torch.tensor([lp[0] for lp in sparse.logprobs]),

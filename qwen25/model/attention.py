@@ -94,6 +94,27 @@ def build_attention_mask(query_positions: int, past: int, key_mask: torch.Tensor
     return mask.unsqueeze(1), False
 
 
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp, for shapes that broadcast: q (..., t, D), k/v (..., S, D), visible
+    (..., t, S) bool. -> out (..., t, D), lse (..., t); a query with no visible key gets out 0, lse -inf."""
+    logits = (q @ k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    return probs @ v, lse
+
+
+def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax over the union of disjoint key sets, from each set's (out (..., t, D), lse (..., t)); a query
+    that sees no key in any set gets 0."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])
+    weights = torch.exp(lses - torch.logsumexp(lses, dim=0)).nan_to_num(0.0)
+    return sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
+
+
 def sdpa_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, cache: KVCache | None, spec: AttentionSpec) -> torch.Tensor:
     """The reference backend: rotate q/k, cache the rotated keys, SDPA over the spec's mask (GQA native)."""

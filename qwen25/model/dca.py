@@ -36,11 +36,13 @@ nor dynamic YaRN).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
 from qwen25.config import ModelConfig
-from qwen25.model.attention import AttentionSpec, KVCache, sdpa_attention, stores_unrotated_keys
+from qwen25.model.attention import (AttentionSpec, KVCache, attention_with_lse, merge_by_lse, sdpa_attention,
+                                   stores_unrotated_keys)
 from qwen25.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qwen25.model.sparse_prefill import SparsePrefillConfig, pattern_from_probs, vertical_slash_attention
 
@@ -52,17 +54,6 @@ def dca_query_positions(q_pos: torch.Tensor, chunk_size: int, local_size: int) -
     L = chunk_size - local_size
     within = q_pos % L
     return within, (within + L).clamp(max=chunk_size), torch.full_like(q_pos, min(2 * L - 1, chunk_size))
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with its log-sum-exp. q (B, Hkv, G, t, D), k/v (B, Hkv, 1, S, D), visible (B|1, 1, 1, t, S).
-    -> out (B, Hkv, G, t, D), lse (B, Hkv, G, t); a query with no visible key gets out 0, lse -inf."""
-    logits = (q @ k.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    return probs @ v, lse
 
 
 def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -95,20 +86,13 @@ def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
             visible = mask[:, :, t0:t1].bool()
         back = (q_chunk[:, t0:t1, None] - k_chunk[:, None, :]).unsqueeze(1)  # chunks between query and key
         regions = (back <= 0, back == 1, back >= 2)  # intra, successive, inter
-        outs, lses = [], []
+        parts = []
         for q_part, region in zip(rotated, regions):
             part = (visible & region).unsqueeze(2)  # (B|1, 1, 1, t, S)
-            if outs and not bool(part.any()):
+            if parts and not bool(part.any()):
                 continue
-            o, lse = _attend(q_part[:, :, :, t0:t1], k_rot, v32, part, scale)
-            outs.append(o)
-            lses.append(lse)
-        if len(outs) == 1:
-            out[:, :, :, t0:t1] = outs[0]
-            continue
-        stacked = torch.stack(lses)  # (parts, B, H_kv, G, t)
-        weights = torch.exp(stacked - torch.logsumexp(stacked, dim=0)).nan_to_num(0.0)
-        out[:, :, :, t0:t1] = sum(w.unsqueeze(-1) * o for w, o in zip(weights, outs))
+            parts.append(attention_with_lse(q_part[:, :, :, t0:t1], k_rot, v32, part, scale))
+        out[:, :, :, t0:t1] = merge_by_lse(parts)
     return out.view(B, H, T, D).to(v.dtype)
 
 
@@ -120,13 +104,31 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out, lse
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One softmax over the union of the parts' keys, from each part's (out, lse)."""
-    if len(parts) == 1:
-        return parts[0][0]
-    lses = torch.stack([lse for _, lse in parts])
-    weights = torch.exp(lses - torch.logsumexp(lses, dim=0))
-    return sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
+def _chunk_runs(past: int, T: int, L: int) -> Iterator[tuple[int, int, int]]:
+    """(t0, t1, first position of the chunk) for each run of the queries at past..past+T-1 inside one chunk."""
+    t0 = 0
+    while t0 < T:
+        start = (past + t0) // L * L
+        t1 = min(T, start + L - past)
+        yield t0, t1, start
+        t0 = t1
+
+
+def _rotated_keys(k: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, L: int) -> torch.Tensor:
+    """Keys (B, H_kv, S, D) at positions 0..S-1, rotated with DCA's key positions (j mod L), fp32."""
+    cos, sin = rope_cos_sin(torch.arange(k.shape[2]) % L, inv_freq, rope_scale)
+    return apply_rope(k.float(), cos.unsqueeze(0), sin.unsqueeze(0))
+
+
+def _rotated_queries(q: torch.Tensor, p0: int, parts: int, inv_freq: torch.Tensor, rope_scale: float,
+                     chunk_size: int, local_size: int) -> list[torch.Tensor]:
+    """The first `parts` of (intra, successive, inter) rotations of queries q (B, H, n, D) at p0..p0+n-1, fp32."""
+    positions = dca_query_positions(torch.arange(p0, p0 + q.shape[2]), chunk_size, local_size)[:parts]
+    rotated = []
+    for qp in positions:
+        cos, sin = rope_cos_sin(qp, inv_freq, rope_scale)
+        rotated.append(apply_rope(q.float(), cos.unsqueeze(0), sin.unsqueeze(0)))
+    return rotated
 
 
 def dual_chunk_attention_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, inv_freq: torch.Tensor,
@@ -137,44 +139,24 @@ def dual_chunk_attention_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     (successive) and every earlier chunk (inter), each through the fused flash kernel with the GQA group folded
     into the query axis, then merged through the log-sum-exp. q (B, H, T, D), k/v (B, H_kv, S, D) unrotated."""
     B, H, T, D = q.shape
-    H_kv, S = k.shape[1], k.shape[2]
+    H_kv = k.shape[1]
     G, L, scale = H // H_kv, chunk_size - local_size, 1.0 / math.sqrt(D)
-    cos, sin = rope_cos_sin(torch.arange(S) % L, inv_freq, rope_scale)
-    k_rot, v32 = apply_rope(k.float(), cos.unsqueeze(0), sin.unsqueeze(0)), v.float()
-    q32 = q.float()
+    k_rot, v32 = _rotated_keys(k, inv_freq, rope_scale, L), v.float()
     out = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
-    t0 = 0
-    while t0 < T:
-        p0 = past + t0
-        c, cs = p0 // L, (p0 // L) * L
-        t1 = min(T, cs + L - past)  # the run of queries inside chunk c
-        p1 = past + t1
-        pos = torch.arange(p0, p1, device=q.device)
-        rotated = []
-        for qp in dca_query_positions(pos, chunk_size, local_size):
-            cq, sq = rope_cos_sin(qp, inv_freq, rope_scale)
-            rotated.append(apply_rope(q32[:, :, t0:t1], cq.unsqueeze(0), sq.unsqueeze(0)))
-        n = t1 - t0
-
-        def folded(x: torch.Tensor) -> torch.Tensor:  # (B, H, n, D) -> (B, H_kv, G * n, D)
-            return x.reshape(B, H_kv, G * n, D)
-
-        parts = []
-        diag_q = rotated[0]  # the causal square: keys p0..p1-1, one head per query head
-        diag_k = k_rot[:, :, p0:p1].repeat_interleave(G, dim=1)
-        diag_v = v32[:, :, p0:p1].repeat_interleave(G, dim=1)
-        parts.append(_flash(diag_q, diag_k, diag_v, scale, causal=True))
-        spans = [(0, cs, p0)]  # (part, first key, end key): the intra keys before the run
-        if c >= 1:
-            spans.append((1, cs - L, cs))
-        if c >= 2:
-            spans.append((2, 0, cs - L))
+    for t0, t1, start in _chunk_runs(past, T, L):
+        p0, p1, n = past + t0, past + t1, t1 - t0
+        chunk = start // L
+        rotated = _rotated_queries(q[:, :, t0:t1], p0, min(chunk, 2) + 1, inv_freq, rope_scale, chunk_size,
+                                   local_size)
+        # the causal square (keys p0..p1-1), one head per query head; then the key spans, GQA group folded
+        parts = [_flash(rotated[0], k_rot[:, :, p0:p1].repeat_interleave(G, dim=1),
+                        v32[:, :, p0:p1].repeat_interleave(G, dim=1), scale, causal=True)]
+        spans = [(0, start, p0), (1, start - L, start), (2, 0, start - L)][:len(rotated)]  # (part, first, end)
         for part, lo, hi in spans:
             if hi > lo:
-                o, lse = _flash(folded(rotated[part]), k_rot[:, :, lo:hi], v32[:, :, lo:hi], scale)
+                o, lse = _flash(rotated[part].reshape(B, H_kv, G * n, D), k_rot[:, :, lo:hi], v32[:, :, lo:hi], scale)
                 parts.append((o.reshape(B, H, n, D), lse.reshape(B, H, n)))
-        out[:, :, t0:t1] = _merge(parts)
-        t0 = t1
+        out[:, :, t0:t1] = merge_by_lse(parts)
     return out.to(v.dtype)
 
 
@@ -189,23 +171,15 @@ def dual_chunk_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (`vertical_slash_attention` with key_range); the parts merge through their log-sum-exp. Budgets that cover
     every key give exactly `dual_chunk_attention_causal`. -> (H, T, D)."""
     H, T, D = q.shape
-    H_kv, S = k.shape[0], k.shape[1]
+    H_kv = k.shape[0]
     G, L = H // H_kv, chunk_size - local_size
-    cos, sin = rope_cos_sin(torch.arange(S) % L, inv_freq, rope_scale)
-    k_rot = apply_rope(k.float().unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0]
-    v32 = v.float()
+    k_rot, v32 = _rotated_keys(k.unsqueeze(0), inv_freq, rope_scale, L)[0], v.float()
     out = torch.empty(H, T, D, dtype=torch.float32)
-    t0 = 0
-    while t0 < T:
-        p0 = past + t0
-        cs = (p0 // L) * L
-        t1 = min(T, cs + L - past)
-        p1 = past + t1
-        rotated = []
-        for qp in dca_query_positions(torch.arange(p0, p1), chunk_size, local_size):
-            cq, sq = rope_cos_sin(qp, inv_freq, rope_scale)
-            rotated.append(apply_rope(q[:, t0:t1].float().unsqueeze(0), cq.unsqueeze(0), sq.unsqueeze(0))[0])
-        ranges = [(2, 0, max(0, cs - L)), (1, max(0, cs - L), cs), (0, cs, p1)]  # key order: inter, succ, intra
+    for t0, t1, start in _chunk_runs(past, T, L):
+        p0, p1 = past + t0, past + t1
+        rotated = [r[0] for r in _rotated_queries(q[None, :, t0:t1], p0, 3, inv_freq, rope_scale, chunk_size,
+                                                  local_size)]
+        ranges = [(2, 0, max(0, start - L)), (1, max(0, start - L), start), (0, start, p1)]  # inter, succ, intra
         n = min(cfg.last_q, t1 - t0)
         logits = torch.cat([(rotated[part][:, -n:].reshape(H_kv, G, n, D) @ k_rot[:, lo:hi].unsqueeze(1).transpose(
             -1, -2)).view(H, n, hi - lo) for part, lo, hi in ranges], dim=-1) / math.sqrt(D)
@@ -213,8 +187,7 @@ def dual_chunk_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pattern = pattern_from_probs(torch.softmax(logits, dim=-1), cfg)
         parts = [vertical_slash_attention(rotated[part], k_rot[:, :p1], v32[:, :p1], p0, cfg, pattern, (lo, hi))
                  for part, lo, hi in ranges if hi > lo]
-        out[:, t0:t1] = _merge(parts)
-        t0 = t1
+        out[:, t0:t1] = merge_by_lse(parts)
     return out.to(v.dtype)
 
 

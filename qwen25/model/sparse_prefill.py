@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen25.config import ModelConfig
-from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, sdpa_attention
+from qwen25.model.attention import AttentionBackend, AttentionSpec, KVCache, attention_with_lse, sdpa_attention
 from qwen25.model.rope import apply_rope, is_dynamic
 
 GROUP_ELEMENTS = 1 << 24  # gathered key elements per group of query blocks: bounds the memory of a chunk
@@ -126,7 +126,8 @@ def pattern_from_probs(probs: torch.Tensor, cfg: SparsePrefillConfig) -> tuple[t
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
                              cfg: SparsePrefillConfig,
                              pattern: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             key_range: tuple[int, int] | None = None) -> Any:
+                             key_range: tuple[int, int] | None = None
+                             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of one row's T queries (H, T, D) at positions past..past+T-1 over its rotated keys and
     values (H_kv, S = past+T, D), restricted to the row's vertical-slash pattern (estimated, or the given
     (columns (H, nv), distances (H, ns)) of `estimate_pattern`). -> (H, T, D).
@@ -176,12 +177,9 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                 scale=1.0 / math.sqrt(D))
             continue
         usable = usable & ((key_pos >= key_range[0]) & (key_pos < key_range[1])).unsqueeze(2)
-        logits = (q_blocks[:, g0:g0 + qb.shape[0]].float() @ k[kv_head, index].float().transpose(-1, -2)) / math.sqrt(D)
-        logits.masked_fill_(~usable, float("-inf"))
-        part_lse = torch.logsumexp(logits, dim=-1)
-        probs = torch.exp(logits - torch.where(torch.isinf(part_lse), 0.0, part_lse).unsqueeze(-1))
-        out[:, g0:g0 + qb.shape[0]] = probs @ v[kv_head, index].float()
-        lse[:, g0:g0 + qb.shape[0]] = part_lse
+        out[:, g0:g0 + qb.shape[0]], lse[:, g0:g0 + qb.shape[0]] = attention_with_lse(
+            q_blocks[:, g0:g0 + qb.shape[0]].float(), k[kv_head, index].float(), v[kv_head, index].float(), usable,
+            1.0 / math.sqrt(D))
     if key_range is None:
         return out.view(H, n_qb * bs, D)[:, lead:lead + T]
     return out.view(H, n_qb * bs, D)[:, lead:lead + T], lse.view(H, n_qb * bs)[:, lead:lead + T]
