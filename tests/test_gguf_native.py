@@ -106,6 +106,28 @@ def test_long_pass_equals_short_ones(model):
     assert torch.equal(both[:20], one) and torch.equal(both[20:], two)
 
 
+def test_thread_count_does_not_change_the_bits(model):
+    """Each output value is computed by one thread in the same steps whatever the team size, so 1, 2 and 4
+    threads give the same bits. Four threads on a two-core machine outrun their cores: the waits in
+    qwen25/kernels/team_barrier.c then run out of spin and sleep on the futex, the path a quiet machine rarely
+    takes. A 40-row pass (shared activation quantization, two extra waits per matmul) and decode steps, repeated:
+    a wait that let a thread through early would read half-written rows and change the logits."""
+    native = NativeForward.for_model(model.model)
+    rows = [(t, i, 0) for i, t in enumerate((PROMPT * 6)[:40])]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = run(native, model.config, rows, 1)
+        expected_step = run(native, model.config, rows[:1], 1)
+        for n in (2, 4):
+            torch.set_num_threads(n)
+            for _ in range(5):
+                assert torch.equal(run(native, model.config, rows, 1), expected), f"{n} threads"
+                assert torch.equal(run(native, model.config, rows[:1], 1), expected_step), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_avx2_equals_avx512(model):
     for level in ("avx512", "avx2"):
         if isa.missing(level):

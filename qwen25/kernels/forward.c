@@ -3,11 +3,11 @@
  * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
  * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
  * one OpenMP parallel region runs every layer: each thread keeps its own copy of the residual stream (cheap,
- * identical on every thread), the matmuls split their output rows between threads, and five barriers per
- * layer separate the phases. Rows are (token, position, sequence): a row attends to positions 0..pos of its
- * sequence in the KV cache, after every row's key/value has been written, so several rows of one sequence
- * (a prompt chunk, draft tokens) are causal without a mask. The cache is either contiguous per sequence or
- * paged through a block table (see KVView).
+ * identical on every thread), the matmuls split their output rows between threads, and six barriers per
+ * layer separate the phases (team_barrier.c: a bounded spin, then sleep). Rows are (token, position,
+ * sequence): a row attends to positions 0..pos of its sequence in the KV cache, after every row's key/value
+ * has been written, so several rows of one sequence (a prompt chunk, draft tokens) are causal without a mask.
+ * The cache is either contiguous per sequence or paged through a block table (see KVView).
  *
  * Matmuls never convert weights to fp32. For int8 weights, each group of activations (the weight group) is
  * quantized to 129 levels and stored as unsigned bytes, and `maddubs_epi16` multiplies 32 of them with 32
@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include "ggml_dot.c"  /* matmuls on the GGUF file's own blocks (bits 0 below) */
+#include "team_barrier.c"  /* team_wait: the barriers between the phases of a layer */
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -232,6 +233,8 @@ typedef struct {
     int has_g;
     uint8_t *panel;  /* this thread's packed-panel scratch (ggml_panel.c) */
     int shared, tid, nt;  /* shared: g8 .. goff are one copy for all threads, each quantizing its share of rows */
+    TeamBarrier *bar;     /* the team's barrier, and this thread's spin budget for it (team_barrier.c) */
+    long *spin;
 } QAct;
 
 /* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
@@ -254,15 +257,13 @@ static void prepare_g(QAct *a, int ggml_type) {
     int r0 = 0, r1 = a->R;
     if (a->shared) {
         share(a->R, a->tid, a->nt, &r0, &r1);
-        #pragma omp barrier
+        team_wait(a->bar, a->nt, a->spin);
     }
     ggml_quantize_rows(a->src + (size_t)r0 * a->K, r1 - r0, a->K, qk, a->g8 + (size_t)r0 * a->K,
                        a->gd + (size_t)r0 * nb, a->gsum + (size_t)r0 * nb * nsums);
     if (qk == 32) panel_offsets(a->gsum + (size_t)r0 * nb, r1 - r0, nb, a->goff + (size_t)r0 * nb * noff);
     else panel_offsets_k(a->gsum + (size_t)r0 * nb * nsums, r1 - r0, nb, a->goff + (size_t)r0 * nb * noff);
-    if (a->shared) {
-        #pragma omp barrier
-    }
+    if (a->shared) team_wait(a->bar, a->nt, a->spin);
     a->has_g = qk;
 }
 
@@ -749,15 +750,18 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         }
     }
 
+    TeamBarrier bar;
+    team_init(&bar);
     #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        long spin = TEAM_SPIN_MAX;
         float *x = work + o.priv0 + tid * o.private_, *xn = x + o.xn, *scores = x + o.scores, *gu = x + o.gu;
         long *slots = (long *)(x + o.slots);
         QAct xa = {.q = (int16_t *)(x + o.xq), .qp = (int16_t *)(x + o.xp), .s = x + o.xs, .bsum = x + o.bsum,
                    .u = (uint8_t *)(x + o.xu), .us = x + o.xus, .g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
                    .gsum = (int16_t *)(x + o.gsum), .goff = (int32_t *)(x + o.goff), .panel = (uint8_t *)(x + o.panel),
-                   .tid = tid, .nt = nt};
+                   .tid = tid, .nt = nt, .bar = &bar, .spin = &spin};
         if (R >= SHARED_QUANT_ROWS) {  /* GGUF-block activations: one copy (thread 0's buffers), rows split */
             float *x0 = work + o.priv0;
             xa.g8 = (int8_t *)(x0 + o.g8), xa.gd = x0 + o.gd, xa.gsum = (int16_t *)(x0 + o.gsum);
@@ -783,10 +787,10 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             matmul_share(&L->qkv[0], &xa, R, qkv, QKVW, tid, nt);
             matmul_share(&L->qkv[1], &xa, R, qkv + L->qkv[0].N, QKVW, tid, nt);
             matmul_share(&L->qkv[2], &xa, R, qkv + L->qkv[0].N + L->qkv[1].N, QKVW, tid, nt);
-            #pragma omp barrier
+            team_wait(&bar, nt, &spin);
 
             /* RoPE on q heads and k heads, k/v into the cache. */
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (int item = 0; item < R * (Hq + Hkv); item++) {
                 int r = item / (Hq + Hkv), head = item % (Hq + Hkv);
                 float *row = qkv + (size_t)r * QKVW;
@@ -801,7 +805,8 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                     kv_store(kv, kv->k, at, k, D);
                     kv_store(kv, kv->v, at, v, D);
                 }
-            }  /* implicit barrier: every row's k/v is cached before any row attends */
+            }
+            team_wait(&bar, nt, &spin);  /* every row's k/v is cached before any row attends */
 
             if (sparse_row)
                 for (int r = 0, e; r < R; r = e) {
@@ -811,7 +816,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                                max_positions, sparse, NULL, 0, NULL, 0, NULL, NULL);
                 }
 
-            #pragma omp for schedule(dynamic, 1)
+            #pragma omp for schedule(dynamic, 1) nowait
             for (int k = 0; k < n_tiles * Hkv; k++) {  /* the last (longest) blocks first */
                 const int item = n_tiles * Hkv - 1 - k, r0 = tiles[item / Hkv], n = tiles[item / Hkv + 1] - r0;
                 const int gk = item % Hkv, seq = seq_of_row[r0];
@@ -822,11 +827,12 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                 dense_attend(qkv + (size_t)r0 * QKVW + gk * per_kv * D, QKVW, attn + (size_t)r0 * QW + gk * per_kv * D,
                              QW, n, positions[r0], per_kv, D, scale, (const char *)kv->k + base * elem,
                              (const char *)kv->v + base * elem, kv->dtype, slots, scores);
-            }  /* implicit barrier */
+            }
+            team_wait(&bar, nt, &spin);
 
             set_rows(attn, R, QW, &xa);
             matmul_share(&L->o, &xa, R, tmp, h, tid, nt);
-            #pragma omp barrier
+            team_wait(&bar, nt, &spin);
             for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
             set_rows(xn, R, h, &xa);
@@ -871,10 +877,10 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                     }
                 }
             }
-            #pragma omp barrier
+            team_wait(&bar, nt, &spin);
             set_rows(act, R, I, &xa);
             matmul_share(&L->down, &xa, R, tmp, h, tid, nt);
-            #pragma omp barrier
+            team_wait(&bar, nt, &spin);
             for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
         }
 
