@@ -38,12 +38,12 @@ class Checkpoint:
     generation_defaults: GenerationDefaults | None
     source: Path
     format: str  # "gguf" or "hf"
-    quantization: str | None = None  # "q8" / "q4" when the model holds quantized weights
+    quantization: str | None = None  # "q8" / "q4" / "gguf" when the model holds ggml blocks
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
          trainable: bool = False) -> Checkpoint:
-    """Load a .gguf file, an HF directory or a `qwen25 quantize` output (see `weights.loader.load_weights`).
+    """Load a .gguf file or an HF directory (see `weights.loader.load_weights`).
 
     trainable=True gives a model in train mode whose parameters require grad (float weights only: a quantized
     load refuses it); the default is a frozen model in eval mode."""

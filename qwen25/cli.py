@@ -27,6 +27,7 @@ from qwen25.eval.cli import add_eval_parser
 from qwen25.export_cli import add_export_parser
 from qwen25.runtime import restored_runtime
 from qwen25.server.serve_args import ServeLimitsArgs, is_loopback, serve_api_key
+from qwen25.quantize_cli import add_quantize_parser
 from qwen25.train.cli import add_train_parser
 from qwen25.weights import cli as weights_cli
 from qwen25.weights.registry import DEFAULT_MODEL
@@ -41,8 +42,7 @@ EPILOG = """examples:
   qwen25 generate --prompt "def fib(n):" --temperature 0 --max-tokens 64
   qwen25 models                                 list known models and what is cached
   qwen25 download qwen2.5-coder-1.5b-instruct   fetch a model into the cache
-  qwen25 quantize qwen2.5-coder-0.5b-instruct --bits 4 && qwen25 chat --quantization q4
-                                                int4 layer weights: 60% of the default int8 path's bytes
+  qwen25 quantize ~/models/Qwen2.5-1.5B-Instruct -o q8.gguf   an HF directory as a Q8_0 GGUF (llama.cpp too)
   qwen25 serve --config serve.toml --port 9000  options from a file (keys are the flag names), flags win
 
 models: a known name (see `qwen25 models`), a .gguf file, an HF directory, or an HF repo id (needs network).
@@ -60,10 +60,10 @@ class ModelArgs(ContextArgs):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute dtype (float32 is fastest on CPUs without native bf16; default: float32)"""
     quantization: Literal["auto", "gguf", "q8", "q4", "none"] = arg("auto", short="-q")
-    """weights in memory: gguf = a GGUF file's own blocks (memory-mapped, no requantization), q8 = int8
-    requantized (fast prefill), q4 = int4 (less memory, slightly lower quality; see `qwen25 quantize --help`),
-    none = dequantized --dtype (reference); auto = gguf for GGUF files (q8 with --lora), none for HF directories
-    (default: auto). gguf follows llama.cpp's greedy text token for token and peaks ~110 MB lower than q8"""
+    """weights in memory: gguf = a GGUF file's own blocks (memory-mapped, no requantization), q8 = Q8_0 blocks
+    quantized at load, q4 = Q4_K/Q5_0 blocks (less memory, slightly lower quality; see `qwen25 quantize --help`),
+    none = dequantized --dtype (reference); auto = gguf for GGUF files, q8 for them with --lora, none for HF
+    directories (default: auto). gguf follows llama.cpp's greedy text token for token"""
     threads: int | None = None
     """torch threads (default: all cores, at most 8)"""
     lora: str | None = arg(None, metavar="ADAPTER_DIR")
@@ -353,9 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="serve the model over an OpenAI-compatible HTTP API, with a chat page at /")
     add_command(sub, "download", weights_cli.DownloadConfig, weights_cli.main_download,
                 help="fetch a known model (or resolve a path/repo id) into the cache")
-    add_command(sub, "quantize", weights_cli.QuantizeConfig, weights_cli.main_quantize,
-                help="quantize a model's weights to int8 or int4 and cache them for fast loading",
-                epilog=weights_cli.QUANTIZE_EPILOG)
+    add_quantize_parser(sub)
     add_command(sub, "models", weights_cli.ModelsConfig, weights_cli.main_models,
                 help="list known models, their sizes and whether they are cached")
     add_eval_parser(sub)

@@ -66,15 +66,13 @@ class LLM:
 
     model: a known name (`qwen25 models`), a .gguf file, an HF model directory, or an HF repo id (online only).
     dtype: "float32" (default; fastest on CPUs without native bf16) or "bfloat16".
-    quantization: "auto" (default: "gguf" for GGUF files, "q8" for them with a LoRA adapter and for other files,
-    else "none"),
-    "gguf" (a GGUF file's own Q4_K/Q6_K/Q5_0/Q8_0 blocks, memory-mapped: no requantization, no cache copy; greedy
-    text equal to llama.cpp's; prefill and decode at least q8's speed, ~110 MB lower peak memory),
-    "q8" (int8 weights with fp32 activations: the fast CPU path, perplexity within 0.2% of fp32 on Qwen2.5),
-    "q4" (int4 layer weights, int8 tables: ~60% of q8's layer bytes, perplexity ~0.4% above fp32 on the 0.5B;
-    `qwen25 quantize` prebuilds its cache) or "none" (dequantized `dtype` weights: the bit-faithful reference
-    path). A .safetensors file written by `qwen25 quantize --output` loads as the format it holds, and
-    `self.quantization` then reports that format.
+    quantization: "auto" (default: "gguf" for GGUF files, "q8" for them with a LoRA adapter, "none" for HF
+    directories), "gguf" (a GGUF file's own Q4_K/Q6_K/Q5_0/Q8_0 blocks, memory-mapped: no requantization, no copy;
+    greedy text equal to llama.cpp's), "q8" (every matrix quantized at load to Q8_0 blocks, one fp16 scale per
+    32 int8 weights: 1.06 bytes per weight, perplexity within ~0.1% of fp32 on Qwen2.5, run by the same kernels
+    as "gguf"), "q4" (layer projections Q4_K, or Q5_0 where a row is not a multiple of 256 weights; v_proj, the
+    last layer and the tables Q8_0: fewer bytes than q8 at a small perplexity cost, README) or "none"
+    (dequantized `dtype` weights: the bit-faithful reference path). README lists what each costs.
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, kv_cache_memory, ...).
     kv_cache_dtype: the KV cache's storage, as vLLM's keyword: "auto" (float16 for quantized weights, half an
@@ -117,7 +115,7 @@ class LLM:
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
         self.path = resolve_model(model, download=download)
-        if quantization == "auto":  # a GGUF runs its own blocks; a LoRA merge needs weights it can rewrite (q8)
+        if quantization == "auto":  # a GGUF runs its own blocks; a LoRA merge is quantized afresh (q8)
             gguf = self.path.suffix == ".gguf" and lora is None
             quantization = "gguf" if gguf else "q8" if self.path.is_file() else "none"
         self.quantization = quantization
@@ -128,8 +126,6 @@ class LLM:
 
             checkpoint = self.checkpoint = load_merged(self.path, lora, torch_dtype, quantization)
         self.lora = lora
-        if checkpoint.quantization:  # what the weights actually are (a `qwen25 quantize --output` file decides)
-            self.quantization = checkpoint.quantization
         self.model = checkpoint.model
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer

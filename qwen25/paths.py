@@ -23,11 +23,6 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def repack_dir() -> Path:
-    """Quantized (q8/q4) weights written by `qwen25 quantize` or the first quantized load."""
-    return cache_dir() / "repacked"
-
-
 def kernels_dir() -> Path:
     """Native kernel libraries compiled on first use, one per source version and flag set."""
     return cache_dir() / "kernels"

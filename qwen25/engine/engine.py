@@ -151,7 +151,8 @@ class LLMEngine:
             from qwen25.weights.registry import resolve_model
 
             path = resolve_model(spec.model)
-            draft = load(path, quantization=checkpoint.quantization if path.is_file() else None)
+            kind = checkpoint.quantization  # the target's kind of weights; "gguf" only runs a GGUF file's own
+            draft = load(path, quantization="q8" if kind == "gguf" and path.suffix != ".gguf" else kind)
             if draft.tokenizer.vocab_size != checkpoint.tokenizer.vocab_size:
                 raise ValueError(f"the draft model {spec.model} has a different tokenizer "
                                  f"({draft.tokenizer.vocab_size} tokens) from the target's "
@@ -212,8 +213,8 @@ class LLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new values into the model's parameters in place (HF names, e.g. from a trainer's
         `named_parameters()` or a merged LoRA state dict), then forget the prefix cache, whose keys/values the
-        old weights computed. Only between generations: refused while requests run. Models with quantized
-        (int8/int4) modules cannot take float updates in place: load the policy unquantized for rollouts."""
+        old weights computed. Only between generations: refused while requests run. Models of quantized blocks
+        cannot take float updates in place: load the policy unquantized, or requantize it (`QuantizedCopy`)."""
         if self.scheduler.has_unfinished():
             raise RuntimeError("update_weights while requests are running would mix two policies in one output")
         params = dict(self.model.named_parameters())
@@ -234,8 +235,8 @@ class LLMEngine:
 
     def weights_updated(self) -> None:
         """The model's weights were overwritten in place (same tensors, new values; e.g. an RL trainer's sync):
-        refresh what the fast path derived from them and drop the prefix cache their old values computed."""
-        self.runner.weights_updated()
+        drop the prefix cache their old values computed (the native forward reads the weights where they lie, so
+        it keeps nothing derived from them)."""
         self.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:

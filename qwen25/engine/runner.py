@@ -81,12 +81,6 @@ class ModelRunner:
         self._prompts.pop(seq.seq_id, None)
         self._proposers.pop(seq.seq_id, None)
 
-    def weights_updated(self) -> None:
-        """The model's weights were overwritten in place: refresh the native forwards' derived data."""
-        for native in (self.native, self._draft_native):
-            if native is not None:
-                native.refresh()
-
     def native_for_pass(self) -> NativeForward | None:
         """The native forward if it supports this runner's passes, else None (the PyTorch path runs)."""
         native = self.native

@@ -111,26 +111,11 @@ def _load_declared(source: Path, functions: dict[str, tuple[list, Any]], level: 
     return lib
 
 
-def load_q8_kernels(level: str | None = None) -> ctypes.CDLL | None:
-    """The int8 weight-only matmul library for `level` (default: the selected one), or None when it cannot be
-    built here."""
-    return _load_declared(_HERE / "q8_matmul.c", {"q8_matmul": ([_P, _P, _P, _I, _P, _P, _I, _I, _I], None),
-                                                   "q8_dequantize": ([_P, _P, _I, _P, _I, _I], None)}, level)
-
-
-def load_q4_kernels(level: str | None = None) -> ctypes.CDLL | None:
-    """The int4 weight-only matmul library for `level` (default: the selected one), or None when it cannot be
-    built here."""
-    return _load_declared(_HERE / "q4_matmul.c", {"q4_matmul": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I], _I),
-                                                   "q4_dequantize": ([_P, _P, _P, _I, _P, _I, _I], None)}, level)
-
-
-def load_forward_kernel(streaming: bool = False, level: str | None = None) -> ctypes.CDLL | None:
+def load_forward_kernel(level: str | None = None) -> ctypes.CDLL | None:
     """The fused whole-model forward (`forward.c`) built for `level` (default: the selected one), or None when it
-    cannot be built here. `streaming`: the build for decode-sized passes, whose tiles prefetch the weight rows
-    ahead (see QWEN25_PREFETCH in forward.c). Argument types are declared by its caller,
-    `qwen25.kernels.native`, next to the mirrored structs."""
-    return _load(_HERE / "forward.c", ("QWEN25_PREFETCH=1",) if streaming else (), level)
+    cannot be built here. Argument types are declared by its caller, `qwen25.kernels.native`, next to the mirrored
+    structs."""
+    return _load(_HERE / "forward.c", level=level)
 
 
 def load_ggml_kernels(level: str | None = None) -> ctypes.CDLL | None:

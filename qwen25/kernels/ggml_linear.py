@@ -2,7 +2,9 @@
 lie in the memory-mapped file: `GGMLLinear` (x @ W.T + bias through `ggml_matmul`, activations rounded to 8 bits
 per block) and `GGMLEmbedding` (looked-up rows dequantized). Nothing is copied or requantized; the arrays are the
 file's mapping, kept as plain attributes (not buffers: they are read-only and never saved). The fused native
-forward (`qwen25.kernels.native`) reads the same bytes. Inference only.
+forward (`qwen25.kernels.native`) reads the same bytes. The arrays may also be blocks made in memory
+(`qwen25.weights.block_quant`): requantized checkpoints and the rollout copy a trainer rewrites in place.
+`ConcatLinear` keeps q/k/v and gate/up as separate tensors behind one fused projection. Inference only.
 
 An embedding given its file (`EmbeddingSource`) reads the looked-up rows with `pread` instead of through the
 mapping: a fault on a mapped file maps a whole page-cache folio around the row (64 KB to 2 MB), so a few hundred
@@ -107,3 +109,17 @@ class GGMLEmbedding(nn.Module):
                                     local.numel(), out.data_ptr()):
             raise RuntimeError("ggml_dequantize_rows failed")
         return out.reshape(*ids.shape, self.embedding_dim)
+
+
+class ConcatLinear(nn.Module):
+    """One fused projection (q/k/v, or gate/up) whose row blocks are separate tensors: the parts' outputs,
+    concatenated. The native forward reads the parts one by one."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)

@@ -1,23 +1,20 @@
-"""`NativeForward`: the whole model forward in one native call, on a GGUF file's own blocks or on q8 / q4 weights.
+"""`NativeForward`: the whole model forward in one native call, on ggml blocks (a GGUF file's own, or made in memory).
 
 Every pass of a quantized model on a KV cache (decode steps, speculative verification, prompt chunks) runs
 through `qwen25/kernels/forward.c` instead of ~45 PyTorch ops per layer (measured against the PyTorch path and
-llama.cpp in BENCHMARKS.md). Inputs of int8 matmuls are quantized to 129 levels per weight group there, so its
-logits differ from the PyTorch path's by that rounding (perplexity 1.0036x fp32's for the q8 0.5B, against
-1.0008x). A pass is a list of rows (token, position, sequence); each row attends to its sequence's positions
+llama.cpp in BENCHMARKS.md). Matmul inputs are rounded to 8 bits per block of the weight type there, as
+`GGMLLinear` rounds them on the PyTorch path. A pass is a list of rows (token, position, sequence); each row attends to its sequence's positions
 0..position in the KV cache, which `KVView` describes (contiguous per sequence, or paged through block tables).
 A row's result depends only on its own token and the cached keys/values, never on the other rows of the pass:
 outputs are identical whether a sequence runs alone or batched, with its prompt in one chunk or several, with or
 without prefix-cache hits. The cache may store float32, float16 or bfloat16: keys (after RoPE) and values are
 rounded to it when written and widened back to fp32 when attention reads them, the current pass's own included.
 
-Available for models loaded with `quantization="gguf"` (`GGMLLinear` parts: q, k, v and gate, up as separate
-tensors of Q4_K / Q6_K / Q5_0 / Q8_0 blocks read in place, activations rounded to 8 bits per block; `GGMLEmbedding`)
-and for models loaded with q8 or q4 weights (fused qkv / gate_up `Q8Linear` / `Q4Linear` projections, qkv
-possibly a `ConcatLinear` of two formats, `Q8Embedding`; q4 rows a multiple of 64 weights) when the kernel builds;
-`NativeForward.for_model` returns None otherwise and callers keep the PyTorch path. Two builds of forward.c are
-used: passes of up to STREAMING_ROWS rows run the one whose tiles prefetch the weight streams (decode), longer
-passes the plain one (prefill); their rows are bit-identical.
+Available for models whose projections are `GGMLLinear` layers (q, k, v and gate, up as separate tensors of Q4_K /
+Q6_K / Q5_0 / Q8_0 blocks, read in place) and whose embedding is a `GGMLEmbedding`: `quantization="gguf"`, "q8"
+and "q4" (`qwen25.weights.gguf_blocks`, `qwen25.weights.quantized`), when the kernel builds;
+`NativeForward.for_model` returns None otherwise and callers keep the PyTorch path. The weights are read where
+they lie on every call, so blocks rewritten in place (a trainer's rollout copy) need no refresh.
 """
 
 from __future__ import annotations
@@ -30,24 +27,22 @@ import torch
 from torch import nn
 
 from qwen25.kernels import load_forward_kernel
-from qwen25.kernels.ggml_linear import GGMLEmbedding, GGMLLinear
+from qwen25.kernels.ggml_linear import ConcatLinear, GGMLEmbedding, GGMLLinear
 from qwen25.kernels.ggml_matmul import BLOCK
 from qwen25.kernels.native_sparse import SparseScratch, declare, takes_sparse
 from qwen25.model.layers import RMSNorm
 from qwen25.model.rope import is_dynamic, rope_cos_sin, rope_type
-from qwen25.kernels.quant import ConcatLinear, Q4Linear, Q8Embedding, Q8Linear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.model.sparse_prefill import SparsePrefillConfig
 
 PASS_ROWS = 512  # rows per native call: bounds the work buffer (activations) of long prompts
-STREAMING_ROWS = 16  # passes up to this many rows (decode steps, verification) run the prefetching build
+SHORT_ROWS = 16  # passes up to this many rows (decode steps, verification) check their inputs on Python lists
 
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
 
 class _QMat(ctypes.Structure):
-    _fields_ = [("bits", _int), ("w", _ptr), ("s", _ptr), ("mins", _ptr), ("bias", _ptr), ("group", _int),
-                ("N", _int), ("K", _int), ("wsum", _ptr), ("ggml_type", _int)]
+    _fields_ = [("w", _ptr), ("bias", _ptr), ("N", _int), ("K", _int), ("ggml_type", _int)]
 
 
 class _QLayer(ctypes.Structure):
@@ -97,28 +92,13 @@ class KVView:
                        tables.shape[1], bs, KV_DTYPES[k.dtype])
 
 
-def _qmat(module: nn.Module, lib: ctypes.CDLL, keep: list[tuple[nn.Module, torch.Tensor]]) -> _QMat:
-    """The C view of a Q8Linear, Q4Linear or Q8Embedding. For a Q8Linear, lib computes the group sums of its
-    weights that the q8 tiles need, kept alive in `keep` beside their module."""
+def _qmat(module: GGMLLinear | GGMLEmbedding) -> _QMat:
+    """The C view of a block layer: its bytes, read in place."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
-    if isinstance(module, (GGMLLinear, GGMLEmbedding)):  # the file's bytes, read in place
-        N, K = (module.num_embeddings, module.embedding_dim) if isinstance(module, GGMLEmbedding) else \
-            (module.out_features, module.in_features)
-        return _QMat(0, module.raw.ctypes.data, None, None, bias_ptr, 0, N, K, None, module.ggml_type)
-    if isinstance(module, Q4Linear):
-        N, K = module.out_features, module.in_features
-        return _QMat(4, module.weight_p.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr,
-                     module.group, N, K, None)
-    N, K = module.weight_q.shape
-    group = K // module.scales.shape[-1]
-    wsum = None
-    if isinstance(module, Q8Linear):
-        sums = torch.empty(N, K // group, dtype=torch.int32)
-        lib.q8_group_sums(module.weight_q.data_ptr(), N, K, group, sums.data_ptr())
-        keep.append((module, sums))
-        wsum = sums.data_ptr()
-    return _QMat(8, module.weight_q.data_ptr(), module.scales.data_ptr(), None, bias_ptr, group, N, K, wsum)
+    N, K = (module.num_embeddings, module.embedding_dim) if isinstance(module, GGMLEmbedding) else \
+        (module.out_features, module.in_features)
+    return _QMat(module.raw.ctypes.data, bias_ptr, N, K, module.ggml_type)
 
 
 def _parts(module: nn.Module) -> list[nn.Module]:
@@ -127,29 +107,19 @@ def _parts(module: nn.Module) -> list[nn.Module]:
 
 
 def _supported(module: nn.Module) -> bool:
-    if isinstance(module, Q4Linear) and module.in_features % 64:
-        return False  # the q4 tiles take 64 weights (two 32-blocks) of a row at a time
-    return isinstance(module, (Q8Linear, Q4Linear, GGMLLinear)) and all(t.is_contiguous() for t in module.buffers())
+    return isinstance(module, GGMLLinear) and all(t.is_contiguous() for t in module.buffers())
 
 
 class NativeForward:
-    """Runs `qwen2_forward` for a q8 / q4 `Qwen2ForCausalLM`; holds the mirrored weight-pointer structs, so the
+    """Runs `qwen2_forward` for a `Qwen2ForCausalLM` of block layers; holds the mirrored weight-pointer structs, so the
     model must outlive it (and its weights must not be replaced)."""
 
-    def __init__(self, model: Qwen2ForCausalLM, lib: ctypes.CDLL, streaming_lib: ctypes.CDLL | None = None) -> None:
-        """lib: a build of forward.c; streaming_lib: its prefetching build, used for passes of up to STREAMING_ROWS
-        rows (default: lib)."""
+    def __init__(self, model: Qwen2ForCausalLM, lib: ctypes.CDLL) -> None:
+        """lib: a build of forward.c."""
         config = model.config
         self.model, self.config, self.lib = model, config, lib
-        self.streaming_lib = streaming_lib or lib
         inner = model.model
-        lib.q8_group_sums.argtypes = [_ptr, ctypes.c_long, _int, _int, _ptr]
-        lib.q8_group_sums.restype = None
-        self._group_sums: list[tuple[nn.Module, torch.Tensor]] = []  # (Q8Linear, its QMat.wsum array)
-
-        def qmat(module: nn.Module) -> _QMat:
-            return _qmat(module, lib, self._group_sums)
-
+        qmat = _qmat
         layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -164,39 +134,30 @@ class NativeForward:
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
                                config.vocab_size, config.rms_norm_eps, self._layers, qmat(inner.embed_tokens),
                                inner.norm.weight.data_ptr(), qmat(model.lm_head))
-        for build in {id(lib): lib, id(self.streaming_lib): self.streaming_lib}.values():
-            build.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
-            build.qwen2_work_floats.restype = ctypes.c_size_t
-            build.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr,
-                                            _ptr, _ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _int, _ptr]
-            build.qwen2_forward.restype = None
-            declare(build)
+        lib.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
+        lib.qwen2_work_floats.restype = ctypes.c_size_t
+        lib.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr, _ptr, _ptr,
+                                      _ptr, _int, _ptr, _ptr, _ptr, _int, _int, _ptr]
+        lib.qwen2_forward.restype = None
+        declare(lib)
         self._work = torch.empty(0)
         self._sparse: SparseScratch | None = None
 
-    def refresh(self) -> None:
-        """Recompute what was derived from the weights (the q8 group sums) after they were overwritten in place.
-        Replacing a weight tensor instead of writing into it leaves this forward reading the old memory."""
-        for module, sums in self._group_sums:
-            N, K = module.weight_q.shape
-            self.lib.q8_group_sums(module.weight_q.data_ptr(), N, K, K // module.scales.shape[-1], sums.data_ptr())
-
     @classmethod
     def for_model(cls, model: Qwen2ForCausalLM, level: str | None = None) -> NativeForward | None:
-        """A native forward for this model, or None if its layout is not the fused q8 / q4 one (or no kernel).
+        """A native forward for this model, or None if it is not made of block layers (or no kernel).
         level: the ISA build to run (`qwen25.kernels.isa`; default the selected one, e.g. the CPU's best)."""
         if not cls.takes(model):
             return None
         lib = load_forward_kernel(level=level)
-        return None if lib is None else cls(model, lib, load_forward_kernel(streaming=True, level=level))
+        return None if lib is None else cls(model, lib)
 
     @staticmethod
     def takes(model: Qwen2ForCausalLM) -> bool:
-        """Whether the kernel takes this model's weights (quantized q8 / q4 / GGUF-block layouts with fp32
-        norms), whether or not it can be built here: the engine's "auto" KV cache dtype follows this."""
+        """Whether the kernel takes this model's weights (block layers with fp32 norms), whether or not it can be
+        built here: the engine's "auto" KV cache dtype follows this."""
         inner, config = model.model, model.config
-        blocks = isinstance(model.lm_head, GGMLLinear) and isinstance(inner.embed_tokens, GGMLEmbedding)
-        if not blocks and (not isinstance(model.lm_head, Q8Linear) or not isinstance(inner.embed_tokens, Q8Embedding)):
+        if not (isinstance(model.lm_head, GGMLLinear) and isinstance(inner.embed_tokens, GGMLEmbedding)):
             return False
         if model.lm_head.out_features != config.vocab_size or inner.embed_tokens.num_embeddings != config.vocab_size:
             return False
@@ -208,10 +169,9 @@ class NativeForward:
             gate_up = _parts(mlp.gate_up_proj)
             if not (1 <= len(qkv) <= 3 and all(map(_supported, qkv + gate_up + [attn.o_proj, mlp.down_proj]))):
                 return False
-            if len(gate_up) == 2 and not (all(isinstance(p, GGMLLinear) for p in gate_up)
-                                          and BLOCK[gate_up[0].ggml_type] == BLOCK[gate_up[1].ggml_type]):
-                return False  # separate gate/up: GGUF blocks of one activation block size (quantized once)
-            if len(gate_up) not in (1, 2) or any(p.bias is not None for p in gate_up):
+            if len(gate_up) != 2 or BLOCK[gate_up[0].ggml_type] != BLOCK[gate_up[1].ggml_type]:
+                return False  # gate and up apart, of one activation block size (quantized once)
+            if any(p.bias is not None for p in gate_up):
                 return False
             if sum(part.out_features for part in qkv) != (config.num_attention_heads + 2 * config.num_key_value_heads) \
                     * config.head_dim:
@@ -266,7 +226,7 @@ class NativeForward:
         R = tokens.shape[0]
         if R == 0:
             raise ValueError("a native forward needs at least one row")
-        if R <= STREAMING_ROWS:  # decode steps: the same checks on Python lists (~0.1 ms less per step)
+        if R <= SHORT_ROWS:  # decode steps: the same checks on Python lists (~0.1 ms less per step)
             ids, rows = tokens.tolist(), out_rows.tolist()
             if min(ids) < 0 or max(ids) >= self.config.vocab_size:
                 raise IndexError(f"token ids must be in [0, {self.config.vocab_size})")
@@ -308,7 +268,7 @@ class NativeForward:
             table, tokens = embed.rows(tokens)
             tokens = tokens.contiguous()
             self._struct.embed.w = table.ctypes.data
-        lib = self.streaming_lib if R <= STREAMING_ROWS else self.lib
+        lib = self.lib
         sparse_args = None
         if sparse is not None and R > 1 and max_positions >= sparse.min_length:  # else no run can be sparse
             if not self.takes_sparse():

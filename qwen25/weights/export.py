@@ -55,7 +55,7 @@ def check_export(output: str | os.PathLike, fmt: str, dtype: str | None, overwri
     return dtype
 
 
-def _atomic(output: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+def write_atomically(output: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     """Write into a hidden sibling, then rename it into place (replacing `output` only when `overwrite`)."""
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     old = output.with_name(f".{output.name}.old-{os.getpid()}")
@@ -104,5 +104,5 @@ def export_model(model: nn.Module, output: str | os.PathLike, fmt: str | None = 
         def write(path: Path) -> None:
             write_qwen2_gguf(path, state, model.config, tokenizer, dtype=dtype, name=name)
     with torch.no_grad():
-        _atomic(out, write, overwrite)
+        write_atomically(out, write, overwrite)
     return out

@@ -1,9 +1,8 @@
-"""GGUF v3 writer: a qwen2 model as a file llama.cpp loads, with F32, F16 or Q8_0 tensors.
+"""GGUF v3 writer: a qwen2 model as a file llama.cpp loads, with F32, F16, Q8_0, Q5_0 or Q4_K tensors.
 
 Owns the format on the writing side (ggml/docs/gguf.md): magic, version, counts, typed key/value metadata,
-tensor infos, then the tensor data, each tensor at an `general.alignment` (32) boundary; Q8_0 quantization
-(blocks of 32: an fp16 scale absmax/127 and 32 int8s rounded half away from zero, as ggml's reference
-quantizer); the qwen2 metadata llama.cpp reads (`qwen2.*`, `tokenizer.ggml.*`, `tokenizer.chat_template`);
+tensor infos, then the tensor data, each tensor at an `general.alignment` (32) boundary (the blocks come from
+`weights.block_quant`); the qwen2 metadata llama.cpp reads (`qwen2.*`, `tokenizer.ggml.*`, `tokenizer.chat_template`);
 the HF -> GGUF tensor names (the inverse of `weights.gguf`'s table). Does not import the `gguf` package.
 The tokenizer is read through its attributes (qwen25's `Tokenizer`); nothing here builds one.
 """
@@ -27,12 +26,14 @@ from qwen25.weights.gguf import (
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
 )
-from qwen25.weights.quants import GGMLType
+from qwen25.weights.block_quant import QUANTIZERS, quantize_blocks
+from qwen25.weights.quants import BLOCK_SIZES, GGMLType, tensor_nbytes
 
 GGUF_VERSION = 3
 GGUF_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0}
 # llama.cpp `enum llama_ftype` for general.file_type: all F32, mostly F16, mostly Q8_0
 _FILE_TYPES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q8_0: 7}
+TensorTypes = Callable[[str, tuple[int, ...]], GGMLType]  # (HF name, shape) -> the type to write it in
 # llama.cpp `llama_token_type` values (tokenizer.ggml.token_type)
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 QK8_0 = 32
@@ -40,7 +41,7 @@ QK8_0 = 32
 _HF_TO_GGUF_GLOBAL = {hf: g for g, hf in _GLOBAL_NAMES.items()}
 _HF_TO_GGUF_BLOCK = {hf: g for g, hf in _BLOCK_NAMES.items()}
 
-__all__ = ["GGUF_TYPES", "gguf_tensor_name", "quantize_q8_0", "qwen2_metadata", "tokenizer_metadata", "write_gguf",
+__all__ = ["GGUF_TYPES", "gguf_tensor_name", "qwen2_metadata", "tokenizer_metadata", "write_gguf",
            "write_qwen2_gguf"]
 
 
@@ -92,33 +93,15 @@ def _encode_value(t: Typed) -> bytes:
 
 
 # --- tensor encodings ----------------------------------------------------------------------------------------
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """ggml's reference Q8_0 (quantize_row_q8_0_ref) of a (..., K) float array, K % 32 == 0, as raw bytes:
-    per block of 32 an fp16 d = absmax / 127 then 32 int8 round(x / d)."""
-    blocks = np.asarray(x, dtype=np.float32).reshape(-1, QK8_0)
-    d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
-    scaled = blocks * inv
-    q = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int8)  # roundf: half away from zero
-    out = np.empty((blocks.shape[0], 2 + QK8_0), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
-    out[:, 2:] = q.view(np.uint8)
-    return out.reshape(-1)
-
-
 def _encode_tensor(x: np.ndarray, ggml_type: GGMLType) -> bytes:
     if ggml_type == GGMLType.F32:
         return np.ascontiguousarray(x, dtype="<f4").tobytes()
     if ggml_type == GGMLType.F16:
         return np.ascontiguousarray(x, dtype="<f2").tobytes()
-    if ggml_type == GGMLType.Q8_0:
-        return quantize_q8_0(x).tobytes()
-    raise ValueError(f"the GGUF writer encodes F32, F16 and Q8_0, not {ggml_type.name}")
-
-
-def _nbytes(shape: tuple[int, ...], ggml_type: GGMLType) -> int:
-    n = int(np.prod(shape))
-    return {GGMLType.F32: 4 * n, GGMLType.F16: 2 * n, GGMLType.Q8_0: n // QK8_0 * (2 + QK8_0)}[ggml_type]
+    if ggml_type in QUANTIZERS:
+        return quantize_blocks(x, ggml_type).tobytes()
+    raise ValueError(f"the GGUF writer encodes F32, F16, {', '.join(t.name for t in QUANTIZERS)}, not "
+                     f"{ggml_type.name}")
 
 
 # --- the file ------------------------------------------------------------------------------------------------
@@ -131,8 +114,10 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: It
     a callable giving its float array, called once when its data is written: big models stream)."""
     tensors = list(tensors)
     for name, shape, ggml_type, _ in tensors:
-        if ggml_type == GGMLType.Q8_0 and shape[-1] % QK8_0:
-            raise ValueError(f"tensor {name}: row length {shape[-1]} is not a multiple of {QK8_0} (Q8_0 blocks)")
+        block = BLOCK_SIZES[ggml_type][0]
+        if shape[-1] % block:
+            raise ValueError(f"tensor {name}: row length {shape[-1]} is not a multiple of {block} "
+                             f"({ggml_type.name} blocks)")
     meta = dict(metadata)
     if alignment != DEFAULT_ALIGNMENT:
         meta["general.alignment"] = Typed(alignment, _VT.UINT32)
@@ -145,7 +130,7 @@ def write_gguf(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: It
         for name, shape, ggml_type, _ in tensors:
             ne = tuple(reversed(shape))  # ggml order: the row (contiguous) dimension first
             f.write(_string(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, ggml_type, offset))
-            offset += -(-_nbytes(shape, ggml_type) // alignment) * alignment
+            offset += -(-tensor_nbytes(ggml_type, shape) // alignment) * alignment
         _pad(f, alignment)
         for name, shape, ggml_type, get in tensors:
             array = get()
@@ -250,21 +235,26 @@ def _ggml_type(shape: tuple[int, ...], wanted: GGMLType) -> GGMLType:
 
 
 def write_qwen2_gguf(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
-                     tokenizer: Any, dtype: str = "f16", name: str = "qwen2") -> None:
-    """Write an HF-named float state dict (tied lm_head left out) as a qwen2 GGUF llama.cpp runs.
+                     tokenizer: Any, dtype: str = "f16", name: str = "qwen2", types: TensorTypes | None = None,
+                     file_type: int | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Write an HF-named float state dict (tied lm_head left out) as a qwen2 GGUF llama.cpp runs. The state
+    dict may be a lazy mapping, each tensor read once, when it is written; `shapes` then gives the shapes up front.
 
-    dtype: "f32", "f16" or "q8_0" for the 2-D weights (1-D tensors are always F32)."""
+    dtype: "f32", "f16" or "q8_0" for the 2-D weights (1-D tensors are always F32); or `types` picks each 2-D
+    weight's type (a quantized mix, `general.file_type` then being `file_type`, llama.cpp's `llama_ftype`)."""
     if dtype not in GGUF_TYPES:
         raise ValueError(f"GGUF dtype {dtype!r}: one of {', '.join(GGUF_TYPES)}")
     wanted = GGUF_TYPES[dtype]
-    metadata = {**qwen2_metadata(config, name), "general.file_type": _FILE_TYPES[wanted],
+    kind = _FILE_TYPES[wanted] if types is None else file_type
+    metadata = {**qwen2_metadata(config, name), **({} if kind is None else {"general.file_type": kind}),
                 "general.quantization_version": 2, **tokenizer_metadata(tokenizer, config.vocab_size)}
     names = [n for n in state_dict if not (config.tie_word_embeddings and n == "lm_head.weight")]
     order = sorted(names, key=_tensor_order)
     tensors: list[TensorSource] = []
     for hf in order:
-        shape = tuple(state_dict[hf].shape)
-        tensors.append((gguf_tensor_name(hf), shape, _ggml_type(shape, wanted),
+        shape = tuple(shapes[hf] if shapes is not None else state_dict[hf].shape)
+        ttype = _ggml_type(shape, wanted) if types is None or len(shape) == 1 else types(hf, shape)
+        tensors.append((gguf_tensor_name(hf), shape, ttype,
                         lambda hf=hf: state_dict[hf].detach().float().cpu().numpy()))
     write_gguf(Path(path), metadata, tensors)
 

@@ -1,4 +1,4 @@
-"""Turn a checkpoint on disk (GGUF file, HF directory or `qwen25 quantize` output) into a model and its config.
+"""Turn a checkpoint on disk (GGUF file or HF directory) into a model and its config.
 
 Owns the dispatch by format and the meta-device build + `assign=True` load (no randomly initialised copy
 of the weights is ever allocated). Parsing lives in `weights.gguf` / `weights.safetensors`; the tokenizer and
@@ -32,8 +32,8 @@ class LoadedWeights:
     model: Qwen2ForCausalLM
     source: Path  # the file or directory the weights were read from
     format: str  # "gguf" or "hf": the kind of checkpoint `origin` is
-    quantization: str | None  # "q8" / "q4" when the model holds quantized weights
-    origin: Path  # where the config and tokenizer live: `source`, or the checkpoint a quantize output came from
+    quantization: str | None  # "q8" / "q4" / "gguf" when the model holds ggml blocks
+    origin: Path  # where the config and tokenizer live (`source`)
     gguf_metadata: dict[str, Any] | None = None  # the GGUF header (holds the vocabulary) when format is "gguf"
 
 
@@ -73,9 +73,9 @@ def load_hf_directory(path: Path, dtype: torch.dtype, quantization: str | None =
         raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
     config = ModelConfig.from_json_file(path / "config.json")
     if quantization in ("q8", "q4"):
-        from qwen25.weights.quantized import load_quantized
+        from qwen25.weights.quantized import quantize_weights, safetensors_tensors
 
-        model = load_quantized(path, config, bits=int(quantization[1]))  # streamed from the mapped shards
+        model = quantize_weights(config, *safetensors_tensors(config, path), bits=int(quantization[1]))
     else:
         model = model_from_state_dict(config, load_safetensors(path, dtype=dtype), str(path), trainable)
     return LoadedWeights(config, model, path, "hf", quantization, path)
@@ -92,43 +92,12 @@ def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None,
 
         model = load_gguf_blocks(gguf, config)
     elif quantization in ("q8", "q4"):
-        from qwen25.weights.quantized import load_quantized
+        from qwen25.weights.quantized import gguf_tensors, quantize_weights
 
-        model = load_quantized(path, config, bits=int(quantization[1]), gguf=gguf)
+        model = quantize_weights(config, *gguf_tensors(gguf), bits=int(quantization[1]))
     else:
         model = model_from_state_dict(config, load_gguf_state_dict(gguf, dtype=dtype), str(path), trainable)
     return LoadedWeights(config, model, path, "gguf", quantization, path, gguf.metadata)
-
-
-def load_quantized_file(path: Path, quantization: str | None, trainable: bool = False) -> LoadedWeights:
-    """A file written by `qwen25 quantize --output`: weights from it; the config from the checkpoint it was
-    made from (named in its metadata, reported as `origin`), which must still exist."""
-    from qwen25.weights.quantized import model_from_quantized_state_dict, read_quantized_metadata
-
-    meta = read_quantized_metadata(path)
-    kind = f"q{meta['bits']}"
-    source = Path(meta["source"])
-    if trainable:
-        raise ValueError(f"{path}: holds {kind} weights, which cannot be trained; load the checkpoint it was made "
-                         f"from ({source}) with trainable=True")
-    if quantization is None:
-        raise ValueError(f"{path}: holds {kind} weights and cannot be loaded unquantized; use quantization "
-                         f"'{kind}' or 'auto'")
-    if not source.exists():
-        raise CheckpointError(f"{path}: made from {source}, which no longer exists (the config and tokenizer "
-                              "are read from there)")
-    metadata = None
-    if source.is_dir():
-        if not (source / "config.json").is_file():
-            raise CheckpointError(f"{source}: no config.json (not an HF model directory)")
-        config = ModelConfig.from_json_file(source / "config.json")
-    else:
-        from qwen25.weights.gguf import GGUFFile, config_from_gguf
-
-        gguf = GGUFFile(source)
-        config, metadata = config_from_gguf(gguf), gguf.metadata
-    model = model_from_quantized_state_dict(config, load_safetensors(path))
-    return LoadedWeights(config, model, path, "hf" if source.is_dir() else "gguf", kind, source, metadata)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -146,17 +115,16 @@ def load_weights(path: str | Path, dtype: torch.dtype = torch.float32, quantizat
     """Load the model of a .gguf file or an HF directory (config.json + safetensors).
 
     quantization: None/"none" keeps `dtype` weights (dequantized for GGUF: the reference path); "gguf" runs a GGUF
-    file's own blocks, memory-mapped (see `weights.gguf_blocks`); "q8" / "q4" give
-    the fast int8 / int4 model with fused projections, memory-mapped from the repack cache when `qwen25 quantize`
-    (or an earlier load) wrote it, else streamed from the checkpoint and cached (see `weights.quantized`).
-    A .safetensors file written by `qwen25 quantize --output` loads as the format it holds.
+    file's own blocks, memory-mapped (see `weights.gguf_blocks`); "q8" / "q4" quantize the checkpoint's weights
+    to Q8_0 / Q4_K+Q5_0 blocks in memory, streamed tensor by tensor, run by the same layers (see
+    `weights.quantized`).
     trainable: parameters that require grad, in train mode (float weights only; see `model_from_state_dict`)."""
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     quantization = None if quantization == "none" else quantization
     if trainable and quantization is not None:
-        raise ValueError(f"trainable=True needs float weights, but quantization={quantization!r} holds int8/int4 "
-                         "codes that take no gradient; load with quantization='none'")
+        raise ValueError(f"trainable=True needs float weights, but quantization={quantization!r} holds quantized "
+                         "blocks that take no gradient; load with quantization='none'")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -168,6 +136,7 @@ def load_weights(path: str | Path, dtype: torch.dtype = torch.float32, quantizat
         return load_hf_directory(path, dtype, quantization, trainable)
     if is_gguf:
         return load_gguf(path, dtype, quantization, trainable)
-    if path.suffix == ".safetensors":
-        return load_quantized_file(path, quantization, trainable)
-    raise CheckpointError(f"{path}: neither a GGUF file, an HF model directory nor a `qwen25 quantize` output")
+    if path.suffix == ".safetensors":  # what `qwen25 quantize` wrote before it wrote GGUF files
+        raise CheckpointError(f"{path}: a lone .safetensors file is not a checkpoint qwen25 loads (an older "
+                              "`qwen25 quantize` output?); load its source, or `qwen25 quantize` it to a .gguf")
+    raise CheckpointError(f"{path}: neither a GGUF file nor an HF model directory")

@@ -1,199 +1,114 @@
-"""Build the fast inference model: q8 (int8) or q4 (int4) group-wise weights with fused projections, streamed
-from a checkpoint (GGUF file or HF safetensors directory) tensor by tensor and cached on disk, so the next
-load is a memory map.
+"""Quantize a checkpoint's float weights to GGUF blocks in memory (`quantization="q8"` / `"q4"`: HF directories, a
+GGUF file requantized, LoRA merges, GRPO's rollout copy) or into a GGUF file (`qwen25 quantize`).
 
-Owns the fused, quantized state-dict layout (`...self_attn.qkv_proj.*`, `...mlp.gate_up_proj.*`), the repack
-cache and `quantize_checkpoint` (what `qwen25 quantize` runs). The modules live in `qwen25.kernels.quant`;
-parsing in `weights.gguf` / `weights.safetensors`.
-
-The q4 choices were measured by perplexity on Qwen2.5-Coder-0.5B-Instruct against its dequantized fp32 weights
-(1,023-token windows of PyTorch source; ratios to fp32, q8 = 1.001):
-- quantizer (one window, layer projections only): asymmetric least-squares fit 1.027; plain min/max rounding
-  1.043; symmetric absmax 1.067; the fit weighted by calibration activations (imatrix-style) 1.025, no gain
-  worth a calibration pass;
-- groups of 32 / 64 / 128: 1.027 / 1.048 / 1.077 at 0.625 / 0.56 / 0.53 bytes per weight: 32 is best per byte;
-- one kind of projection in int4 at a time: v_proj 1.012, up 1.010, gate 1.005, the others within the noise
-  (~0.4%), so v_proj (0.8% of the weights) stays int8; the last layer in int8 too takes four windows from
-  1.011 to 1.006 (the last two: 1.004); lm_head in int4 costs another 0.9%, so the tables stay int8.
-The shipped layout (`LAYOUTS`, `INT8_LAST_LAYERS`): 1.0043 on four code windows, 1.011 on the first alone, with
-the layer projections at 0.645 bytes per weight against q8's 1.03 (tests/test_quantize.py pins the figure).
+The blocks (`weights.block_quant`) are the types the block kernels and llama.cpp run, laid out as
+`weights.gguf_blocks` lays out a GGUF file's own, so the same `GGMLLinear` layers and native forward run them:
+- q8: every matrix Q8_0 (one fp16 scale per 32 weights, 1.06 bytes per weight);
+- q4: layer projections Q4_K (0.56 bytes per weight) where a row is a multiple of 256 weights, else Q5_0
+  (0.69; Qwen2.5-0.5B's 896-wide rows, as in llama.cpp's Q4_K_M file of it); v_proj (0.8% of the weights, but
+  4-bit there alone cost ~1.2% perplexity in the older int4 format) and the last layer stay Q8_0, and so do
+  the embedding and lm_head (4-bit tables cost ~0.9%).
+Nothing is cached on disk: quantizing the 0.5B to Q8_0 takes about a second (README), less than reading a
+second copy back would save. Parsing lives in `weights.gguf` / `weights.safetensors`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
 from qwen25.config import ModelConfig
-from qwen25.kernels.quant import Q4_GROUP, ConcatLinear, Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
+from qwen25.kernels.ggml_linear import GGMLEmbedding, GGMLLinear
 from qwen25.model.qwen2 import Qwen2ForCausalLM
-from qwen25.paths import repack_dir
+from qwen25.weights.block_quant import block_bytes, quantize_blocks, quantize_blocks_
 from qwen25.weights.errors import CheckpointError
+from qwen25.weights.gguf_blocks import assemble_block_model
+from qwen25.weights.quants import GGMLType
 
 BITS = (8, 4)
-DEFAULT_GROUPS = {8: 128, 4: Q4_GROUP}  # q8: 128 has the perplexity of 32-wide groups, 8% fewer bytes (measured)
-# The format of each projection in a model quantized to `bits`, and how many of the last decoder layers stay
-# all-int8. q4 keeps v_proj (0.8% of the weights, but as int4 it alone costs ~1.2% perplexity) and the last layer
-# (1/24 of the layers on the 0.5B; another ~0.5%) in int8. The embedding and lm_head are always int8 (lm_head in
-# int4 costs ~0.9%). See the module docstring for the measurements.
-LAYOUTS = {8: dict(q_proj=8, k_proj=8, v_proj=8, o_proj=8, gate_proj=8, up_proj=8, down_proj=8),
-           4: dict(q_proj=4, k_proj=4, v_proj=8, o_proj=4, gate_proj=4, up_proj=4, down_proj=4)}
-INT8_LAST_LAYERS = {8: 0, 4: 1}
-TABLE_GROUP = DEFAULT_GROUPS[8]  # embedding / lm_head: int8 with this group
-# Cache-key tags. The q8 tag keeps v1's trailing group so caches written before q4 existed stay valid; the group
-# a file holds is read from its tensor shapes, never from the key.
-FORMAT_TAGS = {8: "q8-fused-v1|128", 4: "q4-fused-v1"}
-ROW_CHUNK = 16384  # rows of the embedding / lm_head quantized at a time: bounds the fp32 transient to ~60 MB
+Q8_LAST_LAYERS = 1  # q4: how many of the last decoder layers stay Q8_0
+FILE_TYPES = {8: 7, 4: 15}  # general.file_type (llama.cpp's llama_ftype): MOSTLY_Q8_0, MOSTLY_Q4_K_M
+ROW_CHUNK = 16384  # rows of the embedding / lm_head read at a time: bounds the fp32 transient to ~60 MB
 
 GetTensor = Callable[[str], torch.Tensor]  # HF tensor name -> fp32 tensor
 GetRows = Callable[[str, int, int], torch.Tensor]  # HF name, row range -> fp32 rows
 
 
-def _group_for(K: int, group: int) -> int:
-    """The requested group if it divides K, else the largest multiple of 32 that does."""
-    if group > 0 and K % group == 0:
-        return group
-    fits = [g for g in range(32, min(group, K) + 1, 32) if K % g == 0]
-    if not fits:
-        raise ValueError(f"cannot quantize rows of {K} weights: group sizes must be multiples of 32 dividing the "
-                         "row length")
-    return max(fits)
-
-
-def check_settings(bits: int, group: int | None) -> int:
-    """Validate a (bits, group) request; returns the group to use."""
+def check_bits(bits: int) -> int:
     if bits not in BITS:
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
-    group = DEFAULT_GROUPS[bits] if group is None else group
-    if group < 32 or group % 32:
-        raise ValueError(f"group size must be a positive multiple of 32, got {group}")
-    return group
+        raise ValueError(f"bits must be 8 (Q8_0 blocks) or 4 (Q4_K / Q5_0 blocks), got {bits}")
+    return bits
+
+
+def block_type(config: ModelConfig, name: str, cols: int, bits: int) -> GGMLType:
+    """The block type of the 2-D weight `name` (HF name, rows of `cols` values) in a model quantized to `bits`."""
+    if bits == 8 or not name.startswith("model.layers.") or ".v_proj." in name:
+        return GGMLType.Q8_0
+    if int(name.split(".")[2]) >= config.num_hidden_layers - Q8_LAST_LAYERS:
+        return GGMLType.Q8_0
+    return GGMLType.Q4_K if cols % 256 == 0 else GGMLType.Q5_0
 
 
 def progress_steps(config: ModelConfig) -> int:
-    """How many times `quantized_state_dict` calls its progress callback."""
+    """How many times `quantize_weights` calls its progress callback."""
     return config.num_hidden_layers + (1 if config.tie_word_embeddings else 2)
 
 
-def quantized_state_dict(config: ModelConfig, get: GetTensor, get_rows: GetRows, bits: int = 8,
-                         group: int | None = None,
-                         progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
-    """The fused quantized state dict, built one tensor at a time (big tables in row chunks). Each kind of
-    tensor gets the format LAYOUTS[bits] gives it (the last INT8_LAST_LAYERS[bits] layers: int8); `group` applies
-    to the tensors stored at `bits`, the others use their format's default. `progress()` is called after each
-    table and each layer."""
-    group = check_settings(bits, group)
-    out: dict[str, torch.Tensor] = {}
+def _table(get_rows: GetRows, name: str, rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) table as Q8_0 blocks, read and quantized ROW_CHUNK rows at a time."""
+    raw = np.empty(block_bytes(GGMLType.Q8_0, rows, cols), dtype=np.uint8)
+    out, per_row = torch.from_numpy(raw), block_bytes(GGMLType.Q8_0, 1, cols)
+    for r in range(0, rows, ROW_CHUNK):
+        stop = min(r + ROW_CHUNK, rows)
+        quantize_blocks_(get_rows(name, r, stop), GGMLType.Q8_0, out[r * per_row:stop * per_row])
+    return raw
+
+
+def quantize_weights(config: ModelConfig, get: GetTensor, get_rows: GetRows, bits: int = 8,
+                     progress: Callable[[], None] | None = None,
+                     get_bias: Callable[[str], torch.Tensor | None] | None = None) -> Qwen2ForCausalLM:
+    """The block model of a checkpoint whose tensors `get` / `get_rows` read (one at a time, big tables in row
+    chunks): frozen, eval mode. get_bias: a bias by name, None when absent (default: `get` for q/k/v biases).
+    `progress()` is called after each table and each layer."""
+    check_bits(bits)
     tick = progress or (lambda: None)
 
-    def quantize(b: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = _group_for(weight.shape[1], group if b == bits else DEFAULT_GROUPS[b])
-        if b == 4:
-            return dict(zip(("weight_p", "scales", "mins"), quantize_q4(weight, g)))
-        return dict(zip(("weight_q", "scales"), quantize_q8(weight, g)))
+    def bias_of(name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        if get_bias is not None:
+            return get_bias(name)
+        return get(name) if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj") else None
 
-    def put_linear(prefix: str, parts: list[tuple[str, torch.Tensor, torch.Tensor | None]],
-                   layout: dict[str, int]) -> None:
-        """A fused projection from (kind, weight, bias) row blocks: one module per run of equal formats."""
-        runs: list[list[tuple[str, torch.Tensor, torch.Tensor | None]]] = []
-        for part in parts:
-            if runs and layout[runs[-1][0][0]] == layout[part[0]]:
-                runs[-1].append(part)
-            else:
-                runs.append([part])
-        for i, run in enumerate(runs):
-            name = prefix if len(runs) == 1 else f"{prefix}.parts.{i}"
-            weight = torch.cat([w for _, w, _ in run])
-            out.update({f"{name}.{k}": v for k, v in quantize(layout[run[0][0]], weight).items()})
-            if run[0][2] is not None:
-                out[f"{name}.bias"] = torch.cat([b for _, _, b in run]).float().contiguous()
+    def linear(weight: str, bias: str | None) -> GGMLLinear:
+        w = get(weight)
+        kind = block_type(config, weight, w.shape[1], bits)
+        layer = GGMLLinear(quantize_blocks(w, kind), kind, w.shape[1], w.shape[0], bias_of(bias))
+        if weight.endswith("down_proj.weight"):
+            tick()  # the last projection of a layer
+        return layer
 
-    def put_table(prefix: str, name: str) -> None:
-        g = _group_for(config.hidden_size, TABLE_GROUP)
-        rows = [quantize_q8(get_rows(name, r, min(r + ROW_CHUNK, config.vocab_size)), g)
-                for r in range(0, config.vocab_size, ROW_CHUNK)]
-        out[f"{prefix}.weight_q"] = torch.cat([q for q, _ in rows])
-        out[f"{prefix}.scales"] = torch.cat([s for _, s in rows])
+    def vector(name: str) -> torch.nn.Parameter:
+        return torch.nn.Parameter(get(name).float().clone(), requires_grad=False)
+
+    V, H = config.vocab_size, config.hidden_size
+    head = _table(get_rows, "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight", V, H)
+    tick()
+    embed = head if config.tie_word_embeddings else _table(get_rows, "model.embed_tokens.weight", V, H)
+    if not config.tie_word_embeddings:
         tick()
-
-    put_table("lm_head", "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
-    if config.tie_word_embeddings:
-        out.update(_tied_aliases(out))
-    else:
-        put_table("model.embed_tokens", "model.embed_tokens.weight")
-    out["model.norm.weight"] = get("model.norm.weight").float()
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        layout = LAYOUTS[8] if i >= config.num_hidden_layers - INT8_LAST_LAYERS[bits] else LAYOUTS[bits]
-        put_linear(a + "qkv_proj", [(f"{x}_proj", get(a + f"{x}_proj.weight"), get(a + f"{x}_proj.bias"))
-                                    for x in "qkv"], layout)
-        put_linear(a + "o_proj", [("o_proj", get(a + "o_proj.weight"), None)], layout)
-        m = p + "mlp."
-        put_linear(m + "gate_up_proj", [(f"{x}_proj", get(m + f"{x}_proj.weight"), None) for x in ("gate", "up")],
-                   layout)
-        put_linear(m + "down_proj", [("down_proj", get(m + "down_proj.weight"), None)], layout)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[p + norm + ".weight"] = get(p + norm + ".weight").float()
-        tick()
-    return out
+    return assemble_block_model(config, linear, vector, GGMLEmbedding(embed, GGMLType.Q8_0, V, H),
+                                GGMLLinear(head, GGMLType.Q8_0, H, V))
 
 
-def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The embedding's entries of a tied model: lm_head's tensors (cache files store them once)."""
-    return {f"model.embed_tokens.{k}": state[f"lm_head.{k}"] for k in ("weight_q", "scales")}
-
-
-def _linear_like(state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
-    """An empty Q4Linear / Q8Linear / ConcatLinear shaped like the tensors under `prefix` (format, group and bias
-    from the keys and shapes)."""
-    if f"{prefix}.parts.0.scales" in state:
-        count = 1 + max(int(k[len(prefix) + 7:].split(".")[0]) for k in state if k.startswith(f"{prefix}.parts."))
-        return ConcatLinear([_linear_like(state, f"{prefix}.parts.{i}") for i in range(count)])
-    bias = f"{prefix}.bias" in state
-    if f"{prefix}.weight_p" in state:
-        N, half = state[f"{prefix}.weight_p"].shape
-        return Q4Linear(2 * half, N, bias, 2 * half // state[f"{prefix}.scales"].shape[1])
-    N, K = state[f"{prefix}.weight_q"].shape
-    return Q8Linear(K, N, bias, K // state[f"{prefix}.scales"].shape[1])
-
-
-def model_from_quantized_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
-    """Assign a quantized state dict (from `quantized_state_dict` or a cache file) to a meta-built model."""
-    if config.tie_word_embeddings:
-        state = {**state, **_tied_aliases(state)}
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-        for i, layer in enumerate(model.model.layers):
-            attn, mlp, p = layer.self_attn, layer.mlp, f"model.layers.{i}."
-            attn.qkv_proj = _linear_like(state, p + "self_attn.qkv_proj")
-            attn.o_proj = _linear_like(state, p + "self_attn.o_proj")
-            del attn.q_proj, attn.k_proj, attn.v_proj
-            mlp.gate_up_proj = _linear_like(state, p + "mlp.gate_up_proj")
-            mlp.down_proj = _linear_like(state, p + "mlp.down_proj")
-            del mlp.gate_proj, mlp.up_proj
-        model.lm_head = _linear_like(state, "lm_head")
-        table = state["model.embed_tokens.weight_q"].shape[1] // state["model.embed_tokens.scales"].shape[1]
-        model.model.embed_tokens = Q8Embedding(config.vocab_size, config.hidden_size, table)
-    model.load_state_dict(state, assign=True, strict=True)
-    if config.tie_word_embeddings:  # one set of tensors, not two equal copies
-        model.model.embed_tokens.weight_q = model.lm_head.weight_q
-        model.model.embed_tokens.scales = model.lm_head.scales
-    model.model.reset_rope()
-    return model.eval().requires_grad_(False)
-
-
-def quantize_loaded_model(model: Qwen2ForCausalLM, bits: int = 8, group: int | None = None) -> Qwen2ForCausalLM:
-    """The fast model from an already loaded float model (tests, tools): nothing is cached."""
+def quantize_loaded_model(model: Qwen2ForCausalLM, bits: int = 8) -> Qwen2ForCausalLM:
+    """The block model of an already loaded float model (LoRA merges, tests, tools)."""
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def get(name: str) -> torch.Tensor:
@@ -202,7 +117,10 @@ def quantize_loaded_model(model: Qwen2ForCausalLM, bits: int = 8, group: int | N
     def get_rows(name: str, start: int, stop: int) -> torch.Tensor:
         return params[name].detach()[start:stop].float()
 
-    return model_from_quantized_state_dict(model.config, quantized_state_dict(model.config, get, get_rows, bits, group))
+    def get_bias(name: str) -> torch.Tensor | None:
+        return get(name) if name in params else None
+
+    return quantize_weights(model.config, get, get_rows, bits, get_bias=get_bias)
 
 
 # --- sources: GGUF file or HF directory ---------------------------------------------------------------------------
@@ -259,86 +177,14 @@ def open_source(source: Path) -> tuple[ModelConfig, GetTensor, GetRows]:
     return config_from_gguf(gguf), *gguf_tensors(gguf)
 
 
-# --- the repack cache -------------------------------------------------------------------------------------------
-def _fingerprint(source: Path) -> str:
-    """Path, sizes and mtimes: a changed checkpoint gets a new cache entry. A directory counts its config and
-    weight files."""
-    if source.is_file():
-        stat = source.stat()
-        return f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    files = sorted(p for p in source.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
-    return f"{source.resolve()}|" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-
-
-def repack_cache_path(source: Path, bits: int = 8) -> Path:
-    """Where the quantized weights of `source` (a .gguf file or an HF directory) are cached for `bits`."""
-    key = f"{_fingerprint(source)}|{FORMAT_TAGS[bits]}"
-    stem = source.stem if source.is_file() else source.name
-    return repack_dir() / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-
-
-def load_quantized(source: Path, config: ModelConfig, bits: int = 8, gguf=None,  # noqa: ANN001 - GGUFFile
-                   use_cache: bool = True) -> Qwen2ForCausalLM:
-    """The fast model for a checkpoint (`gguf`: its open GGUFFile; None for an HF directory): memory-mapped from
-    the repack cache when present (whatever group it was written with), else built with the default group and
-    cached."""
-    from qwen25.weights.safetensors import load_safetensors, save_safetensors
-
-    cache = repack_cache_path(source, bits)
-    if use_cache and cache.is_file():
-        try:
-            return model_from_quantized_state_dict(config, load_safetensors(cache))
-        except (ValueError, RuntimeError, KeyError):
-            cache.unlink(missing_ok=True)  # stale or damaged: rebuild below
-    get, get_rows = gguf_tensors(gguf) if gguf is not None else safetensors_tensors(config, source)
-    state = quantized_state_dict(config, get, get_rows, bits)
-    if use_cache:
-        try:
-            _save_atomic(state, cache, save_safetensors, config, _metadata(source, bits))
-        except OSError:
-            pass  # a read-only cache only costs the next load its speed
-    return model_from_quantized_state_dict(config, state)
-
-
-def _metadata(source: Path, bits: int) -> dict[str, str]:
-    return {"format": FORMAT_TAGS[bits].split("|")[0], "bits": str(bits), "source": str(source.resolve())}
-
-
-def read_quantized_metadata(path: Path) -> dict[str, str]:
-    """The header metadata of a file written by `qwen25 quantize` (format, bits, source, group)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            meta = json.loads(f.read(min(n, 100_000_000))).get("__metadata__") or {}
-    except (struct.error, ValueError, AttributeError):
-        meta = {}
-    if meta.get("format") not in {tag.split("|")[0] for tag in FORMAT_TAGS.values()} or "source" not in meta:
-        raise CheckpointError(f"{path}: not a file written by `qwen25 quantize` (no qwen25 quantization metadata)")
-    return meta
-
-
-def _save_atomic(state: dict[str, torch.Tensor], path: Path, save: Callable, config: ModelConfig,
-                 metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tied = config.tie_word_embeddings
-    unique = {k: v for k, v in state.items() if not (tied and k.startswith("model.embed_tokens."))}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        save(unique, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- `qwen25 quantize` ------------------------------------------------------------------------------------------
 @dataclass
 class QuantizeResult:
     path: Path
     bits: int
-    group: int
     file_bytes: int
     weights: int  # parameters of the checkpoint (a tied table counted once)
-    layer_bytes: int  # of the decoder layers' projections (what a q4 layout shrinks; tables stay int8)
+    layer_bytes: int  # of the decoder layers' projections (what q4 shrinks; the tables stay Q8_0)
     layer_weights: int
     seconds: float
 
@@ -351,26 +197,49 @@ class QuantizeResult:
         return self.layer_bytes / self.layer_weights
 
 
-def quantize_checkpoint(source: Path, bits: int = 8, group: int | None = None, output: Path | None = None,
+class _LazyTensors(Mapping):
+    """HF name -> fp32 tensor, read from the checkpoint when asked (each once, by the GGUF writer)."""
+
+    def __init__(self, names: list[str], get: GetTensor, tick: Callable[[], None]) -> None:
+        self.names, self.get, self.tick = names, get, tick
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.get(name)
+        self.tick()
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def quantize_checkpoint(source: Path, output: Path, tokenizer: Any, bits: int = 8,
                         progress: Callable[[int], Callable[[], None]] | None = None) -> QuantizeResult:
-    """Quantize `source` (a .gguf file or an HF directory) and write the result to `output`, by default the
-    repack cache entry that `qwen25.checkpoint.load(source, quantization=f"q{bits}")` reads.
+    """Write `source` (a .gguf file or an HF directory) to the GGUF file `output` with the blocks of
+    `quantization=f"q{bits}"`, and `tokenizer` (qwen25's, for the file's metadata), streaming one tensor at a
+    time. llama.cpp and qwen25 (`quantization="gguf"`, what "auto" picks for it) load the result.
 
     progress: given the number of steps, returns the per-step callback (e.g. a progress bar's update)."""
-    from qwen25.weights.safetensors import save_safetensors
+    from qwen25.weights.gguf_writer import write_qwen2_gguf
 
-    group = check_settings(bits, group)
+    check_bits(bits)
     start = time.perf_counter()
-    source = Path(source)
-    config, get, get_rows = open_source(source)
-    tick = progress(progress_steps(config)) if progress is not None else None
-    state = quantized_state_dict(config, get, get_rows, bits, group, tick)
-    path = Path(output) if output is not None else repack_cache_path(source, bits)
-    _save_atomic(state, path, save_safetensors, config, dict(_metadata(source, bits), group=str(group)))
+    config, get, _ = open_source(Path(source))
     with torch.device("meta"):
-        params = dict(Qwen2ForCausalLM(config).named_parameters())  # tied: counted once
-    projections = [v for k, v in state.items() if k.startswith("model.layers.") and "_proj." in k]
-    return QuantizeResult(path, bits, group, path.stat().st_size, sum(p.numel() for p in params.values()),
-                          sum(t.numel() * t.element_size() for t in projections),
-                          sum(p.numel() for k, p in params.items() if k.startswith("model.layers.") and "_proj.w" in k),
-                          time.perf_counter() - start)
+        shapes = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).state_dict().items()}
+    names = [k for k in shapes if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    tick = progress(len(names)) if progress is not None else (lambda: None)
+
+    def types(name: str, shape: tuple[int, ...]) -> GGMLType:
+        return block_type(config, name, shape[-1], bits)
+
+    write_qwen2_gguf(output, _LazyTensors(names, get, tick), config, tokenizer, name=Path(source).stem,
+                     types=types, file_type=FILE_TYPES[bits], shapes=shapes)
+    matrices = {k: s for k, s in shapes.items() if k in names and len(s) == 2}
+    layers = {k: s for k, s in matrices.items() if k.startswith("model.layers.")}
+    return QuantizeResult(Path(output), bits, Path(output).stat().st_size, sum(int(np.prod(s)) for s in
+                          (shapes[k] for k in names)),
+                          sum(block_bytes(types(k, s), *s) for k, s in layers.items()),
+                          sum(s[0] * s[1] for s in layers.values()), time.perf_counter() - start)
