@@ -105,7 +105,7 @@ def test_each_build_holds_its_instructions(level: str, has_vnni: bool) -> None:
     lib = load_forward_kernel(level=level)
     text = subprocess.run(["objdump", "-d", lib._name], capture_output=True, text=True, check=True).stdout
     assert ("vpdpbusd" in text) == has_vnni
-    assert "vpmaddubsw" in text  # both: the 4-bit tiles and the avx2 int8 dot products
+    assert "vpmaddubsw" in text  # both: the block kernels' int8 dot products on 256-bit vectors
     if level == "avx2":
         assert "zmm" not in text and "vpdpbusd" not in text  # nothing an AVX2-only CPU would fault on
 

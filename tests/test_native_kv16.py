@@ -2,8 +2,8 @@
 
 What the kernel stores is checked against torch's own conversion (round to nearest even, ties, subnormals,
 overflow to inf), bit for bit. What it computes from the stored values is checked against the PyTorch path over
-the same 16-bit paged cache (`PagedStep`, which reads every key/value back as stored), with each matmul input
-rounded as the kernel rounds it (`test_native_forward.pytorch_path_with_kernel_inputs`): logits and every cached
+the same 16-bit paged cache (`PagedStep`, which reads every key/value back as stored; its block layers round each
+matmul input as the kernel does): logits and every cached
 vector equal up to fp32 rounding, and an engine's greedy tokens and logprobs equal. A row's result is
 bit-identical alone or batched, in one pass or in chunks, and on the AVX2 and AVX-512 builds. On the real 0.5B,
 the 16-bit caches' cost against the fp32 cache on the native path is measured (slow test)."""
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from qwen25.engine.paged_cache import PagedKVCache, PagedStep
 from qwen25.kernels.native import KVView, NativeForward
 from qwen25.sampling_params import SamplingParams
 
-from test_native_forward import VOCAB, build_or_skip, pytorch_path_with_kernel_inputs, tiny_q8_model
+from test_native_forward import VOCAB, build_or_skip, tiny_q8_model
 
 DTYPES = [torch.float16, torch.bfloat16]
 BLOCK = 4
@@ -38,9 +39,9 @@ def scattered_tables(seqs: int, width: int) -> torch.Tensor:
 
 def torch_paged(model, ids: list[int], chunks: list[int], cache: PagedKVCache) -> torch.Tensor:  # noqa: ANN001
     """All-position logits (T, V) of ids prefilled `chunks` tokens at a time on the PyTorch path over the paged
-    cache (slot = position), matmul inputs rounded as the kernel rounds them."""
+    cache (slot = position)."""
     out, past = [], 0
-    with torch.inference_mode(), pytorch_path_with_kernel_inputs(model):
+    with torch.inference_mode():
         for n in chunks:
             step = PagedStep(cache, past, None, torch.arange(past, past + n), torch.arange(past + n).unsqueeze(0),
                              None)
@@ -95,10 +96,12 @@ def test_stored_values_are_torchs_rounding_bit_for_bit(level, dtype) -> None:  #
                             -1e5, 3e38, -3e38, 1.17e-38, 2**-149], dtype=torch.float64).float()
     bias = torch.randn(kvw, generator=torch.Generator().manual_seed(4)) * 10
     bias[:special.numel()] = special
+    v = qkv.parts[2]
+    assert v.out_features == kvw
     with torch.no_grad():
-        qkv.weight_q[-kvw:] = 0
-        qkv.bias[-kvw:] = bias
-    native = build_or_skip(model, level)  # after the edit: the kernel's group sums see the zero rows
+        v.raw[:] = 0  # Q8_0 blocks of zeros: scale 0, codes 0
+        v.bias.copy_(bias)
+    native = build_or_skip(model, level)
     cache = new_cache(model, dtype, 12)
     native_paged(native, prompt(12), [12], cache)
     want = bias.to(dtype).view(cfg.num_key_value_heads, 1, cfg.head_dim).expand(-1, 12, -1)
@@ -138,22 +141,24 @@ def test_decode_over_the_same_stored_cache_equals_the_pytorch_path(model, native
         ref_cache.values.copy_(cache.values)
         got = native(torch.tensor([ids[p]]), torch.tensor([p], dtype=I32), torch.zeros(1, dtype=I32),
                      KVView(cache.keys, cache.values, table), torch.zeros(1, dtype=I32))
-        with torch.inference_mode(), pytorch_path_with_kernel_inputs(model):
+        with torch.inference_mode():
             step = PagedStep(ref_cache, p, None, torch.tensor([p]), torch.arange(p + 1).unsqueeze(0), None)
             ref = model(torch.tensor([[ids[p]]]), positions=torch.tensor([[p]]), cache=step)[0]
         assert float((got - ref).norm() / ref.norm()) < 1e-5, p
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.float16, 1e-5), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("chunks", [[37], [5, 1, 1, 20, 10], [16, 16, 5]])
 def test_prefill_equals_the_pytorch_path_on_the_same_16_bit_cache(model, native, dtype, bound, chunks) -> None:  # noqa: ANN001
     """A prompt prefilled in chunks, each path writing its own cache: logits and every layer's cached keys/values.
     The two paths' fp32 values differ in their last bits, which now and then lands a value on the other side of a
     16-bit rounding boundary: one 16-bit step in that element (measured: 0.07-0.17% of fp16 elements). For fp16
-    that is ~5e-4 of one value and the logits stay within fp32 rounding (measured relative error <= 2.8e-7). A
-    bf16 step is 8x larger and in this tiny q8 model it moves later int8 activation roundings, which carry it on
-    (measured 2.5e-3..1.5e-2); the exact comparison for bf16 is the decode test above."""
+    that is ~5e-4 of one value; mostly the logits stay within fp32 rounding, but a step (or the attention's
+    last-bit differences) can move a later 8-bit activation rounding, which carries on: measured up to 1.04e-2
+    with fp16 (a flip after layer 0: its cache is compared element by element, the later layers' through the
+    logits). A bf16 step is 8x larger and does so more often (measured 2.5e-3..1.5e-2 on the older int8
+    format); the exact comparison for bf16 is the decode test above."""
     ids = prompt(37, seed=2)
     ref_cache, cache = new_cache(model, dtype, 37), new_cache(model, dtype, 37)
     ref = torch_paged(model, ids, chunks, ref_cache)
@@ -161,9 +166,9 @@ def test_prefill_equals_the_pytorch_path_on_the_same_16_bit_cache(model, native,
     rel = float((got - ref).norm() / ref.norm())
     assert rel < bound, rel
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    if dtype == torch.float16:
+    if dtype == torch.float16:  # layer 0's cache: later layers' also carry any 8-bit activation flip
         for mine, theirs in ((cache.key_slots, ref_cache.key_slots), (cache.value_slots, ref_cache.value_slots)):
-            a, b = mine[:, :, :37].float(), theirs[:, :, :37].float()
+            a, b = mine[:1, :, :37].float(), theirs[:1, :, :37].float()
             assert bool(((a - b).abs() <= b.abs().clamp(min=2**-14) * 2**-10).all())  # at most one fp16 step
             assert float((a != b).float().mean()) < 5e-3
 
@@ -228,17 +233,20 @@ FLIP = 2e-2  # one int8 activation rounding flip moves a logprob by up to this m
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
 def test_engine_greedy_native_equals_the_pytorch_path(name) -> None:  # noqa: ANN001
     """A greedy engine run with a 16-bit cache, natively (chunked prefill, continuous batching of two prompts)
-    and on the PyTorch path with the kernel's input rounding: the same tokens and logprobs equal to fp32 rounding
+    and on the PyTorch path (the same block kernels): the same tokens and logprobs equal to fp32 rounding
     (max |delta| 1e-5), except where the two attention orders (the kernel's tiled online softmax, PyTorch's whole
-    softmax) put an activation on either side of an int8 rounding boundary. Such a flip moves a logprob by at most
-    FLIP; it may happen at most twice per sequence, and the sequences may part only where a flip meets a near-tie
-    (each path's chosen token within FLIP of the other's at the top of both lists). Measured: one flip per sequence
+    softmax) put an activation on either side of an 8-bit rounding boundary. Such a flip moves a logprob by at most
+    FLIP (and may swap near-tied tokens at the bottom of the top-3 lists); the flipped value stays in the cache,
+    so every later step may differ by up to FLIP too (with the older int8 format a flip was measured to stay
+    within one step, with Q8_0 blocks not: the count of such steps is no longer bounded), and the sequences may
+    part only where a flip meets a near-tie (each path's chosen token within FLIP of the other's at the top of
+    both lists). Measured: one flip per sequence
     in the float16 run, which met a three-way tie within 1.1e-2 at step 4 of the second prompt and took the other
     token; none in the bfloat16 run. The untied tiny model with its lm_head scaled by 1/4, so that the logprobs
     are not all 0 or -inf (measured: the chosen tokens' logprobs are about -5)."""
     model = tiny_q8_model(seed=1)
-    with torch.no_grad():
-        model.lm_head.scales.mul_(0.25)
+    head = model.lm_head.raw.reshape(-1, 34)  # Q8_0 blocks: the fp16 scale, then 32 int8 codes
+    head[:, :2] = (head[:, :2].copy().view(np.float16) * np.float16(0.25)).view(np.uint8)  # exact: a power of 2
     prompts = [prompt(41, seed=5), prompt(9, seed=6)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
     settings = dict(block_size=4, num_blocks=96, max_num_batched_tokens=16, kv_cache_dtype=name)
@@ -246,18 +254,17 @@ def test_engine_greedy_native_equals_the_pytorch_path(name) -> None:  # noqa: AN
     if fast.runner.native_for_pass() is None:
         pytest.skip("the native forward kernel did not build here")
     got = fast.generate(prompts, params)
-    with pytorch_path_with_kernel_inputs(model):
-        ref = LLMEngine(model, Bytes(), use_native=False, **settings).generate(prompts, params)
+    ref = LLMEngine(model, Bytes(), use_native=False, **settings).generate(prompts, params)
     for g, r in zip(got, ref):
         same = next((i for i, (a, b) in enumerate(zip(g.token_ids, r.token_ids)) if a != b), len(r.token_ids))
         assert len(g.token_ids) == len(r.token_ids) == 16
-        flips = 0
         for (lp, top), (ref_lp, ref_top) in zip(g.logprobs[:same], r.logprobs[:same]):
-            assert -20 < lp < -0.5 and [t for t, _ in top] == [t for t, _ in ref_top]
-            delta = max([abs(lp - ref_lp)] + [abs(a - b) for (_, a), (_, b) in zip(top, ref_top)])
+            assert -20 < lp < -0.5
+            mine, theirs = dict(top), dict(ref_top)
+            for a, b in ((mine, theirs), (theirs, mine)):  # a token only one list holds: a near-tie at its bottom
+                assert all(t in b or v < min(b.values()) + FLIP for t, v in a.items())
+            delta = max([abs(lp - ref_lp)] + [abs(mine[t] - theirs[t]) for t in mine.keys() & theirs.keys()])
             assert delta < FLIP
-            flips += delta > 1e-5
-        assert flips <= 2
         if same < len(r.token_ids):  # parted at a near-tie: each path's choice near the top of the other's list
             (lp, top), (ref_lp, ref_top) = g.logprobs[same], r.logprobs[same]
             assert dict(ref_top).get(g.token_ids[same], -math.inf) > ref_lp - FLIP
@@ -271,15 +278,17 @@ def test_real_model_16_bit_caches_cost_against_fp32_on_the_native_path(real_gguf
     the eval text prefilled 128 at a time into fp32, fp16 and bf16 caches: perplexity, mean KL and argmax
     agreement against fp32; then a 64-token greedy generation with each cache.
 
-    On this path every matmul input is rounded to 129 levels per group, and any tiny change of an activation
+    On this path every matmul input is rounded to 8 bits per block, and any tiny change of an activation
     flips some of those roundings, which later layers carry on: the fp16 cache's cost is measured against that
-    noise floor, two fp32 runs whose embedding scales are moved by 1e-6 relative (+-2^-20). A 16-bit cache must
+    noise floor, two fp32 runs whose first input norm weights are moved by 1e-6 relative (+-2^-20). A 16-bit cache must
     move the output distribution no more than those do (mean KL); its cost with fp32 activations (no rounding
     noise) is in test_kv_cache_dtype.py's real-model test (fp16: perplexity +0.02%, KL 3.7e-6).
     Measured (2 threads): fp32 ppl 85.428; fp16 +0.77%, KL 1.27e-2, argmax agreement 91.4%, greedy 64/64 tokens
     equal to fp32's; bf16 +0.27%, 1.41e-2, 91.5%, 64/64; the perturbed fp32 runs +0.21% / +0.26%, KL 1.17e-2 /
-    1.12e-2, 90.9% / 92.8% (earlier runs of other perturbations: +0.36%, +0.44%; fp16 perturbed: +0.40%). So on
-    this path a 16-bit cache is within the path's own rounding noise."""
+    1.12e-2, 90.9% / 92.8% (earlier runs of other perturbations: +0.36%, +0.44%; fp16 perturbed: +0.40%). These
+    figures were measured on the older private q8 format (int8 groups of 128, embedding scales perturbed); the
+    bounds below hold for the Q8_0 blocks too. So on this path a 16-bit cache is within the path's own rounding
+    noise."""
     from qwen25.checkpoint import load
     from qwen25.eval.data import load_text
 
@@ -288,16 +297,16 @@ def test_real_model_16_bit_caches_cost_against_fp32_on_the_native_path(real_gguf
     text, _ = load_text(None, 12000)
     ids = checkpoint.tokenizer.encode(text)[:2048]
     assert len(ids) == 2048
-    scales = model.model.embed_tokens.scales
+    norm = model.model.layers[0].input_layernorm.weight
     variants = {"fp32": (torch.float32, 0.0), "fp16": (torch.float16, 0.0), "bf16": (torch.bfloat16, 0.0),
                 "fp32 emb+1e-6": (torch.float32, 2**-20), "fp32 emb-1e-6": (torch.float32, -2**-20)}
     runs, keep = {}, []
     for name, (dtype, eps) in variants.items():
         native = NativeForward.for_model(model)
-        if eps:  # this forward reads a perturbed copy of the embedding scales; the model is untouched
-            moved = scales * (1 + eps)
+        if eps:  # this forward reads a perturbed copy of the norm weights; the model is untouched
+            moved = norm * (1 + eps)
             keep.append(moved)
-            native._struct.embed.s = moved.data_ptr()
+            native._layers[0].input_norm = moved.data_ptr()
         runs[name] = (native, PagedKVCache(model.config, 2048 // 16, 16, dtype))
     table = torch.arange(2048 // 16, dtype=I32).unsqueeze(0)
     nll = {name: 0.0 for name in variants}
