@@ -41,7 +41,8 @@ class PrintableTokenizer:
 
 @pytest.fixture(scope="module", params=["fp32", "q8-native"])
 def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
-    """The tiny model on the PyTorch path, and quantized to q8, where every pass runs the fused native forward."""
+    """The tiny model on the PyTorch path, and quantized to q8 (Q8_0 blocks), where every pass runs the fused
+    native forward."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -50,7 +51,7 @@ def model(request) -> Qwen2ForCausalLM:  # noqa: ANN001
     if request.param == "q8-native":
         from qwen25.weights.quantized import quantize_loaded_model
 
-        model = quantize_loaded_model(model, group=32)
+        model = quantize_loaded_model(model)
         if native_of(model) is None:
             pytest.skip("the native forward kernel did not build here")
     return model

@@ -14,7 +14,8 @@ import torch
 from qwen25.checkpoint import load
 from qwen25.cli import main
 from qwen25.weights.export import export_model
-from qwen25.weights.gguf_writer import gguf_tensor_name, quantize_q8_0
+from qwen25.weights.block_quant import quantize_q8_0
+from qwen25.weights.gguf_writer import gguf_tensor_name
 from qwen25.weights.save import parse_size, save_hf_directory
 
 transformers = pytest.importorskip("transformers")

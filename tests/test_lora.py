@@ -195,7 +195,7 @@ def test_fused_or_quantized_models_are_refused():
     config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="quantization='none'"):
-        apply_lora(quantize_loaded_model(model_from_config(config, seed=0), group=32), LoraConfig())
+        apply_lora(quantize_loaded_model(model_from_config(config, seed=0)), LoraConfig())
 
 
 # --- serving an adapter -------------------------------------------------------------------------------------
@@ -234,7 +234,11 @@ def test_load_merged_quantizes_the_merged_weights(tiny_hf_dir, tiny_adapter):
     assert q8.quantization == "q8" and fp32.quantization is None
     ids = torch.tensor([[9707, 11, 1879, 0, 358, 1079]])
     a, b = fp32.model(ids), q8.model(ids)
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    # Q8_0 weights, and 8-bit activation blocks (each 32-wide row of this tiny model is one block): measured 5.3%
+    assert (a - b).abs().max() < 0.08 * a.abs().max()
+    from qwen25.weights.quantized import quantize_loaded_model
+
+    assert torch.equal(quantize_loaded_model(fp32.model, 8)(ids), b)  # exactly the merged weights, quantized
     assert load_merged(tiny_hf_dir, tiny_adapter, dtype=torch.bfloat16).model.lm_head.weight.dtype == torch.bfloat16
 
 

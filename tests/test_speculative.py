@@ -1,5 +1,5 @@
 """Speculative decoding: prompt lookup, draft models, and the one-pass verification loop. The output must be the
-target's plain greedy output token for token, whatever the proposer guesses; the q8 kernel must give a row the
+target's plain greedy output token for token, whatever the proposer guesses; the block kernels must give a row the
 same bits whatever other rows share the call (that is what makes verification match one-token decoding).
 
 Tiny random models for the loop (seconds); the real Qwen2.5-Coder GGUFs in the slow tests."""
@@ -195,16 +195,20 @@ def test_engine_refuses_a_draft_method_without_the_draft(target) -> None:  # noq
         LLMEngine(target, ByteTokenizer(), num_blocks=16, speculative_config={"model": "somewhere"})
 
 
-# --- the q8 kernel: a row's result does not depend on its batch -----------------------------------
-def test_q8_matmul_rows_independent_of_batch() -> None:
-    from qwen25.kernels.quant import Q8Linear
+# --- the block kernels: a row's result does not depend on its batch ---------------------------------
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q5_0", "Q4_K"])  # what quantization "q8" / "q4" makes
+def test_block_matmul_rows_independent_of_batch(ggml_type) -> None:  # noqa: ANN001
+    from qwen25.kernels import load_ggml_kernels
+    from qwen25.kernels.ggml_linear import GGMLLinear
+    from qwen25.weights.block_quant import quantize_blocks
+    from qwen25.weights.quants import GGMLType
 
-    from qwen25.kernels import load_q8_kernels
-
-    if load_q8_kernels() is None:
-        pytest.skip("the q8 kernel did not build here (no AVX2 or no compiler)")
+    if load_ggml_kernels() is None:
+        pytest.skip("the block kernels did not build here (no AVX2 or no compiler)")
     torch.manual_seed(0)
-    layer = Q8Linear.from_linear(torch.nn.Linear(256, 96, bias=True), group=128)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    kind = GGMLType[ggml_type]
+    layer = GGMLLinear(quantize_blocks(linear.weight.detach(), kind), kind, 256, 96, linear.bias.detach())
     x = torch.randn(23, 256)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(23)])
     for m in (2, 3, 4, 5, 8, 23):
