@@ -1,10 +1,11 @@
-"""The rollout engine's weights follow the policy: `QuantizedCopy.sync` rewrites the q8 copy in place so that the
-engine's native forward computes exactly what a q8 model freshly quantized from the merged policy computes."""
+"""The rollout engine's weights follow the policy: `QuantizedCopy.sync` rewrites the Q8_0-block copy in place so that
+the engine's native forward computes exactly what a q8 model freshly quantized from the merged policy computes."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,11 @@ def _fresh_q8(policy: torch.nn.Module) -> torch.nn.Module:
     return quantize_loaded_model(merged.eval(), bits=8)
 
 
+def _blocks(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The ggml block bytes of every block layer (plain attributes, not in the state dict)."""
+    return {name: m.raw for name, m in model.named_modules() if hasattr(m, "raw")}
+
+
 def _greedy(engine, prompts):
     from qwen25.sampling_params import SamplingParams
 
@@ -72,6 +78,7 @@ def test_sync_equals_a_fresh_quantization_of_the_updated_policy(policy_dir, lora
     source.engine = engine = _engine(source.model, tok)
     assert engine.runner.native is not None, "the q8 copy must run on the native forward"
     pointers = {k: v.data_ptr() for k, v in source.model.state_dict().items()}
+    pointers.update({k: v.ctypes.data for k, v in _blocks(source.model).items()})
     prompts = [tok.encode("Hello there"), tok.encode("def add(a, b):")]
     before = _greedy(engine, prompts)
     for step in range(2):
@@ -81,10 +88,15 @@ def test_sync_equals_a_fresh_quantization_of_the_updated_policy(policy_dir, lora
         ours = source.model.state_dict()
         for name, value in reference.state_dict().items():
             assert torch.equal(ours[name], value), name
+        blocks = _blocks(source.model)
+        for name, raw in _blocks(reference).items():
+            assert np.array_equal(blocks[name], raw), name
         expected = _greedy(_engine(reference, tok), prompts)
-        assert _greedy(engine, prompts) == expected  # tokens and logprobs, bit for bit: group sums refreshed too
+        assert _greedy(engine, prompts) == expected  # tokens and logprobs, bit for bit
     assert _greedy(engine, prompts) != before  # the updates changed what the engine samples
-    assert {k: v.data_ptr() for k, v in source.model.state_dict().items()} == pointers  # written in place
+    after = {k: v.data_ptr() for k, v in source.model.state_dict().items()}
+    after.update({k: v.ctypes.data for k, v in _blocks(source.model).items()})
+    assert after == pointers  # written in place: nothing reallocated
 
 
 def test_lora_sync_leaves_the_frozen_tables_alone(policy_dir):
@@ -92,11 +104,11 @@ def test_lora_sync_leaves_the_frozen_tables_alone(policy_dir):
 
     ckpt = _load(policy_dir, lora=True)
     source = QuantizedCopy(ckpt.model)
-    table = source.model.lm_head.weight_q.clone()
+    table = source.model.lm_head.raw.copy()
     with torch.no_grad():
         ckpt.model.lm_head.weight.add_(1.0)  # frozen under LoRA: a sync must not spend time re-quantizing it
     source.sync()
-    assert torch.equal(source.model.lm_head.weight_q, table)
+    assert np.array_equal(source.model.lm_head.raw, table)
 
 
 def test_grpo_loader_scores_rollouts_from_the_q8_copy_and_reference_from_the_policy(policy_dir):
