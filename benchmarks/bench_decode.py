@@ -7,10 +7,9 @@ measured in the same run (see /work/shared/BASELINE.md for the methodology and B
 once here and shared by every engine. Engines: qwen25 (`LLM` defaults: the GGUF's own blocks, memory-mapped, kernels
 of the best ISA the CPU runs), qwen25-avx2 (the same, QWEN25_ISA=avx2: the baseline kernels), qwen25-gguf
 (`quantization="gguf"` named explicitly; -gguf-avx2 likewise), qwen25-q8 (`quantization="q8"`: the GGUF
-requantized to int8; -q8-avx2 likewise), qwen25-q4
-(`quantization="q4"`: int4 layers, int8 table), qwen25-ref (`quantization="none"`: dequantized fp32), llama.cpp
-(llama-cpp-python), transformers (fp32, dequantized). The qwen25 paths load from the repack cache: run
-`qwen25 quantize MODEL --bits 4` (or one q4 load) first, or the first load time includes building it.
+requantized to Q8_0 blocks at load; -q8-avx2 likewise), qwen25-q4
+(`quantization="q4"`: Q4_K / Q5_0 layers, Q8_0 table), qwen25-ref (`quantization="none"`: dequantized fp32),
+llama.cpp (llama-cpp-python), transformers (fp32, dequantized). The q8 / q4 load times include quantizing.
 Two ways to drive an engine:
   generate: its public generate API. prefill = time(generate 1 token); decode = 128 / (time(generate 129)
             - time(generate 1)), i.e. 128 decode steps including the API's per-token overhead.
