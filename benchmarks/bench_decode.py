@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -149,6 +150,15 @@ def child_qwen25(spec: dict, quantization: str = "auto", name: str = "qwen25") -
     return out
 
 
+def llamacpp_isa(llama_cpp: Any) -> str:
+    """The SIMD features this llama.cpp build compiled in (its system info's `NAME = 1` entries): a
+    -march=native build on an AVX-512 machine lists AVX512*, an AVX2-only build does not."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    simd = [name for name, on in re.findall(r"([A-Z0-9_]+) = (\d)", info)
+            if on == "1" and name.startswith(("AVX", "F16C", "FMA"))]
+    return "kernels built for " + (" ".join(simd) or "no AVX")
+
+
 def child_llamacpp(spec: dict) -> dict:
     import llama_cpp
     import numpy as np
@@ -157,7 +167,7 @@ def child_llamacpp(spec: dict) -> dict:
     llm = llama_cpp.Llama(spec["model_path"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
                           n_ctx=2048, verbose=False)
     out = {"load_s": perf_counter() - t0, "rss_load_mb": rss_mb(),
-           "version": f"llama-cpp-python {llama_cpp.__version__}"}
+           "version": f"llama-cpp-python {llama_cpp.__version__}; {llamacpp_isa(llama_cpp)}"}
     n_vocab = llm.n_vocab()
 
     def step(token: int) -> int:  # eval() keeps only the last position's logits; read them through ctypes
