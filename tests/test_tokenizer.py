@@ -392,6 +392,15 @@ def test_rejects_other_tokenizers(gguf_metadata: dict) -> None:
         Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.pre": "llama3"})
 
 
+
+@pytest.mark.parametrize("bad", ["ab", "a b c", "", "a  b"])
+def test_rejects_a_malformed_merge_naming_it(gguf_metadata: dict, bad: str) -> None:
+    merges = list(gguf_metadata["tokenizer.ggml.merges"])
+    merges[1000] = bad
+    with pytest.raises(ValueError, match=f"malformed merge {bad!r}"):
+        Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.merges": merges})
+
+
 # --- fuzzing
 
 _PIECES = ["👨‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵", "👍🏽", "1️⃣", "你好世界", "ｶﾀｶﾅ", "한국어", "e\u0301", "\u0338", "\r\n", "\n\n",
