@@ -25,6 +25,7 @@ from qwen25.engine.speculative import SpeculativeConfig
 from qwen25.model.long_context import LongContextSetting, set_long_context
 from qwen25.model.sparse_prefill import SparsePrefillConfig, SparsePrefillSetting, enable_sparse_prefill
 from qwen25.sampling_params import SamplingParams
+from qwen25.weights.loader import default_quantization
 from qwen25.weights.registry import DEFAULT_MODEL, resolve_model
 
 if TYPE_CHECKING:
@@ -67,10 +68,10 @@ class LLM:
     model: a known name (`qwen25 models`), a .gguf file, an HF model directory, or an HF repo id (online only).
     dtype: "float32" (default; fastest on CPUs without native bf16) or "bfloat16".
     quantization: "auto" (default: "gguf" for GGUF files, "q8" for them with a LoRA adapter, "none" for HF
-    directories), "gguf" (a GGUF file's own Q4_K/Q6_K/Q5_0/Q8_0 blocks, memory-mapped: no requantization, no copy;
-    greedy text equal to llama.cpp's), "q8" (every matrix quantized at load to Q8_0 blocks, one fp16 scale per
-    32 int8 weights: 1.06 bytes per weight, perplexity within ~0.1% of fp32 on Qwen2.5, run by the same kernels
-    as "gguf"), "q4" (layer projections Q4_K, or Q5_0 where a row is not a multiple of 256 weights; v_proj, the
+    directories; "none" wherever the block kernels cannot run: no C compiler or no AVX2), "gguf" (a GGUF file's
+    own Q4_K/Q6_K/Q5_0/Q8_0 blocks, memory-mapped: no requantization, no copy; greedy text equal to llama.cpp's),
+    "q8" (every matrix quantized at load to Q8_0 blocks, one fp16 scale per 32 int8 weights: 1.06 bytes per
+    weight, perplexity within ~0.1% of fp32 on Qwen2.5, run by the same kernels as "gguf"), "q4" (layer projections Q4_K, or Q5_0 where a row is not a multiple of 256 weights; v_proj, the
     last layer and the tables Q8_0: fewer bytes than q8 at a small perplexity cost, README) or "none"
     (dequantized `dtype` weights: the bit-faithful reference path). README lists what each costs.
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
@@ -115,9 +116,8 @@ class LLM:
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
         self.path = resolve_model(model, download=download)
-        if quantization == "auto":  # a GGUF runs its own blocks; a LoRA merge is quantized afresh (q8)
-            gguf = self.path.suffix == ".gguf" and lora is None
-            quantization = "gguf" if gguf else "q8" if self.path.is_file() else "none"
+        if quantization == "auto":
+            quantization = default_quantization(self.path, lora is not None)
         self.quantization = quantization
         if lora is None:
             checkpoint = self.checkpoint = load_checkpoint(self.path, torch_dtype, quantization)

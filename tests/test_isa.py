@@ -83,6 +83,29 @@ def test_kernels_line_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "kernels: none (PyTorch modules)" in kernels_line()
 
 
+def test_without_block_kernels_auto_loads_float_weights_and_block_formats_say_why(
+        monkeypatch: pytest.MonkeyPatch, tiny_hf_dir, tmp_path) -> None:  # noqa: ANN001
+    """Where the kernels cannot run (no C compiler, no AVX2: QWEN25_ISA=none stands in), a GGUF loads with
+    quantization="auto" as dequantized weights on the PyTorch path and generates; asking for block weights
+    ("gguf", "q8", "q4") fails at load, naming the reason and the way out, not at the first forward."""
+    from qwen25 import LLM, SamplingParams
+    from qwen25.checkpoint import load
+    from qwen25.weights.errors import CheckpointError
+    from qwen25.weights.export import export_model
+
+    source = load(tiny_hf_dir)
+    path = tmp_path / "tiny.gguf"
+    export_model(source.model, path, "gguf", tokenizer=source.tokenizer, dtype="q8_0")
+    monkeypatch.setenv(isa.ENV, "none")
+    llm = LLM(str(path))
+    assert llm.quantization == "none"
+    assert len(llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+    for kind in ("gguf", "q8", "q4"):
+        with pytest.raises(CheckpointError, match=f"quantization='{kind}' runs on the block kernels, which cannot "
+                                                  "run here .*kernels: none.*load with quantization='none'"):
+            LLM(str(path), quantization=kind)
+
+
 def test_models_paths_prints_the_kernels(capsys: pytest.CaptureFixture[str]) -> None:
     from qwen25.weights.cli import ModelsConfig, main_models
 

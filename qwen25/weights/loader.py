@@ -100,6 +100,26 @@ def load_gguf(path: Path, dtype: torch.dtype, quantization: str | None = None,
     return LoadedWeights(config, model, path, "gguf", quantization, path, gguf.metadata)
 
 
+def block_kernels_run_here() -> bool:
+    """Whether the block kernels (qwen25.kernels: a C compiler and AVX2) that run "gguf", "q8" and "q4" weights
+    build and load on this machine."""
+    from qwen25.kernels import load_ggml_kernels
+
+    try:
+        return load_ggml_kernels() is not None
+    except ValueError:  # QWEN25_ISA names a level this CPU lacks
+        return False
+
+
+def default_quantization(path: Path, lora: bool = False) -> str:
+    """What quantization="auto" means for `path`: a GGUF file's own blocks ("gguf"), or Q8_0 blocks made at load
+    for a GGUF with a LoRA adapter to merge ("q8"), or for another file; an HF directory keeps its float weights
+    ("none"). Where the block kernels cannot run, "none" (dequantized weights, PyTorch)."""
+    if not block_kernels_run_here():
+        return "none"
+    return "gguf" if _is_gguf(path) and not lora else "q8" if path.is_file() else "none"
+
+
 def _is_gguf(path: Path) -> bool:
     """A GGUF file, by its magic bytes or its name."""
     if path.suffix == ".gguf":
@@ -128,6 +148,11 @@ def load_weights(path: str | Path, dtype: torch.dtype = torch.float32, quantizat
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if quantization is not None and not block_kernels_run_here():
+        from qwen25.kernels import kernels_line
+
+        raise CheckpointError(f"quantization={quantization!r} runs on the block kernels, which cannot run here "
+                              f"({kernels_line()}); load with quantization='none' (dequantized weights)")
     is_gguf = _is_gguf(path)
     if quantization == "gguf" and not is_gguf:
         raise ValueError(f"{path}: quantization 'gguf' runs a GGUF file's own blocks; this is not a GGUF file "
