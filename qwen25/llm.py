@@ -70,10 +70,11 @@ class LLM:
     quantization: "auto" (default: "gguf" for GGUF files, "q8" for them with a LoRA adapter, "none" for HF
     directories; "none" wherever the block kernels cannot run: no C compiler or no AVX2), "gguf" (a GGUF file's
     own Q4_K/Q6_K/Q5_0/Q8_0 blocks, memory-mapped: no requantization, no copy; greedy text equal to llama.cpp's),
-    "q8" (every matrix quantized at load to Q8_0 blocks, one fp16 scale per 32 int8 weights: 1.06 bytes per
-    weight, perplexity within ~0.1% of fp32 on Qwen2.5, run by the same kernels as "gguf"), "q4" (layer projections Q4_K, or Q5_0 where a row is not a multiple of 256 weights; v_proj, the
-    last layer and the tables Q8_0: fewer bytes than q8 at a small perplexity cost, README) or "none"
-    (dequantized `dtype` weights: the bit-faithful reference path). README lists what each costs.
+    "q8" (every matrix quantized at load to Q8_0 blocks, one fp16 scale per 32 int8 weights: 1.06 bytes per weight,
+    perplexity within ~0.1% of fp32 on Qwen2.5, run by the same kernels as "gguf"), "q4" (layer projections Q4_K, or
+    Q5_0 where a row is not a multiple of 256 weights; v_proj, the last layer and the tables Q8_0: fewer bytes than
+    q8 at a small perplexity cost, README) or "none" (dequantized `dtype` weights: the bit-faithful reference path).
+    README lists what each costs.
     engine_kwargs: settings for the `LLMEngine` that generation runs on (max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, kv_cache_memory, ...).
     kv_cache_dtype: the KV cache's storage, as vLLM's keyword: "auto" (float16 for quantized weights, half an

@@ -99,7 +99,8 @@ def test_without_block_kernels_auto_loads_float_weights_and_block_formats_say_wh
     monkeypatch.setenv(isa.ENV, "none")
     llm = LLM(str(path))
     assert llm.quantization == "none"
-    assert len(llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 3
     for kind in ("gguf", "q8", "q4"):
         with pytest.raises(CheckpointError, match=f"quantization='{kind}' runs on the block kernels, which cannot "
                                                   "run here .*kernels: none.*load with quantization='none'"):
