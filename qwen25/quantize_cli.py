@@ -22,7 +22,7 @@ QUANTIZE_EPILOG = """examples:
 
 formats (--bits):
   8  every matrix Q8_0: one fp16 scale per 32 int8 weights, 1.06 bytes/weight; perplexity within ~0.1% of
-     fp32 on Qwen2.5-Coder-0.5B. What `--quantization q8` builds in memory (and `auto` for HF directories).
+     fp32 on Qwen2.5-Coder-0.5B. What `--quantization q8` builds in memory (and `auto` for a GGUF with --lora).
   4  layer projections Q4_K (0.56 bytes/weight) where a row is a multiple of 256 weights, else Q5_0 (0.69);
      v_proj, the last layer, the embedding and lm_head stay Q8_0. What `--quantization q4` builds in memory.
 There is no cache: `--quantization q8|q4` quantizes at load in seconds; a file from this command is for

@@ -51,8 +51,8 @@ typedef struct {
     const float *input_norm, *post_norm;
     QMat qkv[3];   /* row blocks (the later ones may be empty, N = 0): q (H*D), k (Hkv*D), v (Hkv*D) */
     QMat o;
-    QMat gate_up;  /* rows: gate (I), up (I); or gate only when `up` is not empty */
-    QMat up;       /* N = 0, or the up rows (I) as their own matrix (GGUF blocks: gate and up are two tensors) */
+    QMat gate;     /* the gate rows (I) */
+    QMat up;       /* the up rows (I), the same activation block size as gate's */
     QMat down;
 } QLayer;
 
@@ -423,7 +423,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
 
             /* gate and up apart (one activation block size): per panel of rows, gate into act
              * and up into gu, then act = silu(gate) * up on that panel */
-            const QMat *W = &L->gate_up, *U = &L->up;
+            const QMat *W = &L->gate, *U = &L->up;
             prepare_g(&xa, W->ggml_type);
             int n0, n1;
             panel_share(I, tid, nt, &n0, &n1);

@@ -3,10 +3,10 @@
 Every pass of a quantized model on a KV cache (decode steps, speculative verification, prompt chunks) runs
 through `qwen25/kernels/forward.c` instead of ~45 PyTorch ops per layer (measured against the PyTorch path and
 llama.cpp in BENCHMARKS.md). Matmul inputs are rounded to 8 bits per block of the weight type there, as
-`GGMLLinear` rounds them on the PyTorch path. A pass is a list of rows (token, position, sequence); each row attends to its sequence's positions
-0..position in the KV cache, which `KVView` describes (contiguous per sequence, or paged through block tables).
-A row's result depends only on its own token and the cached keys/values, never on the other rows of the pass:
-outputs are identical whether a sequence runs alone or batched, with its prompt in one chunk or several, with or
+`GGMLLinear` rounds them on the PyTorch path. A pass is a list of rows (token, position, sequence); each row
+attends to its sequence's positions 0..position in the KV cache, which `KVView` describes (contiguous per
+sequence, or paged through block tables). A row's result depends only on its own token and the cached
+keys/values, never on the other rows of the pass: outputs are identical whether a sequence runs alone or batched, with its prompt in one chunk or several, with or
 without prefix-cache hits. The cache may store float32, float16 or bfloat16: keys (after RoPE) and values are
 rounded to it when written and widened back to fp32 when attention reads them, the current pass's own included.
 
@@ -46,7 +46,7 @@ class _QMat(ctypes.Structure):
 
 
 class _QLayer(ctypes.Structure):
-    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _QMat * 3), ("o", _QMat), ("gate_up", _QMat),
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _QMat * 3), ("o", _QMat), ("gate", _QMat),
                 ("up", _QMat), ("down", _QMat)]
 
 
@@ -119,21 +119,20 @@ class NativeForward:
         config = model.config
         self.model, self.config, self.lib = model, config, lib
         inner = model.model
-        qmat = _qmat
         layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = [qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat(), _QMat()]  # N = 0: no such block
-            gate_up = [qmat(part) for part in _parts(mlp.gate_up_proj)] + [_QMat()]  # GGUF: gate, up apart
+            qkv = [_qmat(part) for part in _parts(attn.qkv_proj)] + [_QMat(), _QMat()]  # N = 0: no such block
+            gate, up = (_qmat(part) for part in _parts(mlp.gate_up_proj))  # two tensors (checked in `takes`)
             layers.append(_QLayer(layer.input_layernorm.weight.data_ptr(),
                                   layer.post_attention_layernorm.weight.data_ptr(),
-                                  (_QMat * 3)(*qkv[:3]), qmat(attn.o_proj), gate_up[0], gate_up[1],
-                                  qmat(mlp.down_proj)))
+                                  (_QMat * 3)(*qkv[:3]), _qmat(attn.o_proj), gate, up,
+                                  _qmat(mlp.down_proj)))
         self._layers = (_QLayer * len(layers))(*layers)
         self._struct = _QModel(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                                config.num_key_value_heads, config.head_dim, config.intermediate_size,
-                               config.vocab_size, config.rms_norm_eps, self._layers, qmat(inner.embed_tokens),
-                               inner.norm.weight.data_ptr(), qmat(model.lm_head))
+                               config.vocab_size, config.rms_norm_eps, self._layers, _qmat(inner.embed_tokens),
+                               inner.norm.weight.data_ptr(), _qmat(model.lm_head))
         lib.qwen2_work_floats.argtypes = [ctypes.POINTER(_QModel), _int, _int, _int]
         lib.qwen2_work_floats.restype = ctypes.c_size_t
         lib.qwen2_forward.argtypes = [ctypes.POINTER(_QModel), ctypes.POINTER(_KVView), _int, _ptr, _ptr, _ptr, _ptr,

@@ -8,8 +8,9 @@ The blocks (`weights.block_quant`) are the types the block kernels and llama.cpp
   (0.69; Qwen2.5-0.5B's 896-wide rows, as in llama.cpp's Q4_K_M file of it); v_proj (0.8% of the weights, but
   4-bit there alone cost ~1.2% perplexity in the older int4 format) and the last layer stay Q8_0, and so do
   the embedding and lm_head (4-bit tables cost ~0.9%).
-Nothing is cached on disk: quantizing the 0.5B to Q8_0 takes about a second (README), less than reading a
-second copy back would save. Parsing lives in `weights.gguf` / `weights.safetensors`.
+Nothing is cached on disk (no second copy of the weights): a load quantizes again, 4-5 s for the 0.5B to Q8_0
+(README); `qwen25 quantize` writes the blocks as a GGUF file once. Parsing lives in `weights.gguf` /
+`weights.safetensors`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def block_type(config: ModelConfig, name: str, cols: int, bits: int) -> GGMLType
 def progress_steps(config: ModelConfig) -> int:
     """How many times `quantize_weights` calls its progress callback."""
     return config.num_hidden_layers + (1 if config.tie_word_embeddings else 2)
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the model `config` describes, by HF name (built on the meta device)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).state_dict().items()}
 
 
 def _table(get_rows: GetRows, name: str, rows: int, cols: int) -> np.ndarray:
@@ -145,8 +152,7 @@ def safetensors_tensors(config: ModelConfig, path: Path) -> tuple[GetTensor, Get
     from qwen25.weights.safetensors import load_safetensors
 
     tensors = load_safetensors(path)  # mapped views in the file's dtype: nothing converted yet
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).state_dict().items()}
+    expected = _shapes(config)
 
     def checked(name: str) -> torch.Tensor:
         t = _need(tensors, name, path)
@@ -227,8 +233,7 @@ def quantize_checkpoint(source: Path, output: Path, tokenizer: Any, bits: int = 
     check_bits(bits)
     start = time.perf_counter()
     config, get, _ = open_source(Path(source))
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).state_dict().items()}
+    shapes = _shapes(config)
     names = [k for k in shapes if not (config.tie_word_embeddings and k == "lm_head.weight")]
     tick = progress(len(names)) if progress is not None else (lambda: None)
 
@@ -237,9 +242,7 @@ def quantize_checkpoint(source: Path, output: Path, tokenizer: Any, bits: int = 
 
     write_qwen2_gguf(output, _LazyTensors(names, get, tick), config, tokenizer, name=Path(source).stem,
                      types=types, file_type=FILE_TYPES[bits], shapes=shapes)
-    matrices = {k: s for k, s in shapes.items() if k in names and len(s) == 2}
-    layers = {k: s for k, s in matrices.items() if k.startswith("model.layers.")}
-    return QuantizeResult(Path(output), bits, Path(output).stat().st_size, sum(int(np.prod(s)) for s in
-                          (shapes[k] for k in names)),
+    layers = {k: s for k, s in shapes.items() if k.startswith("model.layers.") and len(s) == 2}
+    return QuantizeResult(Path(output), bits, Path(output).stat().st_size, sum(int(np.prod(shapes[k])) for k in names),
                           sum(block_bytes(types(k, s), *s) for k, s in layers.items()),
                           sum(s[0] * s[1] for s in layers.values()), time.perf_counter() - start)
