@@ -92,11 +92,12 @@ def test_isa_builds_agree_bit_for_bit(ggml_type: GGMLType) -> None:
 @pytest.mark.parametrize("ggml_type", list(BLOCK))
 @pytest.mark.parametrize("n", [512, 768, 800, 2080])
 def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int) -> None:
-    """Passes of 1-2 rows run the streaming kernel (ggml_stream.c: rows read in place), longer ones the packed
-    panels in tiles of several activation rows plus leftover rows (ggml_panel.c), and 37 weight rows end in a
-    partial panel: a row's result is the same bits in every case. n: an even and an odd number of 256-value
-    blocks (the streaming kernel takes them in pairs), and 25 and 65 32-value blocks (the streaming kernel reads
-    rows in chunks of 64 blocks, 8 rows at a time: 37 rows end in a partial group)."""
+    """Passes of 1 row run the streaming kernel (ggml_stream.c: rows read in place), 2 up to a per-type crossover
+    the multi-row one (ggml_stream_rows.c: groups of 8, 4 or 2), longer ones the packed panels in tiles of several
+    activation rows plus leftover rows (ggml_panel.c), and 37 weight rows end in a partial panel: a row's result
+    is the same bits in every case. n: an even and an odd number of 256-value blocks (the streaming kernel takes
+    them in pairs), and 25 and 65 32-value blocks (the streaming kernel reads rows in chunks of 64 blocks, 8 rows
+    at a time: 37 rows end in a partial group)."""
     skip_unless(level)
     if n % VALUES[ggml_type]:
         pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
@@ -114,7 +115,7 @@ def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int
 @pytest.mark.parametrize("ggml_type", list(BLOCK))
 @pytest.mark.parametrize("n", [512, 800])
 def test_every_pass_size_gives_the_same_bits(ggml_type: GGMLType, level: str, n: int) -> None:
-    """Passes of 1..16 rows (the single-row stream kernel for 1-2, the multi-row one, ggml_stream_rows.c, up to
+    """Passes of 1..16 rows (the single-row stream kernel for 1, the multi-row one, ggml_stream_rows.c, up to
     its per-type crossover, packed panels above it) against a 20-row pass (panels): the first m rows are the same
     bits for every m."""
     skip_unless(level)

@@ -260,7 +260,7 @@ static void panel_share(int N, int tid, int nt, int *n0, int *n1) {
 }
 
 /* y[r, n] = x[r] . W[n] for weight rows [n0, n1) (ggml_panel.c: packed panels, or rows streamed in
- * place for 1-2 activation rows), activation rows in chunks that stay in L2. */
+ * place for short passes), activation rows in chunks that stay in L2. */
 static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, float *y, long ldy) {
     const int MC = panel_chunk(W->K);
     for (int m0 = 0; m0 < R; m0 += MC)

@@ -15,9 +15,9 @@
  * Kernels (ggml_panel.c, ggml_panel_k.c, ggml_stream.c, ggml_stream_rows.c): longer passes pack PANEL weight rows
  * (16 on the avx512 build, 8 on avx2) into a small buffer laid out for the integer dot instruction (4 values of each row
  * per 32-bit lane) and run tiles of activation rows against it, the block sums of 16 weight rows landing in the 16
- * lanes of one register: vpdpbusd on avx512 (VNNI), maddubs + madd on avx2, no horizontal sums. Passes of 1-2 rows
- * (decode) read each weight row in place from start to end instead and reduce its block sums across lanes; so do
- * passes of up to a per-type crossover (ggml_stream_rows.c: each weight block unpacked once for 4-8 rows).
+ * lanes of one register: vpdpbusd on avx512 (VNNI), maddubs + madd on avx2, no horizontal sums. A pass of 1 row
+ * (decode) reads each weight row in place from start to end instead and reduces its block sums across lanes; so do
+ * passes of 2 rows up to a per-type crossover (ggml_stream_rows.c: each weight block unpacked once for 2-8 rows).
  * Rows of W are split across OpenMP threads in whole panels.
  */
 #include <immintrin.h>
