@@ -27,7 +27,8 @@
 
 /* Passes of this many activation rows run stream_row (ggml_stream.c); from two rows on, stream_rows reads each weight
  * row once for all of them (ggml_stream_rows.c). Two decode streams, aggregate tok/s, stream_row twice -> a group
- * of 2 (AMD EPYC, 2 threads): 0.5B avx512 110 -> 131, avx2 96 -> 113; 1.5B avx512 41 -> 70, avx2 42 -> 58. */
+ * of 2 (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads): 0.5B avx512 110 -> 131, avx2 96 -> 113; 1.5B
+ * avx512 41 -> 70, avx2 42 -> 58. */
 #define STREAM_ROWS 1
 #define PANEL_KBLOCK_BYTES (PANEL * 4 * 81)  /* Q4_K / Q6_K, per 256 values: see panel_pack_k */
 #define KOFF 20  /* activation offsets per 256 values (K types): 16 for Q6_K, 4 pairs for Q4_K */

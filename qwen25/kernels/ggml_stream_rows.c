@@ -11,7 +11,8 @@
  * steps as those kernels, in the same order: fma((float)S_b, d_w * d_x, acc) per block b (and Q4_K's minimum
  * term, fused). So a row's result is the same bits whichever kernel runs it. A group past the pass's last row
  * repeats that row (computed, not stored); a group of 2 computes only its 2 (lanes 2 and 3 are zero, not stored):
- * two streams of the 1.5B, avx512, 57 -> 70 tok/s aggregate against a group of 4. */
+ * two streams of the 1.5B, avx512, 57 -> 70 tok/s aggregate against a group of 4 (AMD EPYC: avx2 avx512f
+ * avx512_vnni avx512_bf16, 2 threads). */
 
 /* Passes of STREAM_ROWS + 1 .. STREAM_MULTI_ROWS(type) activation rows run stream_rows, longer ones the packed
  * panels: the crossovers measured on the 0.5B's matrices (weights from DRAM, 2 threads). The panel tiles take
