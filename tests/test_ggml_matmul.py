@@ -56,6 +56,14 @@ def random_blocks(ggml_type: GGMLType, shape: tuple[int, int], seed: int) -> np.
     return raw
 
 
+def activations(m: int, n: int, seed: int) -> torch.Tensor:
+    """Random rows whose 32-value groups differ in scale by up to 2^6, as real activations do: every exponent the
+    K types' activation sub-blocks take (0..3, and past the cap) occurs."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 2.0 ** -torch.randint(0, 7, (m, n // 32, 1), generator=g).float()
+    return (torch.randn(m, n // 32, 32, generator=g) * scale).reshape(m, n)
+
+
 def check(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, int], x: torch.Tensor, level: str) -> torch.Tensor:
     got = ggml_matmul(x, raw, ggml_type, shape, level=level)
     weight = reference_weight(raw, ggml_type, shape)
@@ -74,8 +82,7 @@ def check(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, int], x: torch
 def test_random_blocks(ggml_type: GGMLType, level: str, m: int) -> None:
     skip_unless(level)
     shape = (37, 2 * 256)
-    torch.manual_seed(m)
-    check(random_blocks(ggml_type, shape, seed=int(ggml_type)), ggml_type, shape, torch.randn(m, shape[1]), level)
+    check(random_blocks(ggml_type, shape, seed=int(ggml_type)), ggml_type, shape, activations(m, shape[1], m), level)
 
 
 @pytest.mark.parametrize("ggml_type", list(BLOCK))
@@ -83,7 +90,7 @@ def test_isa_builds_agree_bit_for_bit(ggml_type: GGMLType) -> None:
     skip_unless("avx512")
     skip_unless("avx2")
     shape = (19, 768)
-    raw, x = random_blocks(ggml_type, shape, seed=7), torch.randn(4, 768)
+    raw, x = random_blocks(ggml_type, shape, seed=7), activations(4, 768, 7)
     assert torch.equal(ggml_matmul(x, raw, ggml_type, shape, level="avx512"),
                        ggml_matmul(x, raw, ggml_type, shape, level="avx2"))
 
@@ -102,7 +109,7 @@ def test_rows_do_not_depend_on_the_batch(ggml_type: GGMLType, level: str, n: int
     if n % VALUES[ggml_type]:
         pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
     shape = (37, n)
-    raw, x = random_blocks(ggml_type, shape, seed=3), torch.randn(13, n)
+    raw, x = random_blocks(ggml_type, shape, seed=3), activations(13, n, 3)
     together = ggml_matmul(x, raw, ggml_type, shape, level=level)
     alone = torch.cat([ggml_matmul(x[i:i + 1], raw, ggml_type, shape, level=level) for i in range(13)])
     pairs = torch.cat([ggml_matmul(x[i:i + 2], raw, ggml_type, shape, level=level) for i in range(0, 12, 2)])
@@ -122,7 +129,7 @@ def test_every_pass_size_gives_the_same_bits(ggml_type: GGMLType, level: str, n:
     if n % VALUES[ggml_type]:
         pytest.skip(f"{n} values are not whole {ggml_type.name} blocks")
     shape = (37, n)
-    raw, x = random_blocks(ggml_type, shape, seed=5), torch.randn(20, n)
+    raw, x = random_blocks(ggml_type, shape, seed=5), activations(20, n, 5)
     panels = ggml_matmul(x, raw, ggml_type, shape, level=level)
     for m in range(1, 17):
         assert torch.equal(ggml_matmul(x[:m], raw, ggml_type, shape, level=level), panels[:m]), f"{m} rows"
@@ -167,3 +174,25 @@ def test_type_ids_match_the_loader() -> None:
     for type_id, (name, qk, nbytes) in TYPES.items():
         assert GGMLType(type_id).name == name
         assert tensor_nbytes(GGMLType(type_id), (1, qk)) == nbytes
+
+
+def test_k_type_activations_keep_up_to_three_more_bits_below_the_block_max() -> None:
+    """The K types' 256-value activation blocks round each 32 values with the block's step A / 127 divided by
+    2^k, k <= 3 the most that keeps them within +-127 (ggml_dot.c): a channel 100x the others no longer costs the
+    rest of its block 3 bits. Closed form: the error is at most half the sub-block's step."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 512)
+    x[0, 0] = 100.0                 # block 0: one outlier, the other 7 sub-blocks at ~1/30 of it: k = 3
+    x[0, 256 + 32:256 + 64] *= 0.6  # block 1: a sub-block at ~0.2-0.3 of the max: k = 1
+    q = quantize_activations(x, GGMLType.Q4_K)
+    step0 = 100.0 / 127
+    assert (q[0, :32] - x[0, :32]).abs().max() <= step0 / 2 * (1 + 1e-6)
+    assert (q[0, 32:256] - x[0, 32:256]).abs().max() <= step0 / 16 * (1 + 1e-6)
+    b1 = x[0, 256:]
+    amax, sub_max = b1.abs().max(), b1[32:64].abs().max()
+    k = max(kk for kk in range(4) if sub_max * 2 ** kk <= amax)
+    assert k >= 1
+    assert (q[0, 256 + 32:256 + 64] - b1[32:64]).abs().max() <= amax / 127 / 2 ** k / 2 * (1 + 1e-6)
+    # the 32-value types are unchanged: one step per block
+    q8 = quantize_activations(x[:, :32], GGMLType.Q8_0)
+    assert torch.allclose(q8, torch.round(x[:, :32] * (127 / 100.0)) * (100.0 / 127))

@@ -232,7 +232,7 @@ static void set_rows(const float *x, int R, int K, QAct *a) {
 static void prepare_g(QAct *a, int ggml_type) {
     const int qk = ggml_block_values(ggml_type);
     if (a->has_g == qk) return;
-    const int nb = a->K / qk, nsums = qk == QK_K ? 16 : 1, noff = qk == QK_K ? KOFF : 2;
+    const int nb = a->K / qk, nsums = qk == QK_K ? KSUMS : 1, noff = qk == QK_K ? KOFF : 2;
     int r0 = 0, r1 = a->R;
     if (a->shared) {
         share(a->R, a->tid, a->nt, &r0, &r1);
@@ -305,7 +305,7 @@ static Layout layout(const QModel *m, int R, int max_positions) {
     o.g8 = o.gu + up16((size_t)(R > 64 ? R : 64) * PANEL);
     o.gd = o.g8 + up16((size_t)R * max_input(m) / 4);       /* bytes */
     o.gsum = o.gd + up16((size_t)R * max_input(m) / 32);
-    o.goff = o.gsum + up16((size_t)R * max_input(m) / 32);  /* int16, one per 16 values */
+    o.goff = o.gsum + up16((size_t)R * max_input(m) * KSUMS / 512);  /* int16: KSUMS per 256 values, one per 32 */
     o.panel = o.goff + up16((size_t)R * max_input(m) / 8);     /* int32: 2 per 32 values, KOFF per 256 */
     o.private_ = o.panel + up16(panel_bytes(max_input(m)) / 4);
     return o;

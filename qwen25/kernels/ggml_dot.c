@@ -1,10 +1,17 @@
 /* Matmuls on ggml's own weight blocks (Q4_K, Q6_K, Q5_0, Q8_0), against activations quantized to 8 bits per block.
  *
  * out[i][r] = x_i . W-row r, where W is the file's bytes (rows of blocks, unchanged) and x_i is first quantized:
- *   - for Q4_K / Q6_K weights (256-value super-blocks): per 256 values, scale d = absmax / 127, q = round(x / d)
- *     in [-127, 127], plus the sum of q over each 16 values (to fold the weights' offsets: Q4_K's minimums,
- *     Q6_K's -32) — the layout of ggml's q8_K activation blocks, written here from the format;
- *   - for Q5_0 / Q8_0 weights (32-value blocks): per 32 values, d = absmax / 127, q as above, and the sum of q.
+ *   - for Q4_K / Q6_K weights (256-value super-blocks): with A the block's absmax, each 32 values j take a
+ *     power-of-two exponent: k_j = the largest k <= KEXP (3) with a_j * 2^k <= A (a_j their absmax), and
+ *     q = round(x * (127 / A) * 2^k_j) in [-127, 127]: values far below the block's maximum keep up to 3 more
+ *     bits than ggml's q8_K blocks (one step A / 127 for all 256) give them. The block's scale is
+ *     d = A / 127 / 2^KEXP and sub-block j's integer sums are shifted left by e_j = KEXP - k_j (exact), so a
+ *     block still gives one exact integer S. Also the sum of q over each 16 values (shifted the same way), to
+ *     fold the weights' offsets (Q4_K's minimums, Q6_K's -32);
+ *   - for Q5_0 / Q8_0 weights (32-value blocks): per 32 values, d = absmax / 127, q = round(x / d), and the sum
+ *     of q.
+ *   The K types' 3 bits took the 1.5B Q4_K_M's perplexity (bench_ppl.py) from 1.0037x to 1.0006x the dequantized fp32
+ *   reference's (llama.cpp, with q8_K blocks: 1.0038x).
  * Every block's dot product is then an exact integer S (for the K types, the sub-blocks' sums times their integer
  * scales), and each (activation row, weight row) result is the fp32 chain
  *     acc = fma((float)S_b, d_w,b * d_x,b, acc)    for blocks b = 0, 1, ... in order
@@ -62,6 +69,53 @@ static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *
         sums[k / sub] += (int16_t)hsum_i32x8(_mm256_add_epi32(a, b));  /* |q| <= 127: the packs never saturate */
     }
     return d;
+}
+
+/* Activation blocks of the K types: 256 values, then KSUMS int16: [0, 16) the sums of q per 16 values (each times
+ * 2^e of its 32), [16, 48) the 8 exponents e as 64-bit words (a shift count read straight from memory), [48, 56)
+ * the 8 factors 2^e, [56, 72) the factors once per 16 values (the Q6_K kernels' lanes), 8 spare (a 128-bit read of
+ * the last exponent stays inside the block). KEXP = 3 keeps every integer sum exact in int32 (Q6_K's sub-block sums of
+ * 16 x 31 x 127 times scales up to 128, over 16 sub-blocks: < 2^27 before the shift) and the shifted sums per 32
+ * values within int16 (Q4_K's minimums multiply them as int16 pairs: 32 x 127 x 8 < 2^15). */
+#define KSUMS 80
+#define KEXP 3
+
+static inline float absmax8(__m256 mx) {
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+/* One K-type activation block (256 values at x) -> q, sums (KSUMS int16, see above); returns d = A / 127 / 2^KEXP. */
+static float quantize_block_k(const float *x, int8_t *q, int16_t *sums) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    float a[8], amax = 0.0f;
+    for (int j = 0; j < 8; j++) {
+        __m256 mx = _mm256_setzero_ps();
+        for (int k = 0; k < 32; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 32 * j + k)));
+        a[j] = absmax8(mx);
+        amax = a[j] > amax ? a[j] : amax;
+    }
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int j = 0; j < 8; j++) {
+        int k = 0;
+        while (k < KEXP && a[j] * (float)(2 << k) <= amax) k++;
+        const int e = KEXP - k;
+        const __m256 vinv = _mm256_set1_ps(inv * (float)(1 << k));  /* exact: a power of two */
+        for (int k4 = 0; k4 < 4; k4++) sums[16 + 4 * j + k4] = (int16_t)(k4 ? 0 : e);
+        sums[48 + j] = sums[56 + 2 * j] = sums[57 + 2 * j] = (int16_t)(1 << e);
+        sums[72 + j] = 0;
+        for (int h = 0; h < 2; h++) {
+            const float *xh = x + 32 * j + 16 * h;
+            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xh), vinv));
+            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xh + 8), vinv));
+            const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+            _mm_storeu_si128((__m128i *)(q + 32 * j + 16 * h),
+                             _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+            sums[2 * j + h] = (int16_t)(hsum_i32x8(_mm256_add_epi32(lo, hi)) << e);  /* |.| <= 16 x 127 x 8 */
+        }
+    }
+    return amax / 127.0f * (1.0f / (float)(1 << KEXP));
 }
 
 /* A weight block unpacked once and then dotted with every activation row: quants as bytes, the integer scales
@@ -185,16 +239,18 @@ int ggml_dequantize_rows(int type, const uint8_t *w, int n, const int64_t *ids, 
 }
 
 /* For the fused forward (forward.c includes this file) and ggml_matmul: activation rows quantized once per pass and
- * weight type family (q: R x n int8, d: one scale per block, sums: per 16 (K types) or 32 values); the panel
+ * weight type family (q: R x n int8, d: one scale per block, sums: KSUMS per block (K types) or one per 32 values); the panel
  * kernels then take the same steps for both, so both give the same bits. */
 static __attribute__((unused)) int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
 
 static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, float *d, int16_t *sums) {
-    const int nb = n / qk, nsums = qk == QK_K ? 16 : 1;
+    const int nb = n / qk;
     for (int i = 0; i < R; i++)
         for (int b = 0; b < nb; b++) {
             const size_t at = (size_t)i * nb + b;
-            d[at] = quantize_block(x + (size_t)i * n + (size_t)b * qk, qk, qk / nsums, q + at * qk, sums + at * nsums);
+            const float *xb = x + (size_t)i * n + (size_t)b * qk;
+            d[at] = qk == QK_K ? quantize_block_k(xb, q + at * qk, sums + at * KSUMS)
+                               : quantize_block(xb, qk, qk, q + at * qk, sums + at);
         }
 }
 
@@ -210,7 +266,7 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
     const int nb = n / qk;
     int8_t *q = malloc((size_t)m * n + 1);
     float *d = malloc(sizeof(float) * (size_t)m * nb + 1);
-    int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * 16 + 1);
+    int16_t *sums = malloc(sizeof(int16_t) * (size_t)m * nb * KSUMS + 1);
     int32_t *off = malloc(sizeof(int32_t) * (size_t)m * nb * KOFF + 1);
     int failed = !q || !d || !sums || !off;
     if (!failed) {

@@ -1,6 +1,6 @@
 """Matmuls on a GGUF tensor's own bytes (`ggml_dot.c`): `x @ W.T` where W is rows of ggml blocks (Q4_K, Q6_K,
-Q5_0, Q8_0), with x quantized to 8 bits per block first (per 256 values for the K types, per 32 for Q5_0/Q8_0;
-scale absmax / 127). No dequantized or requantized copy of W is made. The result equals
+Q5_0, Q8_0), with x quantized to 8 bits per block first (per 32 for Q5_0/Q8_0, scale absmax / 127; per 256 values for the K
+types, each 32 of them with up to 3 more bits by a power-of-two exponent: `quantize_activations`). No dequantized or requantized copy of W is made. The result equals
 `quantize_activations(x, type) @ dequantize(W).T` up to fp32 summation order (tests/test_ggml_matmul.py).
 """
 
@@ -23,14 +23,26 @@ def supported(ggml_type: int) -> bool:
     return int(ggml_type) in TYPES
 
 
+SUB_BLOCK, MAX_EXTRA_BITS = 32, 3  # the K types' activation sub-blocks and their power-of-two exponents (ggml_dot.c)
+
+
 def quantize_activations(x: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """x as the kernel rounds it for weights of `ggml_type` (the PyTorch statement of its activation blocks):
-    per block of BLOCK[type] values, round(x / d) * d with d = absmax / 127."""
+    per block of BLOCK[type] values, round(x / d) * d with d = absmax / 127; for the K types (256-value blocks)
+    each 32 values j use d / 2^k_j instead, k_j the largest k <= 3 with absmax_j * 2^k <= absmax."""
     qk = BLOCK[int(ggml_type)]
-    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // qk, qk)
-    amax = blocks.abs().amax(-1, keepdim=True)
+    sub = SUB_BLOCK if qk == 256 else qk
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // qk, qk // sub, sub)
+    amax = blocks.abs().amax((-2, -1), keepdim=True)
     inv = torch.where(amax > 0, 127 / amax, 0.0)  # the kernel's fp32 steps: x * (127 / absmax), rounded to even
-    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+    if sub == qk:
+        return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+    sub_max = blocks.abs().amax(-1, keepdim=True)
+    extra = torch.zeros_like(sub_max)
+    for _ in range(MAX_EXTRA_BITS):  # exact comparisons: scaling by a power of two rounds nothing
+        extra = torch.where(sub_max * 2 ** (extra + 1) <= amax, extra + 1, extra)
+    step = 2.0 ** extra
+    return (torch.round(blocks * (inv * step)) * (amax / 127 / step)).reshape(x.shape)
 
 
 def ggml_matmul(x: torch.Tensor, raw: np.ndarray, ggml_type: int, shape: tuple[int, int],

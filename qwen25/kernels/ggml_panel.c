@@ -31,7 +31,7 @@
  * avx512 41 -> 70, avx2 42 -> 58. */
 #define STREAM_ROWS 1
 #define PANEL_KBLOCK_BYTES (PANEL * 4 * 81)  /* Q4_K / Q6_K, per 256 values: see panel_pack_k */
-#define KOFF 20  /* activation offsets per 256 values (K types): 16 for Q6_K, 4 pairs for Q4_K */
+#define KOFF 28  /* activation offsets per 256 values (K types): 16 for Q6_K, 4 pairs for Q4_K, 8 exponents */
 
 /* Bytes of a packed panel of n values per row (any type). */
 static size_t panel_bytes(int n) { return (size_t)((n + 255) / 256) * PANEL_KBLOCK_BYTES; }
@@ -40,13 +40,15 @@ static size_t panel_bytes(int n) { return (size_t)((n + 255) / 256) * PANEL_KBLO
  * (R, nb, KOFF) for 256-value ones), from the sums of q per 32 / per 16 values (ggml_quantize_rows):
  *   32-value blocks: the initial integer sum for Q5_0 (-16 * sum of q) and for Q8_0 (-128 * sum on avx512, 0 on
  *   avx2);
- *   256-value blocks: -32 * (sum over each 16 values), Q6_K's offset, then Q4_K's sums over each 32 values as
- *   int16 pairs (sub-blocks 2p, 2p + 1 in word p), which the minimums multiply. */
+ *   256-value blocks: -32 * (sum over each 16 values, unshifted: it starts a sub-block's sum, which is shifted
+ *   whole), Q6_K's offset, then Q4_K's shifted sums over each 32 values as int16 pairs (sub-blocks 2p, 2p + 1 in
+ *   word p), which the minimums multiply, then the 8 exponents e (ggml_dot.c). */
 static void panel_offsets_k(const int16_t *sums, int R, int nb, int32_t *off) {
     for (size_t at = 0; at < (size_t)R * nb; at++) {
-        const int16_t *s = sums + 16 * at;
+        const int16_t *s = sums + KSUMS * at;
         int32_t *o = off + KOFF * at;
-        for (int k = 0; k < 16; k++) o[k] = -32 * (int32_t)s[k];
+        for (int k = 0; k < 16; k++) o[k] = -32 * ((int32_t)s[k] >> s[16 + 4 * (k / 2)]);  /* exact: a multiple of 2^e */
+        for (int j = 0; j < 8; j++) o[20 + j] = s[16 + 4 * j];
         for (int p = 0; p < 4; p++) {
             const uint16_t lo = (uint16_t)(s[4 * p] + s[4 * p + 1]), hi = (uint16_t)(s[4 * p + 2] + s[4 * p + 3]);
             o[16 + p] = (int32_t)((uint32_t)lo | (uint32_t)hi << 16);
@@ -90,6 +92,7 @@ typedef __m512 pvf;
 #define PV_SHUFFLE8 _mm512_shuffle_epi8
 #define PV_ADD32 _mm512_add_epi32
 #define PV_MULLO32 _mm512_mullo_epi32
+#define PV_SLLV32 _mm512_sllv_epi32
 #define PV_SLLI16 _mm512_slli_epi16
 #define PV_ZERO _mm512_setzero_si512
 #define PF_FNMA _mm512_fnmadd_ps
@@ -158,6 +161,7 @@ typedef __m256 pvf;
 #define PV_UNPACKHI64 _mm256_unpackhi_epi64
 #define PV_ADD32 _mm256_add_epi32
 #define PV_MULLO32 _mm256_mullo_epi32
+#define PV_SLLV32 _mm256_sllv_epi32
 #define PV_SLLI16 _mm256_slli_epi16
 #define PV_ZERO _mm256_setzero_si256
 #define PF_FNMA _mm256_fnmadd_ps
@@ -349,7 +353,7 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
         if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
             for (int i = m_lo; i < m_hi; i++)
-                stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * (kq ? 16 : 1),
+                stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * (kq ? KSUMS : 1),
                            o + (size_t)(i - m_lo) * ldo, nvalid);
             continue;
         }

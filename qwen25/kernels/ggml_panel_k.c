@@ -71,7 +71,7 @@ static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *
 }
 
 /* The same for a packed Q4_K / Q6_K panel of nb super-blocks (off: rows of stride KOFF * nb). Per super-block the
- * sub-blocks' exact sums times their integer scales add up to S (and Q4_K's minimums times the activation sums to
+ * sub-blocks' exact sums times their integer scales, shifted left by the activation's exponents, add up to S (and Q4_K's minimums times the activation sums to
  * M, exact), then acc = fma((float)S, d_w * d_x, acc) (and acc = acc - (float)M * (dmin_w * d_x), fused). */
 static inline __attribute__((always_inline)) void panel_tile_k(int type, const uint8_t *P, int nb, const int8_t *q,
                                                                int n, const float *d, const int32_t *off, int MX,
@@ -101,12 +101,13 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                     const int8_t *xi = xb + (size_t)i * n + 32 * s;
                     __m256i p = _mm256_maddubs_epi16(KV(8 * s), PV_SET1(x4_at(xi)));
                     for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), PV_SET1(x4_at(xi + 4 * c))));
-                    S[i] = _mm256_add_epi32(S[i], _mm256_madd_epi16(p, sc2));
+                    S[i] = _mm256_add_epi32(S[i], PV_SLLV32(_mm256_madd_epi16(p, sc2), PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s])));
                 }
 #endif
 #if PANEL == 16
                 const pvi sc = KV(64 + s);
-                for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+                for (int i = 0; i < MX; i++)
+                    S[i] = PV_ADD32(S[i], PV_SLLV32(PV_MULLO32(a[i], sc), PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s])));
 #endif
             }
             for (int i = 0; i < MX; i++) a[i] = PV_ZERO();
@@ -141,7 +142,8 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                 }
 #endif
                 const pvi sc = KV(64 + s);
-                for (int i = 0; i < MX; i++) S[i] = PV_ADD32(S[i], PV_MULLO32(a[i], sc));
+                for (int i = 0; i < MX; i++)
+                    S[i] = PV_ADD32(S[i], PV_SLLV32(PV_MULLO32(a[i], sc), PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s / 2])));
             }
             const pvf dw = PF_LOADU((const float *)(pb + 80 * PANEL * 4));
             for (int i = 0; i < MX; i++) facc[i] = PF_FMA(PF_CVT(S[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);

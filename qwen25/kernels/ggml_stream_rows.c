@@ -24,16 +24,6 @@
 #define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : (type) == T_Q4_K ? 8 : 4)
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define ROWS_DOT_S16(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)  /* acc + the two adjacent s16 x s16 products */
-#else
-#define ROWS_DOT_S16(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
-#endif
-
-/* An accumulator kept as one register chain: without this GCC reassociates the integer sums into a tree, keeping
- * every product of a block alive, and spills them (measured ~1.4x slower on Q6_K). */
-#define ROWS_CHAIN(v) __asm__("" : "+x"(v))
-
 /* lane i = the sum of v[i]'s 8 lanes, i < 8 */
 static inline __m256i rows_hsum8(const __m256i *v) {
     const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
@@ -62,37 +52,6 @@ static void stream_rows_prepare(int type, const float *d, const int16_t *sums, i
     }
 }
 
-/* Q6_K for a group: stream_block's signed q6 - 32 costs a sign and a 32-bit multiply per activation row and 32
- * values; here the weight side is prepared once per block instead: the unsigned q6 (<= 63, so a maddubs pair fits
- * int16) and each sub-block's scale in the 16-bit lanes of its values, multiplied in the pairwise add; the -32 is
- * folded as -32 * scale_k * (the activation's sum over sub-block k). v[i]: lanes whose sum is the exact integer
- * block sum for activation row i, the same integer as stream_block's. */
-static inline __attribute__((always_inline)) void rows_q6k(int G, const uint8_t *blk, const int8_t *const *x,
-                                                           const int16_t *const *xs, size_t b, __m256i *v) {
-    const uint8_t *ql = blk, *qh = blk + 128;
-    const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
-    const __m256i sb = _mm256_broadcastsi128_si256(sc8);
-    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3);
-    const __m256i scm = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(sc8), _mm256_set1_epi16(-32));  /* |.| <= 4096 */
-    for (int i = 0; i < G; i++) v[i] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(xs[i] + 16 * b)), scm);
-#pragma GCC unroll 8
-    for (int t = 0; t < 8; t++) {  /* values 32t..32t+31: sub-blocks 2t, 2t + 1 */
-        const int h = t / 4, k = t % 4;
-        const __m256i lo = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (k % 2)));
-        const __m256i hi = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-        const __m256i nib = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), low);
-        const __m256i u = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), two), 4));
-        const char s0 = (char)(2 * t), s1 = (char)(2 * t + 1);  /* each sub-block's scale in its 16-bit lanes */
-        const __m256i ctl = _mm256_setr_epi8(-1, s0, -1, s0, -1, s0, -1, s0, -1, s0, -1, s0, -1, s0, -1, s0,
-                                             -1, s1, -1, s1, -1, s1, -1, s1, -1, s1, -1, s1, -1, s1, -1, s1);
-        const __m256i sc = _mm256_srai_epi16(_mm256_shuffle_epi8(sb, ctl), 8);
-        for (int i = 0; i < G; i++) {
-            v[i] = ROWS_DOT_S16(v[i], _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(x[i] + 256 * b + 32 * t))), sc);
-            ROWS_CHAIN(v[i]);
-        }
-    }
-}
-
 /* Q4_K for a group, stream_q4k's integers with the weight side prepared once per block: v[i], mv[i] as its
  * return value and *mv for activation row i. */
 static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t *blk, const int8_t *const *x,
@@ -104,7 +63,7 @@ static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t 
                                                                    11, -1, 12, -1, 12, -1, 13, -1, 13, -1, 14, -1,
                                                                    14, -1, 15, -1, 15, -1));
     for (int i = 0; i < G; i++) {
-        mv[i] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(xs[i] + 16 * b)), mdup);
+        mv[i] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(xs[i] + KSUMS * b)), mdup);
         v[i] = _mm256_setzero_si256();
     }
 #pragma GCC unroll 8
@@ -112,8 +71,9 @@ static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t 
         const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j / 2)));
         const __m256i w = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, low);
         const __m256i sc = _mm256_shuffle_epi8(sm2, _mm256_set1_epi16((short)(0x8000 | j)));  /* zero-extended */
-        for (int i = 0; i < G; i++) {
-            v[i] = ROWS_DOT_S16(v[i], _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x[i] + 256 * b + 32 * j))), sc);
+        for (int i = 0; i < G; i++) {  /* the scale << the activation row's exponent (<= 504) */
+            const __m256i sci = _mm256_sll_epi16(sc, _mm_loadu_si128((const __m128i *)(xs[i] + KSUMS * b + 16 + 4 * j)));
+            v[i] = ROWS_DOT_S16(v[i], _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x[i] + 256 * b + 32 * j))), sci);
             ROWS_CHAIN(v[i]);
         }
     }
@@ -158,7 +118,7 @@ static inline __attribute__((always_inline)) void stream_rows(int type, const ui
                                                               const int8_t *q, const float *d, const int16_t *sums,
                                                               int m_lo, int m_hi, int n_lo, int n_hi, float *out,
                                                               long ldo, uint8_t *buf) {
-    const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? 16 : 1;
+    const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? KSUMS : 1;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const size_t row_bytes = (size_t)nb * bytes;
     const int GS = kq ? 4 : 8;  /* K types: 8 rows at once measured slower per row than 4 (registers) */
