@@ -157,7 +157,7 @@ static inline __attribute__((always_inline)) __m256i stream_q4k(const uint8_t *b
             const __m256i w = h ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low) : _mm256_and_si256(v, low);
             const __m256i sc = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)((2 * j + 1) << 8 | 2 * j)));  /* word j */
             const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j)));
-            isum = ROWS_DOT_S16(isum, p, sc);
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, sc));  /* not dpwssd: its latency would chain them */
         }
     }
     return isum;
