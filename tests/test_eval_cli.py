@@ -27,7 +27,7 @@ def scripted(monkeypatch):
 
     def fake_make_backend(name, model, **kwargs):  # noqa: ANN001, ANN003
         backend = ScriptedBackend(reply)
-        backend.name = name
+        backend.name, backend.kwargs = name, kwargs
         made.append(backend)
         return backend
 
@@ -67,6 +67,18 @@ def test_compare_two_runs(tmp_path, scripted, capsys):
     assert main(["eval", "compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "identical completions  100.0%  (2/2)" in out and "same pass/fail" in out
+
+
+def test_quantization_reaches_the_engine_and_the_results(tmp_path, scripted):
+    """`--quantization none` scores the dequantized reference: the LLM gets it, the results file records it, and
+    llama.cpp (which has no such choice) refuses it."""
+    out = tmp_path / "ref.jsonl"
+    assert main(["eval", "humaneval", "--limit", "1", "--quantization", "none", "--output", str(out),
+                 "--no-progress"]) == 0
+    assert scripted[-1].kwargs["llm_kwargs"]["quantization"] == "none"
+    assert json.loads(out.read_text().splitlines()[0])["_meta"]["quantization"] == "none"
+    assert main(["eval", "humaneval", "--limit", "1", "--backend", "llamacpp", "--quantization", "none",
+                 "--output", str(tmp_path / "x.jsonl"), "--no-progress"]) == 1
 
 
 def test_bad_arguments():

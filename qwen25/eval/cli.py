@@ -52,6 +52,9 @@ class EvalConfig(ContextArgs):
     """prompts generated together on the qwen25 backend"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """qwen25 compute dtype"""
+    quantization: Literal["auto", "gguf", "q8", "q4", "none"] = "auto"
+    """qwen25 weights in memory, as for `qwen25 run`: none = the dequantized reference (slow; how much of a score
+    the fast path keeps), auto = a GGUF's own blocks"""
     threads: int | None = None
     """threads (default: all cores, at most 8)"""
     no_progress: bool = False
@@ -213,8 +216,9 @@ def main(cfg: EvalConfig) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     cfg.check_context_flags()
     long_context = {k: v for k, v in cfg.long_context().items() if v is not None}
-    if cfg.backend == "llamacpp" and (long_context or cfg.max_model_len is not None):
-        raise ValueError("--rope-scaling, --dual-chunk-attention and --max-model-len apply to --backend qwen25")
+    if cfg.backend == "llamacpp" and (long_context or cfg.max_model_len is not None or cfg.quantization != "auto"):
+        raise ValueError("--rope-scaling, --dual-chunk-attention, --max-model-len and --quantization apply to "
+                         "--backend qwen25")
     threads = configure_runtime(cfg.threads)
     task = cfg.make_task()
     if cfg.TASK == "perplexity":
@@ -223,6 +227,7 @@ def main(cfg: EvalConfig) -> int:
         task.prepare(load_tokenizer(cfg.model))
     output = cfg.output or f"eval-results/{task.name}-{_slug(cfg.model)}-{cfg.backend}.jsonl"
     meta = {"task": task.name, "model": cfg.model, "backend": cfg.backend, "dtype": cfg.dtype,
+            **({"quantization": cfg.quantization} if cfg.quantization != "auto" else {}),
             **task.settings(), "limit": cfg.limit, "batch_size": cfg.batch_size,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta.update(long_context, **cfg.engine_settings())
@@ -236,7 +241,7 @@ def main(cfg: EvalConfig) -> int:
             n_ctx = cfg.window if logits_all else max(8192, getattr(task, "n_ctx", 0))
             return make_backend("llamacpp", cfg.model, n_ctx=n_ctx, logits_all=logits_all, threads=threads)
         return make_backend("qwen25", cfg.model, dtype=cfg.dtype, llm_kwargs=dict(
-            engine_kwargs=cfg.engine_settings(), **long_context))
+            quantization=cfg.quantization, engine_kwargs=cfg.engine_settings(), **long_context))
 
     try:
         report = run_task(task, backend_factory, results, batch_size=cfg.batch_size, progress=not cfg.no_progress)
