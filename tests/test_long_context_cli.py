@@ -134,7 +134,7 @@ def test_eval_passes_the_flags_to_the_qwen25_backend_only(tiny_hf_dir, monkeypat
                            output=str(tmp_path / "results.jsonl"))
     with pytest.raises(RuntimeError, match="stop here"):
         main(cfg)
-    assert seen["llm_kwargs"] == {"engine_kwargs": {"max_model_len": 64}, "rope_scaling": YARN}
+    assert seen["llm_kwargs"] == {"quantization": "auto", "engine_kwargs": {"max_model_len": 64}, "rope_scaling": YARN}
     with pytest.raises(ValueError, match="apply to --backend qwen25"):
         main(PerplexityConfig(model=str(tiny_hf_dir), backend="llamacpp", rope_scaling=YARN))
 

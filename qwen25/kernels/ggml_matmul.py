@@ -1,7 +1,8 @@
 """Matmuls on a GGUF tensor's own bytes (`ggml_dot.c`): `x @ W.T` where W is rows of ggml blocks (Q4_K, Q6_K,
-Q5_0, Q8_0), with x quantized to 8 bits per block first (per 32 for Q5_0/Q8_0, scale absmax / 127; per 256 values for the K
-types, each 32 of them with up to 3 more bits by a power-of-two exponent: `quantize_activations`). No dequantized or requantized copy of W is made. The result equals
-`quantize_activations(x, type) @ dequantize(W).T` up to fp32 summation order (tests/test_ggml_matmul.py).
+Q5_0, Q8_0), with x quantized to 8 bits per block first (per 32 values for Q5_0/Q8_0, scale absmax / 127; per 256
+for the K types, each 32 of them with up to 3 more bits by a power-of-two exponent: `quantize_activations`). No
+dequantized or requantized copy of W is made. The result equals `quantize_activations(x, type) @ dequantize(W).T` up
+to fp32 summation order (tests/test_ggml_matmul.py).
 """
 
 from __future__ import annotations
