@@ -122,6 +122,7 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                 facc[i] = PF_FNMA(PF_CVT(a[i]), PF_MUL(dm, dx), facc[i]);
             }
         } else {
+            pvi T[PANEL_KMX];
             for (int s = 0; s < 16; s++) {
                 for (int i = 0; i < MX; i++) a[i] = PV_SET1(ob[(size_t)i * KOFF * nb + s]);
 #if PANEL == 16
@@ -142,8 +143,12 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                 }
 #endif
                 const pvi sc = KV(64 + s);
-                for (int i = 0; i < MX; i++)
-                    S[i] = PV_ADD32(S[i], PV_SLLV32(PV_MULLO32(a[i], sc), PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s / 2])));
+                if (s % 2 == 0)  /* the two 16-value halves of 32 values share the activation's exponent: one shift */
+                    for (int i = 0; i < MX; i++) T[i] = PV_MULLO32(a[i], sc);
+                else
+                    for (int i = 0; i < MX; i++)
+                        S[i] = PV_ADD32(S[i], PV_SLLV32(PV_ADD32(T[i], PV_MULLO32(a[i], sc)),
+                                                        PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s / 2])));
             }
             const pvf dw = PF_LOADU((const float *)(pb + 80 * PANEL * 4));
             for (int i = 0; i < MX; i++) facc[i] = PF_FMA(PF_CVT(S[i]), PF_MUL(dw, PF_SET1(d[(size_t)i * nb + b])), facc[i]);
