@@ -176,8 +176,9 @@ def test_q8_and_q4_perplexity_against_fp32_reference(real_gguf):
     """Qwen2.5-Coder-0.5B on 4 x 1,024 tokens of code, against its dequantized fp32 weights (ppl 3.9459).
     Measured (PyTorch path / native forward, ratio to fp32): q8 (Q8_0) 0.9995 / 1.0002; q4 (Q5_0 projections,
     Q4_K down_proj, Q8_0 v_proj, last layer and tables) 0.9986 / 0.9992 (session 15); the file's own blocks
-    ("gguf") 1.0000 / 1.0000 since the K types' activation exponents (1.0016 / 1.0005 before). The older private formats gave q8 1.0008 / 1.0046 and q4 1.0043 / 1.0063. Requantizing an already
-    4-bit file to q4 adds little; the bound is the project's 1% target for fast paths."""
+    ("gguf") 1.0000 / 1.0000 since the K types' activation exponents (1.0016 / 1.0005 before). The older private
+    formats gave q8 1.0008 / 1.0046 and q4 1.0043 / 1.0063. Requantizing an already 4-bit file to q4 adds little;
+    the bound is the project's 1% target for fast paths."""
     from qwen25 import LLM
 
     reference = LLM(str(real_gguf), quantization="none")
