@@ -83,8 +83,8 @@ static inline __attribute__((always_inline)) void rows_q6k(int G, const uint8_t 
 /* Lanes whose sum is the exact integer dot product of weight row block `blk` with the activation block x (32 or
  * 256 values), less STREAM_OFFSET(type) * (the activation block's sum) for the 32-value types: Q5_0 as its
  * unsigned q5 (offset 16), Q8_0 as w + 128 on avx512 (offset 128) and as signed values on avx2 (offset 0); Q6_K
- * as q6 - 32 times its sub-block scales, Q4_K its codes times its sub-block scales; *mins: Q4_K's sum of minimum x
- * (the activation's sum over each 32 values), xs the activation's sums per 16 values. */
+ * as q6 - 32 times its sub-block scales (rows_q6k), Q4_K its codes times its sub-block scales (stream_q4k), both times
+ * the activation's factors 2^e; xs: the activation block's KSUMS sums, exponents and factors (ggml_dot.c). */
 #if PANEL == 16
 #define STREAM_OFFSET(type) ((type) == T_Q5_0 ? 16 : 128)
 #else
@@ -219,8 +219,8 @@ static inline __attribute__((always_inline)) void stream_rows32(int type, const 
     }
 }
 
-/* The panel kernel's result for one activation row (q, d: its quantized values and block scales; xs: its sums per
- * 16 values for the K types, per block for the 32-value ones) against the weight rows rows[j], j < nvalid (nb
+/* The panel kernel's result for one activation row (q, d: its quantized values and block scales; xs: its KSUMS
+ * sums and exponents per block for the K types, its sum per block for the 32-value ones) against the weight rows rows[j], j < nvalid (nb
  * blocks each): out[j]. Each row is read from start to end (one memory stream at a time, which the hardware
  * prefetchers follow best: measured slower with four rows side by side); its block sums are reduced to exact
  * integers (32-value blocks eight at a time, K types two at a time), and its fp32 chain runs in scalars: fmaf

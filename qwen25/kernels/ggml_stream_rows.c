@@ -79,8 +79,8 @@ static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t 
     }
 }
 
-/* One weight row (nb blocks at `row`) against the group's G activation rows x[i] (q rows; xs[i] their sums per
- * 16 values, K types): lane i of the result = the row pair's fp32 result. */
+/* One weight row (nb blocks at `row`) against the group's G activation rows x[i] (q rows; xs[i] their KSUMS
+ * sums and exponents per block, K types): lane i of the result = the row pair's fp32 result. */
 static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, int G, const uint8_t *row, int nb,
                                                                     const int8_t *const *x, const int16_t *const *xs,
                                                                     const float *dt, const int32_t *ot) {
