@@ -49,51 +49,51 @@ static inline int hsum_i32x8(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* one activation block: n values (a multiple of 16) -> q (int8), returns the scale; sums[k] = sum of q over each
- * `sub` (16 or 32) values. Rounding: cvtps (to nearest even), as lrintf in the default mode. */
-static float quantize_block(const float *x, int n, int sub, int8_t *q, int16_t *sums) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 mx = _mm256_setzero_ps();
-    for (int k = 0; k < n; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int s = 0; s < n / sub; s++) sums[s] = 0;
-    for (int k = 0; k < n; k += 16) {
-        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
-        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
-        const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16 in order */
-        _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-        sums[k / sub] += (int16_t)hsum_i32x8(_mm256_add_epi32(a, b));  /* |q| <= 127: the packs never saturate */
-    }
-    return d;
-}
-
-/* Activation blocks of the K types: 256 values, then KSUMS int16: [0, 16) the sums of q per 16 values (each times
- * 2^e of its 32), [16, 48) the 8 exponents e as 64-bit words (a shift count read straight from memory), [48, 56)
- * the 8 factors 2^e, [56, 72) the factors once per 16 values (the Q6_K kernels' lanes), 8 spare (a 128-bit read of
- * the last exponent stays inside the block). KEXP = 3 keeps every integer sum exact in int32 (Q6_K's sub-block sums of
- * 16 x 31 x 127 times scales up to 128, over 16 sub-blocks: < 2^27 before the shift) and the shifted sums per 32
- * values within int16 (Q4_K's minimums multiply them as int16 pairs: 32 x 127 x 8 < 2^15). */
-#define KSUMS 80
-#define KEXP 3
-
 static inline float absmax8(__m256 mx) {
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
 
+/* the absmax of 32 values */
+static inline float absmax32(const float *x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int k = 0; k < 32; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    return absmax8(mx);
+}
+
+/* 16 values times vinv, rounded (cvtps: to nearest even, as lrintf in the default mode) into q; returns their sum.
+ * |q| <= 127: the packs never saturate. */
+static inline int quantize16(const float *x, __m256 vinv, int8_t *q) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), vinv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), vinv));
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16 in order */
+    _mm_storeu_si128((__m128i *)q, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+    return hsum_i32x8(_mm256_add_epi32(a, b));
+}
+
+/* One 32-value activation block (Q5_0 / Q8_0 weights) -> q, *sum (the sum of q); returns d = absmax / 127. */
+static float quantize_block32(const float *x, int8_t *q, int16_t *sum) {
+    const float amax = absmax32(x);
+    const __m256 vinv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    *sum = (int16_t)(quantize16(x, vinv, q) + quantize16(x + 16, vinv, q + 16));
+    return amax / 127.0f;
+}
+
+/* Activation blocks of the K types: 256 values, then KSUMS int16: [0, 16) the sums of q per 16 values (each times
+ * 2^e of its 32), [16, 24) the 8 exponents e, [24, 32) the 8 factors 2^e, [32, 48) the factors once per 16 values
+ * (the Q6_K kernels' lanes). KEXP = 3 keeps every integer sum exact in int32 (Q6_K's sub-block sums of 16 x 31 x 127
+ * times scales up to 128, over 16 sub-blocks: < 2^27 before the shift) and the shifted sums per 32 values within
+ * int16 (Q4_K's minimums multiply them as int16 pairs: 32 x 127 x 8 < 2^15). */
+#define KSUMS 48
+#define KEXP 3
+
 /* One K-type activation block (256 values at x) -> q, sums (KSUMS int16, see above); returns d = A / 127 / 2^KEXP. */
 static float quantize_block_k(const float *x, int8_t *q, int16_t *sums) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     float a[8], amax = 0.0f;
     for (int j = 0; j < 8; j++) {
-        __m256 mx = _mm256_setzero_ps();
-        for (int k = 0; k < 32; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 32 * j + k)));
-        a[j] = absmax8(mx);
+        a[j] = absmax32(x + 32 * j);
         amax = a[j] > amax ? a[j] : amax;
     }
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -102,18 +102,10 @@ static float quantize_block_k(const float *x, int8_t *q, int16_t *sums) {
         while (k < KEXP && a[j] * (float)(2 << k) <= amax) k++;
         const int e = KEXP - k;
         const __m256 vinv = _mm256_set1_ps(inv * (float)(1 << k));  /* exact: a power of two */
-        for (int k4 = 0; k4 < 4; k4++) sums[16 + 4 * j + k4] = (int16_t)(k4 ? 0 : e);
-        sums[48 + j] = sums[56 + 2 * j] = sums[57 + 2 * j] = (int16_t)(1 << e);
-        sums[72 + j] = 0;
-        for (int h = 0; h < 2; h++) {
-            const float *xh = x + 32 * j + 16 * h;
-            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xh), vinv));
-            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xh + 8), vinv));
-            const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
-            _mm_storeu_si128((__m128i *)(q + 32 * j + 16 * h),
-                             _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-            sums[2 * j + h] = (int16_t)(hsum_i32x8(_mm256_add_epi32(lo, hi)) << e);  /* |.| <= 16 x 127 x 8 */
-        }
+        sums[16 + j] = (int16_t)e;
+        sums[24 + j] = sums[32 + 2 * j] = sums[33 + 2 * j] = (int16_t)(1 << e);
+        for (int h = 0; h < 2; h++)  /* |sum << e| <= 16 x 127 x 8 */
+            sums[2 * j + h] = (int16_t)(quantize16(x + 32 * j + 16 * h, vinv, q + 32 * j + 16 * h) << e);
     }
     return amax / 127.0f * (1.0f / (float)(1 << KEXP));
 }
@@ -250,7 +242,7 @@ static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, 
             const size_t at = (size_t)i * nb + b;
             const float *xb = x + (size_t)i * n + (size_t)b * qk;
             d[at] = qk == QK_K ? quantize_block_k(xb, q + at * qk, sums + at * KSUMS)
-                               : quantize_block(xb, qk, qk, q + at * qk, sums + at);
+                               : quantize_block32(xb, q + at * qk, sums + at);
         }
 }
 

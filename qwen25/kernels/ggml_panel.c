@@ -47,8 +47,8 @@ static void panel_offsets_k(const int16_t *sums, int R, int nb, int32_t *off) {
     for (size_t at = 0; at < (size_t)R * nb; at++) {
         const int16_t *s = sums + KSUMS * at;
         int32_t *o = off + KOFF * at;
-        for (int k = 0; k < 16; k++) o[k] = -32 * ((int32_t)s[k] >> s[16 + 4 * (k / 2)]);  /* exact: a multiple of 2^e */
-        for (int j = 0; j < 8; j++) o[20 + j] = s[16 + 4 * j];
+        for (int k = 0; k < 16; k++) o[k] = -32 * ((int32_t)s[k] >> s[16 + k / 2]);  /* exact: a multiple of 2^e */
+        for (int j = 0; j < 8; j++) o[20 + j] = s[16 + j];
         for (int p = 0; p < 4; p++) {
             const uint16_t lo = (uint16_t)(s[4 * p] + s[4 * p + 1]), hi = (uint16_t)(s[4 * p + 2] + s[4 * p + 3]);
             o[16 + p] = (int32_t)((uint32_t)lo | (uint32_t)hi << 16);

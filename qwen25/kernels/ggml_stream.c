@@ -58,7 +58,7 @@ static inline __attribute__((always_inline)) void rows_q6k(int G, const uint8_t 
     for (int i = 0; i < G; i++) {
         const int16_t *xb = xs[i] + KSUMS * b;
         v[i] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb), scm);
-        const __m256i sf = _mm256_mullo_epi16(sw, _mm256_loadu_si256((const __m256i *)(xb + 56)));
+        const __m256i sf = _mm256_mullo_epi16(sw, _mm256_loadu_si256((const __m256i *)(xb + 32)));
         slo[i] = _mm256_permute2x128_si256(sf, sf, 0x00), shi[i] = _mm256_permute2x128_si256(sf, sf, 0x11);
     }
 #pragma GCC unroll 8
@@ -141,7 +141,7 @@ static inline __attribute__((always_inline)) __m256i stream_q4k(const uint8_t *b
     const __m256i sm2 = _mm256_broadcastsi128_si256(sm);
     /* the 8 scales times the activation's 2^e_j, int16 (<= 63 x 8): one multiply per block, not a shift per j */
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_mullo_epi16(_mm_cvtepu8_epi16(sm),
-                                                                     _mm_loadu_si128((const __m128i *)(xs + 48))));
+                                                                     _mm_loadu_si128((const __m128i *)(xs + 24))));
     const __m256i low = _mm256_set1_epi8(0x0F);
     /* minimum k in 16-bit lanes 2k and 2k + 1 (the bytes 8 + k, zero-extended), times xs pairs */
     const __m256i mdup = _mm256_shuffle_epi8(sm2, _mm256_setr_epi8(8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1,

@@ -72,7 +72,7 @@ static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t 
         const __m256i w = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, low);
         const __m256i sc = _mm256_shuffle_epi8(sm2, _mm256_set1_epi16((short)(0x8000 | j)));  /* zero-extended */
         for (int i = 0; i < G; i++) {  /* the scale << the activation row's exponent (<= 504) */
-            const __m256i sci = _mm256_sll_epi16(sc, _mm_loadu_si128((const __m128i *)(xs[i] + KSUMS * b + 16 + 4 * j)));
+            const __m256i sci = _mm256_sll_epi16(sc, _mm_cvtsi32_si128(xs[i][KSUMS * b + 16 + j]));
             v[i] = ROWS_DOT_S16(v[i], _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x[i] + 256 * b + 32 * j))), sci);
             ROWS_CHAIN(v[i]);
         }
