@@ -99,8 +99,10 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                 const pvi sc2 = KV(64 + s);
                 for (int i = 0; i < MX; i++) {
                     const int8_t *xi = xb + (size_t)i * n + 32 * s;
-                    __m256i p = _mm256_maddubs_epi16(KV(8 * s), PV_SET1(x4_at(xi)));
-                    for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), PV_SET1(x4_at(xi + 4 * c))));
+                    const pvi x0 = x16_lanes(xi), x1 = x16_lanes(xi + 16);
+                    __m256i p = _mm256_maddubs_epi16(KV(8 * s), X4(x0, 0));
+#pragma GCC unroll 8
+                    for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), X4(c < 4 ? x0 : x1, c % 4)));
                     S[i] = _mm256_add_epi32(S[i], PV_SLLV32(_mm256_madd_epi16(p, sc2), PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s])));
                 }
 #endif
