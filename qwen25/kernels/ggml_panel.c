@@ -389,9 +389,13 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
             panel_tile(type, buf, nb, q + (size_t)(i) * n, n, d + (size_t)(i) * nb, off + (size_t)(i) * ostride, mx, \
                        o + (size_t)((i) - m_lo) * ldo, ldo, nvalid);                                                  \
     } while (0)
+        /* full tiles, then the rest in tiles of 4, 2 and 1 rows (was 1-row tiles only: 6 streams of the 1.5B on
+         * avx512, a tile of 4 and a tile of 2 instead of six 1-row tiles, 92 -> 99 tok/s) */
         int i = m_lo;
-        if (kq) for (; i + PANEL_KMX <= m_hi; i += PANEL_KMX) TILE(i, PANEL_KMX);
-        else for (; i + PANEL_MX <= m_hi; i += PANEL_MX) TILE(i, PANEL_MX);
+        const int mx = kq ? PANEL_KMX : PANEL_MX;
+        for (; i + mx <= m_hi; i += mx) TILE(i, mx);
+        if (mx > 4 && m_hi - i >= 4) { TILE(i, 4); i += 4; }
+        if (mx > 2 && m_hi - i >= 2) { TILE(i, 2); i += 2; }
         for (; i < m_hi; i++) TILE(i, 1);
 #undef TILE
         (void)MX;
