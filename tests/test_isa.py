@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,23 @@ def skip_unless(level: str) -> None:
         pytest.skip(f"the {level} kernels need {', '.join(lacking)}, which this CPU lacks")
     if load_forward_kernel(level=level) is None:
         pytest.skip(f"the {level} build did not build here (no C compiler)")
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
+def test_every_level_the_cpu_runs_builds_where_there_is_a_compiler(level: str) -> None:
+    """The kernel tests skip where a build is missing: right without a compiler, wrong with one. So a compile
+    error in a kernel fails here instead of turning the kernel tests into skips."""
+    from qwen25.kernels import _compiler, load_ggml_kernels
+
+    lacking = isa.missing(level)
+    if lacking:
+        pytest.skip(f"the {level} kernels need {', '.join(lacking)}, which this CPU lacks")
+    if _compiler() is None:
+        pytest.skip("no C compiler here: the PyTorch path runs, as it should")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the build's compiler errors, if any, in the failure
+        assert load_ggml_kernels(level) is not None
+        assert load_forward_kernel(level=level) is not None
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
