@@ -42,7 +42,8 @@ static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *
                 mn[q + 4] = PV_OR(PV_AND(PV_SRLI32(c, 4), m4), PV_SRLI32(PV_AND(bb, top2), 2));
             }
             /* avx2: the scale in both 16-bit halves, so the tile's madd multiplies by it (panel_tile_k) */
-            for (int q = 0; q < 8; q++) PV_STOREU(KVEC(64 + q), PANEL == 16 ? sc[q] : PV_OR(sc[q], PV_SLLI32(sc[q], 16)));
+            for (int q = 0; q < 8; q++)
+                PV_STOREU(KVEC(64 + q), PANEL == 16 ? sc[q] : PV_OR(sc[q], PV_SLLI32(sc[q], 16)));
             for (int p = 0; p < 4; p++) PV_STOREU(KVEC(72 + p), PV_OR(mn[2 * p], PV_SLLI32(mn[2 * p + 1], 16)));
             PF_STOREU((float *)KVEC(76), f16_lanes(t[0], 0));
             PF_STOREU((float *)KVEC(77), f16_lanes(t[0], 1));
@@ -109,7 +110,8 @@ static inline __attribute__((always_inline)) void panel_tile_k(int type, const u
                     const pvi x0 = x16_lanes(xi), x1 = x16_lanes(xi + 16);
                     __m256i p = _mm256_maddubs_epi16(KV(8 * s), X4(x0, 0));
 #pragma GCC unroll 8
-                    for (int c = 1; c < 8; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), X4(c < 4 ? x0 : x1, c % 4)));
+                    for (int c = 1; c < 8; c++)
+                        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(KV(8 * s + c), X4(c < 4 ? x0 : x1, c % 4)));
                     S[i] = _mm256_add_epi32(S[i], PV_SLLV32(_mm256_madd_epi16(p, sc2), PV_SET1(ob[(size_t)i * KOFF * nb + 20 + s])));
                 }
 #endif
