@@ -18,12 +18,16 @@
  * panels: the crossovers measured on the 0.5B's matrices (weights from DRAM, 2 threads). The panel tiles take
  * fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once the packing is
  * shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound below). */
-#if PANEL == 16  /* 8 rows of Q5_0 / Q8_0 won ~1.2x per matrix here but lost ~10% in bench_batch's 8 streams */
-#define STREAM_MULTI_ROWS(type) 4
+#if PANEL == 16
+/* avx512: 2 rows; the panels from 3, since the panels' bytes are loaded in order before packing (touch_span): 3
+ * streams of the 1.5B 55 -> 70 tok/s, 4 streams 72 -> 91, the 0.5B's 4 streams 205 -> 227; 2 streams stay faster
+ * here (59 against 53 on the panels). Before, 3-4 rows ran here too (panels won per matrix but not in the model). */
+#define STREAM_MULTI_ROWS(type) 2
 #else
-/* avx2: the K types' panels won from 5 rows once their tiles took the activations by shuffles (the 1.5B's 8
- * streams 72 -> 75 tok/s, 5 streams 57 -> 61; Q4_K went to the rows kernel up to 8 before) */
-#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : 4)
+/* avx2: the K types' panels win from 3 rows (from 5 once their tiles took the activations by shuffles: the 1.5B's
+ * 8 streams 72 -> 75 tok/s, 5 streams 57 -> 61; from 3 once their bytes were loaded in order before packing: 3
+ * streams 47 -> 58, 4 streams 60 -> 64). Q5_0 / Q8_0 panels still lose at 8 rows (the 0.5B 203 -> 168). */
+#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : 2)
 #endif
 
 /* lane i = the sum of v[i]'s 8 lanes, i < 8 */
