@@ -82,8 +82,8 @@ static inline void prefetch_share(const uint8_t *ahead, size_t bytes, int k, int
  * its packing, which reads the PANEL rows side by side, block by block. The prefetches of the next panel alone left
  * the packing waiting on memory: ~40 of the ~66 ms of an 8-row step of the 1.5B were packing weights from DRAM,
  * against ~10 for packing them from the cache (avx512). Demand loads in address order let the hardware stream the
- * lines in: 8 streams of the 1.5B 122 -> 138-147 tok/s (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16,
- * 2 threads). */
+ * lines in: 8 streams of the 1.5B 123 -> 145 tok/s, the 0.5B 308 -> 362 (avx512; AVX2 and prefill unchanged; AMD
+ * EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
 static inline void touch_span(const uint8_t *p, size_t bytes) {
     pvi acc = PV_ZERO();
     for (size_t at = 0; at + 64 <= bytes; at += 64) acc = PV_XOR(acc, PV_LOADU(p + at));
@@ -242,7 +242,8 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
                        (mx) < PANEL_MX ? (mx) : PANEL_MX, o + (size_t)((i) - m_lo) * ldo, ldo, nvalid);              \
     } while (0)
         /* full tiles, then the rest in tiles of 4, 2 and 1 rows (was 1-row tiles only: 6 streams of the 1.5B on
-         * avx512, a tile of 4 and a tile of 2 instead of six 1-row tiles, 92 -> 99 tok/s) */
+         * avx512, a tile of 4 and a tile of 2 instead of six 1-row tiles, 92 -> 99 tok/s; AMD EPYC: avx2 avx512f
+         * avx512_vnni avx512_bf16, 2 threads) */
         int i = m_lo;
         const int mx = kq ? PANEL_KMX : PANEL_MX;
         for (; i + mx <= m_hi; i += mx) TILE(i, mx);

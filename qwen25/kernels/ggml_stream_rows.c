@@ -1,6 +1,6 @@
 /* Several activation rows (2..STREAM_MULTI_ROWS) against weight rows straight from the file's blocks, without
- * packing: the kernel for 2-8 concurrent decode streams and speculative verification (included by ggml_panel.c
- * after ggml_stream.c, whose per-block helpers it calls).
+ * packing: passes of 2 rows (two concurrent decode streams, short speculative verification), and on avx2 passes of
+ * up to 12 rows of Q5_0 / Q8_0 (included by ggml_panel.c after ggml_stream.c, whose per-block helpers it calls).
  *
  * Packing a panel costs more per weight byte than a few activation rows' dot products, so for short passes each
  * weight row is read in place, from start to end, as in the single-row kernel, and each of its blocks is dotted
@@ -15,18 +15,21 @@
  * avx512_vnni avx512_bf16, 2 threads). */
 
 /* Passes of STREAM_ROWS + 1 .. STREAM_MULTI_ROWS(type) activation rows run stream_rows, longer ones the packed
- * panels: the crossovers measured on the 0.5B's matrices (weights from DRAM, 2 threads). The panel tiles take
- * fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once the packing is
- * shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound below). */
+ * panels: the crossovers measured in the whole model, streams of the 0.5B and the 1.5B (weights from DRAM). The
+ * panel tiles take fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once
+ * the packing is shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound
+ * below). */
 #if PANEL == 16
 /* avx512: 2 rows; the panels from 3, since the panels' bytes are loaded in order before packing (touch_span): 3
  * streams of the 1.5B 55 -> 70 tok/s, 4 streams 72 -> 91, the 0.5B's 4 streams 205 -> 227; 2 streams stay faster
- * here (59 against 53 on the panels). Before, 3-4 rows ran here too (panels won per matrix but not in the model). */
+ * here (59 against 53 on the panels). Before, 3-4 rows ran here too (panels won per matrix but not in the model).
+ * (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
 #define STREAM_MULTI_ROWS(type) 2
 #else
 /* avx2: the K types' panels win from 3 rows (from 5 once their tiles took the activations by shuffles: the 1.5B's
  * 8 streams 72 -> 75 tok/s, 5 streams 57 -> 61; from 3 once their bytes were loaded in order before packing: 3
- * streams 47 -> 58, 4 streams 60 -> 64). Q5_0 / Q8_0 panels still lose at 8 rows (the 0.5B 203 -> 168). */
+ * streams 47 -> 58, 4 streams 60 -> 64). Q5_0 / Q8_0 panels still lose at 8 rows (the 0.5B 203 -> 168).
+ * (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
 #define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : 2)
 #endif
 
@@ -127,7 +130,8 @@ static inline __attribute__((always_inline)) void stream_rows(int type, const ui
     const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? KSUMS : 1;
     const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
     const size_t row_bytes = (size_t)nb * bytes;
-    const int GS = kq ? 4 : 8;  /* K types: 8 rows at once measured slower per row than 4 (registers) */
+    /* K types: 8 rows at once measured slower per row than 4 (registers); they reach here with 2 rows now */
+    const int GS = kq ? 4 : 8;
     const int groups = (m_hi - m_lo + GS - 1) / GS;
     float *dt = (float *)buf;
     int32_t *ot = (int32_t *)(buf + (size_t)groups * nb * 8 * 4);
