@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as GQ
 from gguf import quants as gq
 
 from qwen25.weights import quants
-from qwen25.weights.gguf import GGUFError, GGUFFile, config_from_gguf, hf_tensor_name, load_gguf_state_dict
+from qwen25.weights.gguf import GGUFError, GGUFFile, _Reader, config_from_gguf, hf_tensor_name, load_gguf_state_dict
 from qwen25.weights.quants import GGMLType, UnsupportedQuantError, dequantize
 
 # Byte offsets of the fp16 fields (d, m, dmin) of each block, from ggml-common.h. Random bytes there could be
@@ -301,6 +301,46 @@ def test_unsupported_version(tiny: tuple[Path, dict[str, np.ndarray]], tmp_path:
         data[4:8] = version.to_bytes(4, "little")
         (tmp_path / "v.gguf").write_bytes(data)
         _raises(tmp_path / "v.gguf", f"unsupported GGUF version {version}")
+
+
+@pytest.mark.parametrize(("strings", "one_decode"), [
+    (["", "Ġtok", "你好", "🙂", "x" * 300, b"\xc4", b"\xe2\x82", b"\x80end", "a b", ""], True),
+    (["a\x00b", "", b"\xff\x00\xfe", "\x00"], False),  # NULs of their own: read string by string
+])
+def test_string_arrays_read_as_gguf_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               strings: list[str | bytes], one_decode: bool) -> None:
+    """Length-prefixed string arrays (the vocabulary, the merges): empty strings, 256+ bytes, invalid UTF-8 (kept
+    byte-exact by surrogateescape) and embedded NULs, against the gguf package's reader."""
+    if one_decode:  # the joined decode must carry these alone
+        monkeypatch.setattr(_Reader, "_strings_one_by_one", lambda *a: pytest.fail("read string by string"))
+    path = tmp_path / "strings.gguf"
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_key_value("test.strings", strings, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+    w.add_uint32("test.after", 7)  # the cursor ends exactly after the array
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    got = GGUFFile(path, expect_arch=None).metadata
+    ref = gguf.GGUFReader(path).fields["test.strings"]
+    assert [s.encode("utf-8", "surrogateescape") for s in got["test.strings"]] == \
+        [bytes(ref.parts[i]) for i in ref.data]
+    assert got["test.after"] == 7
+
+
+def test_an_empty_string_array(tmp_path: Path) -> None:
+    path = tmp_path / "strings.gguf"
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_array("test.strings", ["x"])  # gguf writes no empty array: made empty below
+    w.add_uint32("test.after", 7)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    data = path.read_bytes()
+    count = data.index(b"test.strings") + len("test.strings") + 8
+    assert data[count:count + 17] == (1).to_bytes(8, "little") + (1).to_bytes(8, "little") + b"x"
+    path.write_bytes(data[:count] + bytes(8) + data[count + 17:])
+    got = GGUFFile(path, expect_arch=None).metadata
+    assert got["test.strings"] == [] and got["test.after"] == 7
 
 
 def test_truncated(tiny: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
