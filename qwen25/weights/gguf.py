@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from qwen25.config import ModelConfig
+from qwen25.weights.huge_pages import map_on_huge_pages
 from qwen25.weights.quants import BLOCK_SIZES, SUPPORTED_TYPES, GGMLType, UnsupportedQuantError, dequantize
 
 GGUF_MAGIC = b"GGUF"
@@ -273,6 +274,14 @@ class GGUFFile:
             return dequantize(raw, t.ggml_type, (stop - start, cols))
         except UnsupportedQuantError:
             return self.dequantize(name)[start:stop]  # raises the named GGUFError
+
+    def use_huge_pages(self) -> str:
+        """Map the tensor bytes on 2 MiB pages where the system allows (`weights.huge_pages`): for weights read
+        whole on every decode step. Returns what was done."""
+        mm = getattr(self._data, "_mmap", None)
+        if mm is None:
+            raise ValueError(f"{self.path}: file is closed")
+        return map_on_huge_pages(mm, self.path, self.data_offset, len(self._data))
 
     def close(self) -> None:
         """Drop the mapping; arrays already returned by `raw` keep it alive until they are freed."""

@@ -73,7 +73,9 @@ def assemble_block_model(config: ModelConfig, linear: LinearOf, vector: VectorOf
 
 
 def load_gguf_blocks(g, config: ModelConfig) -> Qwen2ForCausalLM:  # noqa: ANN001 - GGUFFile
-    """The model of an open GGUFFile with block layers (see the module docstring); frozen, eval mode."""
+    """The model of an open GGUFFile with block layers (see the module docstring); frozen, eval mode. The tensor
+    bytes go on 2 MiB pages first where the system allows (`weights.huge_pages`): decode reads them all per token."""
+    g.use_huge_pages()
     def linear(weight: str, bias: str | None) -> GGMLLinear:
         raw, kind, rows, cols = _blocks(g, gguf_tensor_name(weight))
         b = gguf_tensor_name(bias) if bias else None
