@@ -33,8 +33,8 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from _bench_common import (MB, child_env, cpu_flags, cpu_model, gguf_weight_bytes, load_average, log, min_median,
-                           peak_rss_mb, pool, rss_mb, run_child, setup_torch, torch_weight_bytes)
+from _bench_common import (MB, child_env, cpu_flags, cpu_model, file_pmd_mb, gguf_weight_bytes, load_average, log,
+                           min_median, peak_rss_mb, pool, rss_mb, run_child, setup_torch, torch_weight_bytes)
 
 ENGINES = ("qwen25", "qwen25-avx2", "qwen25-gguf", "qwen25-gguf-avx2", "qwen25-q8", "qwen25-q8-avx2", "qwen25-q4", "qwen25-ref", "llamacpp",
            "transformers")  # qwen25: the default
@@ -230,6 +230,7 @@ def child_main(engine: str, spec_path: str, out_path: str) -> None:
                 "llamacpp": child_llamacpp, "transformers": child_transformers}
     result = children[engine](spec)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["version"] += f"; file mapped on 2 MiB pages after the run: {file_pmd_mb():.0f} MB"
     Path(out_path).write_text(json.dumps(result))
 
 

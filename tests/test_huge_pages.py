@@ -78,8 +78,8 @@ def test_opting_out_and_small_ranges_change_nothing(tmp_path: Path, monkeypatch:
     path = tmp_path / "weights.bin"
     path.write_bytes(bytes(5 * HUGE_PAGE))
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        assert map_on_huge_pages(mm, path, HUGE_PAGE + 1, 3 * HUGE_PAGE) == "small pages (under 4 MiB of tensor bytes)" \
-            or not huge_pages_available()
+        small = map_on_huge_pages(mm, path, HUGE_PAGE + 1, 3 * HUGE_PAGE)
+        assert small == "small pages (under 4 MiB of tensor bytes)" or not huge_pages_available()
         monkeypatch.setenv(huge_pages.OPT_OUT_ENV, "small")
         assert map_on_huge_pages(mm, path, 0, 5 * HUGE_PAGE) == "small pages (QWEN25_MMAP=small)"
 
