@@ -176,6 +176,17 @@ static inline __m128i hsum2x8(__m256i a, __m256i b) {
     return _mm_hadd_epi32(s, s);  /* lane 0: a, lane 1: b */
 }
 
+/* out[j] = lane j of acc, j < n (all 8 when n >= 8) */
+static inline void store_rows8(float *out, __m256 acc, int n) {
+    if (n >= 8) {
+        _mm256_storeu_ps(out, acc);
+        return;
+    }
+    float f[8];
+    _mm256_storeu_ps(f, acc);
+    for (int j = 0; j < n; j++) out[j] = f[j];
+}
+
 /* The 32-value types (run for Q5_0) for rows rows[j], j < nvalid, 8 rows at a time: each row is still read from
  * start to end, one after the other (STREAM_CHUNK blocks of it at a time: all of it for widths up to 2048), its
  * blocks' lane vectors and fp16 scales kept in a small buffer; then, block by block, the 8 rows' vectors are
@@ -209,13 +220,7 @@ static inline __attribute__((always_inline)) void stream_rows32(int type, const 
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), pf, acc);
             }
         }
-        if (nvalid - j0 >= 8) {
-            _mm256_storeu_ps(out + j0, acc);
-        } else {
-            float f[8];
-            _mm256_storeu_ps(f, acc);
-            for (int j = 0; j < nvalid - j0; j++) out[j0 + j] = f[j];
-        }
+        store_rows8(out + j0, acc, nvalid - j0);
     }
 }
 
@@ -257,13 +262,7 @@ static inline __attribute__((always_inline)) void stream_rows_k(int type, const 
                 acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hsum8x8(mv[b])), pm, acc);
             }
         }
-        if (nvalid - j0 >= 8) {
-            _mm256_storeu_ps(out + j0, acc);
-        } else {
-            float f[8];
-            _mm256_storeu_ps(f, acc);
-            for (int j = 0; j < nvalid - j0; j++) out[j0 + j] = f[j];
-        }
+        store_rows8(out + j0, acc, nvalid - j0);
     }
 }
 
