@@ -70,6 +70,8 @@ def map_on_huge_pages(mm: mmap.mmap, path: Path, start: int, end: int) -> str:
         return f"small pages ({OPT_OUT_ENV}=small)"
     if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(os, "posix_fadvise") and huge_pages_available()):
         return "small pages (no transparent huge pages here)"
+    if _meminfo_kb(SMAPS_ROLLUP, "FilePmdMapped") is None:
+        return "small pages (no /proc/self/smaps_rollup to check the mapping)"
     lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     if hi - lo < 2 * HUGE_PAGE:
         return "small pages (under 4 MiB of tensor bytes)"
@@ -86,7 +88,7 @@ def map_on_huge_pages(mm: mmap.mmap, path: Path, start: int, end: int) -> str:
             return "small pages (the file system keeps this file's cache on 4 KiB pages)"
         available = _meminfo_kb(MEMINFO, "MemAvailable")
         if available is None or (hi - lo) // 1024 > available // 2:
-            return "huge pages for what is touched (the file is too large to read again at load)"
+            return "huge pages for the first 2 MiB only (the file is too large to read again at load)"
         _drop(mm, fd, lo + HUGE_PAGE, hi - lo - HUGE_PAGE)
         # In order (read ahead in 2 MiB folios), each window unmapped again once read: the page cache keeps the
         # folio, and what the model never reads through the mapping (the 0.5B's embedding rows, read with pread)
