@@ -33,14 +33,6 @@
 #define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : 2)
 #endif
 
-/* lane i = the sum of v[i]'s 8 lanes, i < 8 */
-static inline __m256i rows_hsum8(const __m256i *v) {
-    const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
-    const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
-    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
-}
-
 /* lane i = the sum of v[i]'s 8 lanes, i < 4 (lanes 4-7 zero) */
 static inline __m256i rows_hsum4(const __m256i *v) {
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
@@ -108,12 +100,12 @@ static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, in
                 int32_t m = 0;
                 v[i] = stream_block(type, blk, x[i] + (size_t)b * qk, xs[i], &m);
             }
-        __m256i S = G == 8 ? rows_hsum8(v) : rows_hsum4(v);
+        __m256i S = G == 8 ? hsum8x8(v) : rows_hsum4(v);
         if (!kq) S = _mm256_add_epi32(S, _mm256_loadu_si256((const __m256i *)(ot + 8 * b)));
         const __m256 dx = _mm256_loadu_ps(dt + 8 * b);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(_mm256_set1_ps(f16(blk + dat)), dx), acc);
         if (type == T_Q4_K) {
-            const __m256i M = G == 8 ? rows_hsum8(mv) : rows_hsum4(mv);
+            const __m256i M = G == 8 ? hsum8x8(mv) : rows_hsum4(mv);
             acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), dx), acc);
         }
     }

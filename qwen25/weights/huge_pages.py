@@ -48,12 +48,12 @@ def _meminfo_kb(path: Path, key: str) -> int | None:
     return None
 
 
-def _maps_by_pmd(mm: mmap.mmap, offset: int) -> bool:
-    """Touch the 2 MiB window at `offset` (not touched before) and tell whether it was mapped by a PMD."""
-    before = _meminfo_kb(SMAPS_ROLLUP, "FilePmdMapped")
+def _maps_by_pmd(mm: mmap.mmap, offset: int, before_kb: int) -> bool:
+    """Touch the 2 MiB window at `offset` (not mapped before) and tell whether it was mapped by a PMD: whether
+    FilePmdMapped grew past `before_kb`, its value before the touch."""
     mm[offset]  # noqa: B018 - the read faults the window in
     after = _meminfo_kb(SMAPS_ROLLUP, "FilePmdMapped")
-    return before is not None and after is not None and after - before >= HUGE_PAGE // 1024
+    return after is not None and after - before_kb >= HUGE_PAGE // 1024
 
 
 def _drop(mm: mmap.mmap, fd: int, offset: int, length: int) -> None:
@@ -70,7 +70,8 @@ def map_on_huge_pages(mm: mmap.mmap, path: Path, start: int, end: int) -> str:
         return f"small pages ({OPT_OUT_ENV}=small)"
     if not (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(os, "posix_fadvise") and huge_pages_available()):
         return "small pages (no transparent huge pages here)"
-    if _meminfo_kb(SMAPS_ROLLUP, "FilePmdMapped") is None:
+    pmd_kb = _meminfo_kb(SMAPS_ROLLUP, "FilePmdMapped")
+    if pmd_kb is None:
         return "small pages (no /proc/self/smaps_rollup to check the mapping)"
     lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     if hi - lo < 2 * HUGE_PAGE:
@@ -79,12 +80,12 @@ def map_on_huge_pages(mm: mmap.mmap, path: Path, start: int, end: int) -> str:
         mm.madvise(mmap.MADV_HUGEPAGE, lo, hi - lo)
     except OSError as e:
         return f"small pages (madvise: {e.strerror})"
-    if _maps_by_pmd(mm, lo):
+    if _maps_by_pmd(mm, lo, pmd_kb):
         return "huge pages"
     fd = os.open(path, os.O_RDONLY)
     try:
-        _drop(mm, fd, lo, HUGE_PAGE)
-        if not _maps_by_pmd(mm, lo):
+        _drop(mm, fd, lo, HUGE_PAGE)  # the window was on small pages: FilePmdMapped is as before
+        if not _maps_by_pmd(mm, lo, pmd_kb):
             return "small pages (the file system keeps this file's cache on 4 KiB pages)"
         available = _meminfo_kb(MEMINFO, "MemAvailable")
         if available is None or (hi - lo) // 1024 > available // 2:
