@@ -67,6 +67,7 @@ def test_compare_two_runs(tmp_path, scripted, capsys):
     assert main(["eval", "compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "identical completions  100.0%  (2/2)" in out and "same pass/fail" in out
+    assert "pass only A / only B   0 / 0  (exact McNemar p = 1: no significant difference at 0.05)" in out
 
 
 def test_quantization_reaches_the_engine_and_the_results(tmp_path, scripted):

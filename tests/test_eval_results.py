@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qwen25.eval.humaneval import HumanEvalTask
-from qwen25.eval.results import ResultsFile, format_table, percent, read_results
+from qwen25.eval.results import ResultsFile, format_table, mcnemar_p, percent, read_results
 from qwen25.eval.runner import run_task
 from test_eval_fakes import ScriptedBackend
 
@@ -86,3 +86,13 @@ def test_table_helpers():
     assert percent(1, 4) == "25.0%  (1/4)"
     assert "n/a" in percent(0, 0)
     assert format_table([("a", "1"), ("long key", "2")]).splitlines() == ["a         1", "long key  2"]
+
+
+@pytest.mark.parametrize(("only_a", "only_b"), [(0, 0), (2, 5), (5, 2), (0, 7), (1, 12), (10, 10), (3, 30)])
+def test_mcnemar_p_is_the_exact_binomial_test(only_a: int, only_b: int) -> None:
+    """The reference: scipy's two-sided exact binomial test of the discordant split at 1/2."""
+    stats = pytest.importorskip("scipy.stats")
+    n = only_a + only_b
+    expected = 1.0 if n == 0 else stats.binomtest(only_a, n, 0.5).pvalue
+    assert mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-12)
+

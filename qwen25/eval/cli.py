@@ -186,7 +186,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     for cls, help_text in TASK_HELP.items():
         add_command(tasks, cls.TASK, cls, main, help=help_text)
-    add_command(tasks, "compare", CompareConfig, main_compare, help="per-sample agreement between two results files",
+    add_command(tasks, "compare", CompareConfig, main_compare, help="per-sample agreement between two results files, and whether their pass counts differ "
+                "significantly (exact McNemar test on the samples only one run passed)",
                 description="Compare two results files of the same task (e.g. qwen25 vs llamacpp): agreement of "
                             "outputs and scores on the samples both hold.")
     return p
@@ -259,7 +260,7 @@ def main(cfg: EvalConfig) -> int:
 # --- compare -------------------------------------------------------------------------------------------------
 def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Rows describing how two runs of the same task agree on the samples both contain."""
-    from qwen25.eval.results import percent
+    from qwen25.eval.results import mcnemar_p, percent
 
     by_id = {r["id"]: r for r in b}
     pairs = [(r, by_id[r["id"]]) for r in a if r["id"] in by_id]
@@ -280,6 +281,16 @@ def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tu
         if field in pairs[0][0]:
             rows.append((f"{label} A / B", f"{sum(bool(x[field]) for x, _ in pairs)} / "
                                             f"{sum(bool(y[field]) for _, y in pairs)}"))
+            only_a = [x["id"] for x, y in pairs if x[field] and not y[field]]
+            only_b = [x["id"] for x, y in pairs if y[field] and not x[field]]
+            p = mcnemar_p(len(only_a), len(only_b))
+            verdict = "a difference" if p < 0.05 else "no significant difference"
+            rows.append((f"{label} only A / only B", f"{len(only_a)} / {len(only_b)}  (exact McNemar p = {p:.3g}: "
+                                                     f"{verdict} at 0.05)"))
+            for name, ids in (("A", only_a), ("B", only_b)):
+                if ids:
+                    shown = ", ".join(str(i) for i in ids[:8]) + (f", ... ({len(ids)})" if len(ids) > 8 else "")
+                    rows.append((f"{label} only {name}", shown))
     if "letter_logits" in pairs[0][0]:
         diffs = [max(abs(x["letter_logits"][k] - y["letter_logits"][k]) for k in x["letter_logits"])
                  for x, y in pairs]

@@ -9,6 +9,7 @@ file are skipped; a torn last line (killed mid-write) is cut off first, so no sa
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -113,3 +114,15 @@ def percent(numerator: float, denominator: float) -> str:
     if denominator == 0:
         return "n/a (0 samples)"
     return f"{100.0 * numerator / denominator:.1f}%  ({numerator:g}/{denominator:g})"
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for paired pass/fail results: the probability, were both runs equally good,
+    of a split of the discordant samples (passed by one run only) at least as uneven as only_a : only_b (a binomial
+    test of min(only_a, only_b) successes in only_a + only_b trials at 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
