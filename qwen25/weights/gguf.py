@@ -131,6 +131,25 @@ class _Reader:
         payloads are then decoded in one call: the 8-byte prefixes become NUL separators (UTF-8 decoding restarts
         at every NUL, so this equals decoding each string alone). A string with a NUL of its own takes the
         per-string path."""
+        buf, pos, size = self.buf, self.pos, self.size
+        found = self._starts_of_short_strings(n)
+        if found is not None:
+            starts, pos = found
+        else:
+            starts, pos = self._walk_lengths(n, what)
+        first, self.pos = (int(starts[0]) if n else pos), pos
+        region = np.frombuffer(buf, dtype=np.uint8, count=pos - first, offset=first).copy()
+        prefixes = np.asarray(starts, dtype=np.int64) - first
+        region[prefixes] = 0  # each prefix's first byte: the separator; the other seven are dropped
+        keep = np.ones(len(region), dtype=bool)
+        keep[(prefixes[:, None] + np.arange(1, 8)).ravel()] = False
+        payload = region[keep]
+        if np.count_nonzero(payload == 0) == n:
+            return payload.tobytes().decode("utf-8", "surrogateescape").split("\0")[1:]
+        return self._strings_one_by_one([int(x) for x in starts])
+
+    def _walk_lengths(self, n: int, what: str) -> tuple[list[int], int]:
+        """The n strings' offsets from the cursor, length by length, and the offset after the last."""
         buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
         starts = [0] * n
         for i in range(n):
@@ -142,16 +161,45 @@ class _Reader:
         if pos > size:
             raise GGUFError(f"{self.path}: truncated file: {what} ends after {n - 1} of {n} strings "
                             f"(file has {size} bytes)")
-        first, self.pos = (starts[0] if n else pos), pos
-        region = np.frombuffer(buf, dtype=np.uint8, count=pos - first, offset=first).copy()
-        prefixes = np.asarray(starts, dtype=np.int64) - first
-        region[prefixes] = 0  # each prefix's first byte: the separator; the other seven are dropped
-        keep = np.ones(len(region), dtype=bool)
-        keep[(prefixes[:, None] + np.arange(1, 8)).ravel()] = False
-        payload = region[keep]
-        if np.count_nonzero(payload == 0) == n:
-            return payload.tobytes().decode("utf-8", "surrogateescape").split("\0")[1:]
-        return self._strings_one_by_one(starts)
+        return starts, pos
+
+    def _starts_of_short_strings(self, n: int) -> tuple[np.ndarray, int] | None:
+        """_walk_lengths with few Python steps for a vocabulary or its merges: strings mostly shorter than 256 bytes,
+        without NULs. Such a string's 8-byte length has 7 zero high bytes, so its prefix is among the offsets
+        followed by 7 zero bytes (the candidates); where a candidate's end (offset + 8 + its length byte) is the
+        next candidate, that one is the next prefix, so runs of them are taken whole. The chain starts at the
+        cursor and leaves the candidates only at a longer string (its length read from its prefix) or a false
+        candidate (skipped): every offset taken is the end of the one before, as in the walk. None where the strings
+        reach past the file (the walk then reports it)."""
+        if n == 0:
+            return None
+        pos, room = self.pos, self.size - self.pos
+        window = min(room, 24 * n + 64)  # Qwen2.5's vocabulary averages ~15 bytes per string
+        while True:
+            data = np.frombuffer(self.buf, dtype=np.uint8, count=window, offset=pos)
+            zero = data == 0
+            run = zero[1:max(window - 6, 1)].copy()
+            for k in range(2, 8):
+                run &= zero[k:window - 7 + k]
+            cand = np.flatnonzero(run)
+            ends = cand + 8 + data[cand]
+            breaks = np.flatnonzero(ends[:-1] != cand[1:])  # the chain of candidates stops after these
+            starts, count, at = np.empty(n, dtype=np.int64), 0, 0
+            while count < n and at + 8 <= window:
+                i = int(np.searchsorted(cand, at))
+                if i < len(cand) and cand[i] == at:
+                    j = int(np.searchsorted(breaks, i))
+                    take = min((int(breaks[j]) + 1 if j < len(breaks) else len(cand)) - i, n - count)
+                    starts[count:count + take] = cand[i:i + take]
+                    count, at = count + take, int(ends[i + take - 1])
+                else:  # a string of 256+ bytes (or one of zero after a false candidate): its own length
+                    starts[count], count = at, count + 1
+                    at += 8 + int.from_bytes(data[at:at + 8].tobytes(), "little")
+            if count == n:
+                return None if at > room else (starts + pos, pos + at)
+            if window == room:
+                return None
+            window = min(room, 4 * window)
 
     def _strings_one_by_one(self, starts: list[int]) -> list[str]:
         buf, unpack = self.buf, _U64.unpack_from
