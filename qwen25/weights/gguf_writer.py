@@ -22,10 +22,10 @@ from qwen25.config import ModelConfig
 from qwen25.weights.gguf import (
     _BLOCK_NAMES,
     _GLOBAL_NAMES,
-    _VT,
     DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
 )
+from qwen25.weights.gguf_reader import _VT
 from qwen25.weights.block_quant import QUANTIZERS, quantize_blocks
 from qwen25.weights.quants import BLOCK_SIZES, GGMLType, tensor_nbytes
 
