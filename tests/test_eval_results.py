@@ -95,4 +95,3 @@ def test_mcnemar_p_is_the_exact_binomial_test(only_a: int, only_b: int) -> None:
     n = only_a + only_b
     expected = 1.0 if n == 0 else stats.binomtest(only_a, n, 0.5).pvalue
     assert mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-12)
-

@@ -186,8 +186,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     for cls, help_text in TASK_HELP.items():
         add_command(tasks, cls.TASK, cls, main, help=help_text)
-    add_command(tasks, "compare", CompareConfig, main_compare, help="per-sample agreement between two results files, and whether their pass counts differ "
-                "significantly (exact McNemar test on the samples only one run passed)",
+    add_command(tasks, "compare", CompareConfig, main_compare,
+                help="per-sample agreement between two results files, and whether their pass counts differ "
+                     "significantly (exact McNemar test on the samples only one run passed)",
                 description="Compare two results files of the same task (e.g. qwen25 vs llamacpp): agreement of "
                             "outputs and scores on the samples both hold.")
     return p

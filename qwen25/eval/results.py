@@ -125,4 +125,3 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
-

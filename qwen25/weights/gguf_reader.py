@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+
 class GGUFError(ValueError):
     """A GGUF file that cannot be read; the message starts with the file path."""
 
@@ -98,11 +99,11 @@ class _Reader:
         raise GGUFError(f"{self.path}: {what} has unknown array element type {vt}")
 
     def _strings(self, n: int, what: str) -> list[str]:
-        """n length-prefixed strings. The loop only walks the lengths (150k tokens + 150k merges for Qwen2.5); the
-        payloads are then decoded in one call: the 8-byte prefixes become NUL separators (UTF-8 decoding restarts
-        at every NUL, so this equals decoding each string alone). A string with a NUL of its own takes the
-        per-string path."""
-        buf, pos, size = self.buf, self.pos, self.size
+        """n length-prefixed strings (150k tokens + 150k merges for Qwen2.5). Their offsets first (found in bulk
+        where the strings allow it, else walked length by length); the payloads are then decoded in one call: the
+        8-byte prefixes become NUL separators (UTF-8 decoding restarts at every NUL, so this equals decoding each
+        string alone). A string with a NUL of its own takes the per-string path."""
+        buf, pos = self.buf, self.pos
         found = self._starts_of_short_strings(n)
         if found is not None:
             starts, pos = found
@@ -163,7 +164,7 @@ class _Reader:
                     take = min((int(breaks[j]) + 1 if j < len(breaks) else len(cand)) - i, n - count)
                     starts[count:count + take] = cand[i:i + take]
                     count, at = count + take, int(ends[i + take - 1])
-                else:  # a string of 256+ bytes (or one of zero after a false candidate): its own length
+                else:  # a string of 256+ bytes (not a candidate): its whole 8-byte length
                     starts[count], count = at, count + 1
                     at += 8 + int.from_bytes(data[at:at + 8].tobytes(), "little")
             if count == n:
