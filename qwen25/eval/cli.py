@@ -285,7 +285,7 @@ def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tu
             only_a = [x["id"] for x, y in pairs if x[field] and not y[field]]
             only_b = [x["id"] for x, y in pairs if y[field] and not x[field]]
             p = mcnemar_p(len(only_a), len(only_b))
-            verdict = "a difference" if p < 0.05 else "no significant difference"
+            verdict = "a significant difference" if p < 0.05 else "no significant difference"
             rows.append((f"{label} only A / only B", f"{len(only_a)} / {len(only_b)}  (exact McNemar p = {p:.3g}: "
                                                      f"{verdict} at 0.05)"))
             for name, ids in (("A", only_a), ("B", only_b)):

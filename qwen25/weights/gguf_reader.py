@@ -167,6 +167,8 @@ class _Reader:
                 else:  # a string of 256+ bytes (not a candidate): its whole 8-byte length
                     starts[count], count = at, count + 1
                     at += 8 + int.from_bytes(data[at:at + 8].tobytes(), "little")
+                    if at > room:  # past the file: no wider window helps (the walk reports it)
+                        return None
             if count == n:
                 return None if at > room else (starts + pos, pos + at)
             if window == room:
