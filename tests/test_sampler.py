@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import generation as hfgen  # noqa: E402
 
-from qwen25.engine.sampler import apply_penalties, filter_logits, sample_next  # noqa: E402
+from qwen25.engine.sampler import apply_penalties, filter_logits, greedy_token, sample_next  # noqa: E402
 from qwen25.engine.stop import StopMatcher  # noqa: E402
 from qwen25.sampling_params import SamplingParams  # noqa: E402
 
@@ -53,6 +53,29 @@ def test_presence_and_frequency_penalties_closed_form():
     expected[2] = -(0.5 + 3 * 0.25)
     expected[5] = -(0.5 + 1 * 0.25)
     torch.testing.assert_close(out, expected)  # the prompt token 1 is untouched (OpenAI semantics)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "all_equal", "neg_inf", "nan", "two_nans", "strided", "bf16"])
+def test_greedy_token_is_torch_argmax(case):
+    """greedy_token (numpy on float32 CPU rows) picks what torch.argmax picks: the first maximum, NaN largest."""
+    g = torch.Generator().manual_seed(7)
+    row = torch.randn(151936, generator=g)
+    if case == "ties":
+        row[[10, 500, 90000]] = row.max() + 1
+    elif case == "all_equal":
+        row = torch.full((V,), -3.0)
+    elif case == "neg_inf":
+        row[:] = float("-inf")
+        row[1234] = -1e30
+    elif case == "nan":
+        row[777] = float("nan")
+    elif case == "two_nans":
+        row[[900, 33]] = float("nan")
+    elif case == "strided":
+        row = torch.randn(4, 151936, generator=g)[:, 5]  # a non-contiguous view
+    elif case == "bf16":
+        row = row.to(torch.bfloat16)  # not float32: torch's own argmax
+    assert greedy_token(row) == int(row.argmax())
 
 
 def test_greedy_is_argmax_and_seed_reproduces():

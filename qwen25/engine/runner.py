@@ -28,7 +28,7 @@ import torch
 
 from qwen25.engine.kv_quant import key_smoothing
 from qwen25.engine.paged_cache import PagedKVCache, PagedStep
-from qwen25.engine.sampler import apply_penalties, sample_next, top_logprobs
+from qwen25.engine.sampler import apply_penalties, greedy_token, sample_next, top_logprobs
 from qwen25.engine.scheduler import ScheduledBatch
 from qwen25.engine.sequence import Sequence
 from qwen25.engine.speculative import Proposer, SpeculativeConfig, make_proposer, speculation_applies
@@ -225,7 +225,7 @@ class ModelRunner:
                 output = torch.tensor(seq.output_token_ids + drafts[:i], dtype=torch.long)
                 row = apply_penalties(row, prompt, output, p.repetition_penalty, p.presence_penalty,
                                       p.frequency_penalty)
-            emitted.append(int(row.argmax()))
+            emitted.append(greedy_token(row))
             if i == len(drafts) or emitted[-1] != drafts[i]:
                 return emitted
         return emitted

@@ -46,13 +46,22 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """The id of the largest logit in a (V,) row: the first one on ties, a NaN counting as largest (torch.argmax's
+    choice). A float32 row on the CPU goes through numpy, whose argmax of a 151,936-wide row takes ~10-20 us where
+    torch's takes ~130 us (AMD EPYC Zen 4, 2 threads): a tenth of a 0.5B decode step per sequence."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 1:
+        return int(logits.detach().numpy().argmax())
+    return int(logits.argmax())
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: torch.Tensor,
                 generator: torch.Generator | None) -> int:
     """Next token id for one sequence. logits (V,) fp32."""
     logits = apply_penalties(logits, prompt_ids, output_ids, params.repetition_penalty,
                              params.presence_penalty, params.frequency_penalty)
     if params.temperature == 0:
-        return int(logits.argmax())
+        return greedy_token(logits)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

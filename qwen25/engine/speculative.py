@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from qwen25.engine.kv_cache import ContiguousKVCache, activation_dtype
+from qwen25.engine.sampler import greedy_token
 from qwen25.model.qwen2 import Qwen2ForCausalLM
 from qwen25.sampling_params import SamplingParams
 
@@ -130,7 +131,7 @@ class DraftModelProposer:
                 view = cache.native_view() if self.native is not None else None
                 logits = (self.native.forward_cache(ids, cache, view, 1) if view is not None else
                           self.model(ids, cache=cache, logits_to_keep=1))
-                drafts.append(int(logits[0, -1].argmax()))
+                drafts.append(greedy_token(logits[0, -1]))
                 fed = drafts[-1:]
         self._cached = tokens + drafts[:-1]
         return drafts
