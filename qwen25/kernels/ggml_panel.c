@@ -69,6 +69,15 @@ static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
 
 #include "ggml_panel_vec.c"  /* pvi / pvf and their operations on each ISA: gathers, transposes, broadcasts */
 
+/* The largest packed panel (panel_bytes) during whose packing the next panel is prefetched: half a 32 KB L1D. A
+ * larger one (the K types' 1536-wide rows on avx512, 31 KB; every 8960-wide row) left the tiles' panel and the
+ * prefetched lines evicting each other: without the prefetch, 8-row passes over all 28 layers of the 1.5B's
+ * ffn_gate (Q4_K) 25.6-27.7 -> 22.9-24.9 ms, 4 rows 20.4-21.7 -> 18.2-18.8, 16 rows 35.6-38.1 -> 32.5-33.3; 8
+ * streams of the 1.5B 68.5-69.9 -> 72.5-77.2 tok/s, its prefill 195-204 -> 204-213 tok/s (3 alternating runs each).
+ * Q5_0 / Q8_0 panels of 896 values (16 KB) keep it: without, avx2's 8-row lm_head went ~2% slower (AMD EPYC Zen 4:
+ * avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
+#define PREFETCH_PACKED_MAX 16384
+
 /* Part k of n of the bytes [ahead, ahead + bytes) into the cache: the next panel's rows, while this one is packed.
  * A panel reads PANEL rows side by side, block by block; the hardware prefetchers do not follow that many streams,
  * and without this a one-row pass (decode) read the weights at ~3-4 GB/s per core instead of streaming them. */
@@ -230,9 +239,10 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
         for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
         float *o = out + (p0 - n_lo);
-        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file) */
+        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file),
+         * prefetched into L1 during packing only while the packed panel leaves room there (PREFETCH_PACKED_MAX) */
         const size_t next = (size_t)(p0 + PANEL) * row_bytes, end = (size_t)N * row_bytes;
-        const uint8_t *ahead = p0 + PANEL < n_hi ? w + next : NULL;
+        const uint8_t *ahead = p0 + PANEL < n_hi && panel_bytes(n) <= PREFETCH_PACKED_MAX ? w + next : NULL;
         const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
         if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
             for (int i = m_lo; i < m_hi; i++)
