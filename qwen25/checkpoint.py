@@ -16,7 +16,7 @@ import torch
 
 from qwen25.config import IM_END_ID, GenerationDefaults, ModelConfig
 from qwen25.model.qwen2 import Qwen2ForCausalLM
-from qwen25.runtime import release_free_heap
+from qwen25.runtime import cyclic_gc_paused, release_free_heap
 from qwen25.sampling_params import SamplingParams
 from qwen25.tokenizer import Tokenizer
 from qwen25.weights.errors import CheckpointError
@@ -50,9 +50,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         _require_tokenizer_files(path)  # before the (slow) weights
-    weights = load_weights(path, dtype, quantization, trainable=trainable)
-    checkpoint = Checkpoint(weights.config, weights.model, _tokenizer(weights), _generation_defaults(weights),
-                            weights.source, weights.format, weights.quantization)
+    with cyclic_gc_paused():  # the vocabulary's ~300k objects would otherwise set off full collections
+        weights = load_weights(path, dtype, quantization, trainable=trainable)
+        checkpoint = Checkpoint(weights.config, weights.model, _tokenizer(weights), _generation_defaults(weights),
+                                weights.source, weights.format, weights.quantization)
     del weights  # the GGUF header's vocabulary lists (300k strings) go with it
     release_free_heap()  # building the vocabulary freed tens of MB in small pieces: give them back to the OS
     return checkpoint

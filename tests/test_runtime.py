@@ -4,12 +4,14 @@ thread, so a later test's two forwards ran at different thread counts and their 
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from qwen25 import runtime
 from qwen25.cli import main
-from qwen25.runtime import configure_runtime, restored_runtime
+from qwen25.runtime import configure_runtime, cyclic_gc_paused, restored_runtime
 
 
 @pytest.fixture
@@ -64,3 +66,29 @@ def test_a_command_runs_at_its_threads_and_hands_back_the_callers(tiny_hf_dir, t
     assert main(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--threads", threads]) == 1
     assert "missing" in capsys.readouterr().err
     assert seen == [caller_threads + 1] * 2 and torch.get_num_threads() == caller_threads
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_cyclic_gc_paused_turns_it_off_inside_and_back_as_it_was(enabled_before):
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled_before else gc.disable)()
+        with pytest.raises(RuntimeError):
+            with cyclic_gc_paused():
+                assert not gc.isenabled()
+                raise RuntimeError("a load that fails")
+        assert gc.isenabled() == enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_a_load_pauses_the_collector_while_building_and_leaves_it_on(tiny_hf_dir, monkeypatch):
+    """checkpoint.load builds the weights and the vocabulary with the collector off, and turns it back on."""
+    from qwen25 import checkpoint
+
+    seen = []
+    build = checkpoint._tokenizer
+    monkeypatch.setattr(checkpoint, "_tokenizer", lambda weights: (seen.append(gc.isenabled()), build(weights))[1])
+    assert gc.isenabled()
+    checkpoint.load(tiny_hf_dir)
+    assert seen == [False] and gc.isenabled()
