@@ -62,10 +62,8 @@ static inline pvf f16_lanes(pvi words, int high) {
     return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(high ? _mm512_srli_epi32(words, 16) : words));
 }
 
-/* fp32 lanes from the fp16 scale at p[j] + at; gather_f16_end: the one at p[j] + at + 2 that ends a tensor's
- * block (read as the high half of the word at p[j] + at, inside the block) */
-static inline pvf gather_f16(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 0); }
-
+/* fp32 lanes from the fp16 scale at p[j] + at + 2 that ends a tensor's block (read as the high half of the word at
+ * p[j] + at, inside the block) */
 static inline pvf gather_f16_end(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 1); }
 
 /* byte t of each lane = 0x10 where bit (4c + t) of the lane's word is set */
@@ -132,8 +130,6 @@ static inline pvf f16_lanes(__m256i words, int high) {
                                                            0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
     return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(w, 0x08)));
 }
-
-static inline pvf gather_f16(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 0); }
 
 static inline pvf gather_f16_end(const uint8_t *const *p, size_t at) { return f16_lanes(gather_words(p, at), 1); }
 
