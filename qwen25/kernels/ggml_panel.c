@@ -79,8 +79,9 @@ static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
 #define PREFETCH_PACKED_MAX 16384
 
 /* Part k of n of the bytes [ahead, ahead + bytes) into the cache: the next panel's rows, while this one is packed.
- * A panel reads PANEL rows side by side, block by block; the hardware prefetchers do not follow that many streams,
- * and without this a one-row pass (decode) read the weights at ~3-4 GB/s per core instead of streaming them. */
+ * A panel reads PANEL rows side by side, block by block; the hardware prefetchers do not follow that many streams.
+ * (Written when decode still packed its panels, where one row then read ~3-4 GB/s per core without it; decode now
+ * streams rows in place, ggml_stream.c, and the packed passes keep this up to PREFETCH_PACKED_MAX.) */
 static inline void prefetch_share(const uint8_t *ahead, size_t bytes, int k, int n) {
     if (!ahead) return;
     const size_t lo = bytes * k / n & ~(size_t)63, hi = bytes * (k + 1) / n;
