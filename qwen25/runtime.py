@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -90,8 +91,6 @@ def cyclic_gc_paused() -> Iterator[None]:
     first one 0.438-0.516 s against 0.416-0.482 (5 alternating processes; AMD EPYC Zen 4: avx2 avx512f
     avx512_vnni avx512_bf16, 2 threads). Nothing is leaked: reference counting frees as usual,
     and cycles made meanwhile wait for the next collection."""
-    import gc
-
     was_enabled = gc.isenabled()
     gc.disable()
     try:

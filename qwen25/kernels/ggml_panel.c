@@ -69,13 +69,13 @@ static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
 
 #include "ggml_panel_vec.c"  /* pvi / pvf and their operations on each ISA: gathers, transposes, broadcasts */
 
-/* The largest packed panel (panel_bytes) during whose packing the next panel is prefetched: half a 32 KB L1D. A
- * larger one (the K types' 1536-wide rows on avx512, 31 KB; every 8960-wide row) went faster without it (the tiles'
- * panel and the prefetched lines evicting each other, presumably): 8-row passes over all 28 layers of the 1.5B's
- * ffn_gate (Q4_K) 25.6-27.7 -> 22.9-24.9 ms, 4 rows 20.4-21.7 -> 18.2-18.8, 16 rows 35.6-38.1 -> 32.5-33.3; 8
- * streams of the 1.5B 68.5-69.9 -> 72.5-77.2 tok/s, its prefill 195-204 -> 204-213 tok/s (3 alternating runs each).
- * Q5_0 / Q8_0 panels of 896 values (16 KB) keep it: without, avx2's 8-row lm_head went ~2% slower (AMD EPYC Zen 4:
- * avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
+/* The largest panel scratch (panel_bytes(n): the K types' layout, the most any type of n values takes) during whose
+ * packing the next panel is prefetched: half a 32 KB L1D. So avx2 prefetches for rows of up to 1536 values (its K
+ * panels of 1536 are 15.5 KB) and avx512 for none of the model's rows. Without it on avx512, 8-row passes over all
+ * 28 layers of the 1.5B's ffn_gate (Q4_K, 31 KB packed) 25.6-27.7 -> 22.9-24.9 ms, 4 rows 20.4-21.7 -> 18.2-18.8,
+ * 16 rows 35.6-38.1 -> 32.5-33.3; 8 streams of the 1.5B 68.5-69.9 -> 72.5-77.2 tok/s, its prefill 195-204 -> 204-213
+ * tok/s (3 alternating runs each); the 0.5B's Q5_0 / Q8_0 passes within the noise. avx2 keeps it: without, its
+ * 8-row Q8_0 lm_head went ~2% slower (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
 #define PREFETCH_PACKED_MAX 16384
 
 /* Part k of n of the bytes [ahead, ahead + bytes) into the cache: the next panel's rows, while this one is packed.
