@@ -195,6 +195,20 @@ static void silu_mul(float *a, const float *u, int count) {
     for (; n < count; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
 }
 
+/* Short passes (decode, a few streams, verification: up to CLAIM_ROWS activation rows) hand out a matmul's weight
+ * rows in chunks that the threads claim from a shared counter, instead of fixed halves: a thread that falls
+ * behind (a core shared with another process, uneven memory latency) then does less, and its partner no longer
+ * waits for it at the next barrier. Every row is still computed the same way, so the bits do not change. A chunk
+ * is whole panels, at least CLAIM_MIN_BYTES of weights, at most CLAIM_PER_THREAD per thread. Longer passes
+ * (prefill) keep equal shares: each chunk would go over all of their activation rows again.
+ * The counters: a ring of CLAIM_RING, one per matmul call in the order every thread makes the calls (QAct.calls);
+ * thread 0 zeroes the slot CLAIM_RING / 2 calls ahead. At most 3 calls run between two barriers, so no thread
+ * still claims from the slot being zeroed, and none claims from it again before a barrier after the zeroing. */
+#define CLAIM_ROWS 16
+#define CLAIM_RING 8
+#define CLAIM_PER_THREAD 8
+#define CLAIM_MIN_BYTES 65536
+
 /* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
 static inline void share(int N, int tid, int nt, int *n0, int *n1) {
     *n0 = (int)((long)N * tid / nt);
@@ -214,6 +228,8 @@ typedef struct {
     int shared, tid, nt;  /* shared: g8 .. goff are one copy for all threads, each quantizing its share of rows */
     TeamBarrier *bar;     /* the team's barrier, and this thread's spin budget for it (team_barrier.c) */
     long *spin;
+    atomic_int *claims;   /* the team's CLAIM_RING chunk counters, and this thread's count of claimed calls */
+    unsigned calls;
 } QAct;
 
 /* Point a at new rows x (R, K); nothing is quantized until a matmul asks for it. */
@@ -268,15 +284,53 @@ static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, floa
                      R - m0 < MC ? R : m0 + MC, n0, n1, y + (long)m0 * ldy, ldy, x->panel);
 }
 
-/* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's share of the rows n. */
+/* Whether a pass of R rows claims its chunks (every thread gets the same answer). */
+static int claims_chunks(const QAct *a, int R) { return a->nt > 1 && R <= CLAIM_ROWS; }
+
+/* This call's chunk counter (every thread calls this once per claimed matmul, in the same order). */
+static atomic_int *claim_counter(QAct *a) {
+    const unsigned c = a->calls++;
+    if (a->tid == 0) atomic_store(&a->claims[(c + CLAIM_RING / 2) % CLAIM_RING], 0);
+    return &a->claims[c % CLAIM_RING];
+}
+
+/* Panels per chunk for N weight rows of row_bytes each. */
+static int claim_panels(int N, size_t row_bytes, int nt) {
+    const int panels = (N + PANEL - 1) / PANEL;
+    const size_t panel_bytes_ = (size_t)PANEL * row_bytes;
+    int per = (panels + nt * CLAIM_PER_THREAD - 1) / (nt * CLAIM_PER_THREAD);
+    const int min_per = (int)((CLAIM_MIN_BYTES + panel_bytes_ - 1) / panel_bytes_);
+    return per > min_per ? per : min_per;
+}
+
+static size_t qmat_row_bytes(const QMat *W) {
+    const int bytes = W->ggml_type == T_Q5_0 ? 22 : W->ggml_type == T_Q8_0 ? 34 : W->ggml_type == T_Q4_K ? 144 : 210;
+    return (size_t)(W->K / ggml_block_values(W->ggml_type)) * bytes;
+}
+
+static void add_bias(const QMat *W, int R, int n0, int n1, float *y, int ldy) {
+    if (W->bias)
+        for (int r = 0; r < R; r++) for (int n = n0; n < n1; n++) y[(long)r * ldy + n] += W->bias[n];
+}
+
+/* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's share of the rows n: claimed chunks or an equal share. */
 static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
     if (W->N == 0) return;
     prepare_g(x, W->ggml_type);
+    if (claims_chunks(x, R)) {
+        atomic_int *next = claim_counter(x);
+        const int per = claim_panels(W->N, qmat_row_bytes(W), nt) * PANEL;
+        for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < W->N;) {
+            const int n1 = W->N - n0 < per ? W->N : n0 + per;
+            panel_rows(W, x, R, n0, n1, y + n0, ldy);
+            add_bias(W, R, n0, n1, y, ldy);
+        }
+        return;
+    }
     int n0, n1;
     panel_share(W->N, tid, nt, &n0, &n1);
     panel_rows(W, x, R, n0, n1, y + n0, ldy);
-    if (W->bias)
-        for (int r = 0; r < R; r++) for (int n = n0; n < n1; n++) y[(long)r * ldy + n] += W->bias[n];
+    add_bias(W, R, n0, n1, y, ldy);
 }
 
 static int max_input(const QModel *m) {
@@ -346,6 +400,8 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
 
     TeamBarrier bar;
     team_init(&bar);
+    atomic_int claims[CLAIM_RING];
+    for (int c = 0; c < CLAIM_RING; c++) atomic_init(&claims[c], 0);
     #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -354,7 +410,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         long *slots = (long *)(x + o.slots);
         QAct xa = {.g8 = (int8_t *)(x + o.g8), .gd = x + o.gd,
                    .gsum = (int16_t *)(x + o.gsum), .goff = (int32_t *)(x + o.goff), .panel = (uint8_t *)(x + o.panel),
-                   .tid = tid, .nt = nt, .bar = &bar, .spin = &spin};
+                   .tid = tid, .nt = nt, .bar = &bar, .spin = &spin, .claims = claims, .calls = 0};
         if (R >= SHARED_QUANT_ROWS) {  /* the activations: one copy (thread 0's buffers), rows split */
             float *x0 = work + o.priv0;
             xa.g8 = (int8_t *)(x0 + o.g8), xa.gd = x0 + o.gd, xa.gsum = (int16_t *)(x0 + o.gsum);
@@ -425,21 +481,32 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
              * and up into gu, then act = silu(gate) * up on that panel */
             const QMat *W = &L->gate, *U = &L->up;
             prepare_g(&xa, W->ggml_type);
-            int n0, n1;
-            panel_share(I, tid, nt, &n0, &n1);
             const int MC = panel_chunk(h);
-            for (int m0 = 0; m0 < R; m0 += MC) {
-                const int m1 = R - m0 < MC ? R : m0 + MC;
-                for (int p0 = n0; p0 < n1; p0 += PANEL) {
-                    const int p1 = n1 - p0 < PANEL ? n1 : p0 + PANEL;
-                    panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0, m1, p0,
-                                 p1, act + (size_t)m0 * I + p0, I, xa.panel);
-                    panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0, m1, p0,
-                                 p1, gu, PANEL, xa.panel);
-                    for (int r = 0; r < m1 - m0; r++)
-                        silu_mul(act + (size_t)(m0 + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0);
+#define GATE_UP(m0, m1, n0, n1)                                                                                       \
+    for (int p0 = (n0); p0 < (n1); p0 += PANEL) {                                                                     \
+        const int p1 = (n1) - p0 < PANEL ? (n1) : p0 + PANEL;                                                         \
+        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, (m0), (m1), p0, p1, \
+                     act + (size_t)(m0) * I + p0, I, xa.panel);                                                       \
+        panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, (m0), (m1), p0, p1, \
+                     gu, PANEL, xa.panel);                                                                            \
+        for (int r = 0; r < (m1) - (m0); r++) silu_mul(act + (size_t)((m0) + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0); \
+    }
+            if (claims_chunks(&xa, R) && R <= MC) {
+                atomic_int *next = claim_counter(&xa);
+                const int per = claim_panels(I, qmat_row_bytes(W) + qmat_row_bytes(U), nt) * PANEL;
+                for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < I;) {
+                    const int n1 = I - n0 < per ? I : n0 + per;
+                    GATE_UP(0, R, n0, n1)
+                }
+            } else {
+                int n0, n1;
+                panel_share(I, tid, nt, &n0, &n1);
+                for (int m0 = 0; m0 < R; m0 += MC) {
+                    const int m1 = R - m0 < MC ? R : m0 + MC;
+                    GATE_UP(m0, m1, n0, n1)
                 }
             }
+#undef GATE_UP
             team_wait(&bar, nt, &spin);
             set_rows(act, R, I, &xa);
             matmul_share(&L->down, &xa, R, tmp, h, tid, nt);
