@@ -4,7 +4,8 @@
  * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
  * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
  * one OpenMP parallel region runs every layer: each thread keeps its own copy of the residual stream (cheap,
- * identical on every thread), the matmuls split their output rows between threads, and six barriers per
+ * identical on every thread), the matmuls split their output rows between threads (claimed in chunks in short
+ * passes, fixed shares in long ones), and six barriers per
  * layer separate the phases (team_barrier.c: a bounded spin, then sleep). Rows are (token, position,
  * sequence): a row attends to positions 0..pos of its sequence in the KV cache, after every row's key/value
  * has been written, so several rows of one sequence (a prompt chunk, draft tokens) are causal without a mask.
@@ -203,7 +204,11 @@ static void silu_mul(float *a, const float *u, int count) {
  * (prefill) keep equal shares: each chunk would go over all of their activation rows again.
  * The counters: a ring of CLAIM_RING, one per matmul call in the order every thread makes the calls (QAct.calls);
  * thread 0 zeroes the slot CLAIM_RING / 2 calls ahead. At most 3 calls run between two barriers, so no thread
- * still claims from the slot being zeroed, and none claims from it again before a barrier after the zeroing. */
+ * still claims from the slot being zeroed, and none claims from it again before a barrier after the zeroing.
+ * Measured against fixed halves (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads; a noisy host):
+ * the 1.5B's decode 28.1 -> 30.0 tok/s (means of 7 alternating runs of 3 x 128 tokens, 6 of 7 pairs won), the
+ * 0.5B's 61.2 -> 62.3 (4 of 4), 8 streams of the 1.5B +1-5%; the time the threads wait at barriers in decode
+ * 6-11% -> 2.5-2.9% of theirs, in 8 streams 4.5-5.1% -> 2.3-2.4%. */
 #define CLAIM_ROWS 16
 #define CLAIM_RING 8
 #define CLAIM_PER_THREAD 8
