@@ -4,8 +4,8 @@
  * Decode steps, speculative verification passes and short prompt chunks process 1..~32 rows; in PyTorch such a
  * step is ~45 small ops per layer whose dispatch and thread wake-ups cost as much as reading the weights. Here
  * one OpenMP parallel region runs every layer: each thread keeps its own copy of the residual stream (cheap,
- * identical on every thread), the matmuls split their output rows between threads (claimed in chunks in short
- * passes, fixed shares in long ones), and six barriers per
+ * identical on every thread), the matmuls split their output rows between threads (in chunks each thread claims
+ * as it gets to them), and six barriers per
  * layer separate the phases (team_barrier.c: a bounded spin, then sleep). Rows are (token, position,
  * sequence): a row attends to positions 0..pos of its sequence in the KV cache, after every row's key/value
  * has been written, so several rows of one sequence (a prompt chunk, draft tokens) are causal without a mask.
@@ -196,20 +196,20 @@ static void silu_mul(float *a, const float *u, int count) {
     for (; n < count; n++) a[n] = a[n] / (1.0f + expf(-a[n])) * u[n];
 }
 
-/* Short passes (decode, a few streams, verification: up to CLAIM_ROWS activation rows) hand out a matmul's weight
- * rows in chunks that the threads claim from a shared counter, instead of fixed halves: a thread that falls
- * behind (a core shared with another process, uneven memory latency) then does less, and its partner no longer
- * waits for it at the next barrier. Every row is still computed the same way, so the bits do not change. A chunk
- * is whole panels, at least CLAIM_MIN_BYTES of weights, at most CLAIM_PER_THREAD per thread. Longer passes
- * (prefill) keep equal shares: each chunk would go over all of their activation rows again.
+/* Each matmul's weight rows are handed out in chunks that the threads claim from a shared counter, not in fixed
+ * shares: a thread that falls behind (a core shared with another process, uneven memory latency) then does less,
+ * and its partner no longer waits for it at the next barrier. Every row is computed the same way, so the bits do
+ * not change. A chunk is whole panels, at least CLAIM_MIN_BYTES of weights, at most CLAIM_PER_THREAD per thread.
  * The counters: a ring of CLAIM_RING, one per matmul call in the order every thread makes the calls (QAct.calls);
  * thread 0 zeroes the slot CLAIM_RING / 2 calls ahead. At most 3 calls run between two barriers, so no thread
  * still claims from the slot being zeroed, and none claims from it again before a barrier after the zeroing.
  * Measured against fixed halves (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads; a noisy host):
  * the 1.5B's decode 28.1 -> 30.0 tok/s (means of 7 alternating runs of 3 x 128 tokens, 6 of 7 pairs won), the
  * 0.5B's 61.2 -> 62.3 (4 of 4), 8 streams of the 1.5B +1-5%; the time the threads wait at barriers in decode
- * 6-11% -> 2.5-2.9% of theirs, in 8 streams 4.5-5.1% -> 2.3-2.4%. */
-#define CLAIM_ROWS 16
+ * 6-11% -> 2.5-2.9% of theirs, in 8 streams 4.5-5.1% -> 2.3-2.4%. Prefill (512 tokens), claimed against fixed
+ * halves: the 1.5B 192 -> 201 tok/s, the 0.5B 652 -> 667 (means of 9 alternating runs; 2 of 3 rounds won each,
+ * the 0.5B's other round lost 3%): a chunk goes over all the pass's activation rows again, which costs no more
+ * than the waits it saves. */
 #define CLAIM_RING 8
 #define CLAIM_PER_THREAD 8
 #define CLAIM_MIN_BYTES 65536
@@ -273,13 +273,6 @@ static int panel_chunk(int K) {
     return rows < PANEL_MX ? PANEL_MX : rows;
 }
 
-/* This thread's share [n0, n1) of N rows in whole panels (the last thread takes the remainder). */
-static void panel_share(int N, int tid, int nt, int *n0, int *n1) {
-    share(N / PANEL, tid, nt, n0, n1);
-    *n0 *= PANEL;
-    *n1 = tid == nt - 1 ? N : *n1 * PANEL;
-}
-
 /* y[r, n] = x[r] . W[n] for weight rows [n0, n1) (ggml_panel.c: packed panels, or rows streamed in
  * place for short passes), activation rows in chunks that stay in L2. */
 static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, float *y, long ldy) {
@@ -288,9 +281,6 @@ static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, floa
         panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, W->K, x->g8, x->gd, x->goff, x->gsum, m0,
                      R - m0 < MC ? R : m0 + MC, n0, n1, y + (long)m0 * ldy, ldy, x->panel);
 }
-
-/* Whether a pass of R rows claims its chunks (every thread gets the same answer). */
-static int claims_chunks(const QAct *a, int R) { return a->nt > 1 && R <= CLAIM_ROWS; }
 
 /* This call's chunk counter (every thread calls this once per claimed matmul, in the same order). */
 static atomic_int *claim_counter(QAct *a) {
@@ -318,24 +308,17 @@ static void add_bias(const QMat *W, int R, int n0, int n1, float *y, int ldy) {
         for (int r = 0; r < R; r++) for (int n = n0; n < n1; n++) y[(long)r * ldy + n] += W->bias[n];
 }
 
-/* y[r, n] = x[r] . W[n] (+ bias[n]) for this thread's share of the rows n: claimed chunks or an equal share. */
-static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy, int tid, int nt) {
+/* y[r, n] = x[r] . W[n] (+ bias[n]) for the chunks of rows n this thread claims. */
+static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy) {
     if (W->N == 0) return;
     prepare_g(x, W->ggml_type);
-    if (claims_chunks(x, R)) {
-        atomic_int *next = claim_counter(x);
-        const int per = claim_panels(W->N, qmat_row_bytes(W), nt) * PANEL;
-        for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < W->N;) {
-            const int n1 = W->N - n0 < per ? W->N : n0 + per;
-            panel_rows(W, x, R, n0, n1, y + n0, ldy);
-            add_bias(W, R, n0, n1, y, ldy);
-        }
-        return;
+    atomic_int *next = claim_counter(x);
+    const int per = claim_panels(W->N, qmat_row_bytes(W), x->nt) * PANEL;
+    for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < W->N;) {
+        const int n1 = W->N - n0 < per ? W->N : n0 + per;
+        panel_rows(W, x, R, n0, n1, y + n0, ldy);
+        add_bias(W, R, n0, n1, y, ldy);
     }
-    int n0, n1;
-    panel_share(W->N, tid, nt, &n0, &n1);
-    panel_rows(W, x, R, n0, n1, y + n0, ldy);
-    add_bias(W, R, n0, n1, y, ldy);
 }
 
 static int max_input(const QModel *m) {
@@ -429,9 +412,9 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             const QLayer *L = &m->layers[l];
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->input_norm, m->eps, h, xn + (size_t)r * h);
             set_rows(xn, R, h, &xa);
-            matmul_share(&L->qkv[0], &xa, R, qkv, QKVW, tid, nt);
-            matmul_share(&L->qkv[1], &xa, R, qkv + L->qkv[0].N, QKVW, tid, nt);
-            matmul_share(&L->qkv[2], &xa, R, qkv + L->qkv[0].N + L->qkv[1].N, QKVW, tid, nt);
+            matmul_share(&L->qkv[0], &xa, R, qkv, QKVW);
+            matmul_share(&L->qkv[1], &xa, R, qkv + L->qkv[0].N, QKVW);
+            matmul_share(&L->qkv[2], &xa, R, qkv + L->qkv[0].N + L->qkv[1].N, QKVW);
             team_wait(&bar, nt, &spin);
 
             /* RoPE on q heads and k heads, k/v into the cache. */
@@ -476,7 +459,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             team_wait(&bar, nt, &spin);
 
             set_rows(attn, R, QW, &xa);
-            matmul_share(&L->o, &xa, R, tmp, h, tid, nt);
+            matmul_share(&L->o, &xa, R, tmp, h);
             team_wait(&bar, nt, &spin);
             for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
             for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * h, L->post_norm, m->eps, h, xn + (size_t)r * h);
@@ -496,16 +479,10 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                      gu, PANEL, xa.panel);                                                                            \
         for (int r = 0; r < (m1) - (m0); r++) silu_mul(act + (size_t)((m0) + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0); \
     }
-            if (claims_chunks(&xa, R) && R <= MC) {
-                atomic_int *next = claim_counter(&xa);
-                const int per = claim_panels(I, qmat_row_bytes(W) + qmat_row_bytes(U), nt) * PANEL;
-                for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < I;) {
-                    const int n1 = I - n0 < per ? I : n0 + per;
-                    GATE_UP(0, R, n0, n1)
-                }
-            } else {
-                int n0, n1;
-                panel_share(I, tid, nt, &n0, &n1);
+            atomic_int *next = claim_counter(&xa);
+            const int per = claim_panels(I, qmat_row_bytes(W) + qmat_row_bytes(U), nt) * PANEL;
+            for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < I;) {
+                const int n1 = I - n0 < per ? I : n0 + per;
                 for (int m0 = 0; m0 < R; m0 += MC) {
                     const int m1 = R - m0 < MC ? R : m0 + MC;
                     GATE_UP(m0, m1, n0, n1)
@@ -514,7 +491,7 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
 #undef GATE_UP
             team_wait(&bar, nt, &spin);
             set_rows(act, R, I, &xa);
-            matmul_share(&L->down, &xa, R, tmp, h, tid, nt);
+            matmul_share(&L->down, &xa, R, tmp, h);
             team_wait(&bar, nt, &spin);
             for (size_t i = 0; i < (size_t)R * h; i++) x[i] += tmp[i];
         }
@@ -522,6 +499,6 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         for (int j = 0; j < n_out; j++)
             rms_norm(x + (size_t)out_rows[j] * h, m->final_norm, m->eps, h, xn + (size_t)j * h);
         set_rows(xn, n_out, h, &xa);
-        matmul_share(&m->lm_head, &xa, n_out, logits, m->vocab, tid, nt);
+        matmul_share(&m->lm_head, &xa, n_out, logits, m->vocab);
     }
 }
