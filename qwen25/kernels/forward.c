@@ -199,7 +199,9 @@ static void silu_mul(float *a, const float *u, int count) {
 /* Each matmul's weight rows are handed out in chunks that the threads claim from a shared counter, not in fixed
  * shares: a thread that falls behind (a core shared with another process, uneven memory latency) then does less,
  * and its partner no longer waits for it at the next barrier. Every row is computed the same way, so the bits do
- * not change. A chunk is whole panels, at least CLAIM_MIN_BYTES of weights, at most CLAIM_PER_THREAD per thread.
+ * not change. A chunk is 1 / (CLAIM_SHARE * threads) of the rows not yet handed out (guided: large chunks first,
+ * so the last ones, which a thread may finish alone, are small), in whole panels, at least CLAIM_MIN_BYTES of
+ * weights.
  * The counters: a ring of CLAIM_RING, one per matmul call in the order every thread makes the calls (QAct.calls);
  * thread 0 zeroes the slot CLAIM_RING / 2 calls ahead. At most 3 calls run between two barriers, so no thread
  * still claims from the slot being zeroed, and none claims from it again before a barrier after the zeroing.
@@ -209,9 +211,12 @@ static void silu_mul(float *a, const float *u, int count) {
  * 6-11% -> 2.5-2.9% of theirs, in 8 streams 4.5-5.1% -> 2.3-2.4%. Prefill (512 tokens), claimed against fixed
  * halves: the 1.5B 192 -> 201 tok/s, the 0.5B 652 -> 667 (means of 9 alternating runs; 2 of 3 rounds won each,
  * the 0.5B's other round lost 3%): a chunk goes over all the pass's activation rows again, which costs no more
- * than the waits it saves. */
+ * than the waits it saves. Guided chunks against 8 equal ones per thread: the threads' barrier waits in decode of
+ * the 1.5B 2.8-3.5% -> 1.0-1.3% of their time, its decode 20.3 -> 23.2 and 24.3 -> 27.1 tok/s (two alternating
+ * rounds on a slow host), 8 streams of the 1.5B +3.7% (3 rounds), prefill equal (184.3 against 182.3 tok/s, 18
+ * runs each). */
 #define CLAIM_RING 8
-#define CLAIM_PER_THREAD 8
+#define CLAIM_SHARE 2
 #define CLAIM_MIN_BYTES 65536
 
 /* This thread's share [n0, n1) of N output rows, split in equal contiguous chunks. */
@@ -289,13 +294,24 @@ static atomic_int *claim_counter(QAct *a) {
     return &a->claims[c % CLAIM_RING];
 }
 
-/* Panels per chunk for N weight rows of row_bytes each. */
-static int claim_panels(int N, size_t row_bytes, int nt) {
-    const int panels = (N + PANEL - 1) / PANEL;
+/* The smallest chunk of weight rows of row_bytes each: whole panels, at least CLAIM_MIN_BYTES. */
+static int claim_min_rows(size_t row_bytes) {
     const size_t panel_bytes_ = (size_t)PANEL * row_bytes;
-    int per = (panels + nt * CLAIM_PER_THREAD - 1) / (nt * CLAIM_PER_THREAD);
-    const int min_per = (int)((CLAIM_MIN_BYTES + panel_bytes_ - 1) / panel_bytes_);
-    return per > min_per ? per : min_per;
+    return (int)((CLAIM_MIN_BYTES + panel_bytes_ - 1) / panel_bytes_) * PANEL;
+}
+
+/* Claim the next chunk [*n0, *n1) of N rows from the counter (rows handed out so far): 1 / (CLAIM_SHARE * nt) of
+ * the rows not yet handed out, in whole panels, at least min_rows; 0 when none is left. */
+static int claim_next(atomic_int *next, int N, int min_rows, int nt, int *n0, int *n1) {
+    int at = atomic_load(next), size;
+    do {
+        if (at >= N) return 0;
+        size = ((N - at) / (CLAIM_SHARE * nt) + PANEL - 1) / PANEL * PANEL;
+        if (size < min_rows) size = min_rows;
+    } while (!atomic_compare_exchange_weak(next, &at, at + size));
+    *n0 = at;
+    *n1 = N - at < size ? N : at + size;
+    return 1;
 }
 
 static size_t qmat_row_bytes(const QMat *W) {
@@ -313,9 +329,8 @@ static void matmul_share(const QMat *W, QAct *x, int R, float *y, int ldy) {
     if (W->N == 0) return;
     prepare_g(x, W->ggml_type);
     atomic_int *next = claim_counter(x);
-    const int per = claim_panels(W->N, qmat_row_bytes(W), x->nt) * PANEL;
-    for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < W->N;) {
-        const int n1 = W->N - n0 < per ? W->N : n0 + per;
+    const int min_rows = claim_min_rows(qmat_row_bytes(W));
+    for (int n0, n1; claim_next(next, W->N, min_rows, x->nt, &n0, &n1);) {
         panel_rows(W, x, R, n0, n1, y + n0, ldy);
         add_bias(W, R, n0, n1, y, ldy);
     }
@@ -480,9 +495,8 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
         for (int r = 0; r < (m1) - (m0); r++) silu_mul(act + (size_t)((m0) + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0); \
     }
             atomic_int *next = claim_counter(&xa);
-            const int per = claim_panels(I, qmat_row_bytes(W) + qmat_row_bytes(U), nt) * PANEL;
-            for (int n0; (n0 = atomic_fetch_add(next, 1) * per) < I;) {
-                const int n1 = I - n0 < per ? I : n0 + per;
+            const int min_rows = claim_min_rows(qmat_row_bytes(W) + qmat_row_bytes(U));
+            for (int n0, n1; claim_next(next, I, min_rows, nt, &n0, &n1);) {
                 for (int m0 = 0; m0 < R; m0 += MC) {
                     const int m1 = R - m0 < MC ? R : m0 + MC;
                     GATE_UP(m0, m1, n0, n1)
