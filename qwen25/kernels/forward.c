@@ -315,8 +315,7 @@ static int claim_next(atomic_int *next, int N, int min_rows, int nt, int *n0, in
 }
 
 static size_t qmat_row_bytes(const QMat *W) {
-    const int bytes = W->ggml_type == T_Q5_0 ? 22 : W->ggml_type == T_Q8_0 ? 34 : W->ggml_type == T_Q4_K ? 144 : 210;
-    return (size_t)(W->K / ggml_block_values(W->ggml_type)) * bytes;
+    return (size_t)(W->K / ggml_block_values(W->ggml_type)) * ggml_block_bytes(W->ggml_type);
 }
 
 static void add_bias(const QMat *W, int R, int n0, int n1, float *y, int ldy) {
@@ -485,24 +484,21 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
             const QMat *W = &L->gate, *U = &L->up;
             prepare_g(&xa, W->ggml_type);
             const int MC = panel_chunk(h);
-#define GATE_UP(m0, m1, n0, n1)                                                                                       \
-    for (int p0 = (n0); p0 < (n1); p0 += PANEL) {                                                                     \
-        const int p1 = (n1) - p0 < PANEL ? (n1) : p0 + PANEL;                                                         \
-        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, (m0), (m1), p0, p1, \
-                     act + (size_t)(m0) * I + p0, I, xa.panel);                                                       \
-        panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, (m0), (m1), p0, p1, \
-                     gu, PANEL, xa.panel);                                                                            \
-        for (int r = 0; r < (m1) - (m0); r++) silu_mul(act + (size_t)((m0) + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0); \
-    }
             atomic_int *next = claim_counter(&xa);
             const int min_rows = claim_min_rows(qmat_row_bytes(W) + qmat_row_bytes(U));
-            for (int n0, n1; claim_next(next, I, min_rows, nt, &n0, &n1);) {
+            for (int n0, n1; claim_next(next, I, min_rows, nt, &n0, &n1);)
                 for (int m0 = 0; m0 < R; m0 += MC) {
                     const int m1 = R - m0 < MC ? R : m0 + MC;
-                    GATE_UP(m0, m1, n0, n1)
+                    for (int p0 = n0; p0 < n1; p0 += PANEL) {
+                        const int p1 = n1 - p0 < PANEL ? n1 : p0 + PANEL;
+                        panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0,
+                                     m1, p0, p1, act + (size_t)m0 * I + p0, I, xa.panel);
+                        panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0,
+                                     m1, p0, p1, gu, PANEL, xa.panel);
+                        for (int r = 0; r < m1 - m0; r++)
+                            silu_mul(act + (size_t)(m0 + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0);
+                    }
                 }
-            }
-#undef GATE_UP
             team_wait(&bar, nt, &spin);
             set_rows(act, R, I, &xa);
             matmul_share(&L->down, &xa, R, tmp, h);

@@ -234,6 +234,10 @@ int ggml_dequantize_rows(int type, const uint8_t *w, int n, const int64_t *ids, 
  * weight type family (q: R x n int8, d: one scale per block, sums: KSUMS per block (K types) or one per 32 values); the panel
  * kernels then take the same steps for both, so both give the same bits. */
 static __attribute__((unused)) int ggml_block_values(int type) { return type == T_Q4_K || type == T_Q6_K ? QK_K : 32; }
+/* Bytes per block of the kernels' weight types (Q5_0, Q8_0, Q4_K, Q6_K). */
+static inline __attribute__((unused)) int ggml_block_bytes(int type) {
+    return type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+}
 
 static void ggml_quantize_rows(const float *x, int R, int n, int qk, int8_t *q, float *d, int16_t *sums) {
     const int nb = n / qk;

@@ -115,7 +115,7 @@ static inline void touch_span(const uint8_t *p, size_t bytes) {
  * noise (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
 static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst, const uint8_t *ahead,
                        size_t ahead_bytes) {
-    const int bytes = type == T_Q5_0 ? 22 : 34;
+    const int bytes = ggml_block_bytes(type);
     const pvi low = PV_SET1B(0x0F);
     for (int b = b0; b < b1; b++) {
         prefetch_share(ahead, ahead_bytes, b - b0, b1 - b0);
@@ -235,7 +235,7 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
                                                             int n_hi, float *out, long ldo, uint8_t *buf) {
     const int kq = type == T_Q4_K || type == T_Q6_K;
     const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
-    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const int bytes = ggml_block_bytes(type);
     const size_t row_bytes = (size_t)nb * bytes;
     if (m_hi - m_lo > STREAM_ROWS && m_hi - m_lo <= STREAM_MULTI_ROWS(type)) {  /* no packing either, the same bits */
         stream_rows(type, w, nb, n, q, d, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf);

@@ -198,7 +198,7 @@ static inline void store_rows8(float *out, __m256 acc, int n) {
 static inline __attribute__((always_inline)) void stream_rows32(int type, const uint8_t *const *rows, int nb,
                                                                 const int8_t *q, const float *d, const int16_t *xs,
                                                                 float *out, int nvalid) {
-    const int bytes = type == T_Q5_0 ? 22 : 34;
+    const int bytes = ggml_block_bytes(type);
     for (int j0 = 0; j0 < nvalid; j0 += 8) {
         __m256 acc = _mm256_setzero_ps();
         for (int c0 = 0; c0 < nb; c0 += STREAM_CHUNK) {
@@ -278,7 +278,7 @@ static inline __attribute__((always_inline)) void stream_row(int type, const uin
                                                              const int8_t *q, const float *d, const int16_t *xs,
                                                              float *out, int nvalid) {
     const int kq = type == T_Q4_K || type == T_Q6_K, qk = kq ? 256 : 32;
-    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const int bytes = ggml_block_bytes(type);
     const int dat = type == T_Q6_K ? 208 : 0;
     if (type == T_Q5_0 && PANEL == 8) {  /* avx2 build (see above) */
         stream_rows32(type, rows, nb, q, d, xs, out, nvalid);

@@ -86,7 +86,7 @@ static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, in
                                                                     const int8_t *const *x, const int16_t *const *xs,
                                                                     const float *dt, const int32_t *ot) {
     const int kq = type == T_Q4_K || type == T_Q6_K, qk = kq ? 256 : 32;
-    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const int bytes = ggml_block_bytes(type);
     const int dat = type == T_Q6_K ? 208 : 0;
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -120,7 +120,7 @@ static inline __attribute__((always_inline)) void stream_rows(int type, const ui
                                                               int m_lo, int m_hi, int n_lo, int n_hi, float *out,
                                                               long ldo, uint8_t *buf) {
     const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? KSUMS : 1;
-    const int bytes = type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : type == T_Q4_K ? 144 : 210;
+    const int bytes = ggml_block_bytes(type);
     const size_t row_bytes = (size_t)nb * bytes;
     /* K types: 8 rows at once measured slower per row than 4 (registers); they reach here with 2 rows now */
     const int GS = kq ? 4 : 8;
