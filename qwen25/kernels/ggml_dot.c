@@ -29,6 +29,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -278,12 +279,12 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
 #pragma omp atomic write
                 failed = 1;
             }
-            const int panels = (rows + PANEL - 1) / PANEL;
-#pragma omp for schedule(static)
-            for (int p = 0; p < panels; p++) {
-                const int p0 = p * PANEL, p1 = p0 + PANEL < rows ? p0 + PANEL : rows;
-                if (buf) panel_matmul(type, w, rows, n, q, d, off, sums, 0, m, p0, p1, out + p0, rows, buf);
-            }
+            /* each thread one contiguous run of panels, as the fused forward's claimed chunks are: the prefetches
+             * of the panels ahead (panel_run) work within a run */
+            const int panels = (rows + PANEL - 1) / PANEL, nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const int p0 = (int)((long)panels * t / nt) * PANEL, p1 = (int)((long)panels * (t + 1) / nt) * PANEL;
+            if (buf && p0 < p1)
+                panel_matmul(type, w, rows, n, q, d, off, sums, 0, m, p0, p1 < rows ? p1 : rows, out + p0, rows, buf);
             free(buf);
         }
     }

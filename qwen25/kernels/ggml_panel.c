@@ -78,14 +78,30 @@ static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
  * 8-row Q8_0 lm_head went ~2% slower (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
 #define PREFETCH_PACKED_MAX 16384
 
-/* Part k of n of the bytes [ahead, ahead + bytes) into the cache: the next panel's rows, while this one is packed.
+/* Short passes (batched decode, speculative verification: activations of at most this many int8 bytes, a quarter of
+ * Zen 4's 1 MB L2: 16 rows of the 1.5B's 8960-wide ffn_down, 292 of a 896-wide matrix) prefetch the panel two ahead
+ * into L2 (prefetcht1, which fills L2 and not L1 here) while packing this one; a claimed chunk's first panel fetches
+ * the next two. Every panel but a chunk's first is then in L2 when its turn comes, and skips touch_span, which was
+ * about a third of an 8-row pass with the weights from DRAM (perf, the 1.5B's ffn_up). 8-row decode steps in one
+ * process, the builds alternating step by step (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads):
+ * avx512 the 0.5B 34.3 -> 30.6 ms, the 1.5B 83.4-85.1 -> 79.2-80.0; AVX2 (where this also replaces the L1 prefetch
+ * of narrow panels) 49.1 -> 47.7 and 118.9 -> 112.9; 4 rows -6% to -14%, 16 -2% to -8%, 32 and 64 rows of the 0.5B
+ * -6% and -2%. Longer passes (prefill) stream so many activations through L2 between a prefetch and its use that it
+ * is evicted: prefetching in their tiles cost the 0.5B's prefill 3-5%, so they keep touch_span. */
+#define PREFETCH_L2_MAX_ACT 262144
+
+/* Part k of n of the bytes [ahead, ahead + bytes) into the cache (l2: into L2 only): the next panel's rows, or for
+ * short passes the panel two ahead (PREFETCH_L2_MAX_ACT), while this one is packed.
  * A panel reads PANEL rows side by side, block by block; the hardware prefetchers do not follow that many streams.
  * (Written when decode still packed its panels, where one row then read ~3-4 GB/s per core without it; decode now
  * streams rows in place, ggml_stream.c, and the packed passes keep this up to PREFETCH_PACKED_MAX.) */
-static inline void prefetch_share(const uint8_t *ahead, size_t bytes, int k, int n) {
+static inline void prefetch_share(const uint8_t *ahead, size_t bytes, int k, int n, int l2) {
     if (!ahead) return;
     const size_t lo = bytes * k / n & ~(size_t)63, hi = bytes * (k + 1) / n;
-    for (size_t at = lo; at < hi; at += 64) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T0);
+    if (l2)
+        for (size_t at = lo; at < hi; at += 64) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T1);
+    else
+        for (size_t at = lo; at < hi; at += 64) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T0);
 }
 
 /* Load every 64-byte line of [p, p + bytes) once, in address order, discarding the values: a panel's bytes before
@@ -114,11 +130,11 @@ static inline void touch_span(const uint8_t *p, size_t bytes) {
  * alternating runs); 8 streams of the 0.5B 180.0 -> 186.4 tok/s (means of 4 alternating runs); avx2 within the
  * noise (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads). */
 static void panel_pack(int type, const uint8_t *const *rows, int b0, int b1, uint8_t *dst, const uint8_t *ahead,
-                       size_t ahead_bytes) {
+                       size_t ahead_bytes, int ahead_l2) {
     const int bytes = ggml_block_bytes(type);
     const pvi low = PV_SET1B(0x0F);
     for (int b = b0; b < b1; b++) {
-        prefetch_share(ahead, ahead_bytes, b - b0, b1 - b0);
+        prefetch_share(ahead, ahead_bytes, b - b0, b1 - b0, ahead_l2);
         const size_t at = (size_t)b * bytes;
         uint8_t *o = dst + (size_t)(b - b0) * PANEL_BLOCK_BYTES;
         pvi z[4], t[4];
@@ -246,20 +262,31 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
         for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
         float *o = out + (p0 - n_lo);
-        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file),
-         * prefetched into L1 during packing only while the packed panel leaves room there (PREFETCH_PACKED_MAX) */
+        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file); long
+         * passes prefetch them into L1 during packing only while the packed panel leaves room there
+         * (PREFETCH_PACKED_MAX) */
         const size_t next = (size_t)(p0 + PANEL) * row_bytes, end = (size_t)N * row_bytes;
-        const uint8_t *ahead = p0 + PANEL < n_hi && panel_bytes(n) <= PREFETCH_PACKED_MAX ? w + next : NULL;
+        const int short_pass = (size_t)(m_hi - m_lo) * n <= PREFETCH_L2_MAX_ACT;
+        const uint8_t *ahead = !short_pass && p0 + PANEL < n_hi && panel_bytes(n) <= PREFETCH_PACKED_MAX ? w + next : NULL;
         const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
+        /* short passes: the panel two ahead into L2, at a chunk's first panel the next two (PREFETCH_L2_MAX_ACT) */
+        const int first = p0 == n_lo;
+        const size_t from = (size_t)(p0 + (first ? 1 : 2) * PANEL) * row_bytes;
+        const size_t to = (size_t)(p0 + 3 * PANEL < n_hi ? p0 + 3 * PANEL : n_hi) * row_bytes;
+        const uint8_t *ahead_l2 = short_pass && from < to ? w + from : NULL;
+        const size_t ahead_l2_bytes = ahead_l2 ? to - from : 0;
         if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
             for (int i = m_lo; i < m_hi; i++)
                 stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * (kq ? KSUMS : 1),
                            o + (size_t)(i - m_lo) * ldo, nvalid);
             continue;
         }
-        touch_span(rows[0], (size_t)(rows[PANEL - 1] - rows[0]) + row_bytes);  /* rows past N repeat row N - 1 */
-        if (kq) panel_pack_k(type, rows, nb, buf, ahead, ahead_bytes);
-        else panel_pack(type, rows, 0, nb, buf, ahead, ahead_bytes);
+        if (!short_pass || first)  /* else the packing of the panels before brought this one into L2 */
+            touch_span(rows[0], (size_t)(rows[PANEL - 1] - rows[0]) + row_bytes);  /* rows past N repeat row N - 1 */
+        const uint8_t *pf = short_pass ? ahead_l2 : ahead;
+        const size_t pf_bytes = short_pass ? ahead_l2_bytes : ahead_bytes;
+        if (kq) panel_pack_k(type, rows, nb, buf, pf, pf_bytes, short_pass);
+        else panel_pack(type, rows, 0, nb, buf, pf, pf_bytes, short_pass);
 /* (the tile sizes clamped to each kernel's accumulator count: a size only the other kernel takes stays in bounds
  * in the branch the compiler still instantiates for it) */
 #define TILE(i, mx)                                                                                                   \

@@ -12,10 +12,10 @@
  *   Q4_K: 8 sub-block scales (int32), 4 vectors of minimum pairs (int16: sub-blocks 2p, 2p + 1), d, dmin (fp32);
  *   Q6_K: 16 sub-block scales (int32), d (fp32). */
 static void panel_pack_k(int type, const uint8_t *const *rows, int nb, uint8_t *dst, const uint8_t *ahead,
-                         size_t ahead_bytes) {
+                         size_t ahead_bytes, int ahead_l2) {
     const pvi low = PV_SET1B(0x0F), two = PV_SET1B(0x03);
     for (int b = 0; b < nb; b++) {
-        prefetch_share(ahead, ahead_bytes, b, nb);
+        prefetch_share(ahead, ahead_bytes, b, nb, ahead_l2);
         uint8_t *o = dst + (size_t)b * PANEL_KBLOCK_BYTES;
         pvi z[4], t[4];
 #define KVEC(k) (o + (size_t)(k) * PANEL * 4)
