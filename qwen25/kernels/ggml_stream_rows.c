@@ -28,9 +28,12 @@
 #else
 /* avx2: the K types' panels win from 3 rows (from 5 once their tiles took the activations by shuffles: the 1.5B's
  * 8 streams 72 -> 75 tok/s, 5 streams 57 -> 61; from 3 once their bytes were loaded in order before packing: 3
- * streams 47 -> 58, 4 streams 60 -> 64). Q5_0 / Q8_0 panels still lose at 8 rows (the 0.5B 203 -> 168).
- * (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
-#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 12 : 2)
+ * streams 47 -> 58, 4 streams 60 -> 64). Q5_0 / Q8_0 panels lost up to 12 rows (the 0.5B's 8 streams 203 -> 168)
+ * until short passes prefetched the panel two ahead into L2 (PREFETCH_L2_MAX_ACT); since then they win from 2 rows:
+ * the 0.5B's decode steps of 2 / 3 / 4 / 5 / 8 / 12 rows 23.3 / 29.4 / 30.5 / 43.9 / 46.4 / 71.6 -> 20.7 / 25.5 /
+ * 28.4 / 32.9 / 41.7 / 54.6 ms (in one process, the builds alternating step by step), while the 1.5B's K types
+ * still lose at 2 rows (54.5 -> 58.1 ms). (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
+#define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 1 : 2)
 #endif
 
 /* lane i = the sum of v[i]'s 8 lanes, i < 4 (lanes 4-7 zero) */
