@@ -1,29 +1,27 @@
-/* Several activation rows (2..STREAM_MULTI_ROWS) against weight rows straight from the file's blocks, without
- * packing: passes of 2 rows (two concurrent decode streams, short speculative verification), and on avx2 passes of
- * up to 12 rows of Q5_0 / Q8_0 (included by ggml_panel.c after ggml_stream.c, whose per-block helpers it calls).
+/* Two activation rows against weight rows straight from the file's blocks, without packing: passes of 2 rows (two
+ * concurrent decode streams, short speculative verification) of the types whose panels lose there (included by
+ * ggml_panel.c after ggml_stream.c, whose per-block helpers it calls).
  *
- * Packing a panel costs more per weight byte than a few activation rows' dot products, so for short passes each
- * weight row is read in place, from start to end, as in the single-row kernel, and each of its blocks is dotted
- * with a group of G (8, 4 or 2) activation rows' blocks: stream_block / stream_q4k are called once per activation
- * row and inlined, so the weight block's unpacking (the same expressions on the same bytes) is computed once for
- * the group. The G block sums are reduced across lanes into one vector, lane i = activation row i's exact integer
- * sum (the same integer as the single-row and panel kernels': all are exact), and lane i then takes the same fp32
- * steps as those kernels, in the same order: fma((float)S_b, d_w * d_x, acc) per block b (and Q4_K's minimum
- * term, fused). So a row's result is the same bits whichever kernel runs it. A group past the pass's last row
- * repeats that row (computed, not stored); a group of 2 computes only its 2 (lanes 2 and 3 are zero, not stored):
- * two streams of the 1.5B, avx512, 57 -> 70 tok/s aggregate against a group of 4 (AMD EPYC: avx2 avx512f
- * avx512_vnni avx512_bf16, 2 threads). */
+ * Packing a panel costs more per weight byte than two activation rows' dot products, so each weight row is read in
+ * place, from start to end, as in the single-row kernel, and each of its blocks is dotted with both activation rows'
+ * blocks: stream_block / stream_q4k are called once per activation row and inlined, so the weight block's unpacking
+ * (the same expressions on the same bytes) is computed once for the pair. The two block sums are reduced across
+ * lanes into one vector, lane i = activation row i's exact integer sum (the same integer as the single-row and panel
+ * kernels': all are exact; lanes 2-7 are zero, not stored), and lane i then takes the same fp32 steps as those
+ * kernels, in the same order: fma((float)S_b, d_w * d_x, acc) per block b (and Q4_K's minimum term, fused). So a
+ * row's result is the same bits whichever kernel runs it. (Groups of 4 and 8 rows ran here too, for 3-12 rows of
+ * Q5_0 / Q8_0 on avx2, until the panels won there: STREAM_MULTI_ROWS.) */
 
 /* Passes of STREAM_ROWS + 1 .. STREAM_MULTI_ROWS(type) activation rows run stream_rows, longer ones the packed
  * panels: the crossovers measured in the whole model, streams of the 0.5B and the 1.5B (weights from DRAM). The
  * panel tiles take fewer multiplies per product (no cross-lane sums; on avx512 16-lane vpdpbusd), so they win once
- * the packing is shared by enough rows: sooner for the K types and on avx512. At most 16 (the scratch bound
- * below). */
+ * the packing is shared by enough rows: sooner for the K types and on avx512. At most 2: stream_rows takes a pair. */
 #if PANEL == 16
 /* avx512: 2 rows; the panels from 3, since the panels' bytes are loaded in order before packing (touch_span): 3
  * streams of the 1.5B 55 -> 70 tok/s, 4 streams 72 -> 91, the 0.5B's 4 streams 205 -> 227; 2 streams stay faster
- * here (59 against 53 on the panels). Before, 3-4 rows ran here too (panels won per matrix but not in the model).
- * (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
+ * here (59 against 53 on the panels; with the L2 prefetch of PREFETCH_L2_MAX_ACT both are equal: 2-row steps of the
+ * 0.5B 19.7 / 20.0 ms, the 1.5B 51.0 / 50.9, AMD EPYC Zen 4). Before, 3-4 rows ran here too (panels won per matrix
+ * but not in the model). (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
 #define STREAM_MULTI_ROWS(type) 2
 #else
 /* avx2: the K types' panels win from 3 rows (from 5 once their tiles took the activations by shuffles: the 1.5B's
@@ -42,7 +40,7 @@ static inline __m256i rows_hsum4(const __m256i *v) {
     return _mm256_castsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
-/* The group of activation rows r0 + i, i < G (rows >= m_hi repeat m_hi - 1), lane-major per block: dt[8b + i] its
+/* Activation rows r0 + i, i < 8 (rows >= m_hi repeat m_hi - 1), lane-major per block: dt[8b + i] its
  * scale of block b and, for the 32-value types, ot[8b + i] = -STREAM_OFFSET * (its sum over block b). */
 static void stream_rows_prepare(int type, const float *d, const int16_t *sums, int nb, int r0, int m_hi, float *dt,
                                 int32_t *ot) {
@@ -56,7 +54,7 @@ static void stream_rows_prepare(int type, const float *d, const int16_t *sums, i
     }
 }
 
-/* Q4_K for a group, stream_q4k's integers with the weight side prepared once per block: v[i], mv[i] as its
+/* Q4_K for G activation rows, stream_q4k's integers with the weight side prepared once per block: v[i], mv[i] as its
  * return value and *mv for activation row i. */
 static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t *blk, const int8_t *const *x,
                                                            const int16_t *const *xs, size_t b, __m256i *v,
@@ -83,19 +81,20 @@ static inline __attribute__((always_inline)) void rows_q4k(int G, const uint8_t 
     }
 }
 
-/* One weight row (nb blocks at `row`) against the group's G activation rows x[i] (q rows; xs[i] their KSUMS
+/* One weight row (nb blocks at `row`) against the pair's activation rows x[i], i < 2 (q rows; xs[i] their KSUMS
  * sums and exponents per block, K types): lane i of the result = the row pair's fp32 result. */
-static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, int G, const uint8_t *row, int nb,
+static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, const uint8_t *row, int nb,
                                                                     const int8_t *const *x, const int16_t *const *xs,
                                                                     const float *dt, const int32_t *ot) {
+    const int G = 2;
     const int kq = type == T_Q4_K || type == T_Q6_K, qk = kq ? 256 : 32;
     const int bytes = ggml_block_bytes(type);
     const int dat = type == T_Q6_K ? 208 : 0;
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = row + (size_t)b * bytes;
-        __m256i v[8], mv[8];
-        if (G == 2) v[2] = v[3] = mv[2] = mv[3] = _mm256_setzero_si256();  /* lanes 2, 3: not stored */
+        __m256i v[4], mv[4];
+        v[2] = v[3] = mv[2] = mv[3] = _mm256_setzero_si256();  /* lanes 2, 3: not stored */
         if (type == T_Q6_K) rows_q6k(G, blk, x, xs, (size_t)b, v);
         else if (type == T_Q4_K) rows_q4k(G, blk, x, xs, (size_t)b, v, mv);
         else
@@ -103,52 +102,35 @@ static inline __attribute__((always_inline)) __m256 stream_rows_one(int type, in
                 int32_t m = 0;
                 v[i] = stream_block(type, blk, x[i] + (size_t)b * qk, xs[i], &m);
             }
-        __m256i S = G == 8 ? hsum8x8(v) : rows_hsum4(v);
+        __m256i S = rows_hsum4(v);
         if (!kq) S = _mm256_add_epi32(S, _mm256_loadu_si256((const __m256i *)(ot + 8 * b)));
         const __m256 dx = _mm256_loadu_ps(dt + 8 * b);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(_mm256_set1_ps(f16(blk + dat)), dx), acc);
         if (type == T_Q4_K) {
-            const __m256i M = G == 8 ? hsum8x8(mv) : rows_hsum4(mv);
+            const __m256i M = rows_hsum4(mv);
             acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), dx), acc);
         }
     }
     return acc;
 }
 
-/* Weight rows [n_lo, n_hi) of w (rows of nb blocks) against activation rows [m_lo, m_hi), as panel_run:
- * out[(i - m_lo) * ldo + (r - n_lo)]; buf: scratch of groups x nb x 64 bytes (<= 4n for
- * up to 16 rows: within panel_bytes(n)). Groups of 8 rows (K types: 4); a last one of 3-4 rows runs as 4, of 1-2 as 2. */
+/* Weight rows [n_lo, n_hi) of w (rows of nb blocks) against the activation rows [m_lo, m_hi), m_hi - m_lo = 2, as
+ * panel_run: out[(i - m_lo) * ldo + (r - n_lo)]; buf: scratch of nb x 64 bytes (within panel_bytes(n)). */
 static inline __attribute__((always_inline)) void stream_rows(int type, const uint8_t *w, int nb, int n,
                                                               const int8_t *q, const float *d, const int16_t *sums,
                                                               int m_lo, int m_hi, int n_lo, int n_hi, float *out,
                                                               long ldo, uint8_t *buf) {
     const int kq = type == T_Q4_K || type == T_Q6_K, nsums = kq ? KSUMS : 1;
-    const int bytes = ggml_block_bytes(type);
-    const size_t row_bytes = (size_t)nb * bytes;
-    /* K types: 8 rows at once measured slower per row than 4 (registers); they reach here with 2 rows now */
-    const int GS = kq ? 4 : 8;
-    const int groups = (m_hi - m_lo + GS - 1) / GS;
+    const size_t row_bytes = (size_t)nb * ggml_block_bytes(type);
     float *dt = (float *)buf;
-    int32_t *ot = (int32_t *)(buf + (size_t)groups * nb * 8 * 4);
-    for (int g = 0; g < groups; g++)
-        stream_rows_prepare(type, d, sums, nb, m_lo + GS * g, m_hi, dt + (size_t)8 * nb * g, ot + (size_t)8 * nb * g);
+    int32_t *ot = (int32_t *)(buf + (size_t)nb * 8 * 4);
+    stream_rows_prepare(type, d, sums, nb, m_lo, m_hi, dt, ot);
+    const int8_t *x[2] = {q + (size_t)m_lo * n, q + (size_t)(m_lo + 1) * n};
+    const int16_t *xs[2] = {sums + (size_t)m_lo * nb * nsums, sums + (size_t)(m_lo + 1) * nb * nsums};
     for (int r = n_lo; r < n_hi; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        for (int g = 0; g < groups; g++) {
-            const int r0 = m_lo + GS * g, nr = m_hi - r0 < GS ? m_hi - r0 : GS;
-            const int8_t *x[8];
-            const int16_t *xs[8];
-            for (int i = 0; i < 8; i++) {
-                const int a = r0 + (i < nr ? i : nr - 1);
-                x[i] = q + (size_t)a * n, xs[i] = sums + (size_t)a * nb * nsums;
-            }
-            const float *gdt = dt + (size_t)8 * nb * g;
-            const int32_t *got = ot + (size_t)8 * nb * g;
-            float f[8];
-            _mm256_storeu_ps(f, nr > 4   ? stream_rows_one(type, 8, row, nb, x, xs, gdt, got)
-                                : nr > 2 ? stream_rows_one(type, 4, row, nb, x, xs, gdt, got)
-                                         : stream_rows_one(type, 2, row, nb, x, xs, gdt, got));
-            for (int i = 0; i < nr; i++) out[(size_t)(r0 + i - m_lo) * ldo + (r - n_lo)] = f[i];
-        }
+        float f[8];
+        _mm256_storeu_ps(f, stream_rows_one(type, w + (size_t)r * row_bytes, nb, x, xs, dt, ot));
+        out[r - n_lo] = f[0];
+        out[ldo + (r - n_lo)] = f[1];
     }
 }
