@@ -24,7 +24,7 @@ from qwen25.kernels.isa import COMPILE_FLAGS, describe, selected_level
 from qwen25.paths import kernels_dir
 
 _HERE = Path(__file__).parent
-_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
+BUILD_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]  # every build's, before its ISA's COMPILE_FLAGS
 
 
 def _compiler() -> str | None:
@@ -44,7 +44,7 @@ def _build(source: Path, level: str, defines: tuple[str, ...] = ()) -> Path | No
     compiler = _compiler()
     if compiler is None:
         return None
-    flags = [*_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
+    flags = [*BUILD_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
     digest = hashlib.sha256(_with_includes(source) + " ".join(flags).encode()).hexdigest()[:16]  # an include too
     target = kernels_dir() / f"{source.stem}-{level}-{digest}.so"
     if target.is_file():

@@ -24,8 +24,8 @@
  * per 32-bit lane) and run tiles of activation rows against it, the block sums of 16 weight rows landing in the 16
  * lanes of one register: vpdpbusd on avx512 (VNNI), maddubs + madd on avx2, no horizontal sums. A pass of 1 row
  * (decode) reads each weight row in place from start to end instead and reduces its block sums across lanes; so do
- * passes of 2 rows up to a per-type crossover (ggml_stream_rows.c: each weight block unpacked once for 2-8 rows).
- * Rows of W are split across OpenMP threads in whole panels.
+ * passes of 2 rows of the types whose panels lose there (ggml_stream_rows.c: each weight block unpacked once for the
+ * pair). Rows of W are split across OpenMP threads in whole panels, a contiguous run of them per thread.
  */
 #include <immintrin.h>
 #include <math.h>
