@@ -84,9 +84,9 @@ static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
  * the next two. Every panel but a chunk's first is then in L2 when its turn comes, and skips touch_span, which was
  * about a third of an 8-row pass with the weights from DRAM (perf, the 1.5B's ffn_up). 8-row decode steps in one
  * process, the builds alternating step by step (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads):
- * avx512 the 0.5B 34.3 -> 30.6 ms, the 1.5B 83.4-85.1 -> 79.2-80.0; AVX2 (where this also replaces the L1 prefetch
- * of narrow panels) 49.1 -> 47.7 and 118.9 -> 112.9; 4 rows -6% to -14%, 16 -2% to -8%, 32 and 64 rows of the 0.5B
- * -6% and -2%. Longer passes (prefill) stream so many activations through L2 between a prefetch and its use that it
+ * avx512 the 0.5B 33.7-34.4 -> 29.9-30.6 ms, the 1.5B 83.2-85.1 -> 79.2-80.6; AVX2 (where this also replaces the L1
+ * prefetch of narrow panels) 48.8-49.3 -> 46.9-47.7 and 118.9-119.6 -> 110.9-112.9; 4 rows -6% to -14%, 16 -2% to
+ * -8%, 32 and 64 rows of the 0.5B -6% and -2% (benchmarks/ab_forward_builds.py). Longer passes (prefill) stream so many activations through L2 between a prefetch and its use that it
  * is evicted: prefetching in their tiles cost the 0.5B's prefill 3-5%, so they keep touch_span. */
 #define PREFETCH_L2_MAX_ACT 262144
 

@@ -33,6 +33,8 @@
  * still lose at 2 rows (54.5 -> 58.1 ms). (AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
 #define STREAM_MULTI_ROWS(type) ((type) == T_Q5_0 || (type) == T_Q8_0 ? 1 : 2)
 #endif
+_Static_assert(STREAM_MULTI_ROWS(T_Q4_K) <= 2 && STREAM_MULTI_ROWS(T_Q6_K) <= 2 && STREAM_MULTI_ROWS(T_Q5_0) <= 2 &&
+               STREAM_MULTI_ROWS(T_Q8_0) <= 2, "stream_rows takes exactly two rows");
 
 /* lane i = the sum of v[i]'s 8 lanes, i < 4 (lanes 4-7 zero) */
 static inline __m256i rows_hsum4(const __m256i *v) {
