@@ -284,7 +284,7 @@ static void panel_rows(const QMat *W, const QAct *x, int R, int n0, int n1, floa
     const int MC = panel_chunk(W->K);
     for (int m0 = 0; m0 < R; m0 += MC)
         panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, W->K, x->g8, x->gd, x->goff, x->gsum, m0,
-                     R - m0 < MC ? R : m0 + MC, n0, n1, y + (long)m0 * ldy, ldy, x->panel);
+                     R - m0 < MC ? R : m0 + MC, n0, n1, n0, n1, y + (long)m0 * ldy, ldy, x->panel);
 }
 
 /* This call's chunk counter (every thread calls this once per claimed matmul, in the same order). */
@@ -492,9 +492,9 @@ void qwen2_forward(const QModel *m, const KVView *kv, int R, const int64_t *toke
                     for (int p0 = n0; p0 < n1; p0 += PANEL) {
                         const int p1 = n1 - p0 < PANEL ? n1 : p0 + PANEL;
                         panel_matmul(W->ggml_type, (const uint8_t *)W->w, W->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0,
-                                     m1, p0, p1, act + (size_t)m0 * I + p0, I, xa.panel);
+                                     m1, p0, p1, n0, n1, act + (size_t)m0 * I + p0, I, xa.panel);
                         panel_matmul(U->ggml_type, (const uint8_t *)U->w, U->N, h, xa.g8, xa.gd, xa.goff, xa.gsum, m0,
-                                     m1, p0, p1, gu, PANEL, xa.panel);
+                                     m1, p0, p1, n0, n1, gu, PANEL, xa.panel);
                         for (int r = 0; r < m1 - m0; r++)
                             silu_mul(act + (size_t)(m0 + r) * I + p0, gu + (size_t)r * PANEL, p1 - p0);
                     }

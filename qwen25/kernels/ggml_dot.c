@@ -284,7 +284,8 @@ int ggml_matmul(int type, const uint8_t *w, int rows, int n, const float *x, int
             const int panels = (rows + PANEL - 1) / PANEL, nt = omp_get_num_threads(), t = omp_get_thread_num();
             const int p0 = (int)((long)panels * t / nt) * PANEL, p1 = (int)((long)panels * (t + 1) / nt) * PANEL;
             if (buf && p0 < p1)
-                panel_matmul(type, w, rows, n, q, d, off, sums, 0, m, p0, p1 < rows ? p1 : rows, out + p0, rows, buf);
+                panel_matmul(type, w, rows, n, q, d, off, sums, 0, m, p0, p1 < rows ? p1 : rows, p0,
+                             p1 < rows ? p1 : rows, out + p0, rows, buf);
             free(buf);
         }
     }

@@ -244,11 +244,14 @@ static inline __attribute__((always_inline)) void panel_tile(int type, const uin
 
 /* Weight rows [n_lo, n_hi) of W (N rows of n values as ggml blocks of `type`, Q5_0 / Q8_0 / Q4_K / Q6_K) against
  * activation rows [m_lo, m_hi) quantized by ggml_quantize_rows and panel_offsets / panel_offsets_k (q, d, off for
- * all rows): out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. */
+ * all rows): out[(i - m_lo) * ldo + (r - n_lo)]. buf: panel_bytes(n) bytes of scratch. [n_lo, n_hi) lies in the
+ * run [run_lo, run_hi) of weight rows that the caller computes in order, panel by panel (a claimed chunk; the fused
+ * forward's gate/up calls one panel at a time): the prefetches of short passes look ahead within the run. */
 static inline __attribute__((always_inline)) void panel_run(int type, const uint8_t *w, int N, int n,
                                                             const int8_t *q, const float *d, const int32_t *off,
                                                             const int16_t *sums, int m_lo, int m_hi, int n_lo,
-                                                            int n_hi, float *out, long ldo, uint8_t *buf) {
+                                                            int n_hi, int run_lo, int run_hi, float *out, long ldo,
+                                                            uint8_t *buf) {
     const int kq = type == T_Q4_K || type == T_Q6_K;
     const int nb = n / (kq ? 256 : 32), ostride = kq ? KOFF * nb : 2 * nb, MX = kq ? PANEL_KMX : PANEL_MX;
     const int bytes = ggml_block_bytes(type);
@@ -270,9 +273,9 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const uint8_t *ahead = !short_pass && p0 + PANEL < n_hi && panel_bytes(n) <= PREFETCH_PACKED_MAX ? w + next : NULL;
         const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
         /* short passes: the panel two ahead into L2, at a chunk's first panel the next two (PREFETCH_L2_MAX_ACT) */
-        const int first = p0 == n_lo;
+        const int first = p0 == run_lo;
         const size_t from = (size_t)(p0 + (first ? 1 : 2) * PANEL) * row_bytes;
-        const size_t to = (size_t)(p0 + 3 * PANEL < n_hi ? p0 + 3 * PANEL : n_hi) * row_bytes;
+        const size_t to = (size_t)(p0 + 3 * PANEL < run_hi ? p0 + 3 * PANEL : run_hi) * row_bytes;
         const uint8_t *ahead_l2 = short_pass && from < to ? w + from : NULL;
         const size_t ahead_l2_bytes = ahead_l2 ? to - from : 0;
         if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
@@ -313,12 +316,14 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
 }
 
 static void panel_matmul(int type, const uint8_t *w, int N, int n, const int8_t *q, const float *d,
-                         const int32_t *off, const int16_t *sums, int m_lo, int m_hi, int n_lo, int n_hi, float *out,
-                         long ldo, uint8_t *buf) {
+                         const int32_t *off, const int16_t *sums, int m_lo, int m_hi, int n_lo, int n_hi, int run_lo,
+                         int run_hi, float *out, long ldo, uint8_t *buf) {
+#define RUN(t) panel_run(t, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, run_lo, run_hi, out, ldo, buf)
     switch (type) {
-    case T_Q5_0: panel_run(T_Q5_0, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
-    case T_Q8_0: panel_run(T_Q8_0, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
-    case T_Q4_K: panel_run(T_Q4_K, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
-    default: panel_run(T_Q6_K, w, N, n, q, d, off, sums, m_lo, m_hi, n_lo, n_hi, out, ldo, buf); break;
+    case T_Q5_0: RUN(T_Q5_0); break;
+    case T_Q8_0: RUN(T_Q8_0); break;
+    case T_Q4_K: RUN(T_Q4_K); break;
+    default: RUN(T_Q6_K); break;
     }
+#undef RUN
 }
