@@ -87,8 +87,9 @@ static void panel_offsets(const int16_t *sums, int R, int nb, int32_t *off) {
  * avx512 the 0.5B 33.7-34.4 -> 29.9-30.6 ms, the 1.5B 83.2-85.1 -> 79.2-80.6; AVX2 (where this also replaces the L1
  * prefetch of narrow panels) 48.8-49.3 -> 46.9-47.7 and 118.9-119.6 -> 110.9-112.9; 4 rows -6% to -14%, 16 -2% to
  * -8%, 32 and 64 rows of the 0.5B -6% and -2% (benchmarks/ab_forward_builds.py). The same for the fused forward's
- * gate/up, which runs one panel per call (run_lo / run_hi: its claimed chunk): 8-row steps a further -8% to -11%. Longer passes (prefill) stream so many activations through L2 between a prefetch and its use that it
- * is evicted: prefetching in their tiles cost the 0.5B's prefill 3-5%, so they keep touch_span. */
+ * gate/up, which runs one panel per call (run_lo / run_hi: its claimed chunk): 8-row steps a further -8% to -11%.
+ * Longer passes (prefill) stream so many activations through L2 between a prefetch and its use that it is evicted:
+ * prefetching in their tiles cost the 0.5B's prefill 3-5%, so they keep touch_span. */
 #define PREFETCH_L2_MAX_ACT 262144
 
 /* Part k of n of the bytes [ahead, ahead + bytes) into the cache (l2: into L2 only): the next panel's rows, or for
