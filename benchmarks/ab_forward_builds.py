@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,19 +29,23 @@ import torch
 
 from qwen25 import LLM
 from qwen25.engine.kv_cache import ContiguousKVCache
-from qwen25.kernels import BUILD_FLAGS, COMPILE_FLAGS
+from qwen25.kernels import build_library
 from qwen25.kernels.isa import selected_level
 from qwen25.kernels.native import NativeForward
 from qwen25.weights.registry import resolve_model
 
 
-def build(kernels_dir: Path, isa: str, out_dir: Path, index: int) -> Path:
-    """forward.c of `kernels_dir` compiled for `isa` into out_dir."""
-    target = out_dir / f"forward-{index}-{isa}.so"
-    compiler = os.environ.get("CC", "gcc")
-    cmd = [compiler, *BUILD_FLAGS, *COMPILE_FLAGS[isa], str(kernels_dir / "forward.c"), "-o", str(target)]
-    subprocess.run(cmd, check=True)
-    return target
+def build(kernels_dir: Path, isa: str) -> Path:
+    """forward.c of `kernels_dir` compiled for `isa` (qwen25's own cached build, keyed by the sources)."""
+    library = build_library(kernels_dir.resolve() / "forward.c", isa)
+    if library is None:
+        raise SystemExit(f"{kernels_dir}/forward.c could not be built for {isa}")
+    return library
+
+
+def rotated(n: int, k: int) -> list[int]:
+    """0..n-1 starting at k % n: the builds' order at step k, so none always runs first."""
+    return [(k + i) % n for i in range(n)]
 
 
 def decode_steps(llm: LLM, natives: list[NativeForward], rows: int, steps: int) -> tuple[list[list[float]], bool]:
@@ -57,7 +58,7 @@ def decode_steps(llm: LLM, natives: list[NativeForward], rows: int, steps: int) 
         tokens.append(native.forward_cache(prompt, cache, cache.native_view(), 1)[:, -1].argmax(-1, keepdim=True))
     times: list[list[float]] = [[] for _ in natives]
     for step in range(steps):
-        for v in (list(range(len(natives))) * 2)[step % len(natives):][:len(natives)]:
+        for v in rotated(len(natives), step):
             t0 = time.perf_counter()
             logits = natives[v].forward_cache(tokens[v], caches[v], caches[v].native_view(), 1)
             times[v].append(time.perf_counter() - t0)
@@ -71,7 +72,7 @@ def prefill(llm: LLM, natives: list[NativeForward], length: int, reps: int) -> t
     times: list[list[float]] = [[] for _ in natives]
     outs: list[torch.Tensor | None] = [None] * len(natives)
     for rep in range(reps + 1):  # the first round warms up, untimed
-        for v in (list(range(len(natives))) * 2)[rep % len(natives):][:len(natives)]:
+        for v in rotated(len(natives), rep):
             cache = ContiguousKVCache(llm.config, 1, length + 1, kv_dtype)
             t0 = time.perf_counter()
             outs[v] = natives[v].forward_cache(prompt, cache, cache.native_view(), 1)
@@ -95,8 +96,8 @@ def main() -> None:
     isa = args.isa or selected_level()
     path = resolve_model(args.model, download=False)
     llm = LLM(str(path), engine_kwargs={"enable_prefix_caching": False})
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        libs = [build(d, isa, Path(tmp), i) for i, d in enumerate(args.kernels)]
+    with torch.inference_mode():
+        libs = [build(d, isa) for d in args.kernels]
         natives = [NativeForward(llm.model, ctypes.CDLL(str(lib))) for lib in libs]
         if args.prefill:
             times, same = prefill(llm, natives, args.prefill, args.reps)

@@ -24,7 +24,7 @@ from qwen25.kernels.isa import COMPILE_FLAGS, describe, selected_level
 from qwen25.paths import kernels_dir
 
 _HERE = Path(__file__).parent
-BUILD_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]  # every build's, before its ISA's COMPILE_FLAGS
+_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 
 
 def _compiler() -> str | None:
@@ -40,11 +40,13 @@ def _with_includes(source: Path, seen: frozenset[Path] = frozenset()) -> bytes:
     return text + b"".join(parts)
 
 
-def _build(source: Path, level: str, defines: tuple[str, ...] = ()) -> Path | None:
+def build_library(source: Path, level: str, defines: tuple[str, ...] = ()) -> Path | None:
+    """`source` (and its local includes) compiled for `level`, cached by their content; None without a compiler
+    (a failed build warns). benchmarks/ab_forward_builds.py builds other trees' sources with it."""
     compiler = _compiler()
     if compiler is None:
         return None
-    flags = [*BUILD_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
+    flags = [*_FLAGS, *COMPILE_FLAGS[level], *(f"-D{d}" for d in defines)]
     digest = hashlib.sha256(_with_includes(source) + " ".join(flags).encode()).hexdigest()[:16]  # an include too
     target = kernels_dir() / f"{source.stem}-{level}-{digest}.so"
     if target.is_file():
@@ -77,7 +79,7 @@ def _level(level: str | None) -> str:
 def _load_level(source: Path, level: str, defines: tuple[str, ...]) -> ctypes.CDLL | None:
     if level == "none":
         return None
-    path = _build(source, level, defines)
+    path = build_library(source, level, defines)
     return None if path is None else ctypes.CDLL(str(path))
 
 

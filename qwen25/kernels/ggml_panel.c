@@ -267,29 +267,27 @@ static inline __attribute__((always_inline)) void panel_run(int type, const uint
         const int nvalid = n_hi - p0 < PANEL ? n_hi - p0 : PANEL;
         for (int j = 0; j < PANEL; j++) rows[j] = w + (size_t)(p0 + j < N ? p0 + j : N - 1) * row_bytes;
         float *o = out + (p0 - n_lo);
-        /* the next panel's bytes: contiguous after this panel's last row (rows are contiguous in the file); long
-         * passes prefetch them into L1 during packing only while the packed panel leaves room there
-         * (PREFETCH_PACKED_MAX) */
-        const size_t next = (size_t)(p0 + PANEL) * row_bytes, end = (size_t)N * row_bytes;
-        const int short_pass = (size_t)(m_hi - m_lo) * n <= PREFETCH_L2_MAX_ACT;
-        const uint8_t *ahead = !short_pass && p0 + PANEL < n_hi && panel_bytes(n) <= PREFETCH_PACKED_MAX ? w + next : NULL;
-        const size_t ahead_bytes = ahead ? (end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes) : 0;
-        /* short passes: the panel two ahead into L2, at a chunk's first panel the next two (PREFETCH_L2_MAX_ACT) */
-        const int first = p0 == run_lo;
-        const size_t from = (size_t)(p0 + (first ? 1 : 2) * PANEL) * row_bytes;
-        const size_t to = (size_t)(p0 + 3 * PANEL < run_hi ? p0 + 3 * PANEL : run_hi) * row_bytes;
-        const uint8_t *ahead_l2 = short_pass && from < to ? w + from : NULL;
-        const size_t ahead_l2_bytes = ahead_l2 ? to - from : 0;
         if (m_hi - m_lo <= STREAM_ROWS) {  /* decode: no packing (ggml_stream.c), the same bits */
             for (int i = m_lo; i < m_hi; i++)
                 stream_row(type, rows, nb, q + (size_t)i * n, d + (size_t)i * nb, sums + (size_t)i * nb * (kq ? KSUMS : 1),
                            o + (size_t)(i - m_lo) * ldo, nvalid);
             continue;
         }
+        /* what to prefetch while packing this panel (rows are contiguous in the file): short passes the panel two
+         * ahead into L2, at a run's first panel the next two (PREFETCH_L2_MAX_ACT); long passes the next panel into
+         * L1, only while the packed panel leaves room there (PREFETCH_PACKED_MAX) */
+        const int short_pass = (size_t)(m_hi - m_lo) * n <= PREFETCH_L2_MAX_ACT, first = p0 == run_lo;
+        const uint8_t *pf = NULL;
+        size_t pf_bytes = 0;
+        if (short_pass) {
+            const int lo = p0 + (first ? 1 : 2) * PANEL, hi = p0 + 3 * PANEL < run_hi ? p0 + 3 * PANEL : run_hi;
+            if (lo < hi) pf = w + (size_t)lo * row_bytes, pf_bytes = (size_t)(hi - lo) * row_bytes;
+        } else if (p0 + PANEL < n_hi && panel_bytes(n) <= PREFETCH_PACKED_MAX) {
+            const size_t next = (size_t)(p0 + PANEL) * row_bytes, end = (size_t)N * row_bytes;
+            pf = w + next, pf_bytes = end - next < PANEL * row_bytes ? end - next : PANEL * row_bytes;
+        }
         if (!short_pass || first)  /* else the packing of the panels before brought this one into L2 */
             touch_span(rows[0], (size_t)(rows[PANEL - 1] - rows[0]) + row_bytes);  /* rows past N repeat row N - 1 */
-        const uint8_t *pf = short_pass ? ahead_l2 : ahead;
-        const size_t pf_bytes = short_pass ? ahead_l2_bytes : ahead_bytes;
         if (kq) panel_pack_k(type, rows, nb, buf, pf, pf_bytes, short_pass);
         else panel_pack(type, rows, 0, nb, buf, pf, pf_bytes, short_pass);
 /* (the tile sizes clamped to each kernel's accumulator count: a size only the other kernel takes stays in bounds
