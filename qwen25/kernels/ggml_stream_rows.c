@@ -20,8 +20,9 @@
 /* avx512: 2 rows; the panels from 3, since the panels' bytes are loaded in order before packing (touch_span): 3
  * streams of the 1.5B 55 -> 70 tok/s, 4 streams 72 -> 91, the 0.5B's 4 streams 205 -> 227; 2 streams stay faster
  * here (59 against 53 on the panels; with the L2 prefetch of PREFETCH_L2_MAX_ACT both are equal: 2-row steps of the
- * 0.5B 19.7 / 20.0 ms, the 1.5B 51.0 / 50.9, AMD EPYC Zen 4). Before, 3-4 rows ran here too (panels won per matrix
- * but not in the model). (AMD EPYC: avx2 avx512f avx512_vnni avx512_bf16, 2 threads) */
+ * 0.5B 19.7 / 20.0 ms, the 1.5B 51.0 / 50.9; AMD EPYC Zen 4: avx2 avx512f avx512_vnni avx512_bf16, 2 threads).
+ * Before, 3-4 rows ran here too (panels won per matrix but not in the model). (AMD EPYC: avx2 avx512f avx512_vnni
+ * avx512_bf16, 2 threads) */
 #define STREAM_MULTI_ROWS(type) 2
 #else
 /* avx2: the K types' panels win from 3 rows (from 5 once their tiles took the activations by shuffles: the 1.5B's
